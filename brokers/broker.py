@@ -1,0 +1,310 @@
+"""The broker: one ROUTER socket for nodes and clients; placement, sessions and step scheduling.
+
+Every token step of every session goes broker → stage 0 → broker → stage 1 → ... → broker:
+the broker forwards each stage's activation frames to the next stage without copying them,
+and the last stage returns a sampled token id.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import torch
+import zmq
+import zmq.asyncio
+from transformers import AutoTokenizer
+
+from brokers.registry import NodeInfo, Registry
+from brokers.sessions import RequestError, Session, build_session
+from zpipe import aio, protocol
+from zpipe.config import BrokerConfig
+from zpipe.models import resolve_model
+from zpipe.placement import Placement, PlacementError, choose
+from zpipe.protocol import Message, ProtocolError
+from zpipe.shard import ModelSpec
+
+log = logging.getLogger("zpipe.broker")
+
+NODE_KINDS = {"register", "loaded", "result"}
+CLIENT_KINDS = {"generate", "cancel", "info"}
+
+
+class Broker:
+    def __init__(self, cfg: BrokerConfig) -> None:
+        self.cfg = cfg
+        self.model_dir = resolve_model(cfg.model)
+        self.spec = ModelSpec.load(self.model_dir)
+        self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
+        self.eos_ids = frozenset(self.spec.eos_token_ids)
+        self.max_positions = int(getattr(self.spec.config, "max_position_embeddings", 1 << 20))
+        self.registry = Registry()
+        self.placement: Placement | None = None  # the placement being loaded or serving
+        self.ready = False
+        self.waiting_for = "no nodes registered yet"
+        self.epoch = 0
+        self.sessions: dict[str, Session] = {}
+        self.by_rid: dict[tuple[bytes, str], str] = {}
+        self.sock: zmq.asyncio.Socket | None = None
+
+    # ------------------------------------------------------------------ loop
+    async def run(self, started: asyncio.Event | None = None) -> None:
+        ctx = zmq.asyncio.Context.instance()
+        self.sock = ctx.socket(zmq.ROUTER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # unroutable sends raise, not vanish
+        self.sock.bind(self.cfg.bind)
+        log.info("broker on %s serving %s (%d layers); %s", self.cfg.bind, self.model_dir,
+                 self.spec.num_layers, self.waiting_for)
+        if started:
+            started.set()
+        timer = asyncio.create_task(self._watch_timeouts())
+        try:
+            while True:
+                frames = await self.sock.recv_multipart(copy=False)
+                await self._handle(frames)
+        finally:
+            timer.cancel()
+            self.sock.close(0)
+
+    async def _send(self, ident: bytes, frames: list) -> bool:
+        try:
+            await self.sock.send_multipart([ident, *frames], copy=False)
+            return True
+        except zmq.ZMQError as e:  # peer gone (ROUTER_MANDATORY) or queue full
+            log.warning("cannot send to %r: %s", ident, e)
+            return False
+
+    async def _handle(self, frames: list) -> None:
+        ident = frames[0].bytes
+        try:
+            msg = protocol.decode(frames[1:])
+        except ProtocolError as e:
+            log.warning("bad message from %r: %s", ident, e)
+            await self._send(ident, protocol.error(e.code, str(e)))
+            return
+        node = self.registry.get(ident)
+        try:
+            if msg.kind in NODE_KINDS:
+                if msg.kind == "register":
+                    await self._on_register(ident, msg)
+                elif node is None:
+                    raise RequestError(f"{msg.kind} from a peer that is not a registered node",
+                                       "unknown_peer")
+                elif msg.kind == "loaded":
+                    await self._on_loaded(node, msg)
+                else:
+                    await self._on_result(node, msg)
+            elif msg.kind == "error" and node is not None:
+                await self._on_node_error(node, msg)
+            elif msg.kind == "generate":
+                await self._on_generate(ident, msg)
+            elif msg.kind == "cancel":
+                await self._on_cancel(ident, msg)
+            elif msg.kind == "info":
+                await self._send(ident, protocol.encode("info_reply", **self.info(msg.get("rid"))))
+            else:
+                raise RequestError(f"a {msg.kind!r} message is not something the broker takes",
+                                   "unexpected_kind")
+        except RequestError as e:
+            rid = msg.get("rid") if isinstance(msg.get("rid"), str) else None
+            await self._send(ident, protocol.error(e.code, str(e), **({"rid": rid} if rid else {})))
+
+    # ------------------------------------------------------------- nodes
+    async def _on_register(self, ident: bytes, msg: Message) -> None:
+        if msg["num_layers"] != self.spec.num_layers:
+            await self._send(ident, protocol.error(
+                "rejected", f"node {msg['name']!r} serves a model with {msg['num_layers']} "
+                f"layers; this broker's model has {self.spec.num_layers}"))
+            return
+        old = self.registry.add(ident, msg)
+        log.info("node %s registered (pid %d, %s %s, %.1f GFLOP/s)", msg["name"], msg["pid"],
+                 msg["device"], msg["dtype"], msg["gflops"])
+        if old is not None and self.placement and old.name in self.placement.nodes():
+            # The same name again: that process restarted and its KV caches are gone.
+            await self._fail_sessions(f"node {old.name} restarted", "node_lost")
+            self.placement = None
+            self.ready = False
+        await self._place()
+
+    async def _place(self) -> None:
+        if self.placement is not None:
+            return
+        try:
+            stages = choose(self.cfg.placement, self.registry.names(), self.spec.num_layers)
+        except PlacementError as e:
+            self.waiting_for = str(e)
+            log.info("no placement yet: %s", e)
+            return
+        self.epoch += 1
+        self.placement = Placement(self.epoch, stages)
+        self.waiting_for = "nodes loading their layers"
+        for st in stages:
+            node = self.registry.by_name[st.node]
+            node.state, node.start, node.end = "loading", st.start, st.end
+            await self._send(node.ident, protocol.encode(
+                "load", epoch=self.epoch, start=st.start, end=st.end))
+        log.info("placement epoch %d: %s", self.epoch,
+                 ", ".join(f"{s.node}[{s.start}-{s.end - 1}]" for s in stages))
+
+    async def _on_loaded(self, node: NodeInfo, msg: Message) -> None:
+        if self.placement is None or msg["epoch"] != self.placement.epoch:
+            return  # an answer to a placement that has since been replaced
+        node.state, node.epoch, node.weight_bytes = "ready", msg["epoch"], msg["weight_bytes"]
+        log.info("node %s loaded layers %d-%d in %.2f s", node.name, msg["start"],
+                 msg["end"] - 1, msg["load_s"])
+        if all(self.registry.by_name[n].state == "ready" for n in self.placement.nodes()):
+            self.ready = True
+            self.waiting_for = ""
+            log.info("ready: %d stages, epoch %d", len(self.placement.stages), self.epoch)
+
+    async def _on_node_error(self, node: NodeInfo, msg: Message) -> None:
+        sid = msg.get("sid")
+        session = self.sessions.get(sid) if sid else None
+        if session is None:
+            log.error("node %s: %s: %s", node.name, msg["code"], msg["message"])
+            return
+        await self._finish_error(session, msg["code"], msg["message"])
+
+    # ------------------------------------------------------------- clients
+    async def _on_generate(self, client: bytes, msg: Message) -> None:
+        if not self.ready:
+            raise RequestError(f"no placement: {self.waiting_for}", "no_placement")
+        if (client, msg["rid"]) in self.by_rid:
+            raise RequestError(f"request id {msg['rid']!r} is already running", "duplicate_rid")
+        if len(self.sessions) >= self.cfg.limits.max_sessions:
+            raise RequestError(f"{len(self.sessions)} sessions running, the limit is "
+                               f"{self.cfg.limits.max_sessions}", "busy")
+        s = build_session(msg, client, self.tokenizer, self.cfg.limits, self.spec.vocab_size,
+                          self.max_positions, self.eos_ids)
+        self.sessions[s.sid] = s
+        self.by_rid[(client, s.rid)] = s.sid
+        await self._send(client, protocol.encode("accepted", rid=s.rid, sid=s.sid,
+                                                 prompt_ids=s.prompt_ids))
+        await self._start_step(s, torch.tensor(s.prompt_ids, dtype=torch.int64))
+
+    async def _on_cancel(self, client: bytes, msg: Message) -> None:
+        sid = self.by_rid.get((client, msg["rid"]))
+        if sid is None:
+            raise RequestError(f"no running request {msg['rid']!r}", "unknown_request")
+        await self._finish(self.sessions[sid], "cancelled")
+
+    def info(self, rid: str | None = None) -> dict:
+        out = {
+            "ready": self.ready, "model": str(self.model_dir), "num_layers": self.spec.num_layers,
+            "epoch": self.placement.epoch if self.placement else 0,
+            "nodes": [n.to_dict() for n in self.registry.all()],
+            "placement": self.placement.to_list() if self.placement else [],
+            "sessions": len(self.sessions), "waiting_for": self.waiting_for,
+        }
+        if rid is not None:
+            out["rid"] = rid
+        return out
+
+    # ------------------------------------------------------------- steps
+    async def _start_step(self, s: Session, ids: torch.Tensor) -> None:
+        s.stage_times = []
+        s.step_t0 = time.perf_counter()
+        await self._send_stage(s, 0, protocol.encode(
+            "step", {"x": ids}, **self._step_fields(s, 0)))
+
+    def _step_fields(self, s: Session, stage: int) -> dict:
+        fields = {"sid": s.sid, "step": s.step, "epoch": self.placement.epoch, "stage": stage,
+                  "pos": s.pos}
+        if stage == len(self.placement.stages) - 1:
+            fields["sampling"] = s.sampling
+        return fields
+
+    async def _send_stage(self, s: Session, stage: int, frames: list) -> None:
+        node = self.registry.by_name[self.placement.stages[stage].node]
+        s.stage, s.hop_t0 = stage, time.perf_counter()
+        if not await self._send(node.ident, frames):
+            await self._finish_error(s, "node_lost", f"node {node.name} is unreachable")
+
+    async def _on_result(self, node: NodeInfo, msg: Message) -> None:
+        s = self.sessions.get(msg["sid"])
+        if (s is None or msg["step"] != s.step or msg["stage"] != s.stage
+                or self.placement is None or msg["epoch"] != self.placement.epoch
+                or self.placement.stages[s.stage].node != node.name):
+            return  # a late answer for a finished, cancelled or re-routed step
+        now = time.perf_counter()
+        compute = float(msg["compute_s"])
+        s.stage_times.append([node.name, round(compute, 6), round(now - s.hop_t0 - compute, 6)])
+        last = len(self.placement.stages) - 1
+        if s.stage < last:
+            meta = msg["t"]
+            if len(meta) != 1 or meta[0][0] != "hidden":
+                await self._finish_error(s, "bad_result", f"node {node.name} sent no hidden state")
+                return
+            await self._send_stage(s, s.stage + 1, protocol.encode_forward(
+                "step", msg.frames, [["x", meta[0][1], meta[0][2]]],
+                **self._step_fields(s, s.stage + 1)))
+            return
+        token = msg.get("token")
+        if token is None or not 0 <= token < self.spec.vocab_size:
+            await self._finish_error(s, "bad_result", f"node {node.name} sent no valid token")
+            return
+        await self._emit_token(s, token, float(msg.get("logprob", 0.0)), now)
+
+    async def _emit_token(self, s: Session, token: int, logprob: float, now: float) -> None:
+        s.pos += s.step_input_len()
+        s.tokens.append(token)
+        timing = {"step_s": round(now - s.step_t0, 6), "stages": s.stage_times}
+        if s.first_token_s is None:
+            s.first_token_s = now - s.created
+        await self._send(s.client, protocol.encode(
+            "token", rid=s.rid, index=len(s.tokens) - 1, token_id=token, logprob=logprob,
+            text=s.detok.add(token), timing=timing))
+        if token in s.stop_ids:
+            await self._finish(s, "stop")
+        elif len(s.tokens) >= s.max_new_tokens:
+            await self._finish(s, "length")
+        else:
+            s.step += 1
+            await self._start_step(s, torch.tensor([token], dtype=torch.int64))
+
+    # ------------------------------------------------------------- endings
+    async def _release(self, s: Session) -> None:
+        self.sessions.pop(s.sid, None)
+        self.by_rid.pop((s.client, s.rid), None)
+        if self.placement is None:
+            return
+        frames = protocol.encode("free", sids=[s.sid])
+        for name in self.placement.nodes():
+            node = self.registry.by_name.get(name)
+            if node is not None:
+                await self._send(node.ident, frames)
+
+    async def _finish(self, s: Session, reason: str) -> None:
+        await self._release(s)
+        text = self.tokenizer.decode(s.tokens, skip_special_tokens=True)
+        await self._send(s.client, protocol.encode(
+            "done", rid=s.rid, finish_reason=reason, n_tokens=len(s.tokens), text=text))
+
+    async def _finish_error(self, s: Session, code: str, message: str) -> None:
+        if s.sid not in self.sessions:
+            return
+        log.warning("session %s failed: %s: %s", s.sid[:8], code, message)
+        await self._release(s)
+        await self._send(s.client, protocol.error(code, message, rid=s.rid))
+
+    async def _fail_sessions(self, message: str, code: str) -> None:
+        for s in list(self.sessions.values()):
+            await self._finish_error(s, code, message)
+
+    async def _watch_timeouts(self) -> None:
+        limit = self.cfg.step_timeout_s
+        while True:
+            await asyncio.sleep(min(1.0, limit / 4))
+            now = time.perf_counter()
+            for s in list(self.sessions.values()):
+                if now - s.hop_t0 > limit and self.placement:
+                    node = self.placement.stages[s.stage].node
+                    await self._finish_error(s, "timeout", f"step {s.step} got no answer from "
+                                             f"node {node} in {limit:.1f} s")
+
+
+def run_broker(cfg: BrokerConfig) -> None:
+    """Entry point of ``zpipe broker``: serves until killed."""
+    aio.run(Broker(cfg).run())

@@ -1,0 +1,68 @@
+"""The broker's registry of stage nodes: who they are, what they hold, how to reach them."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from zpipe.protocol import Message
+
+
+@dataclass
+class NodeInfo:
+    ident: bytes
+    name: str
+    pid: int
+    host: str
+    device: str
+    dtype: str
+    mem_total: int
+    mem_free: int
+    gflops: float
+    state: str = "registered"  # registered → loading → ready
+    start: int = 0
+    end: int = 0
+    epoch: int = -1
+    weight_bytes: int = 0
+    registered_at: float = field(default_factory=time.time)
+    last_seen: float = field(default_factory=time.monotonic)
+
+    def to_dict(self) -> dict:
+        return {
+            "name": self.name, "pid": self.pid, "host": self.host, "device": self.device,
+            "dtype": self.dtype, "state": self.state, "mem_total": self.mem_total,
+            "mem_free": self.mem_free, "gflops": self.gflops,
+            "layers": [self.start, self.end] if self.state != "registered" else None,
+            "weight_bytes": self.weight_bytes,
+            "age_s": round(time.monotonic() - self.last_seen, 3),
+        }
+
+
+class Registry:
+    def __init__(self) -> None:
+        self.by_name: dict[str, NodeInfo] = {}
+        self.by_ident: dict[bytes, NodeInfo] = {}
+
+    def add(self, ident: bytes, msg: Message) -> NodeInfo | None:
+        """Register a node; returns the entry it replaced (a restarted node keeps its name)."""
+        old = self.by_name.pop(msg["name"], None)
+        if old is not None:
+            self.by_ident.pop(old.ident, None)
+        info = NodeInfo(ident=ident, name=msg["name"], pid=msg["pid"], host=msg["host"],
+                        device=msg["device"], dtype=msg["dtype"], mem_total=msg["mem_total"],
+                        mem_free=msg["mem_free"], gflops=float(msg["gflops"]))
+        self.by_name[info.name] = info
+        self.by_ident[ident] = info
+        return old
+
+    def get(self, ident: bytes) -> NodeInfo | None:
+        node = self.by_ident.get(ident)
+        if node is not None:
+            node.last_seen = time.monotonic()
+        return node
+
+    def names(self) -> list[str]:
+        return list(self.by_name)
+
+    def all(self) -> list[NodeInfo]:
+        return list(self.by_name.values())

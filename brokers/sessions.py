@@ -1,0 +1,116 @@
+"""Sessions: turning a client's generate request into a validated session, and its state."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from zpipe.config import Limits
+from zpipe.protocol import Message, ProtocolError, int_list
+from zpipe.sampling import SamplingParams
+
+MAX_MESSAGES = 512
+
+
+class RequestError(ValueError):
+    def __init__(self, message: str, code: str = "bad_request") -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class Detokenizer:
+    """Text deltas as tokens arrive, never splitting a multi-byte character (vLLM's offsets)."""
+
+    def __init__(self, tokenizer: Any, prompt_ids: list[int]) -> None:
+        self.tokenizer = tokenizer
+        # A few prompt tokens of context so the first word keeps its leading space.
+        self.ids = list(prompt_ids[-4:])
+        self.prefix = 0
+        self.read = len(self.ids)
+
+    def add(self, token: int) -> str:
+        self.ids.append(token)
+        decode = self.tokenizer.decode
+        before = decode(self.ids[self.prefix:self.read], skip_special_tokens=True)
+        after = decode(self.ids[self.prefix:], skip_special_tokens=True)
+        if len(after) > len(before) and not after.endswith("\ufffd"):
+            self.prefix, self.read = self.read, len(self.ids)
+            return after[len(before):]
+        return ""
+
+
+@dataclass
+class Session:
+    sid: str
+    rid: str
+    client: bytes
+    prompt_ids: list[int]
+    max_new_tokens: int
+    sampling: dict
+    stop_ids: frozenset[int]
+    detok: Detokenizer
+    tokens: list[int] = field(default_factory=list)
+    step: int = 0           # step number of the step in flight (0 = prefill)
+    pos: int = 0            # tokens already in the nodes' KV caches
+    stage: int = 0          # stage the in-flight step is at
+    created: float = field(default_factory=time.perf_counter)
+    step_t0: float = 0.0    # when the in-flight step was sent to stage 0
+    hop_t0: float = 0.0     # when it was sent to its current stage
+    stage_times: list = field(default_factory=list)  # [node, compute_s, hop_s] per stage
+    first_token_s: float | None = None
+
+    def step_input_len(self) -> int:
+        return len(self.prompt_ids) if self.step == 0 else 1
+
+
+def build_session(msg: Message, client: bytes, tokenizer: Any, limits: Limits, vocab: int,
+                  max_positions: int, eos_ids: frozenset[int]) -> Session:
+    """Validate a ``generate`` request (untrusted) and tokenize its prompt."""
+    given = [k for k in ("prompt", "messages", "prompt_ids") if k in msg.header]
+    if len(given) != 1:
+        raise RequestError("give exactly one of 'prompt', 'messages', 'prompt_ids'")
+    if "prompt" in msg.header:
+        ids = tokenizer(msg["prompt"]).input_ids
+    elif "messages" in msg.header:
+        ids = _chat_ids(tokenizer, msg["messages"])
+    else:
+        try:
+            ids = int_list(msg["prompt_ids"], "prompt_ids", 0, vocab, limits.max_prompt_tokens)
+        except ProtocolError as e:
+            raise RequestError(str(e), e.code) from None
+    if not ids:
+        raise RequestError("the prompt is empty")
+    if len(ids) > limits.max_prompt_tokens:
+        raise RequestError(f"prompt of {len(ids)} tokens exceeds the limit of "
+                           f"{limits.max_prompt_tokens}", "too_large")
+    max_new = msg.get("max_new_tokens", limits.default_max_new_tokens)
+    if not 1 <= max_new <= limits.max_new_tokens:
+        raise RequestError(f"max_new_tokens must be in 1..{limits.max_new_tokens}, got {max_new}")
+    if len(ids) + max_new > max_positions:
+        raise RequestError(f"prompt ({len(ids)}) + max_new_tokens ({max_new}) exceeds the "
+                           f"model's {max_positions} positions", "too_large")
+    try:
+        sampling = SamplingParams.from_dict(msg.get("sampling") or {})
+        stop = int_list(msg.get("stop_token_ids", []), "stop_token_ids", 0, vocab, 64)
+    except (ValueError, ProtocolError) as e:
+        raise RequestError(str(e), "bad_sampling" if "sampling" in str(e) else "bad_request") \
+            from None
+    stop_ids = frozenset(stop) | (frozenset() if msg.get("ignore_eos", False) else eos_ids)
+    return Session(sid=uuid.uuid4().hex, rid=msg["rid"], client=client, prompt_ids=ids,
+                   max_new_tokens=max_new, sampling=asdict(sampling), stop_ids=stop_ids,
+                   detok=Detokenizer(tokenizer, ids))
+
+
+def _chat_ids(tokenizer: Any, messages: list) -> list[int]:
+    if not messages or len(messages) > MAX_MESSAGES:
+        raise RequestError(f"messages must hold 1..{MAX_MESSAGES} items")
+    for i, m in enumerate(messages):
+        if not (isinstance(m, dict) and set(m) == {"role", "content"}
+                and all(isinstance(v, str) for v in m.values())):
+            raise RequestError(f"messages[{i}] must be {{'role': str, 'content': str}}")
+    if not tokenizer.chat_template:
+        raise RequestError("this model has no chat template; send a plain prompt")
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return tokenizer(text, add_special_tokens=False).input_ids

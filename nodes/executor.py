@@ -1,0 +1,108 @@
+"""Runs steps on the stage a node holds, and keeps each session's KV cache."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+
+from zpipe.kvcache import KVCache
+from zpipe.protocol import Message
+from zpipe.sampling import SamplingParams, sample
+from zpipe.shard import ModelSpec, Stage
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class StepError(Exception):
+    """A step this node refuses; ``code`` goes back to the broker in the error reply."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class Executor:
+    def __init__(self, model_dir: Path, dtype: str, device: str, max_step_tokens: int = 8192):
+        self.model_dir = model_dir
+        self.spec = ModelSpec.load(model_dir)
+        self.dtype = DTYPES[dtype]
+        self.device = device
+        self.max_step_tokens = max_step_tokens
+        self.stage: Stage | None = None
+        self.epoch = -1
+        self.caches: dict[str, KVCache] = {}
+
+    def load(self, start: int, end: int, epoch: int) -> int:
+        """Load layers [start, end); returns the weight bytes now held."""
+        if not 0 <= start < end <= self.spec.num_layers:
+            raise StepError("bad_range", f"layers {start}-{end - 1} are outside the model's "
+                                         f"{self.spec.num_layers} layers")
+        if self.stage is None or (self.stage.start, self.stage.end) != (start, end):
+            self.stage = None  # free the old weights before reading the new ones
+            self.caches.clear()
+            self.stage = Stage(self.model_dir, start, end, dtype=self.dtype, device=self.device)
+        self.epoch = epoch
+        return self.stage.weight_bytes()
+
+    def free(self, sids: list[str]) -> None:
+        for sid in sids:
+            self.caches.pop(sid, None)
+
+    def kv_bytes(self) -> int:
+        return sum(c.nbytes() for c in self.caches.values())
+
+    def step(self, msg: Message) -> tuple[dict, dict[str, torch.Tensor]]:
+        """Run one step; returns the result's header fields and tensors."""
+        stage = self.stage
+        if stage is None:
+            raise StepError("not_loaded", "this node holds no layers yet")
+        if msg["epoch"] != self.epoch:
+            raise StepError("stale_epoch", f"step for epoch {msg['epoch']}, node is at {self.epoch}")
+        sid, pos = msg["sid"], msg["pos"]
+        x = msg.tensors.get("x")
+        if x is None or len(msg.tensors) != 1:
+            raise StepError("bad_message", "a step carries exactly one tensor, 'x'")
+        self._check_input(stage, x)
+        params = None
+        if stage.last:
+            try:
+                params = SamplingParams.from_dict(msg.get("sampling") or {})
+            except ValueError as e:
+                raise StepError("bad_sampling", str(e)) from None
+        cache = self.caches.get(sid)
+        if pos == 0:
+            cache = self.caches[sid] = stage.new_cache()  # a prefill (re)starts the session
+        elif cache is None:
+            raise StepError("unknown_session", f"no KV cache for session {sid} on this node")
+        if pos != cache.length:
+            raise StepError("bad_position", f"session {sid}: step at position {pos} but "
+                                            f"{cache.length} tokens are cached")
+        t0 = time.perf_counter()
+        out = stage.forward(cache, x, pos)
+        if stage.last:
+            token, logprob = sample(out, params, msg["step"])
+            fields = {"token": token, "logprob": logprob}
+            tensors = {}
+        else:
+            if out.is_cuda:
+                torch.cuda.synchronize(out.device)
+            fields, tensors = {}, {"hidden": out}
+        fields["compute_s"] = time.perf_counter() - t0
+        return fields, tensors
+
+    def _check_input(self, stage: Stage, x: torch.Tensor) -> None:
+        n = x.shape[0] if x.dim() >= 1 else 0
+        if not 1 <= n <= self.max_step_tokens:
+            raise StepError("bad_shape", f"a step carries 1..{self.max_step_tokens} tokens, got {n}")
+        if stage.first:
+            if x.dtype != torch.int64 or x.dim() != 1:
+                raise StepError("bad_shape", f"stage 0 takes int64 token ids [n], got "
+                                             f"{x.dtype} {list(x.shape)}")
+            lo, hi = int(x.min()), int(x.max())
+            if lo < 0 or hi >= self.spec.vocab_size:
+                raise StepError("bad_value", f"token ids must be in [0, {self.spec.vocab_size})")
+        elif x.dim() != 2 or x.shape[1] != self.spec.hidden_size or not x.is_floating_point():
+            raise StepError("bad_shape", f"stage takes float hidden states [n, "
+                                         f"{self.spec.hidden_size}], got {x.dtype} {list(x.shape)}")

@@ -1,0 +1,120 @@
+"""The stage node process: a DEALER that registers, loads what the broker assigns, runs steps."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+import zmq
+import zmq.asyncio
+
+from nodes.executor import DTYPES, Executor, StepError
+from zpipe import aio, protocol, sysinfo
+from zpipe.config import NodeConfig
+from zpipe.models import resolve_model
+from zpipe.protocol import Message, ProtocolError
+
+log = logging.getLogger("zpipe.node")
+
+
+class Node:
+    def __init__(self, cfg: NodeConfig) -> None:
+        self.cfg = cfg
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        self.model_dir = resolve_model(cfg.model)
+        self.executor = Executor(self.model_dir, cfg.dtype, cfg.device)
+        # One compute thread: steps run in order, while the event loop stays free for I/O.
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix=f"zpipe-{cfg.name}")
+        self.queue: asyncio.Queue[Message] = asyncio.Queue()
+        self.ctx = zmq.asyncio.Context.instance()
+        self.sock: zmq.asyncio.Socket | None = None
+
+    async def send(self, frames: list) -> None:
+        await self.sock.send_multipart(frames, copy=False)
+
+    async def run(self) -> None:
+        cfg = self.cfg
+        self.sock = self.ctx.socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.setsockopt(zmq.IDENTITY, f"{cfg.name}.{uuid.uuid4().hex[:8]}".encode())
+        self.sock.connect(cfg.broker)
+        loop = asyncio.get_running_loop()
+        gflops = await loop.run_in_executor(
+            self.pool, sysinfo.matmul_gflops, cfg.device, DTYPES[cfg.dtype])
+        total, free = sysinfo.memory(cfg.device)
+        await self.send(protocol.encode(
+            "register", name=cfg.name, pid=os.getpid(), host=socket.gethostname(),
+            device=cfg.device, dtype=cfg.dtype, model=str(self.model_dir),
+            num_layers=self.executor.spec.num_layers, mem_total=total, mem_free=free,
+            gflops=round(gflops, 2)))
+        log.info("node %s registered with %s (%s, %s, %.1f GFLOP/s)", cfg.name, cfg.broker,
+                 cfg.device, cfg.dtype, gflops)
+        worker = asyncio.create_task(self._work())
+        try:
+            await self._receive()
+        finally:
+            worker.cancel()
+            self.sock.close(0)
+            self.pool.shutdown(wait=False, cancel_futures=True)
+
+    async def _receive(self) -> None:
+        while True:
+            frames = await self.sock.recv_multipart(copy=False)
+            try:
+                msg = protocol.decode(frames)
+            except ProtocolError as e:
+                log.warning("dropped a bad message from the broker: %s", e)
+                continue
+            if msg.kind in ("step", "load", "free"):
+                self.queue.put_nowait(msg)  # in arrival order: a free never overtakes a step
+            elif msg.kind == "error":
+                log.error("broker says: %s: %s", msg["code"], msg["message"])
+                if msg["code"] == "rejected":
+                    raise SystemExit(2)
+            else:
+                log.warning("ignored a %r message", msg.kind)
+
+    async def _work(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            msg = await self.queue.get()
+            try:
+                if msg.kind == "step":
+                    fields, tensors = await loop.run_in_executor(self.pool, self.executor.step, msg)
+                    await self.send(protocol.encode(
+                        "result", tensors, sid=msg["sid"], step=msg["step"], epoch=msg["epoch"],
+                        stage=msg["stage"], **fields))
+                elif msg.kind == "load":
+                    await self._load(msg)
+                elif msg.kind == "free":
+                    self.executor.free([s for s in msg["sids"] if isinstance(s, str)])
+            except StepError as e:
+                await self.send(protocol.error(e.code, f"{self.cfg.name}: {e}",
+                                               sid=msg.get("sid", ""), step=msg.get("step", -1)))
+            except Exception as e:  # one bad step must not take the node down
+                log.exception("step failed")
+                await self.send(protocol.error("internal", f"{self.cfg.name}: {e!r}",
+                                               sid=msg.get("sid", ""), step=msg.get("step", -1)))
+
+    async def _load(self, msg: Message) -> None:
+        start, end, epoch = msg["start"], msg["end"], msg["epoch"]
+        log.info("loading layers %d-%d (epoch %d) from %s", start, end - 1, epoch, self.model_dir)
+        t0 = time.perf_counter()
+        nbytes = await asyncio.get_running_loop().run_in_executor(
+            self.pool, self.executor.load, start, end, epoch)
+        dt = time.perf_counter() - t0
+        log.info("loaded layers %d-%d: %.1f MB in %.2f s", start, end - 1, nbytes / 1e6, dt)
+        await self.send(protocol.encode("loaded", epoch=epoch, start=start, end=end,
+                                        weight_bytes=nbytes, load_s=dt))
+
+
+def run_node(cfg: NodeConfig) -> None:
+    """Entry point of ``zpipe node``: runs until killed."""
+    aio.run(Node(cfg).run())

@@ -1,0 +1,139 @@
+"""``zpipe up FILE``: start a cluster file's broker and nodes as child processes.
+
+It waits until every node has loaded its layers, then either answers ``--prompt`` and stops,
+or keeps the cluster up until Ctrl-C / SIGTERM. Every child is stopped by its pid on the way out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from zpipe import aio
+from zpipe.client import Client, ZpipeError
+from zpipe.config import ClusterConfig, dump, load
+from zpipe.models import resolve_model
+
+
+class Cluster:
+    """The child processes of one cluster file, started and stopped together."""
+
+    def __init__(self, cfg: ClusterConfig, log_dir: Path) -> None:
+        self.cfg = cfg
+        self.log_dir = log_dir
+        self.procs: list[tuple[str, subprocess.Popen]] = []
+
+    def start(self) -> None:
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        self._spawn("broker", "broker", self.cfg.broker_config())
+        for node in self.cfg.node_configs():
+            self._spawn(f"node-{node.name}", "node", node)
+
+    def _spawn(self, name: str, command: str, cfg: object) -> None:
+        path = self.log_dir / f"{name}.yaml"
+        dump(cfg, path)
+        log = open(self.log_dir / f"{name}.log", "wb")
+        # Own session: a Ctrl-C reaches only ``up``, which then stops the children in order.
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "zpipe.cli.main", command, "-c", str(path)],
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        log.close()
+        self.procs.append((name, proc))
+
+    def dead(self) -> list[str]:
+        return [f"{name} (exit {p.returncode})" for name, p in self.procs if p.poll() is not None]
+
+    def tail(self, name: str, lines: int = 15) -> str:
+        path = self.log_dir / f"{name.split(' ')[0]}.log"
+        try:
+            return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+    def stop(self, timeout: float = 10.0) -> None:
+        for _, p in reversed(self.procs):
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        for _, p in self.procs:
+            try:
+                p.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+
+
+async def _wait_ready(cluster: Cluster, address: str, timeout: float) -> dict:
+    async with Client(address) as client:
+        deadline = time.monotonic() + timeout
+        last = None
+        while True:
+            dead = cluster.dead()
+            if dead:
+                details = "\n".join(f"--- {d}:\n{cluster.tail(d)}" for d in dead)
+                raise ZpipeError("child_died", f"{', '.join(dead)} stopped early\n{details}")
+            try:
+                info = await client.info(timeout=1.0)
+                if info["ready"]:
+                    return info
+                status = info["waiting_for"]
+            except ZpipeError:
+                status = "starting the broker"
+            if status != last:
+                print(f"[zpipe up] {status}", file=sys.stderr)
+                last = status
+            if time.monotonic() > deadline:
+                raise ZpipeError("timeout", f"not ready after {timeout:.0f} s: {status}")
+            await asyncio.sleep(0.25)
+
+
+async def _answer(address: str, args: argparse.Namespace) -> None:
+    from zpipe.cli.generate import latency_report, stream_to_stdout
+
+    async with Client(address) as client:
+        gen = await stream_to_stdout(client, args.prompt, args.chat,
+                                     {"max_new_tokens": args.max_new_tokens})
+    print(latency_report(gen))
+
+
+def run_up(args: argparse.Namespace) -> int:
+    cfg = load(args.file, ClusterConfig)
+    resolve_model(cfg.model)  # fail here, clearly, rather than in every child
+    log_dir = Path(args.logs) if args.logs else Path(tempfile.mkdtemp(prefix="zpipe-up-"))
+    address = cfg.broker.bind.replace("*", "127.0.0.1")
+    cluster = Cluster(cfg, log_dir)
+
+    def _terminate(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, _terminate)
+    print(f"[zpipe up] starting a broker and {len(cfg.nodes)} nodes; logs in {log_dir}",
+          file=sys.stderr)
+    cluster.start()
+    try:
+        info = aio.run(_wait_ready(cluster, address, args.ready_timeout))
+        stages = ", ".join(f"{s['node']}[{s['start']}-{s['end'] - 1}]" for s in info["placement"])
+        print(f"[zpipe up] ready at {address}: {stages}", file=sys.stderr)
+        if args.prompt:
+            aio.run(_answer(address, args))
+            return 0
+        print("[zpipe up] Ctrl-C stops the cluster", file=sys.stderr)
+        while not cluster.dead():
+            time.sleep(0.5)
+        print(f"[zpipe up] {', '.join(cluster.dead())} stopped; stopping the rest",
+              file=sys.stderr)
+        return 1
+    except ZpipeError as e:
+        print(f"[zpipe up] {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        print("[zpipe up] stopping", file=sys.stderr)
+        cluster.stop()

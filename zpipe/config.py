@@ -1,0 +1,231 @@
+"""YAML schemas for brokers, nodes and whole local clusters.
+
+A bad file is refused with the file, the key and what was expected, e.g.
+``configs/local.yaml: nodes[1].dtype: Input should be 'float32', 'bfloat16' or 'float16'``.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Literal, TypeVar
+
+import yaml
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+
+DEFAULT_BROKER = "tcp://127.0.0.1:5555"
+
+_LAYERS = re.compile(r"^\s*(\d+)\s*(?:-\s*(\d+)\s*)?$")
+
+
+def parse_layers(value: object) -> tuple[int, int]:
+    """'A-B' (inclusive, as people write it), 'A' or an int → half-open (A, B+1)."""
+    if isinstance(value, bool):
+        raise ValueError("layers must look like '0-9' or 3")
+    if isinstance(value, int):
+        value = str(value)
+    if isinstance(value, (list, tuple)) and len(value) == 2 and all(type(v) is int for v in value):
+        value = f"{value[0]}-{value[1]}"
+    m = _LAYERS.match(value) if isinstance(value, str) else None
+    if not m:
+        raise ValueError(f"layers must look like '0-9' (inclusive) or 3, got {value!r}")
+    a = int(m.group(1))
+    b = int(m.group(2)) if m.group(2) is not None else a
+    if b < a:
+        raise ValueError(f"layer range {value!r} ends before it starts")
+    return a, b + 1
+
+
+Layers = Annotated[tuple[int, int], BeforeValidator(parse_layers)]
+
+
+def _check_address(v: str) -> str:
+    if not re.match(r"^(tcp://[^:\s]+:\d+|ipc://\S+|inproc://\S+)$", v):
+        raise ValueError(f"expected a ZeroMQ address like tcp://127.0.0.1:5555, got {v!r}")
+    return v
+
+
+def _check_device(v: str) -> str:
+    if not re.match(r"^(cpu|cuda(:\d+)?)$", v):
+        raise ValueError(f"expected 'cpu' or 'cuda:N', got {v!r}")
+    return v
+
+
+Address = Annotated[str, BeforeValidator(_check_address)]
+Device = Annotated[str, BeforeValidator(_check_device)]
+DType = Literal["float32", "bfloat16", "float16"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class StageSpec(_Strict):
+    node: str
+    layers: Layers
+
+
+class PlacementConfig(_Strict):
+    strategy: Literal["uniform", "custom"] = "uniform"
+    # uniform: node names in pipeline order, or how many nodes to wait for (ordered by name)
+    nodes: list[str] | Annotated[int, Field(ge=1)] = 1
+    # custom: the stages in pipeline order
+    stages: list[StageSpec] = []
+
+    @model_validator(mode="after")
+    def _consistent(self) -> PlacementConfig:
+        if self.strategy == "custom":
+            if not self.stages:
+                raise ValueError("strategy 'custom' needs 'stages'")
+            names = [s.node for s in self.stages]
+            if len(set(names)) != len(names):
+                raise ValueError(f"a node may hold one stage only: {names}")
+            expect = 0
+            for s in self.stages:
+                if s.layers[0] != expect:
+                    raise ValueError(f"stages must cover layers contiguously from 0; node "
+                                     f"{s.node!r} starts at {s.layers[0]}, expected {expect}")
+                expect = s.layers[1]
+        if isinstance(self.nodes, list) and len(set(self.nodes)) != len(self.nodes):
+            raise ValueError(f"duplicate node names in {self.nodes}")
+        return self
+
+    def expected_nodes(self) -> int:
+        if self.strategy == "custom":
+            return len(self.stages)
+        return self.nodes if isinstance(self.nodes, int) else len(self.nodes)
+
+
+class Limits(_Strict):
+    max_sessions: int = Field(256, ge=1)
+    max_prompt_tokens: int = Field(8192, ge=1)
+    max_new_tokens: int = Field(4096, ge=1)
+    default_max_new_tokens: int = Field(128, ge=1)
+
+
+class BrokerConfig(_Strict):
+    bind: Address = DEFAULT_BROKER
+    model: str = "smollm2"
+    placement: PlacementConfig = PlacementConfig()
+    limits: Limits = Limits()
+    # A step that gets no answer in this long fails its session instead of hanging it.
+    step_timeout_s: float = Field(120.0, gt=0)
+
+
+class NodeConfig(_Strict):
+    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
+    broker: Address = DEFAULT_BROKER
+    model: str = "smollm2"
+    device: Device = "cpu"
+    dtype: DType = "float32"
+    threads: Annotated[int, Field(ge=1, le=1024)] | None = None
+
+
+class ClusterNode(_Strict):
+    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
+    device: Device = "cpu"
+    dtype: DType = "float32"
+    threads: Annotated[int, Field(ge=1, le=1024)] | None = None
+    layers: Layers | None = None
+
+
+class ClusterBroker(_Strict):
+    bind: Address = DEFAULT_BROKER
+    limits: Limits = Limits()
+    step_timeout_s: float = Field(120.0, gt=0)
+
+
+class ClusterConfig(_Strict):
+    """A whole local cluster: one broker and its nodes, started together by ``zpipe up``."""
+
+    model: str = "smollm2"
+    broker: ClusterBroker = ClusterBroker()
+    nodes: Annotated[list[ClusterNode], Field(min_length=1)]
+
+    @model_validator(mode="after")
+    def _layers_all_or_none(self) -> ClusterConfig:
+        given = [n.layers is not None for n in self.nodes]
+        if any(given) and not all(given):
+            raise ValueError("give 'layers' for every node or for none (uniform split)")
+        names = [n.name for n in self.nodes]
+        if len(set(names)) != len(names):
+            raise ValueError(f"duplicate node names: {names}")
+        return self
+
+    def broker_config(self) -> BrokerConfig:
+        if self.nodes[0].layers is not None:
+            placement = PlacementConfig(strategy="custom", stages=[
+                StageSpec(node=n.name, layers=n.layers) for n in self.nodes])
+        else:
+            placement = PlacementConfig(strategy="uniform", nodes=[n.name for n in self.nodes])
+        return BrokerConfig(bind=self.broker.bind, model=self.model, placement=placement,
+                            limits=self.broker.limits, step_timeout_s=self.broker.step_timeout_s)
+
+    def node_configs(self) -> list[NodeConfig]:
+        return [NodeConfig(name=n.name, broker=self.broker.bind.replace("*", "127.0.0.1"),
+                           model=self.model, device=n.device, dtype=n.dtype, threads=n.threads)
+                for n in self.nodes]
+
+
+class ConfigError(ValueError):
+    """A config file that cannot be used; the message names the file and the key."""
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def _loc(loc: tuple) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif not str(part).startswith(("function-", "tagged-union")) and part not in (
+                "list[str]", "int", "constrained-int", "tuple[int, int]"):
+            out += f".{part}" if out else str(part)
+    return out or "(top level)"
+
+
+def load(path: str | Path, model: type[M]) -> M:
+    """Read a YAML file into ``model`` or raise ConfigError naming the file and the bad key."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read: {e.strerror}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    return validate(data if data is not None else {}, model, str(path))
+
+
+def validate(data: object, model: type[M], source: str = "<config>") -> M:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping at the top level")
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        lines = []
+        for err in e.errors():
+            msg = err["msg"].removeprefix("Value error, ")
+            if err["type"] == "extra_forbidden":
+                msg = "unknown key"
+            lines.append(f"{source}: {_loc(err['loc'])}: {msg}")
+        raise ConfigError("\n".join(dict.fromkeys(lines))) from None
+
+
+def dump(cfg: BaseModel, path: Path) -> None:
+    """Write a config back as YAML (used by ``zpipe up`` to hand each child its own file)."""
+    data = cfg.model_dump(mode="json")
+    _layers_to_text(data)
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+
+
+def _layers_to_text(obj: object) -> None:
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            if k == "layers" and isinstance(v, list) and len(v) == 2:
+                obj[k] = f"{v[0]}-{v[1] - 1}"
+            else:
+                _layers_to_text(v)
+    elif isinstance(obj, list):
+        for v in obj:
+            _layers_to_text(v)

@@ -1,0 +1,263 @@
+"""The zpipe wire protocol: every message kind, its fields, and tensor frames.
+
+A message is a ZeroMQ multipart::
+
+    [TAG, msgpack header, tensor frame 0, tensor frame 1, ...]
+
+The header is a dict with ``kind``, the fields of that kind and ``t``: one ``[name, dtype,
+shape]`` entry per tensor frame, in frame order. Tensors travel as their raw bytes (bf16 as
+well), sent with ``copy=False`` and read back with ``torch.frombuffer``: no pickle, no
+per-element work. Everything received is untrusted and checked here before anyone uses it.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgpack
+import torch
+
+TAG = b"ZPIPE/1"
+
+MAX_HEADER_BYTES = 64 * 1024
+MAX_TENSORS = 256
+MAX_NDIM = 8
+MAX_TENSOR_BYTES = 1 << 30
+MAX_MESSAGE_BYTES = 2 << 30
+MAX_LIST_ITEMS = 1 << 17  # prompt ids, session lists
+MAX_STR = 1 << 20
+
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+    "int64": torch.int64,
+    "int32": torch.int32,
+    "uint8": torch.uint8,
+}
+DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+
+# Field types: a field name ending in "?" is optional. "num" accepts int or float.
+_INT, _NUM, _STR, _BOOL, _LIST, _DICT = "int", "num", "str", "bool", "list", "dict"
+
+SCHEMAS: dict[str, dict[str, str]] = {
+    # --- node -> broker
+    "register": {
+        "name": _STR, "pid": _INT, "host": _STR, "device": _STR, "dtype": _STR,
+        "model": _STR, "num_layers": _INT, "mem_total": _INT, "mem_free": _INT, "gflops": _NUM,
+    },
+    "loaded": {"epoch": _INT, "start": _INT, "end": _INT, "weight_bytes": _INT, "load_s": _NUM},
+    # A stage's answer to a step: tensor "hidden" from inner stages; token/logprob from the last.
+    "result": {
+        "sid": _STR, "step": _INT, "epoch": _INT, "stage": _INT, "compute_s": _NUM,
+        "token?": _INT, "logprob?": _NUM,
+    },
+    # --- broker -> node
+    "load": {"epoch": _INT, "start": _INT, "end": _INT},
+    # Tensor "x": token ids (stage 0) or hidden states. "sampling" goes to the last stage only.
+    "step": {
+        "sid": _STR, "step": _INT, "epoch": _INT, "stage": _INT, "pos": _INT,
+        "sampling?": _DICT,
+    },
+    "free": {"sids": _LIST},
+    # --- client -> broker (exactly one of prompt / messages / prompt_ids)
+    "generate": {
+        "rid": _STR, "prompt?": _STR, "messages?": _LIST, "prompt_ids?": _LIST,
+        "max_new_tokens?": _INT, "sampling?": _DICT, "stop_token_ids?": _LIST,
+        "ignore_eos?": _BOOL,
+    },
+    "cancel": {"rid": _STR},
+    "info": {"rid?": _STR},
+    # --- broker -> client
+    "accepted": {"rid": _STR, "sid": _STR, "prompt_ids": _LIST},
+    "token": {
+        "rid": _STR, "index": _INT, "token_id": _INT, "logprob": _NUM, "text": _STR,
+        "timing": _DICT,
+    },
+    "done": {"rid": _STR, "finish_reason": _STR, "n_tokens": _INT, "text": _STR},
+    "info_reply": {
+        "rid?": _STR, "ready": _BOOL, "model": _STR, "num_layers": _INT, "epoch": _INT,
+        "nodes": _LIST, "placement": _LIST, "sessions": _INT, "waiting_for": _STR,
+    },
+    # --- any direction
+    "error": {"code": _STR, "message": _STR, "rid?": _STR, "sid?": _STR, "step?": _INT},
+}
+
+
+class ProtocolError(ValueError):
+    """A message that breaks the protocol. ``code`` is machine-readable, str() says what."""
+
+    def __init__(self, message: str, code: str = "bad_message") -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass
+class Message:
+    kind: str
+    header: dict[str, Any]
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    # The received tensor frames, in order, so a broker can forward them without a copy.
+    frames: list[Any] = field(default_factory=list)
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self.header.get(key, default)
+
+    def __getitem__(self, key: str) -> Any:
+        return self.header[key]
+
+
+def _tensor_buffer(t: torch.Tensor) -> memoryview:
+    """The tensor's bytes without a copy (one copy if it is on a GPU or not contiguous)."""
+    if t.device.type != "cpu":
+        t = t.cpu()
+    t = t.contiguous()
+    if t.dtype not in DTYPE_NAMES:
+        raise ProtocolError(f"dtype {t.dtype} cannot travel", "bad_dtype")
+    # A uint8 numpy view keeps the tensor alive for as long as zmq holds the frame.
+    return memoryview(t.reshape(-1).view(torch.uint8).numpy())
+
+
+def encode(kind: str, tensors: dict[str, torch.Tensor] | None = None, **fields: Any) -> list:
+    """Frames for one message. Fields are checked against the schema so bugs show at the sender."""
+    header = {"kind": kind, **fields}
+    frames: list[Any] = []
+    meta = []
+    for name, t in (tensors or {}).items():
+        meta.append([name, DTYPE_NAMES.get(t.dtype, str(t.dtype)), list(t.shape)])
+        frames.append(_tensor_buffer(t))
+    header["t"] = meta
+    _check_fields(kind, header)
+    return [TAG, msgpack.packb(header, use_bin_type=True), *frames]
+
+
+def encode_forward(kind: str, frames: list, meta: list, **fields: Any) -> list:
+    """A message that reuses already-received tensor frames (zero-copy forwarding)."""
+    header = {"kind": kind, **fields, "t": meta}
+    _check_fields(kind, header)
+    return [TAG, msgpack.packb(header, use_bin_type=True), *frames]
+
+
+def _frame_bytes(f: Any) -> memoryview:
+    return f.buffer if hasattr(f, "buffer") else memoryview(f)
+
+
+def decode(frames: list) -> Message:
+    """Validate and decode a received multipart (without the ROUTER identity frame)."""
+    if len(frames) < 2:
+        raise ProtocolError(f"expected at least 2 frames (tag, header), got {len(frames)}")
+    tag = bytes(_frame_bytes(frames[0]))
+    if tag != TAG:
+        if tag.startswith(b"ZPIPE/"):
+            raise ProtocolError(
+                f"protocol version {tag.decode(errors='replace')!r} not supported "
+                f"(this peer speaks {TAG.decode()})", "bad_version")
+        raise ProtocolError(f"not a zpipe message: first frame {tag[:16]!r}", "bad_tag")
+    raw = _frame_bytes(frames[1])
+    if len(raw) > MAX_HEADER_BYTES:
+        raise ProtocolError(f"header of {len(raw)} bytes exceeds {MAX_HEADER_BYTES}", "too_large")
+    try:
+        header = msgpack.unpackb(
+            raw, raw=False, strict_map_key=True, max_str_len=MAX_STR, max_bin_len=MAX_STR,
+            max_array_len=MAX_LIST_ITEMS, max_map_len=4096)
+    except Exception as e:  # msgpack raises several unrelated types
+        raise ProtocolError(f"header is not valid msgpack: {e}") from None
+    if not isinstance(header, dict):
+        raise ProtocolError("header must be a map")
+    kind = header.get("kind")
+    if not isinstance(kind, str) or kind not in SCHEMAS:
+        raise ProtocolError(f"unknown message kind {kind!r}", "unknown_kind")
+    _check_fields(kind, header)
+    tensor_frames = frames[2:]
+    tensors = _decode_tensors(header["t"], tensor_frames)
+    return Message(kind, header, tensors, list(tensor_frames))
+
+
+def _decode_tensors(meta: Any, frames: list) -> dict[str, torch.Tensor]:
+    if len(meta) != len(frames):
+        raise ProtocolError(f"header describes {len(meta)} tensors but {len(frames)} frames came")
+    if len(frames) > MAX_TENSORS:
+        raise ProtocolError(f"{len(frames)} tensor frames exceed {MAX_TENSORS}", "too_large")
+    out: dict[str, torch.Tensor] = {}
+    total = 0
+    for i, (entry, frame) in enumerate(zip(meta, frames, strict=True)):
+        if not (isinstance(entry, list) and len(entry) == 3):
+            raise ProtocolError(f"tensor {i}: entry must be [name, dtype, shape]")
+        name, dtype_name, shape = entry
+        if not isinstance(name, str) or not name or name in out:
+            raise ProtocolError(f"tensor {i}: name must be a unique non-empty string")
+        dtype = DTYPES.get(dtype_name) if isinstance(dtype_name, str) else None
+        if dtype is None:
+            raise ProtocolError(f"tensor {name!r}: unsupported dtype {dtype_name!r}", "bad_dtype")
+        if not (isinstance(shape, list) and len(shape) <= MAX_NDIM
+                and all(type(d) is int and 0 <= d < (1 << 40) for d in shape)):
+            raise ProtocolError(f"tensor {name!r}: bad shape {shape!r}")
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        want = math.prod(shape) * itemsize
+        if want > MAX_TENSOR_BYTES:
+            raise ProtocolError(f"tensor {name!r}: {want} bytes exceed {MAX_TENSOR_BYTES}",
+                                "too_large")
+        buf = _frame_bytes(frame)
+        if buf.nbytes != want:
+            raise ProtocolError(
+                f"tensor {name!r}: frame has {buf.nbytes} bytes, shape {shape} x {dtype_name} "
+                f"needs {want}", "bad_length")
+        total += want
+        if total > MAX_MESSAGE_BYTES:
+            raise ProtocolError(f"message exceeds {MAX_MESSAGE_BYTES} bytes", "too_large")
+        if want == 0:
+            out[name] = torch.empty(shape, dtype=dtype)
+            continue
+        with warnings.catch_warnings():
+            # Received frames are read-only; receivers never write into them.
+            warnings.simplefilter("ignore", UserWarning)
+            out[name] = torch.frombuffer(buf, dtype=dtype).view(shape)
+    return out
+
+
+_TYPES = {
+    _INT: lambda v: type(v) is int,
+    _NUM: lambda v: (type(v) is int or type(v) is float) and math.isfinite(v),
+    _STR: lambda v: isinstance(v, str),
+    _BOOL: lambda v: isinstance(v, bool),
+    _LIST: lambda v: isinstance(v, list),
+    _DICT: lambda v: isinstance(v, dict),
+}
+_REQUIRED = {k: {f for f in s if not f.endswith("?")} for k, s in SCHEMAS.items()}
+_ALL = {k: {f.rstrip("?"): t for f, t in s.items()} for k, s in SCHEMAS.items()}
+
+
+def _check_fields(kind: str, header: dict) -> None:
+    fields = _ALL[kind]
+    missing = _REQUIRED[kind] - header.keys()
+    if missing:
+        raise ProtocolError(f"{kind}: missing field(s) {sorted(missing)}")
+    for key, value in header.items():
+        if key in ("kind", "t"):
+            continue
+        want = fields.get(key)
+        if want is None:
+            raise ProtocolError(f"{kind}: unknown field {key!r}")
+        if not _TYPES[want](value):
+            raise ProtocolError(f"{kind}: field {key!r} must be {want}, got {type(value).__name__}")
+    if not isinstance(header.get("t", []), list):
+        raise ProtocolError(f"{kind}: field 't' must be a list")
+    header.setdefault("t", [])
+
+
+def error(code: str, message: str, **fields: Any) -> list:
+    """Frames of an error reply."""
+    return encode("error", code=code, message=message[:2000], **fields)
+
+
+def int_list(value: list, what: str, lo: int, hi: int, max_len: int) -> list[int]:
+    """Check a list of ints from an untrusted header (prompt ids, stop ids)."""
+    if len(value) > max_len:
+        raise ProtocolError(f"{what}: {len(value)} items exceed the limit of {max_len}", "too_large")
+    for v in value:
+        if type(v) is not int or not lo <= v < hi:
+            raise ProtocolError(f"{what}: {v!r} is not an integer in [{lo}, {hi})", "bad_value")
+    return value
