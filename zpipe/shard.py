@@ -1,0 +1,234 @@
+"""One pipeline stage of a Llama-family model: a contiguous range of decoder layers.
+
+The math mirrors ``transformers.models.llama.modeling_llama`` with the sdpa attention path
+op for op, so that greedy decoding through a chain of stages gives the same tokens as
+``LlamaForCausalLM.generate``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from torch import Tensor
+
+from zpipe.kvcache import KVCache
+
+_LAYER_PARTS = (
+    "input_layernorm", "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+    "self_attn.o_proj", "post_attention_layernorm", "mlp.gate_proj", "mlp.up_proj",
+    "mlp.down_proj",
+)
+
+
+@dataclass
+class ModelSpec:
+    model_dir: Path
+    config: object
+    num_layers: int
+    hidden_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    eos_token_ids: list[int]
+    tie_word_embeddings: bool
+
+    @classmethod
+    def load(cls, model_dir: Path) -> ModelSpec:
+        from transformers import AutoConfig
+
+        model_dir = Path(model_dir)
+        config = AutoConfig.from_pretrained(model_dir)
+        if config.model_type != "llama":
+            raise ValueError(f"{model_dir}: model_type {config.model_type!r} is not 'llama'")
+        for flag in ("attention_bias", "mlp_bias"):
+            if getattr(config, flag, False):
+                raise ValueError(f"{model_dir}: {flag}=True is not supported")
+        if getattr(config, "pretraining_tp", 1) not in (None, 1):
+            raise ValueError(f"{model_dir}: pretraining_tp != 1 is not supported")
+        heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
+        if heads % kv_heads:
+            raise ValueError(f"{model_dir}: {heads} heads not divisible by {kv_heads} KV heads")
+        eos: list[int] = []
+        sources = [config.eos_token_id]
+        gen_path = model_dir / "generation_config.json"
+        if gen_path.exists():
+            sources.append(json.loads(gen_path.read_text()).get("eos_token_id"))
+        for src in sources:
+            for t in src if isinstance(src, list) else [src]:
+                if t is not None and t not in eos:
+                    eos.append(int(t))
+        return cls(
+            model_dir=model_dir, config=config, num_layers=config.num_hidden_layers,
+            hidden_size=config.hidden_size, num_heads=heads, num_kv_heads=kv_heads,
+            head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads,
+            vocab_size=config.vocab_size, eos_token_ids=eos,
+            tie_word_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
+        )
+
+
+def _weight_files(model_dir: Path) -> dict[str, Path]:
+    """Tensor name -> safetensors file holding it."""
+    index = model_dir / "model.safetensors.index.json"
+    if index.exists():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return {name: model_dir / f for name, f in weight_map.items()}
+    single = model_dir / "model.safetensors"
+    if not single.exists():
+        raise FileNotFoundError(f"{model_dir}: no model.safetensors(.index.json)")
+    with safe_open(single, framework="pt") as f:
+        return {name: single for name in f.keys()}
+
+
+def _rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    # LlamaRMSNorm: float32 statistics, cast back, then weight * x.
+    h = x.to(torch.float32)
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(x.dtype)
+
+
+def _rotate_half(x: Tensor) -> Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class Stage:
+    """Layers [start, end) of the model; first = start == 0, last = end == num_layers."""
+
+    def __init__(self, model_dir: Path, start: int, end: int, *,
+                 dtype: torch.dtype = torch.float32, device: str = "cpu"):
+        from transformers.activations import ACT2FN
+        from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+        self.spec = spec = ModelSpec.load(model_dir)
+        if not 0 <= start < end <= spec.num_layers:
+            raise ValueError(f"bad layer range [{start}, {end}) for {spec.num_layers} layers")
+        if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            raise ValueError(f"dtype {dtype} not supported (float32, bfloat16 or float16)")
+        self.start, self.end = start, end
+        self.first, self.last = start == 0, end == spec.num_layers
+        self.dtype, self.device = dtype, torch.device(device)
+        cfg = spec.config
+        self.eps = cfg.rms_norm_eps
+        self.scale = spec.head_dim**-0.5
+        self.act = ACT2FN[cfg.hidden_act]
+        self.rotary = LlamaRotaryEmbedding(cfg).to(self.device)  # inv_freq stays float32
+
+        files = _weight_files(Path(model_dir))
+        names = [f"model.layers.{i}.{p}.weight" for i in range(start, end) for p in _LAYER_PARTS]
+        if self.first:
+            names.append("model.embed_tokens.weight")
+        if self.last:
+            names.append("model.norm.weight")
+            tied = spec.tie_word_embeddings or "lm_head.weight" not in files
+            head_name = "model.embed_tokens.weight" if tied else "lm_head.weight"
+            names.append(head_name)
+        w = self._read(files, names)
+        self.embed = w["model.embed_tokens.weight"] if self.first else None
+        self.norm = w["model.norm.weight"] if self.last else None
+        self.lm_head = w[head_name] if self.last else None
+        self.layers = [tuple(w[f"model.layers.{i}.{p}.weight"] for p in _LAYER_PARTS)
+                       for i in range(start, end)]
+
+    def _read(self, files: dict[str, Path], names: list[str]) -> dict[str, Tensor]:
+        missing = [n for n in names if n not in files]
+        if missing:
+            raise KeyError(f"{self.spec.model_dir}: missing tensors {missing[:5]}")
+        by_file: dict[Path, list[str]] = {}
+        for n in dict.fromkeys(names):
+            by_file.setdefault(files[n], []).append(n)
+        load_dev = str(self.device) if self.device.type != "cpu" else "cpu"
+        out = {}
+        for path, group in by_file.items():
+            with safe_open(path, framework="pt", device=load_dev) as f:
+                for n in group:
+                    out[n] = f.get_tensor(n).to(self.dtype)
+        return out
+
+    def new_cache(self, chunk: int = 256) -> KVCache:
+        return KVCache(range(self.start, self.end), self.spec.num_kv_heads, self.spec.head_dim,
+                       self.dtype, self.device, chunk=chunk)
+
+    def weight_bytes(self) -> int:
+        tensors = {id(t): t for layer in self.layers for t in layer}
+        for t in (self.embed, self.norm, self.lm_head):
+            if t is not None:
+                tensors[id(t)] = t
+        return sum(t.numel() * t.element_size() for t in tensors.values())
+
+    def _tick(self, profile: dict, name: str, t0: float) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        t = time.perf_counter()
+        profile[name] = profile.get(name, 0.0) + (t - t0)
+        return t
+
+    @torch.inference_mode()
+    def forward(self, cache: KVCache, x: Tensor, pos: int, profile: dict | None = None) -> Tensor:
+        """Run this stage's layers on ``n`` new tokens at positions ``[pos, pos + n)``.
+
+        ``x``: int64 token ids ``[n]`` on the first stage, else hidden ``[n, hidden]``. Returns
+        hidden ``[n, hidden]`` in ``self.dtype``, or on the last stage float32 logits ``[vocab]``
+        of the last position. Advances ``cache`` by ``n``.
+        """
+        if pos != cache.length:
+            raise ValueError(f"pos {pos} != cache length {cache.length}")
+        t0 = time.perf_counter() if profile is not None else 0.0
+        if self.first:
+            if x.dim() != 1 or x.is_floating_point():
+                raise ValueError("first stage expects int64 token ids [n]")
+            h = F.embedding(x.to(self.device, torch.int64), self.embed)
+            if profile is not None:
+                t0 = self._tick(profile, "embed", t0)
+        else:
+            if x.dim() != 2 or x.shape[1] != self.spec.hidden_size:
+                raise ValueError(f"expected hidden [n, {self.spec.hidden_size}], got {x.shape}")
+            h = x.to(device=self.device, dtype=self.dtype)
+        n = h.shape[0]
+        if n == 0:
+            raise ValueError("no tokens")
+        pos_ids = torch.arange(pos, pos + n, device=self.device)[None]
+        cos, sin = self.rotary(h, pos_ids)  # [1, n, head_dim], broadcasts over heads
+        mask = None
+        if pos > 0 and n > 1:  # continuation prefill: causal mask aligned to the end
+            k_pos = torch.arange(pos + n, device=self.device)
+            mask = k_pos[None, :] <= pos_ids[0, :, None]
+        for i, w in enumerate(self.layers, self.start):
+            h = self._layer(i, w, h, cache, cos, sin, mask)
+            if profile is not None:
+                t0 = self._tick(profile, f"layer.{i}", t0)
+        cache.advance(n)
+        if not self.last:
+            return h
+        h = _rms_norm(h[-1:], self.norm, self.eps)
+        if profile is not None:
+            t0 = self._tick(profile, "norm", t0)
+        logits = F.linear(h, self.lm_head)[0].float()
+        if profile is not None:
+            self._tick(profile, "lm_head", t0)
+        return logits
+
+    def _layer(self, i: int, w: tuple[Tensor, ...], h: Tensor, cache: KVCache, cos: Tensor,
+               sin: Tensor, mask: Tensor | None) -> Tensor:
+        ln1, wq, wk, wv, wo, ln2, wg, wu, wd = w
+        n, hd = h.shape[0], self.spec.head_dim
+        x = _rms_norm(h, ln1, self.eps)
+        q = F.linear(x, wq).view(n, -1, hd).transpose(0, 1)  # [heads, n, hd]
+        k = F.linear(x, wk).view(n, -1, hd).transpose(0, 1)
+        v = F.linear(x, wv).view(n, -1, hd).transpose(0, 1)
+        q = (q * cos) + (_rotate_half(q) * sin)
+        k = (k * cos) + (_rotate_half(k) * sin)
+        k, v = cache.append(i, k, v)
+        a = F.scaled_dot_product_attention(
+            q[None], k[None], v[None], attn_mask=mask, scale=self.scale,
+            is_causal=mask is None and n > 1, enable_gqa=True)
+        a = a[0].transpose(0, 1).reshape(n, -1)
+        h = h + F.linear(a, wo)
+        x = _rms_norm(h, ln2, self.eps)
+        return h + F.linear(self.act(F.linear(x, wg)) * F.linear(x, wu), wd)
