@@ -42,7 +42,7 @@ class Broker:
         self.registry = Registry()
         self.placement: Placement | None = None  # the placement being loaded or serving
         self.ready = False
-        self.waiting_for = "no nodes registered yet"
+        self.waiting_for = ""
         self.epoch = 0
         self.sessions: dict[str, Session] = {}
         self.by_rid: dict[tuple[bytes, str], str] = {}
@@ -55,6 +55,7 @@ class Broker:
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # unroutable sends raise, not vanish
         self.sock.bind(self.cfg.bind)
+        await self._place()  # sets what it waits for
         log.info("broker on %s serving %s (%d layers); %s", self.cfg.bind, self.model_dir,
                  self.spec.num_layers, self.waiting_for)
         if started:

@@ -93,10 +93,12 @@ def build_session(msg: Message, client: bytes, tokenizer: Any, limits: Limits, v
                            f"model's {max_positions} positions", "too_large")
     try:
         sampling = SamplingParams.from_dict(msg.get("sampling") or {})
+    except ValueError as e:
+        raise RequestError(f"sampling: {e}", "bad_sampling") from None
+    try:
         stop = int_list(msg.get("stop_token_ids", []), "stop_token_ids", 0, vocab, 64)
-    except (ValueError, ProtocolError) as e:
-        raise RequestError(str(e), "bad_sampling" if "sampling" in str(e) else "bad_request") \
-            from None
+    except ProtocolError as e:
+        raise RequestError(str(e), e.code) from None
     stop_ids = frozenset(stop) | (frozenset() if msg.get("ignore_eos", False) else eos_ids)
     return Session(sid=uuid.uuid4().hex, rid=msg["rid"], client=client, prompt_ids=ids,
                    max_new_tokens=max_new, sampling=asdict(sampling), stop_ids=stop_ids,

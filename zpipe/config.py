@@ -24,8 +24,6 @@ def parse_layers(value: object) -> tuple[int, int]:
         raise ValueError("layers must look like '0-9' or 3")
     if isinstance(value, int):
         value = str(value)
-    if isinstance(value, (list, tuple)) and len(value) == 2 and all(type(v) is int for v in value):
-        value = f"{value[0]}-{value[1]}"
     m = _LAYERS.match(value) if isinstance(value, str) else None
     if not m:
         raise ValueError(f"layers must look like '0-9' (inclusive) or 3, got {value!r}")
@@ -150,12 +148,19 @@ class ClusterConfig(_Strict):
         names = [n.name for n in self.nodes]
         if len(set(names)) != len(names):
             raise ValueError(f"duplicate node names: {names}")
+        expect = 0
+        for n in self.nodes if all(given) else []:
+            if n.layers[0] != expect:
+                raise ValueError(f"layers must be contiguous from 0; node {n.name!r} "
+                                 f"starts at {n.layers[0]}, expected {expect}")
+            expect = n.layers[1]
         return self
 
     def broker_config(self) -> BrokerConfig:
         if self.nodes[0].layers is not None:
             placement = PlacementConfig(strategy="custom", stages=[
-                StageSpec(node=n.name, layers=n.layers) for n in self.nodes])
+                StageSpec(node=n.name, layers=f"{n.layers[0]}-{n.layers[1] - 1}")
+                for n in self.nodes])
         else:
             placement = PlacementConfig(strategy="uniform", nodes=[n.name for n in self.nodes])
         return BrokerConfig(bind=self.broker.bind, model=self.model, placement=placement,

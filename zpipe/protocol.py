@@ -193,7 +193,8 @@ def _decode_tensors(meta: Any, frames: list) -> dict[str, torch.Tensor]:
         if dtype is None:
             raise ProtocolError(f"tensor {name!r}: unsupported dtype {dtype_name!r}", "bad_dtype")
         if not (isinstance(shape, list) and len(shape) <= MAX_NDIM
-                and all(type(d) is int and 0 <= d < (1 << 40) for d in shape)):
+                and all(type(d) is int and 0 <= d < (1 << 31) for d in shape)
+                and math.prod(d for d in shape if d) < (1 << 40)):
             raise ProtocolError(f"tensor {name!r}: bad shape {shape!r}")
         itemsize = torch.empty((), dtype=dtype).element_size()
         want = math.prod(shape) * itemsize

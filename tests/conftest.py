@@ -1,0 +1,109 @@
+"""Shared fixtures: a tiny random model, the real default model, and real local clusters.
+
+Clusters are real processes (a broker and stage nodes) on 127.0.0.1 with free ports, started
+through the same code as ``zpipe up`` and stopped by pid when the test is done.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+from pathlib import Path
+
+import pytest
+
+from zpipe.cli.up import Cluster
+from zpipe.client import Client
+from zpipe.config import ClusterConfig, validate
+from zpipe.models import ModelNotFound, resolve_model, synth
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return synth("tiny", tmp_path_factory.mktemp("models") / "tiny", seed=1, progress=lambda m: None)
+
+
+@pytest.fixture(scope="session")
+def smollm2() -> Path:
+    try:
+        return resolve_model("smollm2")
+    except ModelNotFound:
+        pytest.skip("SmolLM2 is not cached: run `zpipe model fetch smollm2` (make test does)")
+
+
+class RunningCluster:
+    def __init__(self, cluster: Cluster, address: str, info: dict) -> None:
+        self.cluster = cluster
+        self.address = address
+        self.info = info
+
+    def client(self, timeout: float = 120.0) -> Client:
+        return Client(self.address, timeout=timeout)
+
+
+def start_cluster(model: Path, log_dir: Path, nodes: list[dict], timeout: float = 180.0,
+                  **broker: object) -> RunningCluster:
+    """Start a broker and ``nodes`` (ClusterNode dicts) and wait until they are ready."""
+    address = f"tcp://127.0.0.1:{free_port()}"
+    cfg = validate({"model": str(model), "broker": {"bind": address, **broker}, "nodes": nodes},
+                   ClusterConfig)
+    cluster = Cluster(cfg, log_dir)
+    cluster.start()
+
+    async def wait() -> dict:
+        async with Client(address) as client:
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline:
+                dead = cluster.dead()
+                if dead:
+                    raise RuntimeError(f"{dead} died:\n" + "\n".join(cluster.tail(d) for d in dead))
+                try:
+                    info = await client.info(timeout=1.0)
+                    if info["ready"]:
+                        return info
+                except Exception:
+                    pass
+                await asyncio.sleep(0.2)
+            raise TimeoutError(f"cluster not ready in {timeout} s")
+
+    try:
+        info = asyncio.run(wait())
+    except BaseException:
+        cluster.stop()
+        raise
+    return RunningCluster(cluster, address, info)
+
+
+class Clusters:
+    """Clusters shared across tests, one per (model, stages, dtype), stopped at session end."""
+
+    def __init__(self, base: Path) -> None:
+        self.base = base
+        self.running: dict[tuple, RunningCluster] = {}
+
+    def get(self, model: Path, stages: int, dtype: str = "float32") -> RunningCluster:
+        key = (str(model), stages, dtype)
+        if key not in self.running:
+            nodes = [{"name": f"n{i}", "dtype": dtype, "threads": 1} for i in range(stages)]
+            self.running[key] = start_cluster(
+                model, self.base / f"{model.name}-{stages}-{dtype}", nodes)
+        return self.running[key]
+
+    def stop_all(self) -> None:
+        for rc in self.running.values():
+            rc.cluster.stop()
+        self.running.clear()
+
+
+@pytest.fixture(scope="session")
+def clusters(tmp_path_factory: pytest.TempPathFactory):
+    c = Clusters(tmp_path_factory.mktemp("clusters"))
+    yield c
+    c.stop_all()

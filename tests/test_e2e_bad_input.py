@@ -1,0 +1,149 @@
+"""Hostile or broken peers get an error naming the problem; everyone else keeps being served."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+from pathlib import Path
+
+import msgpack
+import pytest
+import zmq
+import zmq.asyncio
+
+from zpipe import protocol
+from zpipe.client import ZpipeError
+
+
+def _header(**fields) -> bytes:
+    return msgpack.packb({"t": [], **fields})
+
+
+def _cases() -> list[tuple[str, list[bytes], str]]:
+    """(what, frames, expected error code)."""
+    rng = random.Random(7)
+    junk = bytes(rng.getrandbits(8) for _ in range(64))
+    gen = {"kind": "generate", "rid": "r1"}
+    return [
+        ("random bytes", [junk], "bad_message"),
+        ("random frames", [junk, os.urandom(32), os.urandom(8)], "bad_tag"),
+        ("wrong version", [b"ZPIPE/9", _header(**gen, prompt="hi")], "bad_version"),
+        ("header not msgpack", [protocol.TAG, b"\xc1\xc1\xc1"], "bad_message"),
+        ("header not a map", [protocol.TAG, msgpack.packb([1, 2, 3])], "bad_message"),
+        ("unknown kind", [protocol.TAG, _header(kind="explode")], "unknown_kind"),
+        ("missing field", [protocol.TAG, _header(kind="cancel")], "bad_message"),
+        ("wrong field type", [protocol.TAG, _header(kind="cancel", rid=5)], "bad_message"),
+        ("lying byte length", [protocol.TAG, msgpack.packb({
+            "kind": "step", "sid": "s", "step": 0, "epoch": 1, "stage": 0, "pos": 0,
+            "t": [["x", "int64", [4]]]}), b"\x00" * 31], "bad_length"),
+        ("absurd tensor shape", [protocol.TAG, msgpack.packb({
+            "kind": "step", "sid": "s", "step": 0, "epoch": 1, "stage": 0, "pos": 0,
+            "t": [["x", "float32", [1 << 30, 8]]]}), b""], "too_large"),
+        ("absurd header", [protocol.TAG, _header(**gen, prompt="x" * 100_000)], "too_large"),
+        ("absurd prompt", [protocol.TAG, _header(**gen, prompt_ids=[1] * 100_000)], "too_large"),
+        ("absurd max_new_tokens", [protocol.TAG, _header(**gen, prompt_ids=[1],
+                                                          max_new_tokens=10**12)], "bad_request"),
+        ("token id out of vocab", [protocol.TAG, _header(**gen, prompt_ids=[1, 10**9])],
+         "bad_value"),
+        ("negative temperature", [protocol.TAG, _header(
+            **gen, prompt_ids=[1], sampling={"temperature": -1.0})], "bad_sampling"),
+        ("NaN temperature", [protocol.TAG, _header(
+            **gen, prompt_ids=[1], sampling={"temperature": float("nan")})], "bad_sampling"),
+        ("top_p zero", [protocol.TAG, _header(**gen, prompt_ids=[1], sampling={"top_p": 0.0})],
+         "bad_sampling"),
+        ("top_k not an int", [protocol.TAG, _header(**gen, prompt_ids=[1],
+                                                     sampling={"top_k": "x"})], "bad_sampling"),
+        ("unknown sampling key", [protocol.TAG, _header(**gen, prompt_ids=[1],
+                                                         sampling={"beam": 4})], "bad_sampling"),
+        ("two prompts", [protocol.TAG, _header(**gen, prompt="a", prompt_ids=[1])],
+         "bad_request"),
+        ("bad chat messages", [protocol.TAG, _header(**gen, messages=[{"role": 1}])],
+         "bad_request"),
+        ("unknown request id", [protocol.TAG, _header(kind="cancel", rid="nope")],
+         "unknown_request"),
+        ("result for an unknown session", [protocol.TAG, _header(
+            kind="result", sid="deadbeef", step=0, epoch=1, stage=0, compute_s=0.1)],
+         "unknown_peer"),
+        ("a step sent to the broker", [protocol.TAG, _header(
+            kind="free", sids=["x"])], "unexpected_kind"),
+    ]
+
+
+CASES = _cases()
+
+
+@pytest.fixture(scope="module")
+def tiny_cluster(tiny_model: Path, clusters):
+    return clusters.get(tiny_model, 3)
+
+
+async def _ask(sock: zmq.asyncio.Socket, frames: list[bytes]) -> protocol.Message:
+    await sock.send_multipart(frames)
+    if not await sock.poll(5000):
+        raise AssertionError("no error reply within 5 s")
+    return protocol.decode(await sock.recv_multipart())
+
+
+@pytest.mark.parametrize("what,frames,code", CASES, ids=[c[0] for c in CASES])
+def test_bad_message_gets_named_error(tiny_cluster, what: str, frames: list, code: str) -> None:
+    async def run() -> protocol.Message:
+        sock = zmq.asyncio.Context.instance().socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(tiny_cluster.address)
+        try:
+            return await _ask(sock, frames)
+        finally:
+            sock.close(0)
+
+    reply = asyncio.run(run())
+    assert reply.kind == "error", what
+    assert reply["code"] == code, f"{what}: {reply['code']}: {reply['message']}"
+    assert reply["message"], what
+
+
+def test_wrong_model_node_is_rejected(tiny_cluster) -> None:
+    async def run() -> protocol.Message:
+        sock = zmq.asyncio.Context.instance().socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(tiny_cluster.address)
+        try:
+            return await _ask(sock, protocol.encode(
+                "register", name="rogue", pid=1, host="h", device="cpu", dtype="float32",
+                model="other", num_layers=99, mem_total=1, mem_free=1, gflops=1.0))
+        finally:
+            sock.close(0)
+
+    reply = asyncio.run(run())
+    assert reply["code"] == "rejected" and "99 layers" in reply["message"]
+
+
+def test_cluster_keeps_serving_during_abuse(tiny_cluster) -> None:
+    """A long generation runs while every bad message above is fired; its tokens don't change."""
+    kw = {"prompt_ids": [11, 12, 13, 14], "max_new_tokens": 150, "ignore_eos": True}
+
+    async def run() -> tuple:
+        async with tiny_cluster.client() as client:
+            reference = await client.generate(**kw)
+            good = asyncio.create_task(client.generate(**kw))
+            sock = zmq.asyncio.Context.instance().socket(zmq.DEALER)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.connect(tiny_cluster.address)
+            codes = []
+            try:
+                for _ in range(3):
+                    for _, frames, _ in CASES:
+                        codes.append((await _ask(sock, frames))["code"])
+            finally:
+                sock.close(0)
+            result = await good
+            after = await client.generate(**kw)
+            with pytest.raises(ZpipeError) as bad:
+                await client.generate(prompt_ids=[1], temperature=-2.0)
+            return reference, result, after, codes, bad.value
+
+    reference, result, after, codes, bad = asyncio.run(run())
+    assert codes == [c[2] for c in CASES] * 3
+    assert result.token_ids == reference.token_ids
+    assert after.token_ids == reference.token_ids
+    assert bad.code == "bad_sampling" and "temperature" in bad.message

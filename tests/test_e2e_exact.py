@@ -1,0 +1,86 @@
+"""End-to-end exactness: real broker and node processes give transformers' greedy tokens."""
+
+from __future__ import annotations
+
+import asyncio
+from functools import cache
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoTokenizer, LlamaForCausalLM
+
+PROMPTS = [
+    "The history of the printing press begins",
+    "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n",
+    "Photosynthesis is the process by which plants",
+    "Q: What are three good reasons to learn a second language?\nA:",
+]
+NEW_TOKENS = 64
+
+
+@cache
+def _hf(model_dir: str, dtype: torch.dtype) -> tuple:
+    model = LlamaForCausalLM.from_pretrained(model_dir, dtype=dtype).eval()
+    return model, AutoTokenizer.from_pretrained(model_dir)
+
+
+@cache
+def reference(model_dir: str, prompt: str, dtype: torch.dtype = torch.float32,
+              new_tokens: int = NEW_TOKENS) -> tuple[list[int], list[int]]:
+    """(prompt ids, greedy new ids) from transformers in this process."""
+    model, tok = _hf(model_dir, dtype)
+    ids = tok(prompt, return_tensors="pt").input_ids
+    with torch.inference_mode():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                             max_new_tokens=new_tokens)
+    return ids[0].tolist(), out[0, ids.shape[1]:].tolist()
+
+
+async def _generate_ids(rc, prompt_ids: list[int], **kw) -> list[int]:
+    async with rc.client() as client:
+        gen = await client.generate(prompt_ids=prompt_ids, max_new_tokens=NEW_TOKENS, **kw)
+    assert gen.prompt_token_ids == prompt_ids
+    return gen.token_ids
+
+
+@pytest.mark.parametrize("stages", [1, 2, 3])
+def test_smollm2_greedy_matches_transformers(smollm2: Path, clusters, stages: int) -> None:
+    rc = clusters.get(smollm2, stages)
+    assert len(rc.info["placement"]) == stages
+    for prompt in PROMPTS:
+        prompt_ids, want = reference(str(smollm2), prompt)
+        got = asyncio.run(_generate_ids(rc, prompt_ids))
+        assert got == want, f"{stages} stages, prompt {prompt!r}"
+
+
+def test_smollm2_text_prompt_and_chat(smollm2: Path, clusters) -> None:
+    """The broker tokenizes text and applies the chat template exactly as transformers does."""
+    rc = clusters.get(smollm2, 3)
+    tok = _hf(str(smollm2), torch.float32)[1]
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+
+    async def run() -> tuple:
+        async with rc.client() as client:
+            plain = await client.generate(PROMPTS[0], max_new_tokens=16)
+            chat = await client.generate(messages, max_new_tokens=24)
+        return plain, chat
+
+    plain, chat = asyncio.run(run())
+    assert plain.prompt_token_ids == tok(PROMPTS[0]).input_ids
+    assert plain.token_ids == reference(str(smollm2), PROMPTS[0])[1][:16]
+    assert plain.text == tok.decode(plain.token_ids, skip_special_tokens=True)
+    chat_text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert chat.prompt_token_ids == tok(chat_text, add_special_tokens=False).input_ids
+    assert "Paris" in chat.text
+    assert chat.finish_reason in ("stop", "length")
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_tiny_three_stages_matches_transformers(tiny_model: Path, clusters, dtype: str) -> None:
+    rc = clusters.get(tiny_model, 3, dtype)
+    torch_dtype = getattr(torch, dtype)
+    for prompt in PROMPTS[:3]:
+        prompt_ids, want = reference(str(tiny_model), prompt, torch_dtype)
+        got = asyncio.run(_generate_ids(rc, prompt_ids, ignore_eos=False))
+        assert got == want, f"tiny {dtype}, prompt {prompt!r}"
