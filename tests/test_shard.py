@@ -327,9 +327,8 @@ def test_profile(models):
 
 
 def _real_model_dir() -> Path | None:
-    candidates = [Path("/tmp/smol-test")]
-    if os.environ.get("ZPIPE_HOME"):
-        candidates.append(Path(os.environ["ZPIPE_HOME"]) / "models" / "smollm2")
+    home = os.environ.get("ZPIPE_HOME") or Path.home() / ".cache" / "zpipe"  # zpipe's default
+    candidates = [Path("/tmp/smol-test"), Path(home) / "models" / "smollm2"]
     for c in candidates:
         if (c / "config.json").exists():
             return c
