@@ -27,9 +27,9 @@ QUANTILES = (0.5, 0.9, 0.99)
 
 
 def stats(values: Sequence[float]) -> dict:
-    """count, mean, p50, p90, p99 (seconds, rounded to µs); None instead of NaN."""
+    """count, mean, p50, p90, p99 (seconds, rounded to ns); None instead of NaN."""
     return {k: (None if isinstance(v, float) and math.isnan(v) else
-                (v if k == "count" else round(v, 6)))
+                (v if k == "count" else round(v, 9)))
             for k, v in summary(list(values)).items()}
 
 

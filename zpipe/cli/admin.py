@@ -1,0 +1,293 @@
+"""``zpipe admin ...``: ask a running broker for its status, nodes, sessions, metrics, profile.
+
+    zpipe admin status [--json]      nodes, placement, sessions, latency figures
+    zpipe admin nodes | sessions     one table each
+    zpipe admin metrics [--json]     Prometheus text (or the figures as JSON)
+    zpipe admin profile [--tokens N] time per part of the whole model, per node
+    zpipe admin watch [--interval S] [--count N]   a live status table
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import uuid
+from typing import Any
+
+DEFAULT_BROKER = "tcp://127.0.0.1:5555"
+CLEAR = "\x1b[H\x1b[2J"
+
+
+class AdminError(RuntimeError):
+    pass
+
+
+class AdminClient:
+    """A DEALER socket that sends ``admin`` requests and waits for their replies."""
+
+    def __init__(self, address: str | None = None, timeout: float = 5.0) -> None:
+        import zmq
+
+        self.address = address or os.environ.get("ZPIPE_BROKER") or DEFAULT_BROKER
+        self.timeout = timeout
+        self.ctx = zmq.Context.instance()
+        self.sock = self.ctx.socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.connect(self.address)
+
+    def __enter__(self) -> AdminClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.sock.close(0)
+
+    def request(self, op: str, args: dict | None = None, timeout: float | None = None) -> dict:
+        import zmq
+
+        from zpipe import protocol
+
+        timeout = self.timeout if timeout is None else timeout
+        rid = uuid.uuid4().hex
+        fields: dict[str, Any] = {"rid": rid, "op": op}
+        if args:
+            fields["args"] = args
+        no_answer = f"no answer from broker at {self.address} in {timeout:g} s"
+        try:
+            self.sock.send_multipart(protocol.encode("admin", **fields), flags=zmq.NOBLOCK)
+        except zmq.Again:
+            raise AdminError(no_answer) from None
+        deadline = time.monotonic() + timeout
+        while (left := deadline - time.monotonic()) > 0:
+            if not self.sock.poll(int(left * 1000) + 1):
+                break
+            try:
+                msg = protocol.decode(self.sock.recv_multipart())
+            except protocol.ProtocolError:
+                continue
+            if msg.get("rid") != rid:
+                continue  # a late answer to an earlier request
+            if msg.kind == "error":
+                raise AdminError(f"{msg['code']}: {msg['message']}")
+            if msg.kind == "admin_reply":
+                return msg["data"]
+        raise AdminError(no_answer)
+
+
+# ---------------------------------------------------------------- formatting
+def table(headers: list[str], rows: list[list]) -> str:
+    """Aligned columns: text left, numbers right."""
+    cells = [[_cell(v) for v in r] for r in rows]
+    widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(headers)]
+    right = [any(isinstance(r[i], int | float) for r in rows) for i in range(len(headers))]
+
+    def line(vals: list[str]) -> str:
+        return "  ".join(v.rjust(w) if rt else v.ljust(w)
+                         for v, w, rt in zip(vals, widths, right, strict=True)).rstrip()
+
+    return "\n".join([line(headers)] + [line(r) for r in cells])
+
+
+def _cell(v: Any) -> str:
+    return "-" if v is None else str(v)
+
+
+def ms(s: float | None, digits: int = 2) -> str | None:
+    return None if s is None else f"{s * 1000:.{digits}f}"
+
+
+def mb(b: int | None) -> str | None:
+    return None if b is None else f"{b / 1e6:.1f}"
+
+
+def _q(stats: dict | None, key: str) -> float | None:
+    return None if not stats else stats.get(key)
+
+
+def format_nodes(nodes: list[dict]) -> str:
+    rows = []
+    for n in nodes:
+        layers = f"{n['layers'][0]}-{n['layers'][1] - 1}" if n.get("layers") else None
+        heads = f"{n['heads']} ({n['kv_heads']} kv)" if n.get("heads") else None
+        rows.append([n["name"], n["host"], n["pid"], n["state"], f"{n['heartbeat_age_s']:.1f}",
+                     n["device"], mb(n["mem_used"]), mb(n["mem_free"]), mb(n["kv_bytes"]),
+                     layers, heads, n["tokens"], ms(_q(n["compute"], "p50")),
+                     ms(_q(n["compute"], "p99")), ms(_q(n["hop"], "p50"))])
+    return table(["NODE", "HOST", "PID", "STATE", "HB AGE s", "DEVICE", "USED MB", "FREE MB",
+                  "KV MB", "LAYERS", "HEADS", "TOKENS", "COMPUTE p50 ms", "p99 ms",
+                  "HOP p50 ms"], rows)
+
+
+def format_sessions(sessions: list[dict]) -> str:
+    if not sessions:
+        return "no sessions running"
+    rows = [[s["sid"][:12], s["rid"][:12], s["prompt_tokens"], s["tokens"],
+             None if s["tokens_per_s"] is None else f"{s['tokens_per_s']:.1f}",
+             ms(s["ttft_s"], 1), ms(s["step_p50_s"]), f"{s['age_s']:.1f}"] for s in sessions]
+    return table(["SESSION", "REQUEST", "PROMPT", "TOKENS", "TOK/S", "TTFT ms", "STEP p50 ms",
+                  "AGE s"], rows)
+
+
+def format_status(d: dict) -> str:
+    o = d["overall"]
+    p = d["placement"]
+    state = "ready" if d["ready"] else f"not ready: {d['waiting_for']}"
+    lines = [f"model {d['model']} ({d['num_layers']} layers), {state}"]
+    if p:
+        lines.append(f"placement epoch {p['epoch']}: " + ", ".join(
+            f"{s['node']}[{s['start']}-{s['end'] - 1}]" for s in p["stages"]))
+    else:
+        lines.append("no placement")
+    fin = ", ".join(f"{k} {v}" for k, v in sorted(o["sessions_finished"].items())) or "none"
+    lines.append(
+        f"tokens {o['tokens_total']}, {o['tokens_per_s']:.1f} tok/s (last 10 s); step p50 "
+        f"{_fmt_ms(_q(o['step'], 'p50'))}, p99 {_fmt_ms(_q(o['step'], 'p99'))}; ttft p50 "
+        f"{_fmt_ms(_q(o['ttft'], 'p50'))}; sessions running {o['sessions_running']}, "
+        f"finished: {fin}")
+    lines += ["", format_nodes(d["nodes"]), "", format_sessions(d["sessions"])]
+    return "\n".join(lines)
+
+
+def _fmt_ms(s: float | None) -> str:
+    return "-" if s is None else f"{s * 1000:.2f} ms"
+
+
+def format_profile(d: dict) -> str:
+    rows = []
+    for r in d["parts"]:
+        share = r.get("decode_share")
+        rows.append([r["part"], r["node"], ms(r["prefill_s"], 3), ms(r["decode_s"], 3),
+                     None if share is None else f"{share * 100:.1f}%", r.get("error")])
+    t = d["total"]
+    rows.append(["total", "", ms(t["prefill_s"], 3), ms(t["decode_s"], 3), "100.0%", None])
+    out = [f"profile: prefill of {d['tokens']} tokens, decode per token (1 token steps)", "",
+           table(["PART", "NODE", "PREFILL ms", "DECODE ms", "SHARE", ""], rows), ""]
+    nrows = [[n["node"], f"{n['start']}-{n['end'] - 1}", mb(n.get("weight_bytes")),
+              mb(n.get("kv_bytes")), mb(n.get("rss")), mb(n.get("device_mem")),
+              "ok" if n["ok"] else n.get("error")] for n in d["nodes"]]
+    out.append(table(["NODE", "LAYERS", "WEIGHTS MB", "KV MB", "RSS MB", "DEVICE MB", "STATUS"],
+                     nrows))
+    return "\n".join(out)
+
+
+# ---------------------------------------------------------------- commands
+def _client(args: argparse.Namespace, default_timeout: float = 5.0) -> AdminClient:
+    t = args.timeout if args.timeout is not None else default_timeout
+    return AdminClient(args.broker, t)
+
+
+def _print(args: argparse.Namespace, data: dict, fmt: Any) -> None:
+    print(json.dumps(data, indent=2) if args.json else fmt(data))
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    with _client(args) as c:
+        _print(args, c.request("status"), format_status)
+    return 0
+
+
+def cmd_nodes(args: argparse.Namespace) -> int:
+    with _client(args) as c:
+        data = c.request("nodes")
+    _print(args, data, lambda d: format_nodes(d["nodes"]))
+    return 0
+
+
+def cmd_sessions(args: argparse.Namespace) -> int:
+    with _client(args) as c:
+        data = c.request("sessions")
+    _print(args, data, lambda d: format_sessions(d["sessions"]))
+    return 0
+
+
+def cmd_metrics(args: argparse.Namespace) -> int:
+    with _client(args) as c:
+        data = c.request("metrics")
+    if args.json:
+        print(json.dumps({k: v for k, v in data.items() if k != "text"}, indent=2))
+    else:
+        sys.stdout.write(data["text"])
+    return 0
+
+
+def cmd_profile(args: argparse.Namespace) -> int:
+    with _client(args, default_timeout=args.node_timeout + 5) as c:
+        data = c.request("profile", {"tokens": args.tokens, "timeout": args.node_timeout})
+    _print(args, data, format_profile)
+    return 0 if data["complete"] else 1
+
+
+def cmd_watch(args: argparse.Namespace) -> int:
+    n = 0
+    with _client(args) as c:
+        try:
+            while args.count is None or n < args.count:
+                if n:
+                    time.sleep(args.interval)
+                try:
+                    body = format_status(c.request("status"))
+                except AdminError as e:
+                    body = f"zpipe admin: {e}"
+                sys.stdout.write(f"{CLEAR}{time.strftime('%H:%M:%S')}  {c.address}\n\n{body}\n")
+                sys.stdout.flush()
+                n += 1
+        except KeyboardInterrupt:
+            print()
+    return 0
+
+
+def _guarded(fn: Any) -> Any:
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return fn(args)
+        except AdminError as e:
+            print(f"zpipe admin: {e}", file=sys.stderr)
+            return 1
+        except KeyboardInterrupt:
+            return 130
+
+    return run
+
+
+def _positive(kind: type) -> Any:
+    def parse(s: str) -> Any:
+        v = kind(s)
+        if not v > 0:
+            raise argparse.ArgumentTypeError(f"must be > 0, got {s}")
+        return v
+
+    return parse
+
+
+def add_parser(subparsers: Any) -> None:
+    p = subparsers.add_parser("admin", help="inspect a running cluster",
+                              description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    sub = p.add_subparsers(dest="admin_command", required=True)
+
+    def cmd(name: str, fn: Any, help_: str, json_flag: bool = True) -> argparse.ArgumentParser:
+        q = sub.add_parser(name, help=help_)
+        q.add_argument("--broker", default=None,
+                       help="broker address (default $ZPIPE_BROKER or tcp://127.0.0.1:5555)")
+        q.add_argument("--timeout", type=_positive(float), default=None,
+                       help="seconds to wait for the broker (default 5)")
+        if json_flag:
+            q.add_argument("--json", action="store_true", help="print JSON")
+        q.set_defaults(func=_guarded(fn))
+        return q
+
+    cmd("status", cmd_status, "nodes, placement, sessions and latency figures")
+    cmd("nodes", cmd_nodes, "the stage nodes")
+    cmd("sessions", cmd_sessions, "the running sessions")
+    cmd("metrics", cmd_metrics, "Prometheus text (--json: the figures as JSON)")
+    q = cmd("profile", cmd_profile, "time per part (embed, each layer, norm, lm_head) per node")
+    q.add_argument("--tokens", type=_positive(int), default=16, help="prefill length (16)")
+    q.add_argument("--node-timeout", type=_positive(float), default=10.0,
+                   help="seconds the broker waits for the nodes (10)")
+    q = cmd("watch", cmd_watch, "a live status table until Ctrl-C", json_flag=False)
+    q.add_argument("--interval", type=_positive(float), default=1.0, help="seconds (1)")
+    q.add_argument("--count", type=_positive(int), default=None, help="stop after N redraws")
