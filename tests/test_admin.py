@@ -1,0 +1,207 @@
+"""``zpipe admin`` against a real 3-stage cluster: real figures after real generations."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import time
+from pathlib import Path
+
+import pytest
+from conftest import free_port
+from test_metrics import parse_prometheus
+
+from zpipe.cli import admin as admin_cli
+from zpipe.cli.admin import AdminClient, AdminError
+from zpipe.metrics import breakdown
+from zpipe.shard import ModelSpec
+
+NODES = ["n0", "n1", "n2"]
+
+
+def cli(capsys: pytest.CaptureFixture, *argv: str) -> tuple[int, str, str]:
+    """Run ``zpipe admin ...`` through the parser the ``zpipe`` command uses."""
+    try:
+        from zpipe.cli.main import build_parser
+        parser = build_parser()
+        parser.parse_args(["admin", "nodes"])
+    except SystemExit:  # main.py does not register admin yet: our own parser
+        parser = argparse.ArgumentParser(prog="zpipe")
+        admin_cli.add_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["admin", *argv])
+    code = args.func(args)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture(scope="module")
+def run(tiny_model: Path, clusters):
+    """A 3-stage cluster that has just generated 24 tokens; yields (cluster, generation)."""
+    rc = clusters.get(tiny_model, 3)
+
+    async def gen():
+        async with rc.client() as client:
+            return await client.generate(prompt_ids=[1, 2, 3, 4], max_new_tokens=24,
+                                         ignore_eos=True)
+
+    g = asyncio.run(gen())
+    assert len(g.token_ids) == 24
+    return rc, g
+
+
+def test_client_timings_add_up(run) -> None:
+    _, g = run
+    assert len(g.timings) == 24
+    gaps = []
+    for t in g.timings:
+        assert [s[0] for s in t["stages"]] == NODES
+        assert all(c > 0 and h >= 0 for _, c, h in t["stages"])
+        gaps.append(t["step_s"] - sum(c + h for _, c, h in t["stages"]))
+    # stage compute + hop time covers the whole step, less what the broker spends between hops
+    assert all(-2e-6 <= gap < 1e-3 for gap in gaps), gaps
+    b = breakdown(g.timings)
+    assert list(b["nodes"]) == NODES and b["step"]["count"] == 23
+    assert all(b["nodes"][n]["compute"]["p50"] > 0 for n in NODES)
+    assert b["overhead"]["p99"] < 1e-3
+
+
+def test_status_has_real_figures(run, tiny_model: Path) -> None:
+    rc, _ = run
+    spec = ModelSpec.load(tiny_model)
+    with AdminClient(rc.address) as c:
+        for _ in range(40):  # rss and kv come with the nodes' heartbeats (every second)
+            st = c.request("status")
+            if all(n["rss"] > 0 for n in st["nodes"]):
+                break
+            time.sleep(0.1)
+    assert st["ready"] and st["num_layers"] == spec.num_layers
+    assert [s["node"] for s in st["placement"]["stages"]] == NODES
+    assert st["placement"]["epoch"] >= 1
+    layers = []
+    for n, stage in zip(st["nodes"], st["placement"]["stages"], strict=True):
+        assert n["name"] == stage["node"] and n["state"] == "ready"
+        assert n["pid"] > 0 and n["host"] and n["device"] == "cpu"
+        assert 0 <= n["heartbeat_age_s"] < 5
+        assert n["rss"] > 0 and n["mem_used"] > 0 and n["mem_free"] > 0
+        assert n["weight_bytes"] > 0
+        assert n["layers"] == [stage["start"], stage["end"]]
+        layers += range(*n["layers"])
+        assert n["heads"] == "all" and n["kv_heads"] == spec.num_kv_heads
+        assert n["tokens"] >= 24
+        assert 0 < n["compute"]["p50"] <= n["compute"]["p99"]
+        assert n["hop"]["p50"] is not None and n["prefill"]["compute"]["p50"] > 0
+    assert layers == list(range(spec.num_layers))
+    o = st["overall"]
+    assert o["tokens_total"] >= 24 and o["tokens_per_s"] > 0
+    assert o["step"]["p50"] > 0 and o["ttft"]["p50"] > 0 and o["prefill"]["p50"] > 0
+    assert o["sessions_finished"].get("length", 0) >= 1
+    assert 0 <= o["overhead"]["p50"] < 1e-3  # the stages account for the step time
+    # the per-node decode compute + hop medians make up about the step median
+    parts = sum(n["compute"]["p50"] + n["hop"]["p50"] for n in st["nodes"])
+    assert parts == pytest.approx(o["step"]["p50"], rel=0.5)
+
+
+def test_sessions_while_generating(run) -> None:
+    rc, _ = run
+
+    async def go() -> list:
+        async with rc.client() as client:
+            task = asyncio.create_task(client.generate(prompt_ids=[7, 8], max_new_tokens=1000,
+                                                       ignore_eos=True))
+            with AdminClient(rc.address) as c:
+                rows: list = []
+                for _ in range(100):
+                    await asyncio.sleep(0.05)
+                    rows = (await asyncio.to_thread(c.request, "sessions"))["sessions"]
+                    if rows and rows[0]["tokens"] >= 10:
+                        break
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task  # sends the cancel
+            for _ in range(100):  # the broker frees the session asynchronously
+                if (await client.info())["sessions"] == 0:
+                    break
+                await asyncio.sleep(0.02)
+            return rows
+
+    rows = asyncio.run(go())
+    assert len(rows) == 1
+    s = rows[0]
+    assert s["prompt_tokens"] == 2 and s["tokens"] >= 10 and s["state"] == "running"
+    assert s["tokens_per_s"] > 0 and s["age_s"] > 0 and s["ttft_s"] > 0
+    assert s["step_p50_s"] > 0
+
+
+def test_metrics_text_has_per_node_series(run) -> None:
+    rc, _ = run
+    with AdminClient(rc.address) as c:
+        data = c.request("metrics")
+    samples = parse_prometheus(data["text"])
+    assert samples["zpipe_tokens_total"][0][1] >= 24
+    assert samples["zpipe_ready"] == [("", 1.0)]
+    for name in NODES:
+        q = dict(samples["zpipe_node_compute_seconds"])
+        assert q[f'{{node="{name}",quantile="0.5"}}'] > 0
+        assert q[f'{{node="{name}",quantile="0.99"}}'] > 0
+        assert dict(samples["zpipe_node_hop_seconds_count"])[f'{{node="{name}"}}'] >= 23
+        assert dict(samples["zpipe_node_up"])[f'{{node="{name}"}}'] == 1
+        assert dict(samples["zpipe_node_weight_bytes"])[f'{{node="{name}"}}'] > 0
+    assert dict(samples["zpipe_step_seconds"])['{quantile="0.5"}'] > 0
+    assert data["nodes"]["n0"]["compute"]["p50"] > 0
+
+
+def test_profile_covers_every_part(run, tiny_model: Path) -> None:
+    rc, _ = run
+    spec = ModelSpec.load(tiny_model)
+    with AdminClient(rc.address, timeout=20) as c:
+        d = c.request("profile", {"tokens": 8})
+    names = [r["part"] for r in d["parts"]]
+    assert names == (["embed"] + [f"layer.{i}" for i in range(spec.num_layers)]
+                     + ["norm", "lm_head"])
+    assert d["complete"] and d["tokens"] == 8
+    assert all(r["prefill_s"] > 0 and r["decode_s"] > 0 for r in d["parts"])
+    assert [r["node"] for r in d["parts"]][:2] == ["n0", "n0"]
+    assert [r["node"] for r in d["parts"]][-1] == "n2"
+    assert sum(r["decode_share"] for r in d["parts"]) == pytest.approx(1.0, abs=1e-3)
+    assert [n["node"] for n in d["nodes"]] == NODES
+    assert all(n["ok"] and n["weight_bytes"] > 0 and n["rss"] > 0 for n in d["nodes"])
+
+
+def test_cli_commands(run, capsys: pytest.CaptureFixture) -> None:
+    rc, _ = run
+    addr = ["--broker", rc.address]
+    code, out, _ = cli(capsys, "status", "--json", *addr)
+    assert code == 0 and json.loads(out)["ready"] is True
+    code, out, _ = cli(capsys, "status", *addr)
+    assert code == 0 and "placement epoch" in out and "COMPUTE p50 ms" in out
+    assert all(n in out for n in NODES)
+    code, out, _ = cli(capsys, "nodes", "--json", *addr)
+    assert [n["name"] for n in json.loads(out)["nodes"]] == NODES
+    code, out, _ = cli(capsys, "sessions", *addr)
+    assert code == 0 and out.strip() == "no sessions running"
+    code, out, _ = cli(capsys, "metrics", *addr)
+    assert code == 0 and 'zpipe_node_compute_seconds{node="n1",quantile="0.99"}' in out
+    code, out, _ = cli(capsys, "metrics", "--json", *addr)
+    assert json.loads(out)["overall"]["tokens_total"] >= 24
+    code, out, _ = cli(capsys, "profile", "--tokens", "4", *addr)
+    assert code == 0 and "lm_head" in out and "layer.0" in out and "total" in out
+    code, out, _ = cli(capsys, "watch", "--count", "2", "--interval", "0.05", *addr)
+    assert code == 0 and out.count(admin_cli.CLEAR) == 2 and "n2" in out
+
+
+def test_bad_op_and_args(run) -> None:
+    rc, _ = run
+    with AdminClient(rc.address) as c:
+        with pytest.raises(AdminError, match="bad_request"):
+            c.request("reboot")
+        with pytest.raises(AdminError, match="bad_request.*tokens"):
+            c.request("profile", {"tokens": -1})
+
+
+def test_broker_down(capsys: pytest.CaptureFixture) -> None:
+    addr = f"tcp://127.0.0.1:{free_port()}"
+    code, out, err = cli(capsys, "status", "--broker", addr, "--timeout", "0.3")
+    assert code == 1 and out == ""
+    assert f"no answer from broker at {addr} in 0.3 s" in err
