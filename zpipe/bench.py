@@ -1,0 +1,959 @@
+"""Benchmarks: transformers ``generate`` vs zpipe with 1..N stages, and the transport.
+
+``compare`` runs, in one invocation and on the same model, dtype, device and thread count:
+
+* the baseline: transformers ``LlamaForCausalLM.generate`` (greedy, exactly ``new_tokens``
+  tokens) in its own subprocess, so its memory and threads are measured like a node's; batch 1
+  over each prompt in turn, then all ``concurrency`` prompts as one left-padded batch;
+* zpipe: a real broker and 1, 2, 3... stage-node processes (``zpipe.cli.up.Cluster``), a
+  warm-up generation, batch 1 over each prompt in turn, then ``concurrency`` sessions at once
+  (``asyncio.gather``), whose tokens must equal each prompt's batch-1 tokens.
+
+``transport`` measures round trips of tensor frames between a ROUTER "broker" (this process)
+and a DEALER "node" (a child process) on loopback TCP, with the real protocol code.
+
+Both return plain dicts (what ``--json`` writes); ``format_*`` turn them into tables.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as _dt
+import json
+import math
+import os
+import platform
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from zpipe.stats import percentile
+
+Progress = Callable[[str], None]
+
+TTFT_METHOD = (
+    "zpipe: client-side, from sending the generate request to receiving token 0 (includes "
+    "the prefill through every stage). transformers: a streamer records the time each new "
+    "token is handed out by generate(); TTFT is generate() call -> first new token (the "
+    "prefill); also reported: the wall time of a separate 1-token generate() "
+    "(ttft_1tok_s), as a cross-check.")
+TPS_METHOD = (
+    "batch 1: new tokens / total generate time (TTFT included), median over the prompts; "
+    "concurrent: all sessions' new tokens / wall time from the first request to the last "
+    "token (transformers: one left-padded batch of all prompts, generate() wall time).")
+
+# Text the prompts are cut from (any tokenizer works; the tiny synthetic one is byte-level).
+_TEXT = (
+    "The history of the printing press begins in the fifteenth century, when Johannes "
+    "Gutenberg combined movable metal type, oil-based ink and a screw press adapted from wine "
+    "making. Within fifty years presses were at work in more than two hundred European towns, "
+    "and the price of books fell so far that ordinary merchants could own them. Scholars "
+    "argue about how much of the Reformation, the scientific revolution and the rise of "
+    "vernacular literature followed from cheap printing, but few doubt that it changed how "
+    "ideas travelled. Photosynthesis is the process by which plants, algae and some bacteria "
+    "turn light, water and carbon dioxide into sugars and oxygen; it happens in chloroplasts, "
+    "whose green pigment absorbs red and blue light and reflects green. ")
+
+
+# ----------------------------------------------------------------------------- helpers
+def now_iso() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def loadavg() -> list[float]:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return []
+
+
+def vm_hwm(pid: int) -> int | None:
+    """Peak resident memory (VmHWM) of a live process in bytes; None if it cannot be read."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def machine_info() -> dict:
+    """What the figures were measured on."""
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=5).stdout
+        for line in out.splitlines():
+            if line.startswith("Model name:"):
+                cpu = line.split(":", 1)[1].strip()
+    ram = 0
+    with contextlib.suppress(ValueError, OSError):
+        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    info: dict[str, Any] = {
+        "hostname": socket.gethostname(), "cpu": cpu, "cores": os.cpu_count(),
+        "ram_bytes": ram, "platform": platform.platform(), "python": platform.python_version(),
+        "date": now_iso(), "loadavg": loadavg()}
+    for mod in ("torch", "transformers", "zmq"):
+        with contextlib.suppress(Exception):
+            info[mod] = __import__(mod).__version__
+    with contextlib.suppress(Exception):
+        import torch
+
+        if torch.cuda.is_available():
+            info["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    return info
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ms(x: float | None) -> float | None:
+    return None if x is None or (isinstance(x, float) and math.isnan(x)) else x * 1000
+
+
+def _lat_summary(values: list[float]) -> dict:
+    """p50/p99/mean of a list of seconds (None for no values)."""
+    if not values:
+        return {"count": 0, "p50_s": None, "p99_s": None, "mean_s": None}
+    return {"count": len(values), "p50_s": percentile(values, 50),
+            "p99_s": percentile(values, 99), "mean_s": sum(values) / len(values)}
+
+
+def _median(values: list[float]) -> float | None:
+    return percentile(values, 50) if values else None
+
+
+def make_prompts(model_dir: Path, prompt_len: int, n: int) -> list[list[int]]:
+    """``n`` distinct prompts of exactly ``prompt_len`` token ids, cut from a fixed text."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    stride = 7
+    ids: list[int] = []
+    text = _TEXT
+    while len(ids) < prompt_len + stride * n:
+        ids = tok(text, add_special_tokens=False).input_ids
+        text += _TEXT
+    prompts = [ids[i * stride:i * stride + prompt_len] for i in range(n)]
+    bos = tok.bos_token_id
+    if bos is not None:  # start like a real prompt does
+        prompts = [[bos, *p[:-1]] for p in prompts]
+    return prompts
+
+
+# ----------------------------------------------------------------------------- config
+@dataclass
+class CompareConfig:
+    model: str = "smollm2"
+    dtype: str = "float32"
+    device: str = "cpu"
+    prompt_len: int = 64
+    new_tokens: int = 128
+    concurrency: int = 16
+    stages: list[int] = field(default_factory=lambda: [1, 2, 3])
+    threads: int | None = None  # per process; None = every core
+    baseline: bool = True
+    warmup_tokens: int = 8
+    # Batch-1 runs per system: None = max(concurrency, 3) (each concurrent session needs its
+    # batch-1 tokens for the exactness check, so fewer than ``concurrency`` is raised to it).
+    batch1_runs: int | None = None
+    # OMP_WAIT_POLICY for the transformers subprocess: None = whatever this environment has.
+    # (zpipe's CLI sets PASSIVE for its broker and nodes.)
+    baseline_omp_wait_policy: str | None = None
+    log_dir: str | None = None
+    ready_timeout_s: float = 600.0
+
+    def n_threads(self) -> int:
+        return self.threads or os.cpu_count() or 1
+
+    def n_batch1(self) -> int:
+        return max(self.batch1_runs or max(self.concurrency, 3), self.concurrency)
+
+
+# ----------------------------------------------------------------------------- baseline
+def run_baseline(cfg: CompareConfig, model_dir: Path, prompts: list[list[int]],
+                 progress: Progress) -> dict:
+    """transformers generate in a subprocess; returns its measurements."""
+    spec = {"model_dir": str(model_dir), "dtype": cfg.dtype, "device": cfg.device,
+            "threads": cfg.n_threads(), "new_tokens": cfg.new_tokens,
+            "warmup_tokens": cfg.warmup_tokens, "prompts": prompts[:cfg.n_batch1()],
+            "concurrency": cfg.concurrency}
+    env = dict(os.environ)
+    env.pop("OMP_WAIT_POLICY", None)
+    if cfg.baseline_omp_wait_policy:
+        env["OMP_WAIT_POLICY"] = cfg.baseline_omp_wait_policy
+    with tempfile.TemporaryDirectory(prefix="zpipe-bench-") as tmp:
+        spec_path, out_path = Path(tmp) / "spec.json", Path(tmp) / "out.json"
+        spec_path.write_text(json.dumps(spec))
+        progress(f"transformers: {len(spec['prompts'])} batch-1 runs"
+                 + (f", then one batch of {cfg.concurrency}" if cfg.concurrency > 1 else ""))
+        proc = subprocess.run(
+            [sys.executable, "-m", "zpipe.bench", "baseline", str(spec_path), str(out_path)],
+            env=env, capture_output=True, text=True)
+        if proc.returncode != 0 or not out_path.exists():
+            raise RuntimeError(f"the transformers baseline failed (exit {proc.returncode}):\n"
+                               f"{proc.stderr[-3000:]}")
+        out = json.loads(out_path.read_text())
+    out["omp_wait_policy"] = env.get("OMP_WAIT_POLICY", "(unset)")
+    return out
+
+
+class _Stamps:
+    """A generate() streamer that records when each new token comes out."""
+
+    def __init__(self) -> None:
+        self.t0 = time.perf_counter()
+        self.times: list[float] = []
+        self.prompt_seen = False
+
+    def put(self, value: Any) -> None:
+        if not self.prompt_seen:  # the first put is the prompt
+            self.prompt_seen = True
+            return
+        self.times.append(time.perf_counter())
+
+    def end(self) -> None:
+        pass
+
+
+def _baseline_child(spec_path: str, out_path: str) -> None:
+    import torch
+    from transformers import LlamaForCausalLM
+
+    spec = json.loads(Path(spec_path).read_text())
+    torch.set_num_threads(spec["threads"])
+    dtype = getattr(torch, spec["dtype"])
+    dev = torch.device(spec["device"])
+    t_load = time.perf_counter()
+    model = LlamaForCausalLM.from_pretrained(spec["model_dir"], dtype=dtype).to(dev).eval()
+    load_s = time.perf_counter() - t_load
+    n = spec["new_tokens"]
+    pad = model.config.pad_token_id
+    if pad is None:
+        eos = model.config.eos_token_id
+        pad = (eos[0] if isinstance(eos, list) else eos) if eos is not None else 0
+
+    def sync() -> None:
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+
+    def gen(ids: torch.Tensor, mask: torch.Tensor, tokens: int,
+            streamer: _Stamps | None = None) -> torch.Tensor:
+        return model.generate(ids, attention_mask=mask, do_sample=False, temperature=None,
+                              top_p=None, top_k=None, min_new_tokens=tokens,
+                              max_new_tokens=tokens, pad_token_id=pad, streamer=streamer)
+
+    def one(prompt: list[int], tokens: int, streamer: _Stamps | None = None) -> torch.Tensor:
+        ids = torch.tensor([prompt], dtype=torch.long, device=dev)
+        return gen(ids, torch.ones_like(ids), tokens, streamer)
+
+    out: dict[str, Any] = {"load_s": load_s, "threads": torch.get_num_threads(),
+                           "torch": torch.__version__}
+    with torch.inference_mode():
+        one(spec["prompts"][0], spec["warmup_tokens"])  # warm-up
+        runs = []
+        for prompt in spec["prompts"]:
+            sync()
+            t0 = time.perf_counter()
+            one(prompt, 1)
+            sync()
+            ttft_1tok = time.perf_counter() - t0
+            st = _Stamps()
+            t0 = st.t0 = time.perf_counter()
+            res = one(prompt, n, st)
+            sync()
+            total = time.perf_counter() - t0
+            times = [t0, *st.times]
+            lat = [b - a for a, b in zip(times, times[1:], strict=False)]
+            runs.append({"ttft_s": lat[0], "ttft_1tok_s": ttft_1tok, "total_s": total,
+                         "latencies_s": lat, "token_ids": res[0, len(prompt):].tolist()})
+        out["batch1"] = runs
+        out["peak_rss_after_batch1"] = vm_hwm(os.getpid())
+        c = spec["concurrency"]
+        if c > 1:
+            prompts = spec["prompts"][:c]
+            width = max(len(p) for p in prompts)
+            ids = torch.full((c, width), pad, dtype=torch.long)
+            mask = torch.zeros((c, width), dtype=torch.long)
+            for i, p in enumerate(prompts):  # left padding
+                ids[i, width - len(p):] = torch.tensor(p)
+                mask[i, width - len(p):] = 1
+            ids, mask = ids.to(dev), mask.to(dev)
+            st = _Stamps()
+            sync()
+            t0 = st.t0 = time.perf_counter()
+            res = gen(ids, mask, n, st)
+            sync()
+            total = time.perf_counter() - t0
+            times = [t0, *st.times]
+            lat = [b - a for a, b in zip(times, times[1:], strict=False)]
+            out["batch"] = {"size": c, "padded_width": width, "ttft_s": lat[0],
+                            "total_s": total, "latencies_s": lat,
+                            "token_ids": [r[width:].tolist() for r in res]}
+    out["peak_rss_bytes"] = vm_hwm(os.getpid())
+    if dev.type == "cuda":
+        out["gpu_peak_bytes"] = torch.cuda.max_memory_allocated(dev)
+    Path(out_path).write_text(json.dumps(out))
+
+
+# ----------------------------------------------------------------------------- zpipe runs
+def _decode_breakdown(gens: list[Any]) -> dict:
+    """Medians over decode tokens of the broker's per-token timings."""
+    step, compute, hop, per_hop = [], [], [], []
+    for g in gens:
+        for t in g.timings[1:]:
+            stages = t.get("stages") or []
+            step.append(t["step_s"])
+            c = sum(s[1] for s in stages)
+            h = sum(s[2] for s in stages)
+            compute.append(c)
+            hop.append(h)
+            per_hop.extend(s[2] for s in stages)
+    return {"step_s_p50": _median(step), "compute_s_p50": _median(compute),
+            "hop_overhead_s_p50": _median(hop), "per_hop_overhead_s_p50": _median(per_hop),
+            "note": "broker-side, per decode token: step = stage 0 send -> last stage result; "
+                    "compute = sum of the nodes' own compute times; hop overhead = the rest "
+                    "(transfers both ways, queueing, the node's thread hand-off), summed over "
+                    "stages; per hop = one stage's share"}
+
+
+def start_cluster(model_dir: Path, n_stages: int, cfg: CompareConfig, log_dir: Path):
+    """A broker and ``n_stages`` nodes as real processes; returns (Cluster, address, info)."""
+    from zpipe.cli.up import Cluster
+    from zpipe.client import Client
+    from zpipe.config import ClusterConfig, validate
+
+    address = f"tcp://127.0.0.1:{_free_port()}"
+    nodes = [{"name": f"s{i}", "device": cfg.device, "dtype": cfg.dtype,
+              "threads": cfg.n_threads()} for i in range(n_stages)]
+    ccfg = validate({"model": str(model_dir), "broker": {"bind": address}, "nodes": nodes},
+                    ClusterConfig)
+    cluster = Cluster(ccfg, log_dir)
+    cluster.start()
+
+    async def wait() -> dict:
+        async with Client(address) as client:
+            deadline = time.monotonic() + cfg.ready_timeout_s
+            while True:
+                dead = cluster.dead()
+                if dead:
+                    raise RuntimeError(f"{dead} stopped early:\n"
+                                       + "\n".join(cluster.tail(d) for d in dead))
+                with contextlib.suppress(Exception):
+                    info = await client.info(timeout=1.0)
+                    if info["ready"]:
+                        return info
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"cluster not ready in {cfg.ready_timeout_s} s")
+                await asyncio.sleep(0.2)
+
+    try:
+        info = asyncio.run(wait())
+    except BaseException:
+        cluster.stop()
+        raise
+    return cluster, address, info
+
+
+async def _measure_zpipe(address: str, cfg: CompareConfig, prompts: list[list[int]],
+                         progress: Progress) -> dict:
+    from zpipe.client import Client
+
+    n = cfg.new_tokens
+    async with Client(address) as client:
+        await client.generate(prompt_ids=prompts[0], max_new_tokens=cfg.warmup_tokens,
+                              ignore_eos=True)
+        batch1 = []
+        for p in prompts[:cfg.n_batch1()]:
+            batch1.append(await client.generate(prompt_ids=p, max_new_tokens=n, ignore_eos=True))
+        conc = None
+        if cfg.concurrency > 1:
+            c = cfg.concurrency
+            progress(f"  {c} concurrent sessions")
+            t0 = time.perf_counter()
+            gens = await asyncio.gather(*[
+                client.generate(prompt_ids=p, max_new_tokens=n, ignore_eos=True)
+                for p in prompts[:c]])
+            wall = time.perf_counter() - t0
+            conc = (gens, wall)
+    return {"batch1": batch1, "concurrent": conc}
+
+
+def run_zpipe(cfg: CompareConfig, model_dir: Path, n_stages: int, prompts: list[list[int]],
+              log_dir: Path, progress: Progress) -> dict:
+    from zpipe import aio
+
+    progress(f"zpipe {n_stages} stage(s): starting a broker and {n_stages} node(s)")
+    cluster, address, info = start_cluster(model_dir, n_stages, cfg, log_dir)
+    try:
+        stages = ", ".join(f"{s['node']}[{s['start']}-{s['end'] - 1}]" for s in info["placement"])
+        progress(f"  ready ({stages}); {cfg.n_batch1()} batch-1 runs")
+        load0 = loadavg()
+        raw = aio.run(_measure_zpipe(address, cfg, prompts, progress))
+        peaks = {name: vm_hwm(p.pid) for name, p in cluster.procs}
+        dead = cluster.dead()
+        if dead:
+            raise RuntimeError(f"{dead} stopped during the benchmark")
+    finally:
+        cluster.stop()
+    return {"stages": n_stages, "placement": info["placement"], "peak_rss_bytes": peaks,
+            "loadavg_before": load0, **_summarize_zpipe(raw, cfg)}
+
+
+def _summarize_zpipe(raw: dict, cfg: CompareConfig) -> dict:
+    n = cfg.new_tokens
+    b1 = raw["batch1"]
+    ref = [g.token_ids for g in b1]
+    out: dict[str, Any] = {"batch1": {
+        "runs": len(b1),
+        "ttft_s": _median([g.ttft_s for g in b1]),
+        "tokens_per_s": _median([len(g.token_ids) / g.total_s for g in b1]),
+        "tokens_per_s_all": [len(g.token_ids) / g.total_s for g in b1],
+        "total_s": [g.total_s for g in b1],
+        "per_token": _lat_summary([x for g in b1 for x in g.latencies_s[1:]]),
+        "all_full_length": all(len(g.token_ids) == n for g in b1),
+        "breakdown": _decode_breakdown(b1),
+    }, "token_ids": ref}
+    if raw["concurrent"] is not None:
+        gens, wall = raw["concurrent"]
+        total_tokens = sum(len(g.token_ids) for g in gens)
+        out["concurrent"] = {
+            "sessions": len(gens), "wall_s": wall, "tokens": total_tokens,
+            "tokens_per_s": total_tokens / wall,
+            "ttft_s_p50": _median([g.ttft_s for g in gens]),
+            "ttft_s_max": max(g.ttft_s for g in gens),
+            "per_token": _lat_summary([x for g in gens for x in g.latencies_s[1:]]),
+            "tokens_match": all(g.token_ids == ref[i] for i, g in enumerate(gens)),
+            "mismatched_sessions": [i for i, g in enumerate(gens) if g.token_ids != ref[i]],
+            "breakdown": _decode_breakdown(gens),
+        }
+    return out
+
+
+def _summarize_baseline(raw: dict, cfg: CompareConfig) -> dict:
+    n = cfg.new_tokens
+    runs = raw["batch1"]
+    out: dict[str, Any] = {
+        "omp_wait_policy": raw.get("omp_wait_policy"), "threads": raw.get("threads"),
+        "load_s": raw.get("load_s"),
+        "peak_rss_bytes": {"transformers": raw.get("peak_rss_bytes")},
+        "peak_rss_after_batch1_bytes": raw.get("peak_rss_after_batch1"),
+        "batch1": {
+            "runs": len(runs),
+            "ttft_s": _median([r["ttft_s"] for r in runs]),
+            "ttft_1tok_s": _median([r["ttft_1tok_s"] for r in runs]),
+            "tokens_per_s": _median([n / r["total_s"] for r in runs]),
+            "tokens_per_s_all": [n / r["total_s"] for r in runs],
+            "total_s": [r["total_s"] for r in runs],
+            "per_token": _lat_summary([x for r in runs for x in r["latencies_s"][1:]]),
+        },
+        "token_ids": [r["token_ids"] for r in runs]}
+    if "gpu_peak_bytes" in raw:
+        out["gpu_peak_bytes"] = raw["gpu_peak_bytes"]
+    b = raw.get("batch")
+    if b:
+        out["concurrent"] = {
+            "sessions": b["size"], "how": f"one left-padded batch of {b['size']} prompts "
+                                          f"(width {b['padded_width']})",
+            "wall_s": b["total_s"], "tokens": b["size"] * n,
+            "tokens_per_s": b["size"] * n / b["total_s"], "ttft_s_p50": b["ttft_s"],
+            "ttft_s_max": b["ttft_s"], "per_token": _lat_summary(b["latencies_s"][1:]),
+            "tokens_match": all(t == out["token_ids"][i] for i, t in enumerate(b["token_ids"])),
+            "mismatched_sessions": [i for i, t in enumerate(b["token_ids"])
+                                    if t != out["token_ids"][i]],
+        }
+    return out
+
+
+def compare(cfg: CompareConfig, progress: Progress = lambda m: None) -> dict:
+    """Run the baseline and every zpipe stage count; the result dict is what --json writes."""
+    from zpipe.models import resolve_model
+
+    model_dir = resolve_model(cfg.model)
+    prompts = make_prompts(model_dir, cfg.prompt_len, cfg.n_batch1())
+    result: dict[str, Any] = {
+        "kind": "zpipe-bench-compare", "machine": machine_info(),
+        "config": {**asdict(cfg), "model_dir": str(model_dir), "threads": cfg.n_threads(),
+                   "batch1_runs": cfg.n_batch1()},
+        "method": {"ttft": TTFT_METHOD, "tokens_per_s": TPS_METHOD,
+                   "per_token": "inter-token latency of decode tokens (token 1 onwards); "
+                                "transformers batch: one decode step of the whole batch",
+                   "peak_rss": "VmHWM from /proc/<pid>/status of each process, read just "
+                               "before it stops", "tokens_match": "concurrent tokens equal "
+                   "each prompt's own batch-1 tokens (greedy)"},
+        "systems": []}
+    base = None
+    if cfg.baseline:
+        load0 = loadavg()
+        base = _summarize_baseline(run_baseline(cfg, model_dir, prompts, progress), cfg)
+        base.update(name="transformers", stages=0, loadavg_before=load0)
+        result["systems"].append(base)
+    log_root = Path(cfg.log_dir) if cfg.log_dir else Path(tempfile.mkdtemp(prefix="zpipe-bench-"))
+    result["log_dir"] = str(log_root)
+    for s in cfg.stages:
+        z = run_zpipe(cfg, model_dir, s, prompts, log_root / f"stages-{s}", progress)
+        z["name"] = f"zpipe {s} stage" + ("s" if s != 1 else "")
+        if base is not None:
+            z["batch1"]["matches_transformers"] = z["token_ids"] == base["token_ids"]
+        result["systems"].append(z)
+    for z in result["systems"]:
+        for mode in ("batch1", "concurrent"):
+            m = z.get(mode)
+            if not m:
+                continue
+            if base is not None and base.get(mode):
+                m["ratio_to_transformers"] = m["tokens_per_s"] / base[mode]["tokens_per_s"]
+        if z.get("concurrent"):
+            z["concurrent"]["gain_over_batch1"] = (z["concurrent"]["tokens_per_s"]
+                                                   / z["batch1"]["tokens_per_s"])
+    result["machine"]["loadavg_after"] = loadavg()
+    result["finished"] = now_iso()
+    return result
+
+
+def _mib(b: int | None) -> str:
+    return "-" if b is None else f"{b / 2**20:.0f}"
+
+
+def _f(x: float | None, fmt: str) -> str:
+    return "-" if x is None else format(x, fmt)
+
+
+def format_compare(result: dict) -> str:
+    cfg = result["config"]
+    m = result["machine"]
+    lines = [
+        f"model {cfg['model']} ({cfg['dtype']}, {cfg['device']}), prompt {cfg['prompt_len']} "
+        f"tokens, {cfg['new_tokens']} new tokens, {cfg['threads']} threads per process, "
+        f"concurrency {cfg['concurrency']}",
+        f"machine: {m['cpu']}, {m['cores']} cores, {m['ram_bytes'] / 2**30:.1f} GiB; "
+        f"{m['date']}; load average {m['loadavg']} -> {m.get('loadavg_after')}",
+        "",
+        f"{'system':<16} {'mode':<16} {'TTFT ms':>8} {'p50 ms':>7} {'p99 ms':>7} "
+        f"{'tok/s':>7} {'x base':>6} {'gain':>5} {'match':>5}",
+    ]
+    for s in result["systems"]:
+        for mode in ("batch1", "concurrent"):
+            r = s.get(mode)
+            if not r:
+                continue
+            if mode == "batch1":
+                label, ttft = f"batch 1 (x{r['runs']})", r["ttft_s"]
+                match = r.get("matches_transformers")
+                gain = None
+            else:
+                label = (f"batch {r['sessions']} padded" if s["stages"] == 0
+                         else f"{r['sessions']} sessions")
+                ttft, match, gain = r["ttft_s_p50"], r["tokens_match"], r.get("gain_over_batch1")
+            pt = r["per_token"]
+            lines.append(
+                f"{s['name']:<16} {label:<16} {_f(_ms(ttft), '8.1f')} "
+                f"{_f(_ms(pt['p50_s']), '7.2f')} {_f(_ms(pt['p99_s']), '7.2f')} "
+                f"{r['tokens_per_s']:7.1f} {_f(r.get('ratio_to_transformers'), '6.2f')} "
+                f"{_f(gain, '5.2f')} {'-' if match is None else ('yes' if match else 'NO'):>5}")
+    lines += ["", "peak memory (VmHWM, MiB):"]
+    for s in result["systems"]:
+        peaks = ", ".join(f"{k} {_mib(v)}" for k, v in s["peak_rss_bytes"].items())
+        lines.append(f"  {s['name']:<16} {peaks}")
+    lines += ["", "zpipe decode breakdown (broker-side medians per token, ms):"]
+    for s in result["systems"]:
+        if s["stages"] == 0:
+            continue
+        for mode in ("batch1", "concurrent"):
+            b = (s.get(mode) or {}).get("breakdown")
+            if b:
+                lines.append(
+                    f"  {s['name']:<16} {mode:<10} step {_f(_ms(b['step_s_p50']), '.2f')}, "
+                    f"compute {_f(_ms(b['compute_s_p50']), '.2f')}, hop overhead "
+                    f"{_f(_ms(b['hop_overhead_s_p50']), '.2f')} (per hop "
+                    f"{_f(_ms(b['per_hop_overhead_s_p50']), '.3f')})")
+    lines += ["", "x base: tokens/s over transformers' in the same mode; gain: concurrent "
+                  "tokens/s over batch-1 tokens/s; match: batch 1 = same tokens as transformers, "
+                  "concurrent = every session's tokens equal its batch-1 tokens.",
+              f"TTFT: {TTFT_METHOD}", f"tok/s: {TPS_METHOD}"]
+    return "\n".join(lines)
+
+
+def plot_compare(result: dict, path: str | Path) -> None:
+    """A PNG: tokens/s per system (batch 1 and concurrent) and per-token latency.
+
+    Raises ImportError if matplotlib is not installed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    systems = result["systems"]
+    names = [s["name"] for s in systems]
+    cfg = result["config"]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
+    x = range(len(systems))
+    w = 0.38
+    b1 = [s["batch1"]["tokens_per_s"] for s in systems]
+    cc = [(s.get("concurrent") or {}).get("tokens_per_s", 0) for s in systems]
+    ax = axes[0]
+    ax.bar([i - w / 2 for i in x], b1, w, label="batch 1")
+    if any(cc):
+        ax.bar([i + w / 2 for i in x], cc, w, label=f"{cfg['concurrency']} concurrent")
+    ax.set_xticks(list(x), names, rotation=20)
+    ax.set_ylabel("tokens/s")
+    ax.set_title("throughput")
+    ax.legend()
+    ax = axes[1]
+    p50 = [_ms(s["batch1"]["per_token"]["p50_s"]) or 0 for s in systems]
+    p99 = [_ms(s["batch1"]["per_token"]["p99_s"]) or 0 for s in systems]
+    ax.bar([i - w / 2 for i in x], p50, w, label="p50")
+    ax.bar([i + w / 2 for i in x], p99, w, label="p99")
+    ax.set_xticks(list(x), names, rotation=20)
+    ax.set_ylabel("ms")
+    ax.set_title("per-token latency, batch 1")
+    ax.legend()
+    ax = axes[2]
+    ax.bar(list(x), [_ms(s["batch1"]["ttft_s"]) or 0 for s in systems], 0.6)
+    ax.set_xticks(list(x), names, rotation=20)
+    ax.set_ylabel("ms")
+    ax.set_title(f"time to first token ({cfg['prompt_len']}-token prompt)")
+    fig.suptitle(f"{Path(cfg['model']).name} {cfg['dtype']} {cfg['device']}, "
+                 f"{cfg['new_tokens']} new tokens, {cfg['threads']} threads/process — "
+                 f"{result['machine']['cpu']}, {result['machine']['date']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- transport
+# Decode-sized activations: one token's hidden state, as a stage sends it to the next.
+ACTIVATIONS = [
+    ("SmolLM2 decode (1x576 fp32)", "float32", [1, 576]),
+    ("Llama-3.2-1B decode (1x2048 bf16)", "bfloat16", [1, 2048]),
+    ("Llama-3-8B decode (1x4096 bf16)", "bfloat16", [1, 4096]),
+]
+DEFAULT_SIZES = [4 << 10, 16 << 10, 64 << 10, 256 << 10, 1 << 20, 4 << 20, 16 << 20, 64 << 20]
+
+
+@dataclass
+class TransportConfig:
+    sizes: list[int] = field(default_factory=lambda: list(DEFAULT_SIZES))
+    activations: bool = True
+    modes: list[str] = field(default_factory=lambda: ["zpipe", "zpipe+pool", "raw"])
+    max_iters: int = 2000
+    max_seconds: float = 1.0  # per size and mode
+    warmup: int = 5
+
+
+MODES = {
+    "zpipe": "asyncio (uvloop) ROUTER and DEALER; every message checked with protocol.decode "
+             "and passed on with protocol.encode_forward, copy=False (what the broker does)",
+    "zpipe+pool": "as zpipe, and the node hands each step to a one-thread pool and back, as "
+                  "nodes/node.py does before computing (no compute)",
+    "raw": "plain blocking pyzmq send/recv of the bare frame, no protocol: the floor",
+}
+
+
+def _tensor_cases(cfg: TransportConfig) -> list[tuple[str, str, list[int], int]]:
+    cases = []
+    if cfg.activations:
+        for label, dtype, shape in ACTIVATIONS:
+            size = math.prod(shape) * (4 if dtype == "float32" else 2)
+            cases.append((label, dtype, shape, size))
+    for size in cfg.sizes:
+        if size % 4:
+            raise ValueError(f"frame sizes must be multiples of 4 bytes, got {size}")
+        label = f"{size >> 20} MiB" if size >= 1 << 20 else f"{size >> 10} KiB"
+        cases.append((label, "float32", [1, size // 4], size))
+    return cases
+
+
+def _echo_child(address: str, mode: str) -> None:
+    """The "node": a DEALER that sends every step straight back as a result."""
+    import zmq
+
+    if mode == "raw":
+        ctx = zmq.Context()
+        sock = ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(address)
+        sock.send(b"hello")
+        while True:
+            frames = sock.recv_multipart(copy=False)
+            if len(frames) == 1 and frames[0].bytes == b"stop":
+                return
+            sock.send_multipart(frames, copy=False)
+
+    import zmq.asyncio
+
+    from zpipe import aio, protocol
+
+    async def serve() -> None:
+        ctx = zmq.asyncio.Context()
+        sock = ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(address)
+        await sock.send_multipart(protocol.encode("heartbeat"))
+        pool = None
+        if mode == "zpipe+pool":
+            from concurrent.futures import ThreadPoolExecutor
+
+            pool = ThreadPoolExecutor(1)
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+
+        async def work() -> None:
+            while True:
+                msg = await queue.get()
+                if pool is not None:
+                    await loop.run_in_executor(pool, lambda: None)
+                meta = msg["t"][0]
+                await sock.send_multipart(protocol.encode_forward(
+                    "result", msg.frames, [["hidden", meta[1], meta[2]]], sid=msg["sid"],
+                    step=msg["step"], epoch=msg["epoch"], stage=msg["stage"], compute_s=0.0),
+                    copy=False)
+
+        worker = asyncio.create_task(work())
+        while True:
+            frames = await sock.recv_multipart(copy=False)
+            msg = protocol.decode(frames)
+            if msg.kind == "free":
+                break
+            queue.put_nowait(msg)  # as nodes/node.py does: the receive loop never computes
+        worker.cancel()
+        sock.close(0)
+
+    aio.run(serve())
+
+
+def _spawn_echo(address: str, mode: str) -> subprocess.Popen:
+    env = dict(os.environ)
+    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    return subprocess.Popen([sys.executable, "-m", "zpipe.bench", "echo", address, mode],
+                            env=env, start_new_session=True)
+
+
+def _finish_stats(label: str, dtype: str, shape: list[int], size: int,
+                  rtts: list[float], elapsed: float) -> dict:
+    p50 = percentile(rtts, 50)
+    return {"label": label, "dtype": dtype, "shape": shape, "bytes": size, "iters": len(rtts),
+            "seconds": elapsed, "rtt_us_p50": p50 * 1e6, "rtt_us_p99": percentile(rtts, 99) * 1e6,
+            "rtt_us_min": min(rtts) * 1e6, "one_way_us": p50 / 2 * 1e6,
+            "gb_per_s": 2 * size / p50 / 1e9}
+
+
+def _iters_for(cfg: TransportConfig, size: int) -> tuple[int, int]:
+    """(warm-up, max iterations): fewer for big frames, so a size takes bounded time."""
+    cap = max(10, min(cfg.max_iters, int(4e9 / max(size, 1))))
+    return min(cfg.warmup, cap), cap
+
+
+async def _drive_zpipe(address: str, sock: Any, cases: list, cfg: TransportConfig,
+                       progress: Progress) -> list[dict]:
+    import torch
+
+    from zpipe import protocol
+
+    hello = await asyncio.wait_for(sock.recv_multipart(copy=False), 30)
+    ident = hello[0].bytes
+    protocol.decode(hello[1:])  # the node's hello: a heartbeat
+    rows = []
+    for label, dtype, shape, size in cases:
+        x = torch.randn(shape).to(getattr(torch, dtype))
+        frames = protocol.encode("step", {"x": x}, sid="bench", step=0, epoch=1, stage=0, pos=0)
+        warm, cap = _iters_for(cfg, size)
+        rtts: list[float] = []
+        t_start = time.perf_counter()
+        i = 0
+        while True:
+            t0 = time.perf_counter()
+            await sock.send_multipart([ident, *frames], copy=False)
+            reply = await sock.recv_multipart(copy=False)
+            msg = protocol.decode(reply[1:])
+            # The next step forwards the received frames, as the broker does between stages.
+            meta = msg["t"][0]
+            frames = protocol.encode_forward("step", msg.frames, [["x", meta[1], meta[2]]],
+                                             sid="bench", step=i + 1, epoch=1, stage=0, pos=i + 1)
+            rtt = time.perf_counter() - t0
+            if i == 0 and not torch.equal(msg.tensors["hidden"], x):
+                raise RuntimeError(f"{label}: the frame came back changed")
+            i += 1
+            if i > warm:
+                rtts.append(rtt)
+            if len(rtts) >= cap or (rtts and time.perf_counter() - t_start > cfg.max_seconds
+                                    and len(rtts) >= 5):
+                break
+        rows.append(_finish_stats(label, dtype, shape, size, rtts, time.perf_counter() - t_start))
+        progress(f"  {label:<36} {rows[-1]['rtt_us_p50']:10.1f} us  {rows[-1]['gb_per_s']:7.2f} GB/s")
+    await sock.send_multipart([ident, *protocol.encode("free", sids=[])])
+    return rows
+
+
+def _drive_raw(sock: Any, cases: list, cfg: TransportConfig, progress: Progress) -> list[dict]:
+    import numpy as np
+
+    if not sock.poll(30_000):
+        raise TimeoutError("the echo process did not connect")
+    ident, _ = sock.recv_multipart()
+    rows = []
+    for label, dtype, shape, size in cases:
+        payload = np.random.default_rng(0).integers(0, 255, size, dtype=np.uint8)
+        frame: Any = memoryview(payload)
+        warm, cap = _iters_for(cfg, size)
+        rtts: list[float] = []
+        t_start = time.perf_counter()
+        i = 0
+        while True:
+            t0 = time.perf_counter()
+            sock.send_multipart([ident, frame], copy=False)
+            _, frame = sock.recv_multipart(copy=False)
+            rtt = time.perf_counter() - t0
+            if i == 0 and bytes(frame.buffer) != payload.tobytes():
+                raise RuntimeError(f"{label}: the frame came back changed")
+            i += 1
+            if i > warm:
+                rtts.append(rtt)
+            if len(rtts) >= cap or (rtts and time.perf_counter() - t_start > cfg.max_seconds
+                                    and len(rtts) >= 5):
+                break
+        rows.append(_finish_stats(label, dtype, shape, size, rtts, time.perf_counter() - t_start))
+        progress(f"  {label:<36} {rows[-1]['rtt_us_p50']:10.1f} us  {rows[-1]['gb_per_s']:7.2f} GB/s")
+    sock.send_multipart([ident, b"stop"])
+    return rows
+
+
+def _transport_mode(mode: str, cases: list, cfg: TransportConfig, progress: Progress) -> list:
+    import zmq
+
+    port = _free_port()
+    address = f"tcp://127.0.0.1:{port}"
+    if mode == "raw":
+        ctx = zmq.Context()
+        sock = ctx.socket(zmq.ROUTER)
+    else:
+        import zmq.asyncio
+
+        ctx = zmq.asyncio.Context()
+        sock = ctx.socket(zmq.ROUTER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.bind(address)
+    child = _spawn_echo(address, mode)
+    try:
+        if mode == "raw":
+            rows = _drive_raw(sock, cases, cfg, progress)
+        else:
+            from zpipe import aio
+
+            rows = aio.run(_drive_zpipe(address, sock, cases, cfg, progress))
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            child.wait(5)
+    finally:
+        if child.poll() is None:
+            child.terminate()
+            try:
+                child.wait(5)
+            except subprocess.TimeoutExpired:
+                child.kill()
+                child.wait()
+        sock.close(0)
+        ctx.term()
+    return rows
+
+
+def transport(cfg: TransportConfig, progress: Progress = lambda m: None) -> dict:
+    """Round trips broker -> node -> broker of tensor frames; the dict --json writes."""
+    cases = _tensor_cases(cfg)
+    result: dict[str, Any] = {
+        "kind": "zpipe-bench-transport", "machine": machine_info(),
+        "config": asdict(cfg),
+        "method": {
+            "setup": "this process is the broker (ROUTER, bound on 127.0.0.1 tcp); a child "
+                     "process is the node (DEALER). A round trip = broker sends a 'step' "
+                     "with one tensor frame, the node answers a 'result' that forwards the "
+                     "same frame, the broker decodes it. Times are the broker's, per round "
+                     "trip, after a warm-up; iterations are capped by count and seconds.",
+            "one_way_us": "round trip p50 / 2: the cost of one message crossing one hop "
+                          "(broker->node or node->broker), all overheads included",
+            "gb_per_s": "2 x frame bytes / round-trip p50 (the frame crosses twice)",
+            "modes": {m: MODES[m] for m in cfg.modes}},
+        "modes": {}}
+    for mode in cfg.modes:
+        if mode not in MODES:
+            raise ValueError(f"unknown transport mode {mode!r}; choose from {sorted(MODES)}")
+        progress(f"transport, mode {mode}")
+        result["modes"][mode] = _transport_mode(mode, cases, cfg, progress)
+    result["machine"]["loadavg_after"] = loadavg()
+    result["finished"] = now_iso()
+    return result
+
+
+def format_transport(result: dict) -> str:
+    m = result["machine"]
+    lines = [f"machine: {m['cpu']}, {m['cores']} cores; {m['date']}; load average "
+             f"{m['loadavg']} -> {m.get('loadavg_after')}"]
+    for mode, rows in result["modes"].items():
+        lines += ["", f"mode {mode}: {MODES[mode]}",
+                  f"  {'frame':<36} {'bytes':>10} {'RTT p50 us':>11} {'RTT p99 us':>11} "
+                  f"{'one-way us':>10} {'GB/s':>7} {'iters':>6}"]
+        for r in rows:
+            lines.append(f"  {r['label']:<36} {r['bytes']:>10} {r['rtt_us_p50']:>11.1f} "
+                         f"{r['rtt_us_p99']:>11.1f} {r['one_way_us']:>10.1f} "
+                         f"{r['gb_per_s']:>7.2f} {r['iters']:>6}")
+    lines += ["", "one-way = RTT p50 / 2; GB/s = 2 x bytes / RTT p50."]
+    return "\n".join(lines)
+
+
+def plot_transport(result: dict, path: str | Path) -> None:
+    """A PNG of µs per round trip and GB/s against frame size (raises ImportError without
+    matplotlib)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for mode, rows in result["modes"].items():
+        rows = sorted(rows, key=lambda r: r["bytes"])
+        xs = [r["bytes"] for r in rows]
+        axes[0].plot(xs, [r["rtt_us_p50"] for r in rows], marker="o", label=mode)
+        axes[1].plot(xs, [r["gb_per_s"] for r in rows], marker="o", label=mode)
+    for ax, title in zip(axes, ("round trip p50 (µs)", "GB/s (2 x bytes / RTT)"), strict=True):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("frame bytes")
+        ax.set_title(title)
+        ax.legend()
+        ax.grid(True, alpha=0.3)
+    axes[0].set_yscale("log")
+    fig.suptitle(f"zpipe transport, loopback tcp — {result['machine']['cpu']}, "
+                 f"{result['machine']['date']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _main(argv: list[str]) -> None:
+    """Entry point of the child processes: ``baseline SPEC OUT`` and ``echo ADDRESS MODE``."""
+    if argv[:1] == ["baseline"] and len(argv) == 3:
+        _baseline_child(argv[1], argv[2])
+    elif argv[:1] == ["echo"] and len(argv) == 3:
+        _echo_child(argv[1], argv[2])
+    else:
+        sys.exit("usage: python -m zpipe.bench baseline SPEC OUT | echo ADDRESS MODE "
+                 "(internal; use `zpipe bench`)")
+
+
+if __name__ == "__main__":
+    _main(sys.argv[1:])

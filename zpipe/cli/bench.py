@@ -1,0 +1,160 @@
+"""``zpipe bench compare`` and ``zpipe bench transport``: the benchmarks of ``zpipe.bench``.
+
+compare    transformers generate in one process vs zpipe with 1, 2, 3... stages, same model,
+           dtype, device and threads, in one run: TTFT, per-token p50/p99, tokens/s, the ratio
+           to transformers, concurrency, peak memory per process; table, --json, --plot.
+transport  round trips of tensor frames (decode activations, 4 KiB .. 64 MiB) between a
+           broker-like ROUTER and a node-like DEALER process: µs per message and GB/s.
+
+Until ``zpipe bench`` is wired into ``zpipe``: ``python -m zpipe.cli.bench compare ...``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+
+def _positive_int(s: str) -> int:
+    v = int(s)
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {s}")
+    return v
+
+
+def _int_list(s: str) -> list[int]:
+    try:
+        out = [int(x) for x in s.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected numbers like 1,2,3, got {s!r}") from None
+    if not out or any(v < 1 for v in out):
+        raise argparse.ArgumentTypeError(f"expected numbers >= 1 like 1,2,3, got {s!r}")
+    return out
+
+
+def _size(s: str) -> int:
+    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+    t = s.strip().lower().removesuffix("ib").removesuffix("b")
+    mult = units.get(t[-1:], 1)
+    if t[-1:] in units:
+        t = t[:-1]
+    try:
+        v = int(float(t) * mult)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a size like 4K or 16M, got {s!r}") from None
+    if v < 4 or v % 4:
+        raise argparse.ArgumentTypeError(f"sizes must be multiples of 4 bytes, got {s!r}")
+    return v
+
+
+def _progress(msg: str) -> None:
+    print(f"[zpipe bench] {msg}", file=sys.stderr, flush=True)
+
+
+def _write_outputs(result: dict, args: argparse.Namespace, plot) -> int:
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=1))
+        _progress(f"wrote {args.json}")
+    if args.plot:
+        try:
+            plot(result, args.plot)
+            _progress(f"wrote {args.plot}")
+        except ImportError:
+            _progress("--plot skipped: matplotlib is not installed (pip install matplotlib)")
+    return 0
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from zpipe import bench
+
+    cfg = bench.CompareConfig(
+        model=args.model, dtype=args.dtype, device=args.device, prompt_len=args.prompt_len,
+        new_tokens=args.new_tokens, concurrency=args.concurrency, stages=args.stages,
+        threads=args.threads, baseline=not args.no_baseline, batch1_runs=args.batch1_runs,
+        baseline_omp_wait_policy=args.baseline_omp_wait_policy, log_dir=args.logs)
+    result = bench.compare(cfg, progress=_progress)
+    print(bench.format_compare(result))
+    return _write_outputs(result, args, bench.plot_compare)
+
+
+def _cmd_transport(args: argparse.Namespace) -> int:
+    from zpipe import bench
+
+    cfg = bench.TransportConfig(
+        sizes=args.sizes, activations=not args.no_activations, modes=args.modes,
+        max_iters=args.max_iters, max_seconds=args.max_seconds)
+    result = bench.transport(cfg, progress=_progress)
+    print(bench.format_transport(result))
+    return _write_outputs(result, args, bench.plot_transport)
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    """Register ``zpipe bench`` (with modes ``compare`` and ``transport``)."""
+    from zpipe.bench import DEFAULT_SIZES, MODES
+
+    p = subparsers.add_parser("bench", help="benchmarks: zpipe vs transformers, transport",
+                              description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    modes = p.add_subparsers(dest="bench_mode", metavar="{compare,transport}")
+    p.set_defaults(func=lambda a: (p.print_help(), 2)[1])
+
+    c = modes.add_parser("compare", help="transformers generate vs zpipe with 1..N stages")
+    c.add_argument("--model", default="smollm2", help="cached model name or HF directory")
+    c.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    c.add_argument("--device", default="cpu", help="cpu or cuda:N")
+    c.add_argument("--prompt-len", type=_positive_int, default=64, help="prompt tokens")
+    c.add_argument("--new-tokens", type=_positive_int, default=128)
+    c.add_argument("--concurrency", type=_positive_int, default=16,
+                   help="sessions at once (transformers: one padded batch); 1 = batch 1 only")
+    c.add_argument("--stages", type=_int_list, default=[1, 2, 3], help="e.g. 1,2,3")
+    c.add_argument("--threads", type=_positive_int, default=None,
+                   help="torch threads per process (default: every core)")
+    c.add_argument("--batch1-runs", type=_positive_int, default=None,
+                   help="batch-1 generations per system (default: max(concurrency, 3))")
+    c.add_argument("--baseline-omp-wait-policy", choices=("PASSIVE", "ACTIVE"), default=None,
+                   help="OMP_WAIT_POLICY of the transformers process (default: unset)")
+    c.add_argument("--no-baseline", action="store_true", help="skip transformers")
+    c.add_argument("--logs", help="directory for the clusters' logs (default: a temp dir)")
+    c.add_argument("--json", metavar="PATH", help="write every figure as JSON")
+    c.add_argument("--plot", metavar="PATH.png", help="draw a PNG (needs matplotlib)")
+    c.set_defaults(func=_cmd_compare)
+
+    t = modes.add_parser("transport", help="tensor-frame round trips broker <-> node")
+    t.add_argument("--sizes", type=lambda s: [_size(x) for x in s.split(",") if x.strip()],
+                   default=list(DEFAULT_SIZES), help="frame sizes, e.g. 4K,64K,1M,16M,64M "
+                   "(default: 4K..64M in powers of 4)")
+    t.add_argument("--no-activations", action="store_true",
+                   help="skip the decode-sized activations (SmolLM2, Llama-3.2-1B, -3-8B)")
+    t.add_argument("--modes", type=lambda s: [x for x in s.split(",") if x],
+                   default=list(MODES), help=f"comma list of {', '.join(MODES)}")
+    t.add_argument("--max-iters", type=_positive_int, default=2000,
+                   help="most round trips per size and mode")
+    t.add_argument("--max-seconds", type=float, default=1.0,
+                   help="most seconds per size and mode (at least 5 round trips)")
+    t.add_argument("--json", metavar="PATH", help="write every figure as JSON")
+    t.add_argument("--plot", metavar="PATH.png", help="draw a PNG (needs matplotlib)")
+    t.set_defaults(func=_cmd_transport)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m zpipe.cli.bench ...``, the same as ``zpipe bench ...``."""
+    # As zpipe's CLI does: idle OpenMP threads of the nodes sleep instead of spinning.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    parser = argparse.ArgumentParser(prog="zpipe")
+    add_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["bench", *(sys.argv[1:] if argv is None else argv)])
+    try:
+        code = args.func(args)
+    except LookupError as e:  # a model that is not there
+        print(f"zpipe: {e.args[0] if e.args else e}", file=sys.stderr)
+        code = 2
+    except KeyboardInterrupt:
+        code = 130
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()
