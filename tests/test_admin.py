@@ -205,3 +205,27 @@ def test_broker_down(capsys: pytest.CaptureFixture) -> None:
     code, out, err = cli(capsys, "status", "--broker", addr, "--timeout", "0.3")
     assert code == 1 and out == ""
     assert f"no answer from broker at {addr} in 0.3 s" in err
+
+
+def test_profile_reports_a_silent_node() -> None:
+    """A node that does not answer in time gets a row saying so, it is not dropped."""
+    from brokers import admin
+    from zpipe.placement import StageAssignment
+
+    async def go() -> dict:
+        loop = asyncio.get_running_loop()
+        stages = [StageAssignment("a", 0, 2), StageAssignment("b", 2, 4)]
+        futs = {"a": loop.create_future(), "b": loop.create_future()}
+        futs["a"].set_result({"parts": [["embed", 0.1, 0.01], ["layer.0", 0.2, 0.02],
+                                        ["layer.1", 0.3, 0.03]],
+                              "weight_bytes": 10, "kv_bytes": 0, "rss": 5})
+        return admin.merge(stages, futs, 8, 10.0)
+
+    d = asyncio.run(go())
+    assert not d["complete"]
+    assert [r["part"] for r in d["parts"]] == ["embed", "layer.0", "layer.1", "layers 2-3"]
+    assert d["parts"][-1]["error"] == "no answer in 10 s" and d["parts"][-1]["node"] == "b"
+    assert d["nodes"][1] == {"node": "b", "start": 2, "end": 4, "ok": False,
+                             "error": "no answer in 10 s"}
+    assert d["total"]["decode_s"] == pytest.approx(0.06)
+    assert "no answer in 10 s" in admin_cli.format_profile(d)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import time
 import uuid
@@ -84,13 +85,17 @@ def table(headers: list[str], rows: list[list]) -> str:
     """Aligned columns: text left, numbers right."""
     cells = [[_cell(v) for v in r] for r in rows]
     widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(headers)]
-    right = [any(isinstance(r[i], int | float) for r in rows) for i in range(len(headers))]
+    right = [all(_NUMERIC.match(r[i]) for r in cells if r[i] != "-") and any(
+        r[i] != "-" for r in cells) for i in range(len(headers))]
 
     def line(vals: list[str]) -> str:
         return "  ".join(v.rjust(w) if rt else v.ljust(w)
                          for v, w, rt in zip(vals, widths, right, strict=True)).rstrip()
 
     return "\n".join([line(headers)] + [line(r) for r in cells])
+
+
+_NUMERIC = re.compile(r"^-?[0-9][0-9.,]*%?$")
 
 
 def _cell(v: Any) -> str:
@@ -158,15 +163,19 @@ def _fmt_ms(s: float | None) -> str:
 
 
 def format_profile(d: dict) -> str:
+    errors = any(r.get("error") for r in d["parts"])
     rows = []
     for r in d["parts"]:
         share = r.get("decode_share")
         rows.append([r["part"], r["node"], ms(r["prefill_s"], 3), ms(r["decode_s"], 3),
-                     None if share is None else f"{share * 100:.1f}%", r.get("error")])
+                     None if share is None else f"{share * 100:.1f}%"]
+                    + ([r.get("error", "")] if errors else []))
     t = d["total"]
-    rows.append(["total", "", ms(t["prefill_s"], 3), ms(t["decode_s"], 3), "100.0%", None])
-    out = [f"profile: prefill of {d['tokens']} tokens, decode per token (1 token steps)", "",
-           table(["PART", "NODE", "PREFILL ms", "DECODE ms", "SHARE", ""], rows), ""]
+    rows.append(["total", "", ms(t["prefill_s"], 3), ms(t["decode_s"], 3), "100.0%"]
+                + ([""] if errors else []))
+    headers = ["PART", "NODE", "PREFILL ms", "DECODE ms", "SHARE"] + (["ERROR"] if errors else [])
+    out = [f"profile: prefill of {d['tokens']} tokens (PREFILL: all of them), decode of one "
+           "token (DECODE: mean per step)", "", table(headers, rows), ""]
     nrows = [[n["node"], f"{n['start']}-{n['end'] - 1}", mb(n.get("weight_bytes")),
               mb(n.get("kv_bytes")), mb(n.get("rss")), mb(n.get("device_mem")),
               "ok" if n["ok"] else n.get("error")] for n in d["nodes"]]
