@@ -16,10 +16,12 @@ import zmq
 import zmq.asyncio
 from transformers import AutoTokenizer
 
+from brokers import admin
 from brokers.registry import NodeInfo, Registry
 from brokers.sessions import RequestError, Session, build_session
 from zpipe import aio, protocol
 from zpipe.config import BrokerConfig
+from zpipe.metrics import Metrics
 from zpipe.models import resolve_model
 from zpipe.placement import Placement, PlacementError, choose
 from zpipe.protocol import Message, ProtocolError
@@ -27,8 +29,7 @@ from zpipe.shard import ModelSpec
 
 log = logging.getLogger("zpipe.broker")
 
-NODE_KINDS = {"register", "loaded", "result"}
-CLIENT_KINDS = {"generate", "cancel", "info"}
+NODE_KINDS = {"register", "loaded", "result", "heartbeat", "profile_reply"}
 
 
 class Broker:
@@ -45,6 +46,7 @@ class Broker:
         self.waiting_for = ""
         self.epoch = 0
         self.sessions: dict[str, Session] = {}
+        self.metrics = Metrics()
         self.by_rid: dict[tuple[bytes, str], str] = {}
         self.sock: zmq.asyncio.Socket | None = None
 
@@ -60,13 +62,15 @@ class Broker:
                  self.spec.num_layers, self.waiting_for)
         if started:
             started.set()
-        timer = asyncio.create_task(self._watch_timeouts())
+        tasks = [asyncio.create_task(self._watch_timeouts()),
+                 asyncio.create_task(self._heartbeats())]
         try:
             while True:
                 frames = await self.sock.recv_multipart(copy=False)
                 await self._handle(frames)
         finally:
-            timer.cancel()
+            for t in tasks:
+                t.cancel()
             self.sock.close(0)
 
     async def _send(self, ident: bytes, frames: list) -> bool:
@@ -90,13 +94,23 @@ class Broker:
             if msg.kind in NODE_KINDS:
                 if msg.kind == "register":
                     await self._on_register(ident, msg)
-                elif node is None:
-                    raise RequestError(f"{msg.kind} from a peer that is not a registered node",
-                                       "unknown_peer")
+                elif node is None or node.state == "dead":
+                    # Also what a node hears after a broker restart, or after it was declared
+                    # dead while frozen: it registers again.
+                    raise RequestError(f"{msg.kind} from a peer that is not a registered node; "
+                                       "register first", "unknown_peer")
+                elif msg.kind == "result":
+                    await self._on_result(node, msg)
+                elif msg.kind == "heartbeat":
+                    node.stats.update(msg.header)
                 elif msg.kind == "loaded":
                     await self._on_loaded(node, msg)
                 else:
-                    await self._on_result(node, msg)
+                    await admin.on_profile_reply(self, node, msg)
+            elif msg.kind == "ping":
+                await self._send(ident, protocol.encode("pong", **_rid(msg)))
+            elif msg.kind == "admin":
+                await admin.handle(self, ident, msg)
             elif msg.kind == "error" and node is not None:
                 await self._on_node_error(node, msg)
             elif msg.kind == "generate":
@@ -109,8 +123,7 @@ class Broker:
                 raise RequestError(f"a {msg.kind!r} message is not something the broker takes",
                                    "unexpected_kind")
         except RequestError as e:
-            rid = msg.get("rid") if isinstance(msg.get("rid"), str) else None
-            await self._send(ident, protocol.error(e.code, str(e), **({"rid": rid} if rid else {})))
+            await self._send(ident, protocol.error(e.code, str(e), **_rid(msg)))
 
     # ------------------------------------------------------------- nodes
     async def _on_register(self, ident: bytes, msg: Message) -> None:
@@ -120,14 +133,49 @@ class Broker:
                 f"layers; this broker's model has {self.spec.num_layers}"))
             return
         old = self.registry.add(ident, msg)
+        hb = self.cfg.heartbeat
+        await self._send(ident, protocol.encode("welcome", heartbeat_s=hb.interval_s,
+                                                liveness=hb.liveness))
         log.info("node %s registered (pid %d, %s %s, %.1f GFLOP/s)", msg["name"], msg["pid"],
                  msg["device"], msg["dtype"], msg["gflops"])
         if old is not None and self.placement and old.name in self.placement.nodes():
             # The same name again: that process restarted and its KV caches are gone.
-            await self._fail_sessions(f"node {old.name} restarted", "node_lost")
-            self.placement = None
-            self.ready = False
+            await self._drop_placement(f"node {old.name} restarted", "node_lost")
         await self._place()
+
+    async def _drop_placement(self, reason: str, code: str) -> None:
+        """The placement lost a node: its sessions end with ``reason``; wait for a new one."""
+        await self._fail_sessions(reason, code)
+        self.placement = None
+        self.ready = False
+        self.waiting_for = reason
+
+    async def _heartbeats(self) -> None:
+        """Send heartbeats to the nodes and declare dead those silent for interval × liveness."""
+        hb = self.cfg.heartbeat
+        frames = protocol.encode("heartbeat")
+        while True:
+            await asyncio.sleep(hb.interval_s)
+            now = time.monotonic()
+            for node in self.registry.all():
+                if node.state == "dead":
+                    continue
+                silent = now - node.last_seen
+                if silent > hb.interval_s * hb.liveness:
+                    await self._on_dead(node, silent)
+                else:
+                    await self._send(node.ident, frames)
+
+    async def _on_dead(self, node: NodeInfo, silent: float) -> None:
+        node.state = "dead"
+        log.warning("node %s is dead: no message for %.1f s", node.name, silent)
+        if self.placement and node.name in self.placement.nodes():
+            await self._drop_placement(
+                f"node {node.name} is dead (no heartbeat for {silent:.1f} s)", "node_dead")
+            for other in self.registry.all():
+                if other.state != "dead":
+                    other.state = "registered"
+            await self._place()
 
     async def _place(self) -> None:
         if self.placement is not None:
@@ -181,6 +229,7 @@ class Broker:
                           self.max_positions, self.eos_ids)
         self.sessions[s.sid] = s
         self.by_rid[(client, s.rid)] = s.sid
+        self.metrics.session_started(s.sid, s.rid, len(s.prompt_ids))
         await self._send(client, protocol.encode("accepted", rid=s.rid, sid=s.sid,
                                                  prompt_ids=s.prompt_ids))
         await self._start_step(s, torch.tensor(s.prompt_ids, dtype=torch.int64))
@@ -251,9 +300,12 @@ class Broker:
     async def _emit_token(self, s: Session, token: int, logprob: float, now: float) -> None:
         s.pos += s.step_input_len()
         s.tokens.append(token)
-        timing = {"step_s": round(now - s.step_t0, 6), "stages": s.stage_times}
-        if s.first_token_s is None:
+        step_s = now - s.step_t0
+        timing = {"step_s": round(step_s, 6), "stages": s.stage_times}
+        first = s.first_token_s is None
+        if first:
             s.first_token_s = now - s.created
+        self.metrics.record_token(s.sid, step_s, s.stage_times, first)
         await self._send(s.client, protocol.encode(
             "token", rid=s.rid, index=len(s.tokens) - 1, token_id=token, logprob=logprob,
             text=s.detok.add(token), timing=timing))
@@ -266,8 +318,9 @@ class Broker:
             await self._start_step(s, torch.tensor([token], dtype=torch.int64))
 
     # ------------------------------------------------------------- endings
-    async def _release(self, s: Session) -> None:
+    async def _release(self, s: Session, reason: str) -> None:
         self.sessions.pop(s.sid, None)
+        self.metrics.session_ended(s.sid, reason)
         self.by_rid.pop((s.client, s.rid), None)
         if self.placement is None:
             return
@@ -278,7 +331,7 @@ class Broker:
                 await self._send(node.ident, frames)
 
     async def _finish(self, s: Session, reason: str) -> None:
-        await self._release(s)
+        await self._release(s, reason)
         text = self.tokenizer.decode(s.tokens, skip_special_tokens=True)
         await self._send(s.client, protocol.encode(
             "done", rid=s.rid, finish_reason=reason, n_tokens=len(s.tokens), text=text))
@@ -287,7 +340,7 @@ class Broker:
         if s.sid not in self.sessions:
             return
         log.warning("session %s failed: %s: %s", s.sid[:8], code, message)
-        await self._release(s)
+        await self._release(s, code)
         await self._send(s.client, protocol.error(code, message, rid=s.rid))
 
     async def _fail_sessions(self, message: str, code: str) -> None:
@@ -304,6 +357,11 @@ class Broker:
                     node = self.placement.stages[s.stage].node
                     await self._finish_error(s, "timeout", f"step {s.step} got no answer from "
                                              f"node {node} in {limit:.1f} s")
+
+
+def _rid(msg: Message) -> dict:
+    rid = msg.get("rid")
+    return {"rid": rid} if isinstance(rid, str) else {}
 
 
 def run_broker(cfg: BrokerConfig) -> None:

@@ -19,13 +19,14 @@ class NodeInfo:
     mem_total: int
     mem_free: int
     gflops: float
-    state: str = "registered"  # registered → loading → ready
+    state: str = "registered"  # registered → loading → ready; dead when silent too long
     start: int = 0
     end: int = 0
     epoch: int = -1
     weight_bytes: int = 0
     registered_at: float = field(default_factory=time.time)
     last_seen: float = field(default_factory=time.monotonic)
+    stats: dict = field(default_factory=dict)  # the latest heartbeat's rss, kv_bytes, sessions
 
     def to_dict(self) -> dict:
         return {
@@ -34,7 +35,9 @@ class NodeInfo:
             "mem_free": self.mem_free, "gflops": self.gflops,
             "layers": [self.start, self.end] if self.state != "registered" else None,
             "weight_bytes": self.weight_bytes,
-            "age_s": round(time.monotonic() - self.last_seen, 3),
+            "heartbeat_age_s": round(time.monotonic() - self.last_seen, 3),
+            "rss": self.stats.get("rss", 0), "kv_bytes": self.stats.get("kv_bytes", 0),
+            "sessions": self.stats.get("sessions", 0),
         }
 
 
@@ -62,7 +65,8 @@ class Registry:
         return node
 
     def names(self) -> list[str]:
-        return list(self.by_name)
+        """Nodes that are alive."""
+        return [n.name for n in self.by_name.values() if n.state != "dead"]
 
     def all(self) -> list[NodeInfo]:
         return list(self.by_name.values())

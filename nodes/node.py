@@ -14,6 +14,7 @@ import torch
 import zmq
 import zmq.asyncio
 
+from nodes import profile
 from nodes.executor import DTYPES, Executor, StepError
 from zpipe import aio, protocol, sysinfo
 from zpipe.config import NodeConfig
@@ -21,6 +22,8 @@ from zpipe.models import resolve_model
 from zpipe.protocol import Message, ProtocolError
 
 log = logging.getLogger("zpipe.node")
+
+MAX_BACKOFF_S = 8.0
 
 
 class Node:
@@ -35,49 +38,94 @@ class Node:
         self.queue: asyncio.Queue[Message] = asyncio.Queue()
         self.ctx = zmq.asyncio.Context.instance()
         self.sock: zmq.asyncio.Socket | None = None
+        # Until the broker's welcome says otherwise.
+        self.heartbeat_s = 1.0
+        self.liveness = 3
+        self.gflops = 0.0
 
     async def send(self, frames: list) -> None:
         await self.sock.send_multipart(frames, copy=False)
 
     async def run(self) -> None:
         cfg = self.cfg
+        loop = asyncio.get_running_loop()
+        self.gflops = await loop.run_in_executor(
+            self.pool, sysinfo.matmul_gflops, cfg.device, DTYPES[cfg.dtype])
+        worker = asyncio.create_task(self._work())
+        backoff = self.heartbeat_s
+        try:
+            while True:
+                await self._connect()
+                if await self._serve():  # True once the broker had answered this connection
+                    backoff = self.heartbeat_s
+                log.warning("lost the broker at %s; reconnecting in %.1f s", cfg.broker, backoff)
+                self.sock.close(0)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, MAX_BACKOFF_S)
+        finally:
+            worker.cancel()
+            if self.sock is not None:
+                self.sock.close(0)
+            self.pool.shutdown(wait=False, cancel_futures=True)
+
+    async def _connect(self) -> None:
+        """A fresh socket (a fresh identity: the broker may have restarted) and a registration."""
+        cfg = self.cfg
         self.sock = self.ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.setsockopt(zmq.IDENTITY, f"{cfg.name}.{uuid.uuid4().hex[:8]}".encode())
         self.sock.connect(cfg.broker)
-        loop = asyncio.get_running_loop()
-        gflops = await loop.run_in_executor(
-            self.pool, sysinfo.matmul_gflops, cfg.device, DTYPES[cfg.dtype])
+        await self._register()
+
+    async def _register(self) -> None:
+        cfg = self.cfg
         total, free = sysinfo.memory(cfg.device)
         await self.send(protocol.encode(
             "register", name=cfg.name, pid=os.getpid(), host=socket.gethostname(),
             device=cfg.device, dtype=cfg.dtype, model=str(self.model_dir),
             num_layers=self.executor.spec.num_layers, mem_total=total, mem_free=free,
-            gflops=round(gflops, 2)))
-        log.info("node %s registered with %s (%s, %s, %.1f GFLOP/s)", cfg.name, cfg.broker,
-                 cfg.device, cfg.dtype, gflops)
-        worker = asyncio.create_task(self._work())
-        try:
-            await self._receive()
-        finally:
-            worker.cancel()
-            self.sock.close(0)
-            self.pool.shutdown(wait=False, cancel_futures=True)
+            gflops=round(self.gflops, 2)))
+        log.info("node %s registering with %s (%s, %s, %.1f GFLOP/s)", cfg.name, cfg.broker,
+                 cfg.device, cfg.dtype, self.gflops)
 
-    async def _receive(self) -> None:
+    async def _serve(self) -> bool:
+        """Serve one connection until the broker is silent for heartbeat × liveness."""
+        heard = False
+        last_recv = time.monotonic()
+        next_beat = 0.0
         while True:
+            now = time.monotonic()
+            if now >= next_beat:
+                await self.send(protocol.encode(
+                    "heartbeat", rss=sysinfo.rss_bytes(), kv_bytes=self.executor.kv_bytes(),
+                    sessions=len(self.executor.caches)))
+                next_beat = now + self.heartbeat_s
+            if not await self.sock.poll(max(1, int((next_beat - now) * 1000))):
+                if time.monotonic() - last_recv > self.heartbeat_s * self.liveness:
+                    return heard
+                continue
             frames = await self.sock.recv_multipart(copy=False)
+            last_recv = time.monotonic()
+            heard = True
             try:
                 msg = protocol.decode(frames)
             except ProtocolError as e:
                 log.warning("dropped a bad message from the broker: %s", e)
                 continue
-            if msg.kind in ("step", "load", "free"):
+            if msg.kind in ("step", "load", "free", "profile"):
                 self.queue.put_nowait(msg)  # in arrival order: a free never overtakes a step
+            elif msg.kind == "welcome":
+                self.heartbeat_s, self.liveness = float(msg["heartbeat_s"]), msg["liveness"]
+            elif msg.kind == "heartbeat":
+                pass
             elif msg.kind == "error":
                 log.error("broker says: %s: %s", msg["code"], msg["message"])
                 if msg["code"] == "rejected":
                     raise SystemExit(2)
+                if msg["code"] == "unknown_peer":
+                    # The broker restarted or declared us dead: our sessions are gone.
+                    self.executor.free(list(self.executor.caches))
+                    await self._register()
             else:
                 log.warning("ignored a %r message", msg.kind)
 
@@ -95,6 +143,10 @@ class Node:
                     await self._load(msg)
                 elif msg.kind == "free":
                     self.executor.free([s for s in msg["sids"] if isinstance(s, str)])
+                elif msg.kind == "profile":
+                    data = await loop.run_in_executor(
+                        self.pool, profile.run, self.executor, msg.get("tokens", 16))
+                    await self.send(protocol.encode("profile_reply", rid=msg["rid"], **data))
             except StepError as e:
                 await self.send(protocol.error(e.code, f"{self.cfg.name}: {e}",
                                                sid=msg.get("sid", ""), step=msg.get("step", -1)))

@@ -70,9 +70,16 @@ class Generation:
 
 
 class Client:
-    def __init__(self, address: str | None = None, *, timeout: float = 120.0) -> None:
+    def __init__(self, address: str | None = None, *, timeout: float = 600.0,
+                 heartbeat_s: float = 1.0, liveness: int = 5) -> None:
+        """``timeout``: longest wait for a request's next event while the broker is alive.
+        The broker is declared gone when silent for ``heartbeat_s`` × ``liveness`` (it is
+        pinged every ``heartbeat_s`` while a request waits)."""
         self.address = address or default_address()
         self.timeout = timeout
+        self.heartbeat_s = heartbeat_s
+        self.liveness = liveness
+        self._last_recv = time.monotonic()
         self._ctx = zmq.asyncio.Context.instance()
         self._sock: zmq.asyncio.Socket | None = None
         self._reader: asyncio.Task | None = None
@@ -96,6 +103,7 @@ class Client:
     async def _read(self) -> None:
         while True:
             frames = await self._sock.recv_multipart(copy=False)
+            self._last_recv = time.monotonic()
             try:
                 msg = protocol.decode(frames)
             except ProtocolError as e:
@@ -115,11 +123,24 @@ class Client:
         return rid, queue
 
     async def _next(self, queue: asyncio.Queue, timeout: float) -> protocol.Message:
-        try:
-            msg = await asyncio.wait_for(queue.get(), timeout)
-        except asyncio.TimeoutError:
-            raise ZpipeError("timeout", f"no answer from the broker at {self.address} "
-                                        f"in {timeout:.0f} s") from None
+        """The request's next message; pings the broker while waiting, to notice it is gone."""
+        entered = time.monotonic()
+        deadline = entered + timeout
+        gone_after = self.heartbeat_s * self.liveness
+        while True:
+            wait = min(self.heartbeat_s, deadline - time.monotonic())
+            if wait <= 0:
+                raise ZpipeError("timeout", f"no answer from the broker at {self.address} "
+                                            f"in {timeout:.0f} s")
+            try:
+                msg = await asyncio.wait_for(queue.get(), wait)
+                break
+            except asyncio.TimeoutError:
+                silent = time.monotonic() - max(self._last_recv, entered)
+                if silent > gone_after:
+                    raise ZpipeError("broker_gone", f"the broker at {self.address} has not "
+                                     f"answered for {silent:.1f} s") from None
+                await self._sock.send_multipart(protocol.encode("ping"))
         if msg.kind == "error":
             raise ZpipeError(msg["code"], msg["message"])
         return msg

@@ -101,11 +101,19 @@ class Limits(_Strict):
     default_max_new_tokens: int = Field(128, ge=1)
 
 
+class Heartbeat(_Strict):
+    """Paranoid Pirate liveness: a peer silent for interval_s × liveness is dead."""
+
+    interval_s: float = Field(1.0, gt=0, le=60)
+    liveness: int = Field(3, ge=1, le=100)
+
+
 class BrokerConfig(_Strict):
     bind: Address = DEFAULT_BROKER
     model: str = "smollm2"
     placement: PlacementConfig = PlacementConfig()
     limits: Limits = Limits()
+    heartbeat: Heartbeat = Heartbeat()
     # A step that gets no answer in this long fails its session instead of hanging it.
     step_timeout_s: float = Field(120.0, gt=0)
 
@@ -130,6 +138,7 @@ class ClusterNode(_Strict):
 class ClusterBroker(_Strict):
     bind: Address = DEFAULT_BROKER
     limits: Limits = Limits()
+    heartbeat: Heartbeat = Heartbeat()
     step_timeout_s: float = Field(120.0, gt=0)
 
 
@@ -164,7 +173,8 @@ class ClusterConfig(_Strict):
         else:
             placement = PlacementConfig(strategy="uniform", nodes=[n.name for n in self.nodes])
         return BrokerConfig(bind=self.broker.bind, model=self.model, placement=placement,
-                            limits=self.broker.limits, step_timeout_s=self.broker.step_timeout_s)
+                            limits=self.broker.limits, heartbeat=self.broker.heartbeat,
+                            step_timeout_s=self.broker.step_timeout_s)
 
     def node_configs(self) -> list[NodeConfig]:
         return [NodeConfig(name=n.name, broker=self.broker.bind.replace("*", "127.0.0.1"),

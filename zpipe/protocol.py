@@ -82,6 +82,18 @@ SCHEMAS: dict[str, dict[str, str]] = {
         "rid?": _STR, "ready": _BOOL, "model": _STR, "num_layers": _INT, "epoch": _INT,
         "nodes": _LIST, "placement": _LIST, "sessions": _INT, "waiting_for": _STR,
     },
+    # --- liveness: nodes and broker send heartbeats both ways; clients ping, the broker pongs
+    "welcome": {"heartbeat_s": _NUM, "liveness": _INT},
+    "heartbeat": {"rss?": _INT, "kv_bytes?": _INT, "sessions?": _INT},
+    "ping": {"rid?": _STR},
+    "pong": {"rid?": _STR},
+    # --- admin: a client asks the broker (op: status, nodes, sessions, metrics, profile)
+    "admin": {"rid": _STR, "op": _STR, "args?": _DICT},
+    "admin_reply": {"rid": _STR, "op": _STR, "data": _DICT},
+    # the broker asks a node for a per-part timing profile of its stage
+    "profile": {"rid": _STR, "tokens?": _INT},
+    "profile_reply": {"rid": _STR, "parts": _LIST, "weight_bytes": _INT, "kv_bytes": _INT,
+                      "rss": _INT},
     # --- any direction
     "error": {"code": _STR, "message": _STR, "rid?": _STR, "sid?": _STR, "step?": _INT},
 }

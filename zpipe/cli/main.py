@@ -98,6 +98,7 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from zpipe.cli import admin as admin_cli
     from zpipe.cli import model as model_cli
 
     parser = argparse.ArgumentParser(prog="zpipe", description=__doc__)
@@ -136,6 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_chat)
 
     model_cli.add_parser(sub)
+    admin_cli.add_parser(sub)
     return parser
 
 

@@ -1,0 +1,153 @@
+"""Heartbeats with real processes: frozen and killed nodes, spare nodes, broker restarts."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import RunningCluster, start_cluster
+
+from zpipe.client import Client, ZpipeError
+
+INTERVAL, LIVENESS = 0.2, 3
+DEAD_AFTER = INTERVAL * LIVENESS
+MARGIN = 1.0  # scheduling slack on a loaded 2-core machine
+GEN = {"prompt_ids": [4, 5, 6, 7], "ignore_eos": True}
+
+
+def _start(model: Path, log_dir: Path, names: list[str], **broker: object) -> RunningCluster:
+    return start_cluster(model, log_dir, [{"name": n, "threads": 1} for n in names],
+                         heartbeat={"interval_s": INTERVAL, "liveness": LIVENESS}, **broker)
+
+
+def _proc(rc: RunningCluster, name: str) -> subprocess.Popen:
+    return dict(rc.cluster.procs)[name]
+
+
+def _respawn(rc: RunningCluster, name: str, command: str) -> None:
+    """Start a child again from the config file ``zpipe up`` wrote for it."""
+    log = open(rc.cluster.log_dir / f"{name}.restarted.log", "wb")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "zpipe.cli.main", command, "-c",
+         str(rc.cluster.log_dir / f"{name}.yaml")], stdout=log, stderr=subprocess.STDOUT,
+        start_new_session=True)
+    rc.cluster.procs = [(n, p) for n, p in rc.cluster.procs if n != name] + [(name, proc)]
+
+
+async def _wait(client: Client, pred, timeout: float = 60.0) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            info = await client.info(timeout=1.0)
+            if pred(info):
+                return info
+        except ZpipeError:
+            pass
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"condition not met in {timeout} s")
+
+
+def _state(info: dict, name: str) -> str:
+    return next(n["state"] for n in info["nodes"] if n["name"] == name)
+
+
+async def _interrupt_and_recover(rc: RunningCluster, freeze: bool) -> None:
+    victim = _proc(rc, "node-b")
+    async with rc.client() as client:
+        reference = await client.generate(max_new_tokens=30, **GEN)
+        long = asyncio.create_task(client.generate(max_new_tokens=1500, **GEN))
+        await asyncio.sleep(0.3)
+        t0 = time.monotonic()
+        victim.send_signal(signal.SIGSTOP if freeze else signal.SIGKILL)
+        with pytest.raises(ZpipeError) as err:
+            await long
+        took = time.monotonic() - t0
+        assert err.value.code == "node_dead" and "node b" in err.value.message
+        assert took < DEAD_AFTER + INTERVAL + MARGIN, f"noticed after {took:.2f} s"
+        info = await client.info()
+        assert _state(info, "b") == "dead" and not info["ready"]
+        with pytest.raises(ZpipeError) as refused:
+            await client.generate(max_new_tokens=4, **GEN)
+        assert refused.value.code == "no_placement" and "b" in refused.value.message
+        if freeze:
+            victim.send_signal(signal.SIGCONT)  # it hears it was declared dead and re-registers
+        else:
+            _respawn(rc, "node-b", "node")
+        await _wait(client, lambda i: i["ready"])
+        again = await client.generate(max_new_tokens=30, **GEN)
+        assert again.token_ids == reference.token_ids
+
+
+def test_frozen_node_is_declared_dead_then_serves_again(tiny_model: Path, tmp_path: Path) -> None:
+    rc = _start(tiny_model, tmp_path, ["a", "b", "c"])
+    try:
+        asyncio.run(_interrupt_and_recover(rc, freeze=True))
+    finally:
+        os.kill(_proc(rc, "node-b").pid, signal.SIGCONT)
+        rc.cluster.stop()
+
+
+def test_killed_node_is_declared_dead_then_restarted(tiny_model: Path, tmp_path: Path) -> None:
+    rc = _start(tiny_model, tmp_path, ["a", "b", "c"])
+    try:
+        asyncio.run(_interrupt_and_recover(rc, freeze=False))
+    finally:
+        rc.cluster.stop()
+
+
+def test_spare_node_death_does_not_touch_sessions(tiny_model: Path, tmp_path: Path) -> None:
+    """A registered node outside the placement dies mid-generation: nobody notices but admin."""
+    rc = _start(tiny_model, tmp_path, ["a", "b", "c"])
+    try:
+        spare_cfg = tmp_path / "node-spare.yaml"
+        spare_cfg.write_text((tmp_path / "node-c.yaml").read_text().replace("name: c",
+                                                                           "name: spare"))
+        _respawn(rc, "node-spare", "node")
+
+        async def run() -> None:
+            async with rc.client() as client:
+                await _wait(client, lambda i: any(n["name"] == "spare" for n in i["nodes"]))
+                reference = await client.generate(max_new_tokens=150, **GEN)
+                running = asyncio.create_task(client.generate(max_new_tokens=150, **GEN))
+                await asyncio.sleep(0.2)
+                _proc(rc, "node-spare").kill()
+                info = await _wait(client, lambda i: _state(i, "spare") == "dead")
+                assert info["ready"]
+                assert (await running).token_ids == reference.token_ids
+
+        asyncio.run(run())
+    finally:
+        rc.cluster.stop()
+
+
+def test_broker_restart_nodes_register_again(tiny_model: Path, tmp_path: Path) -> None:
+    rc = _start(tiny_model, tmp_path, ["a", "b"])
+    try:
+        async def run() -> None:
+            async with Client(rc.address, heartbeat_s=INTERVAL, liveness=LIVENESS) as client:
+                reference = await client.generate(max_new_tokens=20, **GEN)
+                long = asyncio.create_task(client.generate(max_new_tokens=1500, **GEN))
+                await asyncio.sleep(0.3)
+                broker = _proc(rc, "broker")
+                broker.send_signal(signal.SIGSTOP)  # a hung broker: the client must not hang
+                t0 = time.monotonic()
+                with pytest.raises(ZpipeError) as err:
+                    await long
+                assert err.value.code == "broker_gone"
+                assert time.monotonic() - t0 < DEAD_AFTER + INTERVAL + MARGIN
+                broker.kill()
+                broker.wait()
+                _respawn(rc, "broker", "broker")
+                await _wait(client, lambda i: i["ready"])
+                again = await client.generate(max_new_tokens=20, **GEN)
+                assert again.token_ids == reference.token_ids
+
+        asyncio.run(run())
+    finally:
+        rc.cluster.stop()
