@@ -60,7 +60,7 @@ def test_client_timings_add_up(run) -> None:
         assert all(c > 0 and h >= 0 for _, c, h in t["stages"])
         gaps.append(t["step_s"] - sum(c + h for _, c, h in t["stages"]))
     # stage compute + hop time covers the whole step, less what the broker spends between hops
-    assert all(-2e-6 <= gap < 1e-3 for gap in gaps), gaps
+    assert all(-1e-5 <= gap < 1e-3 for gap in gaps), gaps  # timings are rounded to 1 µs
     b = breakdown(g.timings)
     assert list(b["nodes"]) == NODES and b["step"]["count"] == 23
     assert all(b["nodes"][n]["compute"]["p50"] > 0 for n in NODES)
