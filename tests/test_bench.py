@@ -61,11 +61,11 @@ def test_compare_tiny(tiny_model: Path, tmp_path: Path) -> None:
 
 
 def test_transport_small() -> None:
-    cfg = bench.TransportConfig(sizes=[4096, 1 << 20], modes=["zpipe", "raw"], max_iters=20,
+    cfg = bench.TransportConfig(sizes=[4096, 1 << 20], modes=["zpipe", "zpipe-sync", "raw"], max_iters=20,
                                 max_seconds=0.2, warmup=2)
     result = bench.transport(cfg)
     json.dumps(result)
-    assert set(result["modes"]) == {"zpipe", "raw"}
+    assert set(result["modes"]) == {"zpipe", "zpipe-sync", "raw"}
     for rows in result["modes"].values():
         assert [r["bytes"] for r in rows] == [2304, 4096, 8192, 4096, 1 << 20]
         assert rows[0]["shape"] == [1, 576] and rows[1]["dtype"] == "bfloat16"

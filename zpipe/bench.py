@@ -174,9 +174,10 @@ class CompareConfig:
     # Batch-1 runs per system: None = max(concurrency, 3) (each concurrent session needs its
     # batch-1 tokens for the exactness check, so fewer than ``concurrency`` is raised to it).
     batch1_runs: int | None = None
-    # OMP_WAIT_POLICY for the transformers subprocess: None = whatever this environment has.
-    # (zpipe's CLI sets PASSIVE for its broker and nodes.)
-    baseline_omp_wait_policy: str | None = None
+    # OMP_WAIT_POLICY of the transformers subprocess. zpipe's CLI sets PASSIVE for its broker
+    # and nodes; the baseline gets the same by default ("" or None = leave it unset: libgomp
+    # then spins, which is much slower whenever other processes share the cores).
+    baseline_omp_wait_policy: str | None = "PASSIVE"
     log_dir: str | None = None
     ready_timeout_s: float = 600.0
 
@@ -491,7 +492,9 @@ def compare(cfg: CompareConfig, progress: Progress = lambda m: None) -> dict:
     result: dict[str, Any] = {
         "kind": "zpipe-bench-compare", "machine": machine_info(),
         "config": {**asdict(cfg), "model_dir": str(model_dir), "threads": cfg.n_threads(),
-                   "batch1_runs": cfg.n_batch1()},
+                   "batch1_runs": cfg.n_batch1(),
+                   # zpipe's CLI sets PASSIVE unless the environment says otherwise
+                   "zpipe_omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")},
         "method": {"ttft": TTFT_METHOD, "tokens_per_s": TPS_METHOD,
                    "per_token": "inter-token latency of decode tokens (token 1 onwards); "
                                 "transformers batch: one decode step of the whole batch",
@@ -542,7 +545,9 @@ def format_compare(result: dict) -> str:
     lines = [
         f"model {cfg['model']} ({cfg['dtype']}, {cfg['device']}), prompt {cfg['prompt_len']} "
         f"tokens, {cfg['new_tokens']} new tokens, {cfg['threads']} threads per process, "
-        f"concurrency {cfg['concurrency']}",
+        f"concurrency {cfg['concurrency']}; OMP_WAIT_POLICY: zpipe processes "
+        f"{cfg.get('zpipe_omp_wait_policy')}, transformers "
+        f"{next((s['omp_wait_policy'] for s in result['systems'] if s['stages'] == 0), '-')}",
         f"machine: {m['cpu']}, {m['cores']} cores, {m['ram_bytes'] / 2**30:.1f} GiB; "
         f"{m['date']}; load average {m['loadavg']} -> {m.get('loadavg_after')}",
         "",
@@ -568,10 +573,10 @@ def format_compare(result: dict) -> str:
                 f"{_f(_ms(pt['p50_s']), '7.2f')} {_f(_ms(pt['p99_s']), '7.2f')} "
                 f"{r['tokens_per_s']:7.1f} {_f(r.get('ratio_to_transformers'), '6.2f')} "
                 f"{_f(gain, '5.2f')} {'-' if match is None else ('yes' if match else 'NO'):>5}")
-    lines += ["", "peak memory (VmHWM, MiB):"]
+    lines += ["", "peak memory (VmHWM, MiB), and the load average when each system started:"]
     for s in result["systems"]:
         peaks = ", ".join(f"{k} {_mib(v)}" for k, v in s["peak_rss_bytes"].items())
-        lines.append(f"  {s['name']:<16} {peaks}")
+        lines.append(f"  {s['name']:<16} {peaks}; load {s.get('loadavg_before')}")
     lines += ["", "zpipe decode breakdown (broker-side medians per token, ms):"]
     for s in result["systems"]:
         if s["stages"] == 0:
@@ -652,7 +657,8 @@ DEFAULT_SIZES = [4 << 10, 16 << 10, 64 << 10, 256 << 10, 1 << 20, 4 << 20, 16 <<
 class TransportConfig:
     sizes: list[int] = field(default_factory=lambda: list(DEFAULT_SIZES))
     activations: bool = True
-    modes: list[str] = field(default_factory=lambda: ["zpipe", "zpipe+pool", "raw"])
+    modes: list[str] = field(default_factory=lambda: ["zpipe", "zpipe+pool", "zpipe-sync",
+                                                      "raw"])
     max_iters: int = 2000
     max_seconds: float = 1.0  # per size and mode
     warmup: int = 5
@@ -663,7 +669,9 @@ MODES = {
              "and passed on with protocol.encode_forward, copy=False (what the broker does)",
     "zpipe+pool": "as zpipe, and the node hands each step to a one-thread pool and back, as "
                   "nodes/node.py does before computing (no compute)",
-    "raw": "plain blocking pyzmq send/recv of the bare frame, no protocol: the floor",
+    "zpipe-sync": "blocking pyzmq sockets with the same protocol work (decode, "
+                  "encode_forward, copy=False): the protocol's cost without asyncio",
+    "raw": "blocking pyzmq send/recv of the bare frame, no protocol: the floor",
 }
 
 
@@ -697,9 +705,27 @@ def _echo_child(address: str, mode: str) -> None:
                 return
             sock.send_multipart(frames, copy=False)
 
-    import zmq.asyncio
-
     from zpipe import aio, protocol
+
+    def reply(msg: Any) -> list:
+        meta = msg["t"][0]
+        return protocol.encode_forward(
+            "result", msg.frames, [["hidden", meta[1], meta[2]]], sid=msg["sid"],
+            step=msg["step"], epoch=msg["epoch"], stage=msg["stage"], compute_s=0.0)
+
+    if mode == "zpipe-sync":
+        ctx = zmq.Context()
+        sock = ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(address)
+        sock.send_multipart(protocol.encode("heartbeat"))
+        while True:
+            msg = protocol.decode(sock.recv_multipart(copy=False))
+            if msg.kind == "free":
+                return
+            sock.send_multipart(reply(msg), copy=False)
+
+    import zmq.asyncio
 
     async def serve() -> None:
         ctx = zmq.asyncio.Context()
@@ -720,11 +746,7 @@ def _echo_child(address: str, mode: str) -> None:
                 msg = await queue.get()
                 if pool is not None:
                     await loop.run_in_executor(pool, lambda: None)
-                meta = msg["t"][0]
-                await sock.send_multipart(protocol.encode_forward(
-                    "result", msg.frames, [["hidden", meta[1], meta[2]]], sid=msg["sid"],
-                    step=msg["step"], epoch=msg["epoch"], stage=msg["stage"], compute_s=0.0),
-                    copy=False)
+                await sock.send_multipart(reply(msg), copy=False)
 
         worker = asyncio.create_task(work())
         while True:
@@ -761,15 +783,13 @@ def _iters_for(cfg: TransportConfig, size: int) -> tuple[int, int]:
     return min(cfg.warmup, cap), cap
 
 
-async def _drive_zpipe(address: str, sock: Any, cases: list, cfg: TransportConfig,
-                       progress: Progress) -> list[dict]:
+def _proto_cases(cases: list, cfg: TransportConfig, progress: Progress):
+    """The broker side of the protocol modes, as a generator: it yields frames to send and is
+    sent back the received reply (so one loop serves both blocking and asyncio sockets)."""
     import torch
 
     from zpipe import protocol
 
-    hello = await asyncio.wait_for(sock.recv_multipart(copy=False), 30)
-    ident = hello[0].bytes
-    protocol.decode(hello[1:])  # the node's hello: a heartbeat
     rows = []
     for label, dtype, shape, size in cases:
         x = torch.randn(shape).to(getattr(torch, dtype))
@@ -780,8 +800,7 @@ async def _drive_zpipe(address: str, sock: Any, cases: list, cfg: TransportConfi
         i = 0
         while True:
             t0 = time.perf_counter()
-            await sock.send_multipart([ident, *frames], copy=False)
-            reply = await sock.recv_multipart(copy=False)
+            reply = yield frames
             msg = protocol.decode(reply[1:])
             # The next step forwards the received frames, as the broker does between stages.
             meta = msg["t"][0]
@@ -797,8 +816,48 @@ async def _drive_zpipe(address: str, sock: Any, cases: list, cfg: TransportConfi
                                     and len(rtts) >= 5):
                 break
         rows.append(_finish_stats(label, dtype, shape, size, rtts, time.perf_counter() - t_start))
-        progress(f"  {label:<36} {rows[-1]['rtt_us_p50']:10.1f} us  {rows[-1]['gb_per_s']:7.2f} GB/s")
+        progress(f"  {label:<36} {rows[-1]['rtt_us_p50']:10.1f} us  "
+                 f"{rows[-1]['gb_per_s']:7.2f} GB/s")
+    return rows
+
+
+async def _drive_zpipe(sock: Any, cases: list, cfg: TransportConfig,
+                       progress: Progress) -> list[dict]:
+    from zpipe import protocol
+
+    hello = await asyncio.wait_for(sock.recv_multipart(copy=False), 30)
+    ident = hello[0].bytes
+    protocol.decode(hello[1:])  # the node's hello: a heartbeat
+    gen = _proto_cases(cases, cfg, progress)
+    frames = next(gen)
+    try:
+        while True:
+            await sock.send_multipart([ident, *frames], copy=False)
+            frames = gen.send(await sock.recv_multipart(copy=False))
+    except StopIteration as stop:
+        rows = stop.value
     await sock.send_multipart([ident, *protocol.encode("free", sids=[])])
+    return rows
+
+
+def _drive_zpipe_sync(sock: Any, cases: list, cfg: TransportConfig,
+                      progress: Progress) -> list[dict]:
+    from zpipe import protocol
+
+    if not sock.poll(30_000):
+        raise TimeoutError("the echo process did not connect")
+    hello = sock.recv_multipart(copy=False)
+    ident = hello[0].bytes
+    protocol.decode(hello[1:])
+    gen = _proto_cases(cases, cfg, progress)
+    frames = next(gen)
+    try:
+        while True:
+            sock.send_multipart([ident, *frames], copy=False)
+            frames = gen.send(sock.recv_multipart(copy=False))
+    except StopIteration as stop:
+        rows = stop.value
+    sock.send_multipart([ident, *protocol.encode("free", sids=[])])
     return rows
 
 
@@ -840,7 +899,7 @@ def _transport_mode(mode: str, cases: list, cfg: TransportConfig, progress: Prog
 
     port = _free_port()
     address = f"tcp://127.0.0.1:{port}"
-    if mode == "raw":
+    if mode in ("raw", "zpipe-sync"):
         ctx = zmq.Context()
         sock = ctx.socket(zmq.ROUTER)
     else:
@@ -854,10 +913,12 @@ def _transport_mode(mode: str, cases: list, cfg: TransportConfig, progress: Prog
     try:
         if mode == "raw":
             rows = _drive_raw(sock, cases, cfg, progress)
+        elif mode == "zpipe-sync":
+            rows = _drive_zpipe_sync(sock, cases, cfg, progress)
         else:
             from zpipe import aio
 
-            rows = aio.run(_drive_zpipe(address, sock, cases, cfg, progress))
+            rows = aio.run(_drive_zpipe(sock, cases, cfg, progress))
         with contextlib.suppress(subprocess.TimeoutExpired):
             child.wait(5)
     finally:

@@ -74,7 +74,8 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         model=args.model, dtype=args.dtype, device=args.device, prompt_len=args.prompt_len,
         new_tokens=args.new_tokens, concurrency=args.concurrency, stages=args.stages,
         threads=args.threads, baseline=not args.no_baseline, batch1_runs=args.batch1_runs,
-        baseline_omp_wait_policy=args.baseline_omp_wait_policy, log_dir=args.logs)
+        baseline_omp_wait_policy=(None if args.baseline_omp_wait_policy == "unset"
+                                  else args.baseline_omp_wait_policy), log_dir=args.logs)
     result = bench.compare(cfg, progress=_progress)
     print(bench.format_compare(result))
     return _write_outputs(result, args, bench.plot_compare)
@@ -114,8 +115,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="torch threads per process (default: every core)")
     c.add_argument("--batch1-runs", type=_positive_int, default=None,
                    help="batch-1 generations per system (default: max(concurrency, 3))")
-    c.add_argument("--baseline-omp-wait-policy", choices=("PASSIVE", "ACTIVE"), default=None,
-                   help="OMP_WAIT_POLICY of the transformers process (default: unset)")
+    c.add_argument("--baseline-omp-wait-policy", choices=("PASSIVE", "ACTIVE", "unset"),
+                   default="PASSIVE", help="OMP_WAIT_POLICY of the transformers process "
+                   "(default PASSIVE, as zpipe's nodes)")
     c.add_argument("--no-baseline", action="store_true", help="skip transformers")
     c.add_argument("--logs", help="directory for the clusters' logs (default: a temp dir)")
     c.add_argument("--json", metavar="PATH", help="write every figure as JSON")
