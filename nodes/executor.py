@@ -55,6 +55,42 @@ class Executor:
 
     def step(self, msg: Message) -> tuple[dict, dict[str, torch.Tensor]]:
         """Run one step; returns the result's header fields and tensors."""
+        out = self.step_batch([msg])[0]
+        if isinstance(out, StepError):
+            raise out
+        return out
+
+    def step_batch(self, msgs: list[Message]) -> list[tuple[dict, dict] | StepError]:
+        """Run several sessions' steps as one batch; one result (or refusal) per message."""
+        ready: list[tuple[int, Message, KVCache, SamplingParams | None]] = []
+        results: list = [None] * len(msgs)
+        for i, msg in enumerate(msgs):
+            try:
+                cache, params = self._prepare(msg)
+                ready.append((i, msg, cache, params))
+            except StepError as e:
+                results[i] = e
+        if not ready:
+            return results
+        stage = self.stage
+        t0 = time.perf_counter()
+        outs = stage.forward_batch([(c, m.tensors["x"], m["pos"]) for _, m, c, _ in ready])
+        if stage.last:
+            sampled = [sample(out, params, m["step"])
+                       for out, (_, m, _, params) in zip(outs, ready, strict=True)]
+        elif outs[0].is_cuda:
+            torch.cuda.synchronize(outs[0].device)
+        compute = time.perf_counter() - t0
+        for j, (i, _, _, _) in enumerate(ready):
+            if stage.last:
+                token, logprob = sampled[j]
+                results[i] = ({"token": token, "logprob": logprob, "compute_s": compute}, {})
+            else:
+                results[i] = ({"compute_s": compute}, {"hidden": outs[j]})
+        return results
+
+    def _prepare(self, msg: Message) -> tuple[KVCache, SamplingParams | None]:
+        """Check a step against this node's state; returns its cache and sampling params."""
         stage = self.stage
         if stage is None:
             raise StepError("not_loaded", "this node holds no layers yet")
@@ -79,18 +115,7 @@ class Executor:
         if pos != cache.length:
             raise StepError("bad_position", f"session {sid}: step at position {pos} but "
                                             f"{cache.length} tokens are cached")
-        t0 = time.perf_counter()
-        out = stage.forward(cache, x, pos)
-        if stage.last:
-            token, logprob = sample(out, params, msg["step"])
-            fields = {"token": token, "logprob": logprob}
-            tensors = {}
-        else:
-            if out.is_cuda:
-                torch.cuda.synchronize(out.device)
-            fields, tensors = {}, {"hidden": out}
-        fields["compute_s"] = time.perf_counter() - t0
-        return fields, tensors
+        return cache, params
 
     def _check_input(self, stage: Stage, x: torch.Tensor) -> None:
         n = x.shape[0] if x.dim() >= 1 else 0

@@ -42,6 +42,7 @@ class Node:
         self.heartbeat_s = 1.0
         self.liveness = 3
         self.gflops = 0.0
+        self._held: Message | None = None
 
     async def send(self, frames: list) -> None:
         await self.sock.send_multipart(frames, copy=False)
@@ -129,16 +130,34 @@ class Node:
             else:
                 log.warning("ignored a %r message", msg.kind)
 
+    async def _next_batch(self) -> list[Message]:
+        """The next message, or all steps waiting in a row (one per session): one batch."""
+        first = self._held or await self.queue.get()
+        self._held = None
+        if first.kind != "step":
+            return [first]
+        batch, sids, tokens = [first], {first["sid"]}, _step_tokens(first)
+        while not self.queue.empty() and len(batch) < self.cfg.max_batch:
+            msg = self.queue.get_nowait()
+            n = _step_tokens(msg) if msg.kind == "step" else 0
+            if msg.kind != "step" or msg["sid"] in sids or tokens + n > self.cfg.max_batch_tokens:
+                self._held = msg  # keeps its place: frees and loads never overtake steps
+                break
+            batch.append(msg)
+            sids.add(msg["sid"])
+            tokens += n
+        return batch
+
     async def _work(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            msg = await self.queue.get()
+            batch = await self._next_batch()
+            msg = batch[0]
             try:
                 if msg.kind == "step":
-                    fields, tensors = await loop.run_in_executor(self.pool, self.executor.step, msg)
-                    await self.send(protocol.encode(
-                        "result", tensors, sid=msg["sid"], step=msg["step"], epoch=msg["epoch"],
-                        stage=msg["stage"], **fields))
+                    outs = await loop.run_in_executor(self.pool, self.executor.step_batch, batch)
+                    for m, out in zip(batch, outs, strict=True):
+                        await self._send_result(m, out)
                 elif msg.kind == "load":
                     await self._load(msg)
                 elif msg.kind == "free":
@@ -150,10 +169,21 @@ class Node:
             except StepError as e:
                 await self.send(protocol.error(e.code, f"{self.cfg.name}: {e}",
                                                sid=msg.get("sid", ""), step=msg.get("step", -1)))
-            except Exception as e:  # one bad step must not take the node down
-                log.exception("step failed")
-                await self.send(protocol.error("internal", f"{self.cfg.name}: {e!r}",
-                                               sid=msg.get("sid", ""), step=msg.get("step", -1)))
+            except Exception as e:  # one bad batch must not take the node down
+                log.exception("%s failed", msg.kind)
+                for m in batch:
+                    await self.send(protocol.error("internal", f"{self.cfg.name}: {e!r}",
+                                                   sid=m.get("sid", ""), step=m.get("step", -1)))
+
+    async def _send_result(self, msg: Message, out: tuple | StepError) -> None:
+        if isinstance(out, StepError):
+            await self.send(protocol.error(out.code, f"{self.cfg.name}: {out}", sid=msg["sid"],
+                                           step=msg["step"]))
+            return
+        fields, tensors = out
+        await self.send(protocol.encode(
+            "result", tensors, sid=msg["sid"], step=msg["step"], epoch=msg["epoch"],
+            stage=msg["stage"], **fields))
 
     async def _load(self, msg: Message) -> None:
         start, end, epoch = msg["start"], msg["end"], msg["epoch"]
@@ -165,6 +195,11 @@ class Node:
         log.info("loaded layers %d-%d: %.1f MB in %.2f s", start, end - 1, nbytes / 1e6, dt)
         await self.send(protocol.encode("loaded", epoch=epoch, start=start, end=end,
                                         weight_bytes=nbytes, load_s=dt))
+
+
+def _step_tokens(msg: Message) -> int:
+    x = msg.tensors.get("x")
+    return int(x.shape[0]) if x is not None and x.dim() >= 1 else 1
 
 
 def run_node(cfg: NodeConfig) -> None:

@@ -125,6 +125,9 @@ class NodeConfig(_Strict):
     device: Device = "cpu"
     dtype: DType = "float32"
     threads: Annotated[int, Field(ge=1, le=1024)] | None = None
+    # Steps of different sessions waiting at this node run as one batch of up to this many.
+    max_batch: int = Field(64, ge=1, le=4096)
+    max_batch_tokens: int = Field(8192, ge=1)
 
 
 class ClusterNode(_Strict):
@@ -133,6 +136,7 @@ class ClusterNode(_Strict):
     dtype: DType = "float32"
     threads: Annotated[int, Field(ge=1, le=1024)] | None = None
     layers: Layers | None = None
+    max_batch: int = Field(64, ge=1, le=4096)
 
 
 class ClusterBroker(_Strict):
@@ -178,7 +182,8 @@ class ClusterConfig(_Strict):
 
     def node_configs(self) -> list[NodeConfig]:
         return [NodeConfig(name=n.name, broker=self.broker.bind.replace("*", "127.0.0.1"),
-                           model=self.model, device=n.device, dtype=n.dtype, threads=n.threads)
+                           model=self.model, device=n.device, dtype=n.dtype, threads=n.threads,
+                           max_batch=n.max_batch)
                 for n in self.nodes]
 
 

@@ -169,7 +169,6 @@ class Stage:
         profile[name] = profile.get(name, 0.0) + (t - t0)
         return t
 
-    @torch.inference_mode()
     def forward(self, cache: KVCache, x: Tensor, pos: int, profile: dict | None = None) -> Tensor:
         """Run this stage's layers on ``n`` new tokens at positions ``[pos, pos + n)``.
 
@@ -177,58 +176,120 @@ class Stage:
         hidden ``[n, hidden]`` in ``self.dtype``, or on the last stage float32 logits ``[vocab]``
         of the last position. Advances ``cache`` by ``n``.
         """
-        if pos != cache.length:
-            raise ValueError(f"pos {pos} != cache length {cache.length}")
+        return self.forward_batch([(cache, x, pos)], profile)[0]
+
+    @torch.inference_mode()
+    def forward_batch(self, items: list[tuple[KVCache, Tensor, int]],
+                      profile: dict | None = None) -> list[Tensor]:
+        """``forward`` for several sessions at once: one (cache, x, pos) per session.
+
+        The sessions' tokens are concatenated so every weight matrix is read once per batch;
+        attention runs per session against its own cache. Returns one output per item.
+        """
+        for cache, x, pos in items:
+            if pos != cache.length:
+                raise ValueError(f"pos {pos} != cache length {cache.length}")
+            if x.shape[0] == 0:
+                raise ValueError("no tokens")
         t0 = time.perf_counter() if profile is not None else 0.0
+        xs = [x for _, x, _ in items]
         if self.first:
-            if x.dim() != 1 or x.is_floating_point():
+            if any(x.dim() != 1 or x.is_floating_point() for x in xs):
                 raise ValueError("first stage expects int64 token ids [n]")
-            h = F.embedding(x.to(self.device, torch.int64), self.embed)
+            ids = xs[0] if len(xs) == 1 else torch.cat(xs)
+            h = F.embedding(ids.to(self.device, torch.int64), self.embed)
             if profile is not None:
                 t0 = self._tick(profile, "embed", t0)
         else:
-            if x.dim() != 2 or x.shape[1] != self.spec.hidden_size:
-                raise ValueError(f"expected hidden [n, {self.spec.hidden_size}], got {x.shape}")
-            h = x.to(device=self.device, dtype=self.dtype)
-        n = h.shape[0]
-        if n == 0:
-            raise ValueError("no tokens")
-        pos_ids = torch.arange(pos, pos + n, device=self.device)[None]
-        cos, sin = self.rotary(h, pos_ids)  # [1, n, head_dim], broadcasts over heads
-        mask = None
-        if pos > 0 and n > 1:  # continuation prefill: causal mask aligned to the end
-            k_pos = torch.arange(pos + n, device=self.device)
-            mask = k_pos[None, :] <= pos_ids[0, :, None]
+            if any(x.dim() != 2 or x.shape[1] != self.spec.hidden_size for x in xs):
+                raise ValueError(f"expected hidden [n, {self.spec.hidden_size}]")
+            h = (xs[0] if len(xs) == 1 else torch.cat([x.to(self.dtype) for x in xs]))
+            h = h.to(device=self.device, dtype=self.dtype)
+        lens = [x.shape[0] for x in xs]
+        pos_ids = torch.cat([torch.arange(p, p + n) for (_, _, p), n in zip(items, lens,
+                                                                             strict=True)])
+        cos, sin = self.rotary(h, pos_ids.to(self.device)[None])  # [1, T, head_dim]
+        masks = [self._mask(p, n) for (_, _, p), n in zip(items, lens, strict=True)]
+        caches = [c for c, _, _ in items]
+        lin = self._linear_for(lens)
         for i, w in enumerate(self.layers, self.start):
-            h = self._layer(i, w, h, cache, cos, sin, mask)
+            h = self._layer(i, w, h, caches, lens, cos, sin, masks, lin)
             if profile is not None:
                 t0 = self._tick(profile, f"layer.{i}", t0)
-        cache.advance(n)
+        for c, n in zip(caches, lens, strict=True):
+            c.advance(n)
         if not self.last:
-            return h
-        h = _rms_norm(h[-1:], self.norm, self.eps)
+            return list(h.split(lens)) if len(items) > 1 else [h]
+        ends = torch.tensor(lens).cumsum(0) - 1
+        h = _rms_norm(h[ends.to(self.device)], self.norm, self.eps)
         if profile is not None:
             t0 = self._tick(profile, "norm", t0)
-        logits = F.linear(h, self.lm_head)[0].float()
+        logits = self._linear_for([1] * len(lens))(h, self.lm_head).float()
         if profile is not None:
             self._tick(profile, "lm_head", t0)
-        return logits
+        return list(logits)
 
-    def _layer(self, i: int, w: tuple[Tensor, ...], h: Tensor, cache: KVCache, cos: Tensor,
-               sin: Tensor, mask: Tensor | None) -> Tensor:
+    def _linear_for(self, lens: list[int]):
+        """The matmul for a batch whose sessions bring ``lens`` tokens each.
+
+        Batching must not change a session's numbers: on the CPU a one-row matmul (gemv) and
+        the same row inside a bigger gemm round differently, which can flip a greedy token. So
+        single-token rows of a CPU batch go through ``bmm`` (one gemv-shaped product per row,
+        bit-identical to running alone, while the weights stay hot in cache), and each prefill
+        gets its own matmul exactly as alone. GPUs take the plain batched matmul.
+        """
+        if len(lens) == 1 or self.device.type != "cpu":
+            return F.linear
+        bounds, start = [], 0
+        for n in lens:  # runs of single-token rows, and each prefill on its own
+            if n == 1 and bounds and bounds[-1][2]:
+                bounds[-1][1] += 1
+            else:
+                bounds.append([start, start + n, n == 1])
+            start += n
+
+        def linear(x: Tensor, w: Tensor) -> Tensor:
+            parts = []
+            for a, b, single in bounds:
+                if single and b - a > 1:
+                    rows = x[a:b, None, :]
+                    parts.append(torch.bmm(rows, w.t().expand(b - a, -1, -1))[:, 0])
+                else:
+                    parts.append(F.linear(x[a:b], w))
+            return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+        return linear
+
+    def _mask(self, pos: int, n: int) -> Tensor | None:
+        """None for a plain prefill (causal) or one token; an aligned causal mask otherwise."""
+        if pos > 0 and n > 1:
+            k_pos = torch.arange(pos + n, device=self.device)
+            q_pos = torch.arange(pos, pos + n, device=self.device)
+            return k_pos[None, :] <= q_pos[:, None]
+        return None
+
+    def _layer(self, i: int, w: tuple[Tensor, ...], h: Tensor, caches: list[KVCache],
+               lens: list[int], cos: Tensor, sin: Tensor, masks: list[Tensor | None],
+               linear=F.linear) -> Tensor:
         ln1, wq, wk, wv, wo, ln2, wg, wu, wd = w
-        n, hd = h.shape[0], self.spec.head_dim
+        t, hd = h.shape[0], self.spec.head_dim
         x = _rms_norm(h, ln1, self.eps)
-        q = F.linear(x, wq).view(n, -1, hd).transpose(0, 1)  # [heads, n, hd]
-        k = F.linear(x, wk).view(n, -1, hd).transpose(0, 1)
-        v = F.linear(x, wv).view(n, -1, hd).transpose(0, 1)
+        q = linear(x, wq).view(t, -1, hd).transpose(0, 1)  # [heads, T, hd]
+        k = linear(x, wk).view(t, -1, hd).transpose(0, 1)
+        v = linear(x, wv).view(t, -1, hd).transpose(0, 1)
         q = (q * cos) + (_rotate_half(q) * sin)
         k = (k * cos) + (_rotate_half(k) * sin)
-        k, v = cache.append(i, k, v)
-        a = F.scaled_dot_product_attention(
-            q[None], k[None], v[None], attn_mask=mask, scale=self.scale,
-            is_causal=mask is None and n > 1, enable_gqa=True)
-        a = a[0].transpose(0, 1).reshape(n, -1)
-        h = h + F.linear(a, wo)
+        outs = []
+        start = 0
+        for cache, n, mask in zip(caches, lens, masks, strict=True):
+            sl = slice(start, start + n)
+            start += n
+            kc, vc = cache.append(i, k[:, sl], v[:, sl])
+            a = F.scaled_dot_product_attention(
+                q[None, :, sl], kc[None], vc[None], attn_mask=mask, scale=self.scale,
+                is_causal=mask is None and n > 1, enable_gqa=True)
+            outs.append(a[0].transpose(0, 1).reshape(n, -1))
+        a = outs[0] if len(outs) == 1 else torch.cat(outs)
+        h = h + linear(a, wo)
         x = _rms_norm(h, ln2, self.eps)
-        return h + F.linear(self.act(F.linear(x, wg)) * F.linear(x, wu), wd)
+        return h + linear(self.act(linear(x, wg)) * linear(x, wu), wd)
