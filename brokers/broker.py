@@ -87,7 +87,8 @@ class Broker:
             msg = protocol.decode(frames[1:])
         except ProtocolError as e:
             log.warning("bad message from %r: %s", ident, e)
-            await self._send(ident, protocol.error(e.code, str(e)))
+            rid = protocol.peek_rid(frames[1:]) if len(frames) > 2 else None
+            await self._send(ident, protocol.error(e.code, str(e), **({"rid": rid} if rid else {})))
             return
         node = self.registry.get(ident)
         try:
@@ -213,6 +214,9 @@ class Broker:
         session = self.sessions.get(sid) if sid else None
         if session is None:
             log.error("node %s: %s: %s", node.name, msg["code"], msg["message"])
+            if node.state == "loading":  # say why instead of waiting forever
+                node.state = "failed"
+                self.waiting_for = f"node {node.name} failed to load: {msg['message']}"
             return
         await self._finish_error(session, msg["code"], msg["message"])
 

@@ -61,8 +61,8 @@ def test_compare_tiny(tiny_model: Path, tmp_path: Path) -> None:
 
 
 def test_transport_small() -> None:
-    cfg = bench.TransportConfig(sizes=[4096, 1 << 20], modes=["zpipe", "zpipe-sync", "raw"], max_iters=20,
-                                max_seconds=0.2, warmup=2)
+    cfg = bench.TransportConfig(sizes=[4096, 1 << 20], modes=["zpipe", "zpipe-sync", "raw"],
+                                max_iters=20, max_seconds=0.2, warmup=2)
     result = bench.transport(cfg)
     json.dumps(result)
     assert set(result["modes"]) == {"zpipe", "zpipe-sync", "raw"}

@@ -181,10 +181,15 @@ class ClusterConfig(_Strict):
                             step_timeout_s=self.broker.step_timeout_s)
 
     def node_configs(self) -> list[NodeConfig]:
-        return [NodeConfig(name=n.name, broker=self.broker.bind.replace("*", "127.0.0.1"),
+        return [NodeConfig(name=n.name, broker=local_address(self.broker.bind),
                            model=self.model, device=n.device, dtype=n.dtype, threads=n.threads,
                            max_batch=n.max_batch)
                 for n in self.nodes]
+
+
+def local_address(bind: str) -> str:
+    """Where a process on this machine reaches a broker bound to ``bind`` (``*``/0.0.0.0)."""
+    return bind.replace("*", "127.0.0.1").replace("0.0.0.0", "127.0.0.1")
 
 
 class ConfigError(ValueError):

@@ -143,7 +143,11 @@ def encode(kind: str, tensors: dict[str, torch.Tensor] | None = None, **fields: 
         frames.append(_tensor_buffer(t))
     header["t"] = meta
     _check_fields(kind, header)
-    return [TAG, msgpack.packb(header, use_bin_type=True), *frames]
+    packed = msgpack.packb(header, use_bin_type=True)
+    if len(packed) > MAX_HEADER_BYTES:  # refused here, where the caller can be told why
+        raise ProtocolError(f"{kind}: header of {len(packed)} bytes exceeds {MAX_HEADER_BYTES}",
+                            "too_large")
+    return [TAG, packed, *frames]
 
 
 def encode_forward(kind: str, frames: list, meta: list, **fields: Any) -> list:
@@ -151,6 +155,17 @@ def encode_forward(kind: str, frames: list, meta: list, **fields: Any) -> list:
     header = {"kind": kind, **fields, "t": meta}
     _check_fields(kind, header)
     return [TAG, msgpack.packb(header, use_bin_type=True), *frames]
+
+
+def peek_rid(frames: list) -> str | None:
+    """The request id of a message that failed validation, if one can be read, so the error
+    reply reaches the request that caused it."""
+    try:
+        header = msgpack.unpackb(_frame_bytes(frames[1]), raw=False)
+        rid = header.get("rid") if isinstance(header, dict) else None
+        return rid if isinstance(rid, str) and len(rid) <= 256 else None
+    except Exception:  # anything unreadable has no rid
+        return None
 
 
 def _frame_bytes(f: Any) -> memoryview:

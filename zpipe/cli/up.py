@@ -17,7 +17,7 @@ from pathlib import Path
 
 from zpipe import aio
 from zpipe.client import Client, ZpipeError
-from zpipe.config import ClusterConfig, dump, load
+from zpipe.config import ClusterConfig, dump, load, local_address
 from zpipe.models import resolve_model
 
 
@@ -106,7 +106,7 @@ def run_up(args: argparse.Namespace) -> int:
     cfg = load(args.file, ClusterConfig)
     resolve_model(cfg.model)  # fail here, clearly, rather than in every child
     log_dir = Path(args.logs) if args.logs else Path(tempfile.mkdtemp(prefix="zpipe-up-"))
-    address = cfg.broker.bind.replace("*", "127.0.0.1")
+    address = local_address(cfg.broker.bind)
     cluster = Cluster(cfg, log_dir)
 
     def _terminate(signum: int, frame: object) -> None:
