@@ -63,12 +63,28 @@ class StageSpec(_Strict):
     layers: Layers
 
 
+Strategy = Literal["uniform", "memory", "compute", "mixed", "custom"]
+
+
+class MixedWeights(_Strict):
+    """How the mixed strategy weighs each node's capabilities (the seeds' uneven allocation)."""
+
+    compute: float = Field(0.5, ge=0)
+    memory: float = Field(0.3, ge=0)
+    bandwidth: float = Field(0.2, ge=0)
+
+
 class PlacementConfig(_Strict):
-    strategy: Literal["uniform", "custom"] = "uniform"
-    # uniform: node names in pipeline order, or how many nodes to wait for (ordered by name)
+    strategy: Strategy = "uniform"
+    # every strategy but custom: node names in pipeline order, or how many nodes to wait for
+    # (ordered by name)
     nodes: list[str] | Annotated[int, Field(ge=1)] = 1
     # custom: the stages in pipeline order
     stages: list[StageSpec] = []
+    # memory budgeting: the KV cache of this many sessions of this many tokens must fit too
+    context_len: int = Field(2048, ge=1)
+    sessions: int = Field(8, ge=1)
+    weights: MixedWeights = MixedWeights()
 
     @model_validator(mode="after")
     def _consistent(self) -> PlacementConfig:
@@ -101,6 +117,19 @@ class Limits(_Strict):
     default_max_new_tokens: int = Field(128, ge=1)
 
 
+class Rebalance(_Strict):
+    """Performance-driven reallocation (seed 000): re-plan when measured shares drift."""
+
+    enabled: bool = False
+    strategy: Strategy = "compute"
+    # re-plan when a stage's share of the step time departs from its planned share by more
+    threshold: float = Field(0.15, gt=0, lt=1)
+    min_tokens: int = Field(64, ge=1)  # tokens measured since the last placement change
+    perf_weight: float = Field(0.3, ge=0, le=1)  # measured speed blended into capability
+    cooldown_s: float = Field(30.0, ge=0)  # hysteresis: no new move this soon after one
+    check_interval_s: float = Field(2.0, gt=0)
+
+
 class Heartbeat(_Strict):
     """Paranoid Pirate liveness: a peer silent for interval_s × liveness is dead."""
 
@@ -114,8 +143,11 @@ class BrokerConfig(_Strict):
     placement: PlacementConfig = PlacementConfig()
     limits: Limits = Limits()
     heartbeat: Heartbeat = Heartbeat()
+    rebalance: Rebalance = Rebalance()
     # A step that gets no answer in this long fails its session instead of hanging it.
     step_timeout_s: float = Field(120.0, gt=0)
+    # A reallocation (load + KV transfer) that takes longer is rolled back.
+    move_timeout_s: float = Field(60.0, gt=0)
 
 
 class NodeConfig(_Strict):
