@@ -1,10 +1,63 @@
-"""Placement: which node runs which contiguous layer range, in pipeline order."""
+"""Placement: which node runs which contiguous layer range, in pipeline order.
+
+Two layers of API:
+
+- ``uniform`` / ``choose``: the broker's initial placement from the registered node names
+  (``choose`` plans with capabilities too when it is given them).
+- ``plan``: a pure planner over numbers. Given each node's capability (``NodeCapability``:
+  measured matmul GFLOP/s, memory budget, optional link bandwidth, optional measured seconds
+  per layer) and the model's cost (``ModelCost``: bytes and FLOPs per layer, KV bytes per
+  token per layer, embedding and head), it returns a ``PlanResult``: the stages, and per stage
+  the predicted per-token time, the memory needed (weights + KV budget) and the budget.
+
+Strategies (the seeds' five):
+
+uniform  equal layer counts (earlier stages take the remainder), as ``uniform()``.
+memory   layers proportional to what each node's memory budget leaves for layers once its
+         embedding / head share is paid; every stage must fit weights + a KV cache of
+         ``context_len × sessions`` tokens for its layers.
+compute  min-max balance of the predicted per-token stage time (greedy: each next layer goes to
+         the stage whose time grows least; optimal for a separable increasing objective).
+         Accounts for the last stage's ``lm_head`` work, which on small models is several layers'
+         worth. With ``perf_weight`` > 0 the measured speed is blended in (see below).
+mixed    the seeds' uneven allocation: weight_i = w_c·speed_i/Σ + w_m·mem_i/Σ + w_b·bw_i/Σ,
+         layers apportioned by weight (largest remainder). A term whose figure is missing on any
+         node is dropped and its weight shared by the other terms in proportion.
+custom   the given stages, checked for coverage and memory.
+
+Every strategy respects memory: a node never gets more layers than fit its budget; the
+surplus goes to the others (in proportion to their weights). When the model does not fit at
+all, ``PlacementError`` says so with the numbers (needed vs available per node, and in total).
+A node that cannot hold even one layer is left out (noted in ``PlanResult.notes``); every other
+node gets at least one layer.
+
+Per-token time of a stage (seconds):
+
+    capability  (layers × layer_flops + head_flops [last stage]) / (gflops × 1e9)
+    measured    layer_equivalents × measured_s_per_layer
+    predicted   (1 - perf_weight) × capability + perf_weight × measured   (capability alone
+                where the node has no measurement)
+
+``layer_equivalents`` = layers + head_flops / layer_flops on the last stage (see
+``measured_s_per_layer``: the measured stage time is divided the same way). Matmul GFLOP/s
+from a benchmark and real decode times differ by a large factor (decode is memory- and
+overhead-bound), so when any node has a measurement the capability times are first
+*calibrated*: multiplied by the median of measured / capability over the measured nodes.
+Without that, blending would mix two scales and a node with no measurement yet (one that just
+joined) would look several times faster than it is. ``calibrate=False`` gives the raw formula.
+"""
 
 from __future__ import annotations
 
+import math
+import statistics
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
-from zpipe.config import PlacementConfig
+from zpipe.config import MixedWeights, PlacementConfig
+
+STRATEGIES = ("uniform", "memory", "compute", "mixed", "custom")
 
 
 @dataclass(frozen=True)
@@ -33,6 +86,412 @@ class PlacementError(ValueError):
     pass
 
 
+# --------------------------------------------------------------------------- inputs
+@dataclass
+class NodeCapability:
+    name: str
+    gflops: float  # measured dense matmul throughput
+    mem_free_bytes: int  # memory budget for this node's weights + KV
+    bandwidth_bytes_s: float | None = None  # link bandwidth, where known
+    measured_s_per_layer: float | None = None  # decode compute per layer-equivalent, measured
+
+
+@dataclass
+class ModelCost:
+    num_layers: int
+    layer_weight_bytes: int
+    layer_flops_per_token: float
+    kv_bytes_per_token_per_layer: int
+    embed_bytes: int  # on stage 0
+    head_bytes: int  # final norm + lm_head, on the last stage
+    head_flops_per_token: float
+    tied: bool = False  # lm_head is the embedding: one copy where one stage is first and last
+
+    @classmethod
+    def from_spec(cls, spec: Any, dtype_bytes: int) -> ModelCost:
+        """Llama costs from a ``ModelSpec`` (or anything with its fields and ``config``)."""
+        h, hd = spec.hidden_size, spec.head_dim
+        inter = int(spec.config.intermediate_size)
+        q = h * spec.num_heads * hd
+        kv = 2 * h * spec.num_kv_heads * hd
+        o = spec.num_heads * hd * h
+        mlp = 3 * h * inter  # gate, up, down
+        params = q + kv + o + mlp + 2 * h  # + input and post-attention RMSNorm
+        vocab_h = spec.vocab_size * h
+        return cls(
+            num_layers=spec.num_layers,
+            layer_weight_bytes=params * dtype_bytes,
+            layer_flops_per_token=2.0 * params,
+            kv_bytes_per_token_per_layer=2 * spec.num_kv_heads * hd * dtype_bytes,
+            embed_bytes=vocab_h * dtype_bytes,
+            head_bytes=(vocab_h + h) * dtype_bytes,
+            head_flops_per_token=2.0 * vocab_h,
+            tied=bool(spec.tie_word_embeddings),
+        )
+
+    # -- per-stage figures
+    def fixed_bytes(self, first: bool, last: bool) -> int:
+        """Embedding / head bytes a stage holds besides its layers."""
+        b = (self.embed_bytes if first else 0) + (self.head_bytes if last else 0)
+        if first and last and self.tied:
+            b -= self.embed_bytes  # the one embedding matrix serves both
+        return b
+
+    def kv_budget_bytes(self, layers: int, context_len: int, sessions: int) -> int:
+        return layers * context_len * sessions * self.kv_bytes_per_token_per_layer
+
+    def layer_bytes(self, context_len: int, sessions: int) -> int:
+        """Memory one more layer costs: its weights and its KV budget."""
+        return self.layer_weight_bytes + self.kv_budget_bytes(1, context_len, sessions)
+
+    def stage_flops(self, layers: int, last: bool) -> float:
+        return layers * self.layer_flops_per_token + (self.head_flops_per_token if last else 0.0)
+
+    def layer_equivalents(self, layers: int, last: bool) -> float:
+        """A stage's work in units of one layer's FLOPs."""
+        return self.stage_flops(layers, last) / self.layer_flops_per_token
+
+
+def measured_s_per_layer(compute_s: float, start: int, end: int, cost: ModelCost) -> float:
+    """A measured per-token stage time → seconds per layer-equivalent (head work included)."""
+    return compute_s / cost.layer_equivalents(end - start, end == cost.num_layers)
+
+
+# --------------------------------------------------------------------------- result
+@dataclass
+class PlanResult:
+    strategy: str
+    stages: list[StageAssignment]
+    predicted_s: list[float]  # per stage, per token
+    memory_bytes: list[int]  # per stage: weight_bytes + kv_bytes
+    budget_bytes: list[int]  # per stage: the node's memory budget
+    weight_bytes: list[int] = field(default_factory=list)
+    kv_bytes: list[int] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def step_s(self) -> float:
+        """Predicted time of one token through every stage (one session alone)."""
+        return sum(self.predicted_s)
+
+    @property
+    def bottleneck_s(self) -> float:
+        """Predicted time of the slowest stage: what limits tokens/s with many sessions."""
+        return max(self.predicted_s, default=0.0)
+
+    def shares(self) -> dict[str, float]:
+        """Each node's predicted share of the summed stage time."""
+        total = self.step_s
+        n = len(self.stages)
+        return {s.node: (t / total if total > 0 else 1.0 / n)
+                for s, t in zip(self.stages, self.predicted_s, strict=True)}
+
+    def layers(self) -> dict[str, tuple[int, int]]:
+        return {s.node: (s.start, s.end) for s in self.stages}
+
+    def to_dict(self) -> dict:
+        rows = []
+        for i, s in enumerate(self.stages):
+            rows.append({**s.to_dict(), "layers": s.end - s.start,
+                         "predicted_s": round(self.predicted_s[i], 9),
+                         "memory_bytes": self.memory_bytes[i],
+                         "weight_bytes": self.weight_bytes[i] if self.weight_bytes else None,
+                         "kv_bytes": self.kv_bytes[i] if self.kv_bytes else None,
+                         "budget_bytes": self.budget_bytes[i]})
+        return {"strategy": self.strategy, "stages": rows, "step_s": round(self.step_s, 9),
+                "bottleneck_s": round(self.bottleneck_s, 9), "notes": list(self.notes)}
+
+
+# --------------------------------------------------------------------------- timing model
+def calibration(caps: Sequence[NodeCapability], cost: ModelCost) -> float:
+    """Median of measured / capability seconds per layer over nodes with both; 1 if none."""
+    ratios = []
+    for c in caps:
+        if c.measured_s_per_layer and c.measured_s_per_layer > 0 and c.gflops > 0:
+            ratios.append(c.measured_s_per_layer / (cost.layer_flops_per_token / (c.gflops * 1e9)))
+    return statistics.median(ratios) if ratios else 1.0
+
+
+def _s_per_layer(caps: Sequence[NodeCapability], cost: ModelCost, perf_weight: float,
+                 calibrate: bool | float) -> list[float]:
+    """Predicted seconds per layer-equivalent per node: calibrated capability, blended.
+
+    ``calibrate``: True → ``calibration(caps)``, False → 1, a float → that factor (to predict
+    two placements on the same scale)."""
+    if not 0.0 <= perf_weight <= 1.0:
+        raise PlacementError(f"perf_weight must be in 0..1, got {perf_weight}")
+    if isinstance(calibrate, bool):
+        k = calibration(caps, cost) if calibrate else 1.0
+    else:
+        k = float(calibrate)
+    out = []
+    for c in caps:
+        if not (c.gflops > 0 and math.isfinite(c.gflops)):
+            raise PlacementError(f"node {c.name}: gflops must be > 0, got {c.gflops}")
+        t = k * cost.layer_flops_per_token / (c.gflops * 1e9)
+        m = c.measured_s_per_layer
+        if m is not None and m > 0 and math.isfinite(m):
+            t = (1.0 - perf_weight) * t + perf_weight * m
+        out.append(t)
+    return out
+
+
+def _evaluate(strategy: str, stages: list[StageAssignment], caps: Sequence[NodeCapability],
+              cost: ModelCost, context_len: int, sessions: int, perf_weight: float,
+              calibrate: bool | float, notes: list[str]) -> PlanResult:
+    by_name = {c.name: c for c in caps}
+    per = dict(zip([c.name for c in caps],
+                   _s_per_layer(caps, cost, perf_weight, calibrate), strict=True))
+    pred, mem, budget, wb, kvb = [], [], [], [], []
+    for s in stages:
+        n = s.end - s.start
+        first, last = s.start == 0, s.end == cost.num_layers
+        pred.append(cost.layer_equivalents(n, last) * per[s.node])
+        w = n * cost.layer_weight_bytes + cost.fixed_bytes(first, last)
+        kv = cost.kv_budget_bytes(n, context_len, sessions)
+        wb.append(w)
+        kvb.append(kv)
+        mem.append(w + kv)
+        budget.append(int(by_name[s.node].mem_free_bytes))
+    return PlanResult(strategy, stages, pred, mem, budget, wb, kvb, notes)
+
+
+def evaluate(stages: Sequence[StageAssignment], caps: Sequence[NodeCapability], cost: ModelCost,
+             *, context_len: int, sessions: int, perf_weight: float = 0.0,
+             calibrate: bool | float = True, strategy: str = "current") -> PlanResult:
+    """Predicted times and memory of a given list of stages (e.g. the placement serving now).
+
+    Every stage's node must be in ``caps``; other capabilities still calibrate the timing.
+    """
+    names = {c.name for c in caps}
+    missing = [s.node for s in stages if s.node not in names]
+    if missing:
+        raise PlacementError(f"no capability figures for node(s) {', '.join(missing)}")
+    return _evaluate(strategy, list(stages), caps, cost, context_len, sessions, perf_weight,
+                     calibrate, [])
+
+
+# --------------------------------------------------------------------------- apportioning
+def apportion(weights: Sequence[float], total: int, lo: Sequence[int],
+              hi: Sequence[int]) -> list[int]:
+    """Integers n_i with Σ = total, lo_i ≤ n_i ≤ hi_i, proportional to weights where the bounds
+    allow (bounded proportional shares, then largest remainder; ties go to earlier entries)."""
+    k = len(weights)
+    if sum(lo) > total or sum(hi) < total:
+        raise PlacementError(f"cannot apportion {total} within bounds {list(lo)}..{list(hi)}")
+    ideal = [0.0] * k
+    fixed: dict[int, float] = {}
+    while True:
+        free = [i for i in range(k) if i not in fixed]
+        left = total - sum(fixed.values())
+        wsum = sum(max(weights[i], 0.0) for i in free)
+        for i in free:
+            ideal[i] = left * (max(weights[i], 0.0) / wsum if wsum > 0 else 1.0 / len(free))
+        low = [i for i in free if ideal[i] < lo[i]]
+        high = [i for i in free if ideal[i] > hi[i]]
+        if not low and not high:
+            break
+        # Fix the violators of one side at their bound and share the rest again; which side
+        # first does not matter for feasibility, low first keeps the ≥1-layer promise exact.
+        for i in low or high:
+            fixed[i] = float(lo[i] if low else hi[i])
+    for i, v in fixed.items():
+        ideal[i] = v
+    counts = [min(hi[i], max(lo[i], math.floor(ideal[i] + 1e-9))) for i in range(k)]
+    rest = total - sum(counts)
+    order = sorted(range(k), key=lambda i: (-(ideal[i] - math.floor(ideal[i] + 1e-9)), i))
+    while rest > 0:
+        moved = False
+        for i in order:
+            if rest and counts[i] < hi[i]:
+                counts[i] += 1
+                rest -= 1
+                moved = True
+        if not moved:  # pragma: no cover - excluded by the bounds check above
+            raise PlacementError("apportioning failed")
+    return counts
+
+
+def _ranges(names: Sequence[str], counts: Sequence[int]) -> list[StageAssignment]:
+    out, start = [], 0
+    for name, n in zip(names, counts, strict=True):
+        out.append(StageAssignment(name, start, start + n))
+        start += n
+    return out
+
+
+def _min_max(per_layer: Sequence[float], head_s: Sequence[float], total: int, lo: Sequence[int],
+             hi: Sequence[int]) -> list[int]:
+    """Counts minimising max_i(count_i × per_layer_i + head_s_i): from lo, each next layer to
+    the stage whose time after taking it is least (ties: earlier stage)."""
+    counts = list(lo)
+    for _ in range(total - sum(counts)):
+        best, best_t = -1, math.inf
+        for i in range(len(counts)):
+            if counts[i] < hi[i]:
+                t = (counts[i] + 1) * per_layer[i] + head_s[i]
+                if t < best_t - 1e-15:
+                    best, best_t = i, t
+        if best < 0:  # pragma: no cover - excluded by the capacity check
+            raise PlacementError("no node can take another layer")
+        counts[best] += 1
+    return counts
+
+
+# --------------------------------------------------------------------------- memory limits
+def _fmt_b(b: float) -> str:
+    return f"{b / 2**20:,.1f} MiB"
+
+
+def _capacity(caps: Sequence[NodeCapability], cost: ModelCost, context_len: int,
+              sessions: int) -> list[int]:
+    """Most layers each node can hold, given its place (first holds embed, last the head)."""
+    per = cost.layer_bytes(context_len, sessions)
+    out = []
+    k = len(caps)
+    for i, c in enumerate(caps):
+        room = c.mem_free_bytes - cost.fixed_bytes(i == 0, i == k - 1)
+        out.append(max(0, int(room // per)) if per > 0 else cost.num_layers)
+    return out
+
+
+def _fit_nodes(caps: list[NodeCapability], cost: ModelCost, context_len: int, sessions: int,
+               notes: list[str]) -> tuple[list[NodeCapability], list[int]]:
+    """Leave out nodes that cannot hold one layer; refuse when the rest cannot hold the model."""
+    per = cost.layer_bytes(context_len, sessions)
+    kept = list(caps)
+    while True:
+        cap = _capacity(kept, cost, context_len, sessions)
+        drop = [i for i, m in enumerate(cap) if m < 1]
+        if not drop or len(kept) == 1:
+            break
+        # drop one at a time: which node is first / last (and so holds embed / head) may change
+        i = drop[0]
+        c = kept[i]
+        need = per + cost.fixed_bytes(i == 0, i == len(kept) - 1)
+        notes.append(f"node {c.name} left out: one layer needs {_fmt_b(need)}, its budget is "
+                     f"{_fmt_b(c.mem_free_bytes)}")
+        kept.pop(i)
+    if sum(cap) < cost.num_layers or any(m < 1 for m in cap):
+        raise PlacementError(_infeasible(kept, cost, context_len, sessions, cap, notes))
+    return kept, cap
+
+
+def _infeasible(caps: Sequence[NodeCapability], cost: ModelCost, context_len: int,
+                sessions: int, cap: Sequence[int], notes: Sequence[str]) -> str:
+    per = cost.layer_bytes(context_len, sessions)
+    kv = cost.kv_budget_bytes(1, context_len, sessions)
+    need = (cost.num_layers * per + cost.embed_bytes
+            + (cost.head_bytes - (cost.embed_bytes if cost.tied and len(caps) == 1 else 0)))
+    have = sum(c.mem_free_bytes for c in caps)
+    lines = [f"the model does not fit: needs {_fmt_b(need)} ({cost.num_layers} layers × "
+             f"{_fmt_b(per)} = {_fmt_b(cost.layer_weight_bytes)} weights + {_fmt_b(kv)} KV for "
+             f"{context_len} tokens × {sessions} sessions, + embedding {_fmt_b(cost.embed_bytes)}"
+             f" + head {_fmt_b(cost.head_bytes)}), the nodes have {_fmt_b(have)} "
+             f"and room for {sum(cap)} of {cost.num_layers} layers"]
+    k = len(caps)
+    for i, (c, m) in enumerate(zip(caps, cap, strict=True)):
+        fixed = cost.fixed_bytes(i == 0, i == k - 1)
+        extra = (" + embedding" if i == 0 else "") + (" + head" if i == k - 1 else "")
+        lines.append(f"  {c.name}: budget {_fmt_b(c.mem_free_bytes)}, fixed{extra or ' none'} "
+                     f"{_fmt_b(fixed)}, room for {m} layer(s); one layer needs {_fmt_b(per)}")
+    lines += [f"  {n}" for n in notes]
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- planner
+def mixed_weights(caps: Sequence[NodeCapability], speed: Sequence[float],
+                  w: MixedWeights) -> list[float]:
+    """Per-node weight w_c·speed/Σ + w_m·mem/Σ + w_b·bw/Σ; terms without figures are dropped
+    and their weight shared by the others in proportion (all zero: equal weights)."""
+    terms: list[tuple[float, list[float]]] = [
+        (w.compute, list(speed)), (w.memory, [float(c.mem_free_bytes) for c in caps])]
+    bws = [c.bandwidth_bytes_s for c in caps]
+    if all(b is not None and b > 0 for b in bws):
+        terms.append((w.bandwidth, [float(b) for b in bws]))
+    terms = [(wt, xs) for wt, xs in terms if wt > 0 and sum(xs) > 0]
+    wsum = sum(wt for wt, _ in terms)
+    if wsum <= 0:
+        return [1.0 / len(caps)] * len(caps)
+    return [sum(wt / wsum * xs[i] / sum(xs) for wt, xs in terms) for i in range(len(caps))]
+
+
+def plan(strategy: str, caps: Sequence[NodeCapability], cost: ModelCost, *, context_len: int,
+         sessions: int, weights: MixedWeights | None = None,
+         custom: Sequence[StageAssignment] | None = None, perf_weight: float = 0.0,
+         calibrate: bool | float = True) -> PlanResult:
+    """The placement ``strategy`` gives for ``caps`` (in pipeline order); see the module doc."""
+    if strategy not in STRATEGIES:
+        raise PlacementError(f"unknown strategy {strategy!r}; one of {', '.join(STRATEGIES)}")
+    weights = weights or MixedWeights()
+    caps = list(caps)
+    names = [c.name for c in caps]
+    if len(set(names)) != len(names):
+        raise PlacementError(f"duplicate node names: {names}")
+    notes: list[str] = []
+    if strategy == "custom":
+        return _plan_custom(caps, cost, custom, context_len, sessions, perf_weight, calibrate)
+    if not caps:
+        raise PlacementError("no nodes to place layers on")
+    for c in caps:
+        if c.mem_free_bytes < 0:
+            raise PlacementError(f"node {c.name}: negative memory budget {c.mem_free_bytes}")
+    kept, cap = _fit_nodes(caps, cost, context_len, sessions, notes)
+    n_layers = cost.num_layers
+    if len(kept) > n_layers:
+        raise PlacementError(f"{len(kept)} nodes but only {n_layers} layers")
+    k = len(kept)
+    lo, hi = [1] * k, [min(m, n_layers) for m in cap]
+    per = _s_per_layer(kept, cost, perf_weight, calibrate)
+    if strategy == "uniform":
+        w = [1.0] * k
+    elif strategy == "memory":
+        w = [max(0.0, float(c.mem_free_bytes - cost.fixed_bytes(i == 0, i == k - 1)))
+             for i, c in enumerate(kept)]
+    elif strategy == "mixed":
+        w = mixed_weights(kept, [1.0 / t for t in per], weights)
+    else:  # compute
+        head = [0.0] * k
+        head[-1] = cost.layer_equivalents(0, True) * per[-1]
+        counts = _min_max(per, head, n_layers, lo, hi)
+        return _evaluate(strategy, _ranges([c.name for c in kept], counts), kept, cost,
+                         context_len, sessions, perf_weight, calibrate, notes)
+    counts = apportion(w, n_layers, lo, hi)
+    if strategy == "uniform" and counts != sorted(counts, reverse=True):
+        notes.append("uniform split shifted to fit memory budgets")
+    return _evaluate(strategy, _ranges([c.name for c in kept], counts), kept, cost, context_len,
+                     sessions, perf_weight, calibrate, notes)
+
+
+def _plan_custom(caps: list[NodeCapability], cost: ModelCost,
+                 custom: Sequence[StageAssignment] | None, context_len: int, sessions: int,
+                 perf_weight: float, calibrate: bool | float) -> PlanResult:
+    if not custom:
+        raise PlacementError("strategy 'custom' needs the stages")
+    stages = list(custom)
+    expect = 0
+    for s in stages:
+        if s.start != expect or s.end <= s.start:
+            raise PlacementError(f"custom stages must cover layers contiguously from 0; node "
+                                 f"{s.node!r} has {s.start}-{s.end - 1}, expected to start at "
+                                 f"{expect}")
+        expect = s.end
+    if expect != cost.num_layers:
+        raise PlacementError(f"custom stages cover layers 0-{expect - 1} but the model has "
+                             f"{cost.num_layers} layers")
+    res = evaluate(stages, caps, cost, context_len=context_len, sessions=sessions,
+                   perf_weight=perf_weight, calibrate=calibrate, strategy="custom")
+    over = [(s, m, b) for s, m, b in zip(res.stages, res.memory_bytes, res.budget_bytes,
+                                         strict=True) if m > b]
+    if over:
+        raise PlacementError("custom stages do not fit: " + "; ".join(
+            f"{s.node} layers {s.start}-{s.end - 1} need {_fmt_b(m)} (weights + KV for "
+            f"{context_len} tokens × {sessions} sessions), budget {_fmt_b(b)}"
+            for s, m, b in over))
+    return res
+
+
+# --------------------------------------------------------------------------- broker entry
 def uniform(nodes: list[str], num_layers: int) -> list[StageAssignment]:
     """Contiguous ranges as equal as possible; earlier stages take the remainder."""
     if not nodes:
@@ -48,10 +507,15 @@ def uniform(nodes: list[str], num_layers: int) -> list[StageAssignment]:
     return out
 
 
-def choose(cfg: PlacementConfig, registered: list[str], num_layers: int) -> list[StageAssignment]:
+def choose(cfg: PlacementConfig, registered: list[str], num_layers: int, *,
+           caps: Mapping[str, NodeCapability] | None = None, cost: ModelCost | None = None,
+           perf_weight: float = 0.0) -> list[StageAssignment]:
     """The stages for ``cfg`` given the names of the nodes that are registered and alive.
 
-    Raises PlacementError saying what is still missing when it cannot be satisfied yet.
+    With ``caps`` (by node name) and ``cost``, the memory / compute / mixed strategies plan with
+    them (and custom stages are checked against memory); without, they fall back to uniform.
+    Raises PlacementError saying what is still missing when it cannot be satisfied yet, or why
+    the model does not fit.
     """
     if cfg.strategy == "custom":
         missing = [s.node for s in cfg.stages if s.node not in registered]
@@ -61,12 +525,27 @@ def choose(cfg: PlacementConfig, registered: list[str], num_layers: int) -> list
         if last != num_layers:
             raise PlacementError(f"custom stages cover layers 0-{last - 1} but the model has "
                                  f"{num_layers} layers")
-        return [StageAssignment(s.node, *s.layers) for s in cfg.stages]
+        stages = [StageAssignment(s.node, *s.layers) for s in cfg.stages]
+        if caps is not None and cost is not None:
+            missing = [s.node for s in stages if s.node not in caps]
+            if missing:
+                raise PlacementError(f"no capability figures for node(s) {', '.join(missing)}")
+            plan("custom", [caps[s.node] for s in stages], cost, context_len=cfg.context_len,
+                 sessions=cfg.sessions, custom=stages, perf_weight=perf_weight)
+        return stages
     if isinstance(cfg.nodes, list):
         missing = [n for n in cfg.nodes if n not in registered]
         if missing:
             raise PlacementError(f"waiting for node(s) {', '.join(missing)}")
-        return uniform(cfg.nodes, num_layers)
-    if len(registered) < cfg.nodes:
-        raise PlacementError(f"waiting for nodes: {len(registered)}/{cfg.nodes} registered")
-    return uniform(sorted(registered)[: cfg.nodes], num_layers)
+        names = list(cfg.nodes)
+    else:
+        if len(registered) < cfg.nodes:
+            raise PlacementError(f"waiting for nodes: {len(registered)}/{cfg.nodes} registered")
+        names = sorted(registered)[: cfg.nodes]
+    if caps is None or cost is None:
+        return uniform(names, num_layers)
+    missing = [n for n in names if n not in caps]
+    if missing:
+        raise PlacementError(f"no capability figures for node(s) {', '.join(missing)}")
+    return plan(cfg.strategy, [caps[n] for n in names], cost, context_len=cfg.context_len,
+                sessions=cfg.sessions, weights=cfg.weights, perf_weight=perf_weight).stages
