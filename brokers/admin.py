@@ -1,28 +1,45 @@
-"""The broker's admin interface: ``admin`` requests (status, nodes, sessions, metrics, profile).
+"""The broker's admin interface: ``admin`` requests.
+
+Reading: status, nodes, sessions, metrics, profile, plan. Acting: move, rebalance, drain, slow.
 
 Replies are ``admin_reply`` messages whose ``data`` is plain JSON-able values (seconds, bytes;
 ``None`` where a figure is not known yet). ``profile`` asks every stage node of the placement
 for a per-part timing profile and answers once all replied or the timeout passed; it runs as
 its own task so that the broker keeps routing (the node replies come through the same loop).
+The acting ops run as tasks for the same reason: they wait on ``broker.mover`` (layer moves:
+loads and KV transfers that come back through the same loop). A failed move answers the error
+``move_failed`` with the mover's message; an infeasible ``plan`` answers ``infeasible`` with the
+numbers.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
+import math
 import time
 import uuid
+from collections.abc import Coroutine
 from typing import Any
 
+from brokers import rebalance
 from zpipe import protocol
+from zpipe.config import parse_layers
 from zpipe.metrics import Metrics
+from zpipe.placement import STRATEGIES, PlacementError, PlanResult
 from zpipe.protocol import Message
 
 log = logging.getLogger("zpipe.admin")
 
-OPS = ("status", "nodes", "sessions", "metrics", "profile")
+OPS = ("status", "nodes", "sessions", "metrics", "profile", "plan", "move", "rebalance", "drain",
+       "slow")
+ARGS = {"profile": ("tokens", "timeout"), "plan": ("strategy",), "move": ("layers", "to"),
+        "rebalance": ("strategy",), "drain": ("node",), "slow": ("node", "factor")}
 PROFILE_TIMEOUT_S = 10.0
 MAX_PROFILE_TOKENS = 2048
+MAX_SLOW_FACTOR = 1000.0
+HISTORY_SHOWN = 20
 
 # rid of a profile request sent to nodes -> (node name -> future of its profile_reply header)
 _pending: dict[str, dict[str, asyncio.Future]] = {}
@@ -36,6 +53,13 @@ class _BadRequest(ValueError):
 async def handle(broker: Any, ident: bytes, msg: Message) -> None:
     rid, op, args = msg["rid"], msg["op"], msg.get("args") or {}
     try:
+        if op not in OPS:
+            raise _BadRequest(f"unknown admin op {op!r}; one of {', '.join(OPS)}")
+        allowed = ARGS.get(op, ())
+        extra = sorted(k for k in args if k not in allowed)
+        if extra:
+            raise _BadRequest(f"op {op!r} takes no args, got {extra}" if not allowed else
+                              f"op {op!r} takes args {', '.join(allowed)}; got {extra}")
         if op == "profile":
             tokens = _int_arg(args, "tokens", 16, 1, MAX_PROFILE_TOKENS)
             timeout = _num_arg(args, "timeout", PROFILE_TIMEOUT_S, 0.1, 120.0)
@@ -43,12 +67,12 @@ async def handle(broker: Any, ident: bytes, msg: Message) -> None:
                 await broker._send(ident, protocol.error(
                     "no_placement", f"no placement to profile: {broker.waiting_for}", rid=rid))
                 return
-            task = asyncio.create_task(_profile(broker, ident, rid, tokens, timeout))
-            _tasks.add(task)
-            task.add_done_callback(_tasks.discard)
+            _spawn(_profile(broker, ident, rid, tokens, timeout))
             return
-        if args and op != "profile":
-            raise _BadRequest(f"op {op!r} takes no args, got {sorted(args)}")
+        if op in ("move", "rebalance", "drain", "slow"):
+            call = _action(broker, op, args)
+            _spawn(_act(broker, ident, rid, op, call))
+            return
         if op == "status":
             data = status(broker)
         elif op == "nodes":
@@ -59,12 +83,22 @@ async def handle(broker: Any, ident: bytes, msg: Message) -> None:
             m = _metrics(broker)
             data = {"text": m.prometheus(node_gauges(broker)), "overall": m.overall(),
                     "nodes": {n: m.node_summary(n) for n in m.node_names()}}
-        else:
-            raise _BadRequest(f"unknown admin op {op!r}; one of {', '.join(OPS)}")
+        else:  # plan
+            try:
+                data = plan(broker, _strategy_arg(broker, args))
+            except PlacementError as e:
+                await broker._send(ident, protocol.error("infeasible", str(e), rid=rid))
+                return
     except _BadRequest as e:
         await broker._send(ident, protocol.error("bad_request", str(e), rid=rid))
         return
     await broker._send(ident, protocol.encode("admin_reply", rid=rid, op=op, data=data))
+
+
+def _spawn(coro: Coroutine) -> None:
+    task = asyncio.create_task(coro)
+    _tasks.add(task)
+    task.add_done_callback(_tasks.discard)
 
 
 def _int_arg(args: dict, key: str, default: int, lo: int, hi: int) -> int:
@@ -79,6 +113,31 @@ def _num_arg(args: dict, key: str, default: float, lo: float, hi: float) -> floa
     if type(v) not in (int, float) or not lo <= v <= hi:
         raise _BadRequest(f"{key} must be a number in {lo}..{hi}, got {v!r}")
     return float(v)
+
+
+def _str_arg(args: dict, key: str) -> str:
+    v = args.get(key)
+    if not isinstance(v, str) or not v:
+        raise _BadRequest(f"{key} must be a non-empty string, got {v!r}")
+    return v
+
+
+def _strategy_arg(broker: Any, args: dict) -> str:
+    v = args.get("strategy")
+    if v is None:
+        return broker.cfg.placement.strategy
+    if v not in STRATEGIES:
+        raise _BadRequest(f"strategy must be one of {', '.join(STRATEGIES)}, got {v!r}")
+    return v
+
+
+def _node_arg(broker: Any, args: dict, key: str) -> str:
+    name = _str_arg(args, key)
+    node = broker.registry.by_name.get(name)
+    if node is None:
+        known = ", ".join(sorted(broker.registry.by_name)) or "none"
+        raise _BadRequest(f"unknown node {name!r} (registered: {known})")
+    return name
 
 
 def _metrics(broker: Any) -> Metrics:
@@ -149,7 +208,34 @@ def status(broker: Any) -> dict:
         "placement": {"epoch": p.epoch, "stages": p.to_list()} if p else None,
         "nodes": nodes(broker), "sessions": sessions(broker),
         "overall": _metrics(broker).overall(),
+        "reallocations": reallocations(broker),
     }
+
+
+def reallocations(broker: Any, last: int = HISTORY_SHOWN) -> list[dict]:
+    """The mover's last records (time, reason, before, after, kv_bytes, pause_s, ok, error)."""
+    mover = getattr(broker, "mover", None)
+    history = list(getattr(mover, "history", None) or [])[-last:]
+    return [jsonable(r) for r in history]
+
+
+def jsonable(v: Any) -> Any:
+    """Plain msgpack/JSON values: dataclasses and objects with to_dict/to_list become dicts
+    and lists, tuples lists, NaN/inf None; anything else unknown its str."""
+    if v is None or isinstance(v, (bool, int, str)):
+        return v
+    if isinstance(v, float):
+        return v if math.isfinite(v) else None
+    if isinstance(v, dict):
+        return {str(k): jsonable(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [jsonable(x) for x in v]
+    for attr in ("to_dict", "to_list"):
+        if callable(getattr(v, attr, None)):
+            return jsonable(getattr(v, attr)())
+    if dataclasses.is_dataclass(v) and not isinstance(v, type):
+        return jsonable(dataclasses.asdict(v))
+    return str(v)
 
 
 def node_gauges(broker: Any) -> list[tuple[str, str, dict, float]]:
@@ -175,6 +261,112 @@ def node_gauges(broker: Any) -> list[tuple[str, str, dict, float]]:
             ("zpipe_node_sessions", "Sessions with a KV cache on the node.", lab, d["sessions"]),
         ]
     return out
+
+
+# ---------------------------------------------------------------- plan
+def _rows(broker: Any, res: PlanResult) -> dict:
+    d = res.to_dict()
+    for row in d["stages"]:
+        held = broker.registry.by_name.get(row["node"])
+        now_held = held is not None and (held.start, held.end) == (row["start"], row["end"])
+        row["measured_s"] = rebalance.measured_compute(broker, row["node"]) if now_held else None
+    return d
+
+
+def plan_for(broker: Any, strategy: str, *, perf_weight: float | None = None,
+             exclude: Any = ()) -> PlanResult:
+    """The plan ``strategy`` gives for the alive nodes now ("current": the serving placement
+    predicted); see ``brokers.rebalance.plan_for_broker``."""
+    return rebalance.plan_for(broker, strategy, perf_weight=perf_weight, exclude=exclude)
+
+
+def plan(broker: Any, strategy: str) -> dict:
+    """The placement ``strategy`` would choose now vs the one serving, with predicted ms/token
+    per stage and memory needed / budget; nothing is applied. PlacementError when infeasible."""
+    current, proposed = rebalance.plan_for_broker(broker, strategy)
+    p, cfg = broker.placement, broker.cfg
+    same = current is not None and current.stages == proposed.stages
+    gain = None
+    if current is not None and current.bottleneck_s > 0:
+        gain = round(1.0 - proposed.bottleneck_s / current.bottleneck_s, 4)
+    return {
+        "strategy": strategy, "perf_weight": cfg.rebalance.perf_weight,
+        "context_len": cfg.placement.context_len, "sessions": cfg.placement.sessions,
+        "epoch": p.epoch if p else 0,
+        "current": _rows(broker, current) if current is not None else None,
+        "proposed": _rows(broker, proposed),
+        "changed": not same, "gain": gain,
+        "worth_it": (not same) and rebalance.worth_it(
+            current.bottleneck_s if current is not None else None, proposed.bottleneck_s),
+        "min_gain": rebalance.MIN_GAIN,
+    }
+
+
+# ---------------------------------------------------------------- acting: the mover
+def _action(broker: Any, op: str, args: dict) -> Any:
+    """Validate the args of an acting op; returns a no-argument coroutine function."""
+    if op == "move":
+        try:
+            start, end = parse_layers(args.get("layers"))
+        except ValueError as e:
+            raise _BadRequest(str(e)) from None
+        n = broker.spec.num_layers
+        if end > n:
+            raise _BadRequest(f"layers {start}-{end - 1} are out of range: the model has {n} "
+                              f"layers (0-{n - 1})")
+        to = _node_arg(broker, args, "to")
+        return lambda: _mover(broker).move_layers(start, end, to, reason="admin move")
+    if op == "rebalance":
+        strategy = _strategy_arg(broker, args)
+        return lambda: _mover(broker).rebalance(strategy, reason="admin rebalance")
+    if op == "drain":
+        node = _node_arg(broker, args, "node")
+        return lambda: _mover(broker).drain(node, reason="admin drain")
+    node = _node_arg(broker, args, "node")  # slow
+    factor = args.get("factor")
+    if (type(factor) not in (int, float) or not math.isfinite(factor)
+            or not 0 < factor <= MAX_SLOW_FACTOR):
+        raise _BadRequest(f"factor must be a number > 0 and ≤ {MAX_SLOW_FACTOR:g}, got {factor!r}")
+    if not callable(getattr(broker, "set_slow", None)):
+        raise _BadRequest("this broker cannot slow nodes down (no set_slow)")
+    return lambda: broker.set_slow(node, float(factor))
+
+
+class _NoMover(RuntimeError):
+    pass
+
+
+def _mover(broker: Any) -> Any:
+    mover = getattr(broker, "mover", None)
+    if mover is None:
+        raise _NoMover("this broker has no layer mover")
+    return mover
+
+
+def _move_error() -> type[BaseException]:
+    try:
+        from brokers.mover import MoveError
+    except ImportError:  # the mover is not there: nothing raises it
+        return _NoMover
+    return MoveError
+
+
+async def _act(broker: Any, ident: bytes, rid: str, op: str, call: Any) -> None:
+    move_error = _move_error()
+    try:
+        result = await call()
+    except _NoMover as e:
+        await broker._send(ident, protocol.error("unsupported", str(e), rid=rid))
+        return
+    except move_error as e:
+        await broker._send(ident, protocol.error("move_failed", str(e), rid=rid))
+        return
+    except Exception as e:  # answer the admin client whatever happens
+        log.exception("admin %s failed", op)
+        await broker._send(ident, protocol.error("internal", f"{op} failed: {e!r}", rid=rid))
+        return
+    data = jsonable(result) if isinstance(result, dict) else {"result": jsonable(result)}
+    await broker._send(ident, protocol.encode("admin_reply", rid=rid, op=op, data=data))
 
 
 # ---------------------------------------------------------------- profile

@@ -5,6 +5,12 @@
     zpipe admin metrics [--json]     Prometheus text (or the figures as JSON)
     zpipe admin profile [--tokens N] time per part of the whole model, per node
     zpipe admin watch [--interval S] [--count N]   a live status table
+    zpipe admin plan [--strategy S] [--json]       the placement a strategy would choose now,
+                                                    with predicted ms/token; nothing applied
+    zpipe admin move --layers A-B --to NODE        move layers A..B (inclusive) to NODE
+    zpipe admin rebalance [--strategy S]           re-plan and move layers accordingly
+    zpipe admin drain NODE                         move every layer off NODE (so it can leave)
+    zpipe admin slow NODE --factor F               slow NODE's compute down F times (tests, demos)
 """
 
 from __future__ import annotations
@@ -155,7 +161,67 @@ def format_status(d: dict) -> str:
         f"{_fmt_ms(_q(o['ttft'], 'p50'))}; sessions running {o['sessions_running']}, "
         f"finished: {fin}")
     lines += ["", format_nodes(d["nodes"]), "", format_sessions(d["sessions"])]
+    if "reallocations" in d:
+        lines += ["", format_reallocations(d["reallocations"])]
     return "\n".join(lines)
+
+
+def _layers(start: int, end: int) -> str:
+    return f"{start}-{end - 1}"
+
+
+def _stages_text(stages: Any) -> str:
+    """``a[0-9] b[10-29]`` from a list of stage dicts; anything else as it is."""
+    if isinstance(stages, dict) and "stages" in stages:
+        stages = stages["stages"]
+    if isinstance(stages, list) and all(
+            isinstance(s, dict) and {"node", "start", "end"} <= set(s) for s in stages):
+        return " ".join(f"{s['node']}[{_layers(s['start'], s['end'])}]" for s in stages) or "-"
+    return "-" if stages is None else str(stages)
+
+
+def format_reallocations(records: list[dict]) -> str:
+    if not records:
+        return "no reallocations"
+    rows = []
+    for r in records:
+        t = r.get("time")
+        when = time.strftime("%H:%M:%S", time.localtime(t)) if isinstance(t, (int, float)) else t
+        ok = r.get("ok")
+        result = "ok" if ok else f"failed: {r.get('error') or '?'}" if ok is not None else None
+        rows.append([when, r.get("reason"), _stages_text(r.get("before")),
+                     _stages_text(r.get("after")), mb(r.get("kv_bytes")),
+                     ms(r.get("pause_s")), result])
+    return table(["TIME", "REASON", "BEFORE", "AFTER", "KV MB", "PAUSE ms", "RESULT"], rows)
+
+
+def _plan_table(p: dict) -> str:
+    rows = [[s["node"], _layers(s["start"], s["end"]), s["layers"], ms(s["predicted_s"], 3),
+             ms(s.get("measured_s"), 3), mb(s["weight_bytes"]), mb(s["kv_bytes"]),
+             mb(s["memory_bytes"]), mb(s["budget_bytes"])] for s in p["stages"]]
+    return table(["NODE", "LAYERS", "N", "PRED ms/tok", "MEASURED ms", "WEIGHTS MB", "KV MB",
+                  "NEEDED MB", "BUDGET MB"], rows)
+
+
+def format_plan(d: dict) -> str:
+    cur, new = d["current"], d["proposed"]
+    out = [f"plan: strategy {d['strategy']}, perf weight {d['perf_weight']:g}, KV budget "
+           f"{d['context_len']} tokens × {d['sessions']} sessions (nothing applied)", ""]
+    if cur is not None:
+        out += [f"current (epoch {d['epoch']}): step {_fmt_ms(cur['step_s'])}, bottleneck "
+                f"{_fmt_ms(cur['bottleneck_s'])}", _plan_table(cur), ""]
+    else:
+        out += ["current: no placement", ""]
+    out += [f"proposed ({new['strategy']}): step {_fmt_ms(new['step_s'])}, bottleneck "
+            f"{_fmt_ms(new['bottleneck_s'])}", _plan_table(new)]
+    out += [f"note: {n}" for n in new.get("notes", [])]
+    if not d["changed"]:
+        out.append("the proposed placement is the current one")
+    elif d["gain"] is not None:
+        verdict = ("worth a move" if d["worth_it"] else
+                   f"not worth a move (< {d['min_gain'] * 100:g}% gain)")
+        out.append(f"predicted bottleneck {d['gain'] * 100:+.1f}% faster: {verdict}")
+    return "\n".join(out)
 
 
 def _fmt_ms(s: float | None) -> str:
@@ -250,6 +316,68 @@ def cmd_watch(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    with _client(args) as c:
+        data = c.request("plan", {"strategy": args.strategy} if args.strategy else None)
+    _print(args, data, format_plan)
+    return 0
+
+
+def format_record(d: dict) -> str:
+    if "before" not in d and "after" not in d:
+        return json.dumps(d)
+    lines = [f"{d.get('reason', '')}: " + ("ok" if d.get("ok", True) else
+                                           f"failed: {d.get('error')}"),
+             f"  before: {_stages_text(d.get('before'))}",
+             f"  after:  {_stages_text(d.get('after'))}"]
+    if d.get("kv_bytes") is not None or d.get("pause_s") is not None:
+        lines.append(f"  KV moved {mb(d.get('kv_bytes')) or '-'} MB, pause "
+                     f"{ms(d.get('pause_s')) or '-'} ms")
+    return "\n".join(lines)
+
+
+def _act(op: str, payload: dict) -> Any:
+    def run(args: argparse.Namespace) -> int:
+        with _client(args, default_timeout=ACT_TIMEOUT_S) as c:
+            data = c.request(op, payload(args))
+        _print(args, data, format_record)
+        return 0 if data.get("ok", True) else 1
+
+    return run
+
+
+ACT_TIMEOUT_S = 150.0  # longer than the broker's default move_timeout_s (60 s) and a rollback
+
+
+def _layer_range(s: str) -> str:
+    from zpipe.config import parse_layers
+
+    try:
+        parse_layers(s)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return s.strip()
+
+
+def _factor(s: str) -> float:
+    try:
+        v = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, got {s!r}") from None
+    if not (v > 0 and v <= 1000):
+        raise argparse.ArgumentTypeError(f"must be > 0 and ≤ 1000, got {s}")
+    return v
+
+
+def _node_name(s: str) -> str:
+    if not re.match(r"^[A-Za-z0-9_.-]{1,64}$", s):
+        raise argparse.ArgumentTypeError(f"not a node name: {s!r}")
+    return s
+
+
+STRATEGIES = ("uniform", "memory", "compute", "mixed", "custom")
+
+
 def _guarded(fn: Any) -> Any:
     def run(args: argparse.Namespace) -> int:
         try:
@@ -300,3 +428,23 @@ def add_parser(subparsers: Any) -> None:
     q = cmd("watch", cmd_watch, "a live status table until Ctrl-C", json_flag=False)
     q.add_argument("--interval", type=_positive(float), default=1.0, help="seconds (1)")
     q.add_argument("--count", type=_positive(int), default=None, help="stop after N redraws")
+    q = cmd("plan", cmd_plan, "the placement a strategy would choose now (nothing applied)")
+    q.add_argument("--strategy", choices=STRATEGIES, default=None,
+                   help="default: the broker's placement strategy")
+    q = cmd("move", _act("move", lambda a: {"layers": a.layers, "to": a.to}),
+            "move a layer range (inclusive) to a node")
+    q.add_argument("--layers", required=True, type=_layer_range, metavar="A-B",
+                   help="layers A to B inclusive, e.g. 10-14")
+    q.add_argument("--to", required=True, type=_node_name, metavar="NODE", help="target node")
+    q = cmd("rebalance", _act("rebalance", lambda a: {"strategy": a.strategy} if a.strategy
+                              else {}), "re-plan with a strategy and move layers")
+    q.add_argument("--strategy", choices=STRATEGIES, default=None,
+                   help="default: the broker's placement strategy")
+    q = cmd("drain", _act("drain", lambda a: {"node": a.node}),
+            "move every layer off a node so it can leave")
+    q.add_argument("node", type=_node_name, metavar="NODE")
+    q = cmd("slow", _act("slow", lambda a: {"node": a.node, "factor": a.factor}),
+            "slow a node's compute down by a factor (1: normal speed)")
+    q.add_argument("node", type=_node_name, metavar="NODE")
+    q.add_argument("--factor", required=True, type=_factor, metavar="F",
+                   help="compute takes F times as long (0 < F ≤ 1000)")

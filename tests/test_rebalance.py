@@ -1,0 +1,429 @@
+"""Performance-driven reallocation (Rebalancer), the planner's broker inputs, and the admin ops
+plan / move / rebalance / drain / slow (unit level on a stand-in broker, then a real cluster)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import time
+from collections import defaultdict, deque
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from brokers import admin, rebalance
+from brokers.rebalance import Rebalancer, worth_it
+from brokers.registry import Registry
+from zpipe import protocol
+from zpipe.cli import admin as admin_cli
+from zpipe.config import BrokerConfig, Rebalance
+from zpipe.metrics import Metrics
+from zpipe.placement import Placement, StageAssignment, uniform
+
+# --------------------------------------------------------------------------- Rebalancer
+
+PLAN3 = {"a": 1 / 3, "b": 1 / 3, "c": 1 / 3}
+
+
+def _rb(**kw) -> Rebalancer:
+    return Rebalancer(Rebalance(enabled=True, **{"min_tokens": 10, "cooldown_s": 30.0, **kw}))
+
+
+def test_triggers_when_a_share_departs_past_the_threshold() -> None:
+    r = _rb()
+    # b is 3x slower than planned: shares .2 / .6 / .2 vs 1/3 each → |.27| > .15
+    reason = r.check(PLAN3, {"a": 0.01, "b": 0.03, "c": 0.01}, 100, now=1000.0)
+    assert reason is not None and "node b takes 60%" in reason and "planned 33%" in reason
+    assert "threshold 0.15" in reason and "100 tokens" in reason
+    assert r.last_reason == reason
+
+
+def test_no_trigger_within_threshold() -> None:
+    r = _rb()
+    # b 1.5x slower: .25 / .5 ... → shares .2857/.4286/.2857: |.095| ≤ .15
+    assert r.check(PLAN3, {"a": 0.01, "b": 0.015, "c": 0.01}, 100, now=1000.0) is None
+    assert r.check(PLAN3, {"a": 0.01, "b": 0.01, "c": 0.01}, 100, now=1000.0) is None
+    # a lower threshold trips on the same figures
+    assert _rb(threshold=0.05).check(PLAN3, {"a": 0.01, "b": 0.015, "c": 0.01}, 100,
+                                     now=1000.0) is not None
+
+
+def test_planned_shares_from_predicted_seconds_or_a_plan_result() -> None:
+    r = _rb()
+    # planned: b does 3x the work of a and c (e.g. it holds 3x the layers)
+    predicted = {"a": 0.2, "b": 0.6, "c": 0.2}
+    assert r.check(predicted, {"a": 0.01, "b": 0.03, "c": 0.01}, 100, now=1000.0) is None
+    assert r.check(predicted, {"a": 0.01, "b": 0.01, "c": 0.01}, 100, now=1000.0) is not None
+    from zpipe.placement import PlanResult
+    pr = PlanResult("compute", uniform(["a", "b", "c"], 30), [0.2, 0.6, 0.2], [0] * 3, [0] * 3)
+    assert r.check(pr, {"a": 0.01, "b": 0.03, "c": 0.01}, 100, now=1000.0) is None
+
+
+def test_needs_min_tokens_and_every_stage_measured() -> None:
+    r = _rb(min_tokens=64)
+    slow_b = {"a": 0.01, "b": 0.03, "c": 0.01}
+    assert r.check(PLAN3, slow_b, 63, now=1000.0) is None
+    assert r.check(PLAN3, slow_b, 64, now=1000.0) is not None
+    assert r.check(PLAN3, {"a": 0.01, "b": 0.03}, 100, now=1000.0) is None
+    assert r.check(PLAN3, {**slow_b, "c": None}, 100, now=1000.0) is None
+    assert r.check({"a": 1.0}, {"a": 0.5}, 100, now=1000.0) is None  # one stage: nothing to do
+
+
+def test_cooldown_after_a_change_and_after_a_declined_plan() -> None:
+    r = _rb(cooldown_s=30.0)
+    slow_b = {"a": 0.01, "b": 0.03, "c": 0.01}
+    r.note_change(1000.0)
+    assert r.check(PLAN3, slow_b, 100, now=1029.9) is None
+    assert r.check(PLAN3, slow_b, 100, now=1030.0) is not None
+    r.note_declined(1040.0)
+    assert r.check(PLAN3, slow_b, 100, now=1060.0) is None
+    assert r.check(PLAN3, slow_b, 100, now=1070.0) is not None
+
+
+def test_off_switch_and_joined_nodes() -> None:
+    off = Rebalancer(Rebalance(enabled=False))
+    assert off.check(PLAN3, {"a": 0.01, "b": 0.03, "c": 0.01}, 10**6, now=1e9) is None
+    r = _rb()
+    reason = r.check(PLAN3, {"a": 0.01, "b": 0.01, "c": 0.01}, 0, now=1000.0, joined=["d"])
+    assert reason == "node(s) d joined and hold no layers"
+    r.note_change(1000.0)
+    assert r.check(PLAN3, {}, 0, now=1001.0, joined=["d"]) is None  # cooldown still applies
+
+
+def test_worth_it_needs_five_percent() -> None:
+    assert worth_it(1.0, 0.95) and not worth_it(1.0, 0.951) and not worth_it(1.0, 1.2)
+    assert worth_it(None, 5.0) and worth_it(0.0, 1.0)
+    r = _rb()
+    from zpipe.placement import PlanResult
+    cur = PlanResult("x", [], [0.3, 1.0], [], [])
+    assert r.worth_it(cur, PlanResult("y", [], [0.6, 0.6], [], []))
+    assert not r.worth_it(cur, PlanResult("y", [], [0.2, 0.97], [], []))
+    assert r.worth_it(1.0, 0.9)
+
+
+def test_hysteresis_no_oscillation_between_near_equal_plans() -> None:
+    """Measured shares drift, re-plans are predicted barely better: no move, then a pause."""
+    r = _rb(cooldown_s=10.0)
+    now, moves, declined = 0.0, 0, 0
+    for step in range(100):
+        now += 1.0
+        jitter = 0.01 * (1.0 + 1.5 * (step % 2))  # b alternates 1x / 2.5x
+        reason = r.check(PLAN3, {"a": 0.01, "b": jitter, "c": 0.01}, 100, now)
+        if reason is None:
+            continue
+        if r.worth_it(1.0, 0.97):  # the re-plan would gain 3%
+            moves += 1
+            r.note_change(now)
+        else:
+            declined += 1
+            r.note_declined(now)
+    assert moves == 0 and 0 < declined <= 10
+
+
+# --------------------------------------------------------------------------- a stand-in broker
+SPEC = SimpleNamespace(num_layers=6, hidden_size=64, num_heads=4, num_kv_heads=2, head_dim=16,
+                       vocab_size=512, tie_word_embeddings=False, num_kv_heads_=2,
+                       config=SimpleNamespace(intermediate_size=128))
+
+
+class FakeMover:
+    def __init__(self) -> None:
+        self.calls: list[tuple] = []
+        self.history: list[dict] = []
+        self.fail: str | None = None
+
+    async def _record(self, *call) -> dict:
+        self.calls.append(call)
+        if self.fail:
+            raise MoveErr(self.fail)
+        rec = {"time": 1_700_000_000.0, "reason": call[-1], "before": [{"node": "a", "start": 0,
+               "end": 6}], "after": [{"node": "b", "start": 0, "end": 6}], "kv_bytes": 4096,
+               "pause_s": 0.0123, "ok": True, "error": None}
+        self.history.append(rec)
+        return rec
+
+    async def move_layers(self, start: int, end: int, to: str, reason: str) -> dict:
+        return await self._record("move", start, end, to, reason)
+
+    async def rebalance(self, strategy: str, reason: str) -> dict:
+        return await self._record("rebalance", strategy, reason)
+
+    async def drain(self, node: str, reason: str) -> dict:
+        return await self._record("drain", node, reason)
+
+
+class MoveErr(RuntimeError):
+    pass
+
+
+class FakeBroker:
+    def __init__(self, gflops: dict[str, float], mem: int = 10**10, **cfg) -> None:
+        self.cfg = BrokerConfig.model_validate({"model": "x", **cfg})
+        self.spec = SPEC
+        self.registry = Registry()
+        for name, g in gflops.items():
+            self.registry.add(name.encode(), {"name": name, "pid": 1, "host": "h",
+                                              "device": "cpu", "dtype": "float32",
+                                              "mem_total": mem, "mem_free": mem, "gflops": g})
+        self.metrics = Metrics()
+        self.measured: dict[str, deque] = defaultdict(deque)
+        self.placement: Placement | None = None
+        self.ready = False
+        self.waiting_for = "nodes"
+        self.model_dir = Path("/models/x")
+        self.sessions: dict = {}
+        self.mover = FakeMover()
+        self.sent: list[tuple[bytes, protocol.Message]] = []
+        self.slowed: list[tuple[str, float]] = []
+
+    def place(self, stages: list[StageAssignment]) -> None:
+        self.placement = Placement(1, stages)
+        self.ready = True
+        for st in stages:
+            n = self.registry.by_name[st.node]
+            n.state, n.start, n.end, n.weight_bytes = "ready", st.start, st.end, 1000
+
+    async def set_slow(self, node: str, factor: float) -> dict:
+        self.slowed.append((node, factor))
+        return {"node": node, "factor": factor}
+
+    async def _send(self, ident: bytes, frames: list) -> bool:
+        self.sent.append((ident, protocol.decode(frames)))
+        return True
+
+
+def _ask(b: FakeBroker, op: str, args: dict | None = None) -> protocol.Message:
+    """Send an admin request through the wire codec and wait for the reply to it."""
+    async def go() -> protocol.Message:
+        fields = {"rid": "r1", "op": op, **({"args": args} if args else {})}
+        await admin.handle(b, b"cli", protocol.decode(protocol.encode("admin", **fields)))
+        for _ in range(100):
+            if b.sent:
+                break
+            await asyncio.sleep(0)
+        await asyncio.gather(*admin._tasks)
+        return b.sent.pop()[1]
+    return asyncio.run(go())
+
+
+def test_capabilities_from_the_registry_and_measurements() -> None:
+    b = FakeBroker({"a": 10.0, "b": 30.0, "c": 10.0})
+    b.place(uniform(["a", "b", "c"], 6))
+    b.registry.by_name["a"].stats.update({"kv_bytes": 500, "mem_free": 2000})
+    b.measured["a"].extend([0.003, 0.002, 0.004])  # median 3 ms for 2 layers
+    cost = rebalance.model_cost(b)
+    caps = rebalance.capabilities(b, cost)
+    assert list(caps) == ["a", "b", "c"]
+    assert caps["a"].gflops == 10.0 and caps["a"].mem_free_bytes == 2000 + 1000 + 500
+    assert caps["a"].measured_s_per_layer == pytest.approx(0.0015)
+    assert caps["b"].measured_s_per_layer is None
+    # the last stage's time is divided by its layers + the head's layer-equivalents
+    b.measured["c"].append(0.01)
+    c = rebalance.capabilities(b, cost)["c"]
+    assert c.measured_s_per_layer == pytest.approx(0.01 / cost.layer_equivalents(2, True))
+    b.registry.by_name["b"].state = "dead"
+    assert "b" not in rebalance.capabilities(b, cost)
+    assert rebalance.dtype_bytes(b) == 4
+
+
+def test_plan_op_current_vs_proposed() -> None:
+    b = FakeBroker({"a": 10.0, "b": 30.0, "c": 10.0})
+    b.place(uniform(["a", "b", "c"], 6))
+    msg = _ask(b, "plan", {"strategy": "compute"})
+    assert msg.kind == "admin_reply", msg.header
+    d = msg["data"]
+    assert d["strategy"] == "compute" and d["epoch"] == 1
+    assert [(s["node"], s["layers"]) for s in d["current"]["stages"]] == [
+        ("a", 2), ("b", 2), ("c", 2)]
+    prop = d["proposed"]["stages"]
+    assert [s["node"] for s in prop] == ["a", "b", "c"]
+    assert sum(s["layers"] for s in prop) == 6 and prop[1]["layers"] > prop[0]["layers"]
+    for s in prop:
+        assert s["predicted_s"] > 0 and 0 < s["memory_bytes"] <= s["budget_bytes"]
+        assert s["memory_bytes"] == s["weight_bytes"] + s["kv_bytes"]
+    assert d["changed"] and d["gain"] > 0.05 and d["worth_it"]
+    text = admin_cli.format_plan(d)
+    assert "proposed (compute)" in text and "PRED ms/tok" in text and "worth a move" in text
+    # default strategy: the broker's; uniform on a uniform placement changes nothing
+    d = _ask(b, "plan")["data"]
+    assert d["strategy"] == "uniform" and not d["changed"] and not d["worth_it"]
+    assert "is the current one" in admin_cli.format_plan(d)
+
+
+def test_plan_op_includes_a_late_joiner_and_refuses_infeasible() -> None:
+    b = FakeBroker({"a": 10.0, "b": 10.0})
+    b.place(uniform(["a", "b"], 6))
+    b.registry.add(b"d", {"name": "d", "pid": 2, "host": "h", "device": "cpu",
+                          "dtype": "float32", "mem_total": 10**10, "mem_free": 10**10,
+                          "gflops": 10.0})
+    d = _ask(b, "plan", {"strategy": "compute"})["data"]
+    assert [s["node"] for s in d["proposed"]["stages"]] == ["a", "b", "d"]
+    small = FakeBroker({"a": 10.0}, mem=300_000, placement={"context_len": 4096, "sessions": 8})
+    msg = _ask(small, "plan", {"strategy": "memory"})
+    assert msg.kind == "error" and msg["code"] == "infeasible"
+    assert "does not fit" in msg["message"] and "4096 tokens × 8 sessions" in msg["message"]
+    assert "a: budget 0.3 MiB" in msg["message"]
+    msg = _ask(b, "plan", {"strategy": "fastest"})
+    assert msg["code"] == "bad_request" and "strategy must be one of" in msg["message"]
+
+
+def test_plan_for_current_and_custom() -> None:
+    b = FakeBroker({"a": 10.0, "b": 10.0})
+    b.place([StageAssignment("a", 0, 1), StageAssignment("b", 1, 6)])
+    cur = admin.plan_for(b, "current")
+    assert cur.stages == b.placement.stages and cur.predicted_s[1] > cur.predicted_s[0]
+    assert admin.plan_for(b, "custom").stages == b.placement.stages  # no configured stages
+    assert [s.node for s in admin.plan_for(b, "uniform", exclude=["a"]).stages] == ["b"]
+
+
+def test_move_rebalance_drain_slow_ops_call_the_mover() -> None:
+    b = FakeBroker({"a": 10.0, "b": 10.0})
+    b.place(uniform(["a", "b"], 6))
+    msg = _ask(b, "move", {"layers": "2-3", "to": "a"})
+    assert msg.kind == "admin_reply" and msg["data"]["ok"] and msg["data"]["kv_bytes"] == 4096
+    assert b.mover.calls[-1] == ("move", 2, 4, "a", "admin move")
+    _ask(b, "rebalance", {"strategy": "compute"})
+    assert b.mover.calls[-1] == ("rebalance", "compute", "admin rebalance")
+    _ask(b, "rebalance")
+    assert b.mover.calls[-1] == ("rebalance", "uniform", "admin rebalance")
+    _ask(b, "drain", {"node": "b"})
+    assert b.mover.calls[-1] == ("drain", "b", "admin drain")
+    msg = _ask(b, "slow", {"node": "b", "factor": 3})
+    assert msg["data"] == {"node": "b", "factor": 3.0} and b.slowed == [("b", 3.0)]
+    # the history shows in status, newest last, at most 20
+    for _ in range(25):
+        _ask(b, "drain", {"node": "b"})
+    st = _ask(b, "status")["data"]
+    assert len(st["reallocations"]) == 20 and st["reallocations"][-1]["reason"] == "admin drain"
+    text = admin_cli.format_status(st)
+    assert "REASON" in text and "a[0-5]" in text and "b[0-5]" in text and "12.30" in text
+
+
+def test_move_failure_and_bad_args(monkeypatch: pytest.MonkeyPatch) -> None:
+    b = FakeBroker({"a": 10.0, "b": 10.0})
+    b.place(uniform(["a", "b"], 6))
+    monkeypatch.setattr(admin, "_move_error", lambda: MoveErr)
+    b.mover.fail = "node b did not confirm the KV transfer in 60 s; rolled back"
+    msg = _ask(b, "move", {"layers": "0-1", "to": "b"})
+    assert msg.kind == "error" and msg["code"] == "move_failed"
+    assert "rolled back" in msg["message"]
+    bad = [("move", {"layers": "4-9", "to": "a"}, "out of range: the model has 6 layers"),
+           ("move", {"layers": "x", "to": "a"}, "layers must look like"),
+           ("move", {"layers": "1-2", "to": "zz"}, "unknown node 'zz'"),
+           ("move", {"layers": "1-2"}, "to must be a non-empty string"),
+           ("move", {"layers": "1-2", "to": "a", "x": 1}, "takes args layers, to"),
+           ("drain", {"node": "q"}, "unknown node"),
+           ("slow", {"node": "a", "factor": 0}, "factor must be a number > 0"),
+           ("slow", {"node": "a", "factor": float("nan")}, "factor must be"),
+           ("slow", {"node": "a", "factor": "2"}, "factor must be"),
+           ("rebalance", {"strategy": "best"}, "strategy must be one of"),
+           ("status", {"x": 1}, "takes no args")]
+    for op, args, text in bad:
+        msg = _ask(b, op, args)
+        assert msg.kind == "error" and msg["code"] == "bad_request", (op, args)
+        assert text in msg["message"], (op, msg["message"])
+    b.mover = None
+    msg = _ask(b, "drain", {"node": "a"})
+    assert msg["code"] == "unsupported"
+
+
+def _parse(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="zpipe")
+    admin_cli.add_parser(parser.add_subparsers(dest="command"))
+    return parser.parse_args(["admin", *argv])
+
+
+def test_cli_validates_args(capsys: pytest.CaptureFixture) -> None:
+    a = _parse("move", "--layers", "3-5", "--to", "n1")
+    assert (a.layers, a.to) == ("3-5", "n1")
+    assert _parse("slow", "n0", "--factor", "2.5").factor == 2.5
+    assert _parse("plan", "--strategy", "mixed", "--json").strategy == "mixed"
+    assert _parse("drain", "n2").node == "n2"
+    assert _parse("rebalance").strategy is None
+    for argv, text in [(["move", "--layers", "5-3", "--to", "n1"], "ends before it starts"),
+                       (["move", "--layers", "a-b", "--to", "n1"], "layers must look like"),
+                       (["move", "--layers", "1-2"], "required: --to"),
+                       (["slow", "n0", "--factor", "0"], "must be > 0"),
+                       (["slow", "n0", "--factor", "nan"], "must be > 0"),
+                       (["slow", "n0"], "required: --factor"),
+                       (["plan", "--strategy", "fast"], "invalid choice"),
+                       (["drain", "bad name"], "not a node name")]:
+        with pytest.raises(SystemExit):
+            _parse(*argv)
+        assert text in capsys.readouterr().err, argv
+
+
+def test_format_record() -> None:
+    rec = {"time": 1.0, "reason": "admin move", "before": [{"node": "a", "start": 0, "end": 6}],
+           "after": [{"node": "a", "start": 0, "end": 3}, {"node": "b", "start": 3, "end": 6}],
+           "kv_bytes": 2_000_000, "pause_s": 0.05, "ok": True, "error": None}
+    text = admin_cli.format_record(rec)
+    assert "admin move: ok" in text and "a[0-2] b[3-5]" in text
+    assert "KV moved 2.0 MB, pause 50.00 ms" in text
+    assert admin_cli.format_record({"node": "a", "factor": 2.0}) == json.dumps(
+        {"node": "a", "factor": 2.0})
+    assert "failed: boom" in admin_cli.format_reallocations([{**rec, "ok": False,
+                                                              "error": "boom"}])
+
+
+# --------------------------------------------------------------------------- a real cluster
+def _cli(capsys: pytest.CaptureFixture, *argv: str) -> tuple[int, str, str]:
+    args = _parse(*argv)
+    code = args.func(args)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture(scope="module")
+def moving_cluster(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory):
+    pytest.importorskip("brokers.mover")
+    from conftest import start_cluster
+
+    rc = start_cluster(tiny_model, tmp_path_factory.mktemp("rebalance"),
+                       [{"name": n, "threads": 1} for n in ("n0", "n1", "n2")])
+    yield rc
+    rc.cluster.stop()
+
+
+def _generate(rc, n: int = 24) -> list[int]:
+    async def go() -> list[int]:
+        async with rc.client() as client:
+            return (await client.generate(prompt_ids=[1, 2, 3, 4], max_new_tokens=n,
+                                          ignore_eos=True)).token_ids
+    return asyncio.run(go())
+
+
+def test_admin_cli_on_a_real_cluster(moving_cluster, capsys: pytest.CaptureFixture) -> None:
+    rc = moving_cluster
+    addr = ["--broker", rc.address]
+    ref = _generate(rc)
+    code, out, err = _cli(capsys, "plan", "--strategy", "compute", *addr)
+    assert code == 0 and "proposed (compute)" in out and "n2" in out, err
+    code, out, _ = _cli(capsys, "plan", "--json", *addr)
+    d = json.loads(out)
+    assert d["current"]["stages"][0]["measured_s"] > 0  # it generated: n0 was measured
+    code, out, err = _cli(capsys, "move", "--layers", "2-2", "--to", "n0", *addr)
+    assert code == 0 and "admin move: ok" in out and "n0[0-2]" in out, err
+    assert _generate(rc) == ref
+    code, out, err = _cli(capsys, "slow", "n1", "--factor", "3", *addr)
+    assert code == 0, err
+    code, out, err = _cli(capsys, "drain", "n1", *addr)
+    assert code == 0 and "admin drain: ok" in out, err
+    assert _generate(rc) == ref
+    code, out, _ = _cli(capsys, "status", "--json", *addr)
+    st = json.loads(out)
+    assert [s["node"] for s in st["placement"]["stages"]] == ["n0", "n2"]
+    reasons = [r["reason"] for r in st["reallocations"]]
+    assert reasons[-2:] == ["admin move", "admin drain"]
+    assert all(r["ok"] and r["kv_bytes"] >= 0 and r["pause_s"] >= 0
+               for r in st["reallocations"][-2:])
+    code, out, err = _cli(capsys, "rebalance", "--strategy", "uniform", *addr)
+    assert code == 0 and "admin rebalance: ok" in out, err  # n1 (drained) gets layers back
+    code, out, _ = _cli(capsys, "status", *addr)
+    assert "admin rebalance" in out and "n1[" in out
+    assert _generate(rc) == ref
+    code, out, err = _cli(capsys, "move", "--layers", "0-5", "--to", "nobody", *addr)
+    assert code == 1 and "unknown node 'nobody'" in err
+    time.sleep(0)  # keep the cluster for others in this module
