@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import statistics
 import time
+from collections import defaultdict, deque
 
 import torch
 import zmq
@@ -17,19 +19,21 @@ import zmq.asyncio
 from transformers import AutoTokenizer
 
 from brokers import admin
+from brokers.mover import REPLY_KINDS, MoveError, Mover
+from brokers.rebalance import Rebalancer
 from brokers.registry import NodeInfo, Registry
 from brokers.sessions import RequestError, Session, build_session
 from zpipe import aio, protocol
 from zpipe.config import BrokerConfig
 from zpipe.metrics import Metrics
 from zpipe.models import resolve_model
-from zpipe.placement import Placement, PlacementError, choose
+from zpipe.placement import Placement, PlacementError, PlanResult, choose
 from zpipe.protocol import Message, ProtocolError
 from zpipe.shard import ModelSpec
 
 log = logging.getLogger("zpipe.broker")
 
-NODE_KINDS = {"register", "loaded", "result", "heartbeat", "profile_reply"}
+NODE_KINDS = {"register", "loaded", "result", "heartbeat", "profile_reply"} | REPLY_KINDS
 
 
 class Broker:
@@ -47,6 +51,12 @@ class Broker:
         self.epoch = 0
         self.sessions: dict[str, Session] = {}
         self.metrics = Metrics()
+        self.mover = Mover(self)
+        self.rebalancer = Rebalancer(cfg.rebalance)
+        self.paused = False  # steps wait at token boundaries while layers move
+        self.parked: list[tuple[Session, torch.Tensor]] = []
+        # decode compute seconds per token per node since the placement last changed
+        self.measured: dict[str, deque] = defaultdict(lambda: deque(maxlen=512))
         self.by_rid: dict[tuple[bytes, str], str] = {}
         self.sock: zmq.asyncio.Socket | None = None
 
@@ -63,7 +73,8 @@ class Broker:
         if started:
             started.set()
         tasks = [asyncio.create_task(self._watch_timeouts()),
-                 asyncio.create_task(self._heartbeats())]
+                 asyncio.create_task(self._heartbeats()),
+                 asyncio.create_task(self._auto_rebalance())]
         try:
             while True:
                 frames = await self.sock.recv_multipart(copy=False)
@@ -104,6 +115,8 @@ class Broker:
                     await self._on_result(node, msg)
                 elif msg.kind == "heartbeat":
                     node.stats.update(msg.header)
+                elif msg.kind in REPLY_KINDS:
+                    await self.mover.on_reply(node, msg)
                 elif msg.kind == "loaded":
                     await self._on_loaded(node, msg)
                 else:
@@ -151,6 +164,78 @@ class Broker:
         self.ready = False
         self.waiting_for = reason
 
+    # ------------------------------------------------------------- reallocation hooks
+    def next_epoch(self) -> int:
+        self.epoch += 1
+        return self.epoch
+
+    async def quiesce(self) -> None:
+        """Hold every session at its next token boundary; returns when no step is in flight."""
+        self.paused = True
+        while any(s.in_flight for s in self.sessions.values()):
+            await asyncio.sleep(0.001)
+
+    async def resume(self) -> None:
+        self.paused = False
+        parked, self.parked = self.parked, []
+        for s, ids in parked:
+            if s.sid in self.sessions:
+                await self._start_step(s, ids)
+
+    def switch_placement(self, placement: Placement) -> None:
+        """After a committed move: route by the new placement."""
+        self.placement = placement
+        held = {st.node: st for st in placement.stages}
+        for node in self.registry.all():
+            st = held.get(node.name)
+            if st is not None:
+                node.state, node.start, node.end, node.epoch = "ready", st.start, st.end, \
+                    placement.epoch
+            elif node.state != "dead":
+                node.state, node.start, node.end = "registered", 0, 0
+        self.measured.clear()
+        self.rebalancer.note_change(time.monotonic())
+
+    def plan(self, strategy: str, perf_weight: float = 0.0) -> PlanResult:
+        """What ``strategy`` would place on the alive nodes now (see zpipe.placement.plan)."""
+        return admin.plan_for(self, strategy, perf_weight=perf_weight)
+
+    async def set_slow(self, name: str, factor: float) -> dict:
+        node = self.registry.by_name.get(name)
+        if node is None or node.state == "dead":
+            raise MoveError(f"node {name} is not alive")
+        await self._send(node.ident, protocol.encode("set_slow", factor=float(factor)))
+        return {"node": name, "factor": factor}
+
+    async def _auto_rebalance(self) -> None:
+        """Performance-driven reallocation (seed 000), when the broker YAML turns it on."""
+        cfg = self.cfg.rebalance
+        while cfg.enabled:
+            await asyncio.sleep(cfg.check_interval_s)
+            if not self.ready or self.mover.moving or self.placement is None:
+                continue
+            measured = {st.node: self.measured[st.node] for st in self.placement.stages}
+            tokens = min((len(v) for v in measured.values()), default=0)
+            if tokens == 0:
+                continue
+            idle = [n for n in self.registry.names() if n not in self.placement.nodes()]
+            try:
+                current = self.plan("custom")
+                reason = self.rebalancer.check(
+                    current, {n: statistics.median(v) for n, v in measured.items()}, tokens,
+                    time.monotonic(), joined=idle)
+                if reason is None:
+                    continue
+                proposal = self.plan(cfg.strategy, perf_weight=cfg.perf_weight)
+                if proposal.stages == self.placement.stages or not self.rebalancer.worth_it(
+                        current, proposal):
+                    self.rebalancer.note_declined(time.monotonic())  # hysteresis: wait again
+                    continue
+                await self.mover.transition(proposal.stages, f"performance: {reason}")
+            except (MoveError, PlacementError) as e:
+                log.warning("performance-driven reallocation skipped: %s", e)
+                self.rebalancer.note_change(time.monotonic())
+
     async def _heartbeats(self) -> None:
         """Send heartbeats to the nodes and declare dead those silent for interval × liveness."""
         hb = self.cfg.heartbeat
@@ -169,6 +254,7 @@ class Broker:
 
     async def _on_dead(self, node: NodeInfo, silent: float) -> None:
         node.state = "dead"
+        self.mover.node_lost(node.name)
         log.warning("node %s is dead: no message for %.1f s", node.name, silent)
         if self.placement and node.name in self.placement.nodes():
             await self._drop_placement(
@@ -212,6 +298,9 @@ class Broker:
     async def _on_node_error(self, node: NodeInfo, msg: Message) -> None:
         sid = msg.get("sid")
         session = self.sessions.get(sid) if sid else None
+        if self.mover.moving and msg.get("rid"):
+            self.mover.on_error(msg["message"])
+            return
         if session is None:
             log.error("node %s: %s: %s", node.name, msg["code"], msg["message"])
             if node.state == "loading":  # say why instead of waiting forever
@@ -258,6 +347,10 @@ class Broker:
 
     # ------------------------------------------------------------- steps
     async def _start_step(self, s: Session, ids: torch.Tensor) -> None:
+        if self.paused:  # a reallocation is under way: wait at this token boundary
+            self.parked.append((s, ids))
+            return
+        s.in_flight = True
         s.stage_times = []
         s.step_t0 = time.perf_counter()
         await self._send_stage(s, 0, protocol.encode(
@@ -284,6 +377,8 @@ class Broker:
             return  # a late answer for a finished, cancelled or re-routed step
         now = time.perf_counter()
         compute = float(msg["compute_s"])
+        if s.step > 0:
+            self.measured[node.name].append(compute)
         s.stage_times.append([node.name, round(compute, 6), round(now - s.hop_t0 - compute, 6)])
         last = len(self.placement.stages) - 1
         if s.stage < last:
@@ -302,6 +397,7 @@ class Broker:
         await self._emit_token(s, token, float(msg.get("logprob", 0.0)), now)
 
     async def _emit_token(self, s: Session, token: int, logprob: float, now: float) -> None:
+        s.in_flight = False
         s.pos += s.step_input_len()
         s.tokens.append(token)
         step_s = now - s.step_t0
@@ -357,7 +453,7 @@ class Broker:
             await asyncio.sleep(min(1.0, limit / 4))
             now = time.perf_counter()
             for s in list(self.sessions.values()):
-                if now - s.hop_t0 > limit and self.placement:
+                if s.in_flight and now - s.hop_t0 > limit and self.placement:
                     node = self.placement.stages[s.stage].node
                     await self._finish_error(s, "timeout", f"step {s.step} got no answer from "
                                              f"node {node} in {limit:.1f} s")

@@ -60,6 +60,7 @@ class Session:
     hop_t0: float = 0.0     # when it was sent to its current stage
     stage_times: list = field(default_factory=list)  # [node, compute_s, hop_s] per stage
     first_token_s: float | None = None
+    in_flight: bool = False  # a step of this session is at some node right now
 
     def step_input_len(self) -> int:
         return len(self.prompt_ids) if self.step == 0 else 1

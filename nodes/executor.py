@@ -33,6 +33,10 @@ class Executor:
         self.stage: Stage | None = None
         self.epoch = -1
         self.caches: dict[str, KVCache] = {}
+        # A reallocation in progress: (epoch, stage or None) and the KV received for it.
+        self.pending: tuple[int, Stage | None] | None = None
+        self.pending_caches: dict[str, KVCache] = {}
+        self.slow_factor = 1.0  # > 1 slows compute on purpose (tests, demos)
 
     def load(self, start: int, end: int, epoch: int) -> int:
         """Load layers [start, end); returns the weight bytes now held."""
@@ -45,6 +49,81 @@ class Executor:
             self.stage = Stage(self.model_dir, start, end, dtype=self.dtype, device=self.device)
         self.epoch = epoch
         return self.stage.weight_bytes()
+
+    # ------------------------------------------------------------ reallocation
+    def prepare(self, start: int, end: int, epoch: int) -> int:
+        """Load the stage this node will hold after ``epoch`` commits, beside the current one.
+
+        Layers it already holds are shared, not read again. ``start == end``: nothing.
+        """
+        self.pending_caches = {}
+        if start == end:
+            self.pending = (epoch, None)
+            return 0
+        if not 0 <= start < end <= self.spec.num_layers:
+            raise StepError("bad_range", f"layers {start}-{end - 1} are outside the model")
+        stage = Stage(self.model_dir, start, end, dtype=self.dtype, device=self.device,
+                      reuse=self.stage)
+        self.pending = (epoch, stage)
+        return stage.weight_bytes()
+
+    def export_kv(self, sid: str, start: int, end: int) -> tuple[int, dict[str, torch.Tensor]]:
+        cache = self.caches.get(sid)
+        if cache is None:
+            raise StepError("unknown_session", f"no KV cache for session {sid} on this node")
+        try:
+            return cache.length, cache.export(range(start, end))
+        except (KeyError, ValueError) as e:
+            raise StepError("bad_range", f"session {sid}: {e}") from None
+
+    def import_kv(self, sid: str, length: int, tensors: dict[str, torch.Tensor]) -> int:
+        """Stage received KV layers for the pending placement; returns the bytes taken."""
+        if self.pending is None or self.pending[1] is None:
+            raise StepError("not_prepared", "KV arrived for a placement this node did not prepare")
+        stage = self.pending[1]
+        cache = self.pending_caches.get(sid)
+        if cache is None:
+            cache = self.pending_caches[sid] = KVCache(
+                range(0), self.spec.num_kv_heads, self.spec.head_dim, stage.dtype, stage.device)
+        layers = {int(name.split(".", 1)[1]) for name in tensors if "." in name}
+        if not layers <= set(range(stage.start, stage.end)):
+            raise StepError("bad_range", f"KV for layers {sorted(layers)} outside the prepared "
+                                         f"{stage.start}-{stage.end - 1}")
+        try:
+            cache.import_({k: t.to(stage.device, stage.dtype) for k, t in tensors.items()},
+                          length)
+        except ValueError as e:
+            raise StepError("bad_kv", f"session {sid}: {e}") from None
+        return sum(t.numel() * t.element_size() for t in tensors.values())
+
+    def commit(self, epoch: int) -> None:
+        """Switch to the prepared stage: keep the KV of layers still held, adopt received KV."""
+        if self.pending is None or self.pending[0] != epoch:
+            raise StepError("not_prepared", f"nothing prepared for epoch {epoch}")
+        _, stage = self.pending
+        if stage is None:
+            self.caches.clear()
+        else:
+            keep = set(range(stage.start, stage.end))
+            for sid in self.caches.keys() | self.pending_caches.keys():  # check before changing
+                have = set(self.caches[sid].k) if sid in self.caches else set()
+                got = set(self.pending_caches[sid].k) if sid in self.pending_caches else set()
+                if (have & keep) | got != keep:
+                    raise StepError("bad_kv", f"session {sid} lacks KV for layers "
+                                              f"{sorted(keep - (have | got))}")
+            for cache in self.caches.values():
+                cache.drop_layers([la for la in cache.k if la not in keep])
+            for sid, got in self.pending_caches.items():
+                if sid in self.caches:
+                    self.caches[sid].adopt(got)
+                else:
+                    self.caches[sid] = got  # a session new to this node
+        self.stage, self.epoch = stage, epoch
+        self.pending, self.pending_caches = None, {}
+
+    def abort(self, epoch: int) -> None:
+        if self.pending is not None and self.pending[0] == epoch:
+            self.pending, self.pending_caches = None, {}
 
     def free(self, sids: list[str]) -> None:
         for sid in sids:
@@ -76,11 +155,13 @@ class Executor:
         t0 = time.perf_counter()
         outs = stage.forward_batch([(c, m.tensors["x"], m["pos"]) for _, m, c, _ in ready])
         if stage.last:
-            sampled = [sample(out, params, m["step"])
-                       for out, (_, m, _, params) in zip(outs, ready, strict=True)]
+            sampled = _sample_all(outs, [(params, m["step"]) for _, m, _, params in ready])
         elif outs[0].is_cuda:
             torch.cuda.synchronize(outs[0].device)
         compute = time.perf_counter() - t0
+        if self.slow_factor > 1:
+            time.sleep(compute * (self.slow_factor - 1))
+            compute *= self.slow_factor
         for j, (i, _, _, _) in enumerate(ready):
             if stage.last:
                 token, logprob = sampled[j]
@@ -131,3 +212,20 @@ class Executor:
         elif x.dim() != 2 or x.shape[1] != self.spec.hidden_size or not x.is_floating_point():
             raise StepError("bad_shape", f"stage takes float hidden states [n, "
                                          f"{self.spec.hidden_size}], got {x.dtype} {list(x.shape)}")
+
+
+def _sample_all(logits: list[torch.Tensor], how: list[tuple[SamplingParams, int]]) -> list:
+    """(token, logprob) per session. Greedy rows are decided together on the logits' device
+    (one transfer of ids, not of vocab-sized rows); sampled rows go through ``sample``."""
+    greedy = [i for i, (p, _) in enumerate(how) if p.greedy]
+    out: list = [None] * len(logits)
+    if greedy:
+        rows = torch.stack([logits[i] for i in greedy]).float()
+        ids = rows.argmax(dim=-1)
+        lp = torch.log_softmax(rows, dim=-1).gather(1, ids[:, None])[:, 0]
+        for i, t, v in zip(greedy, ids.tolist(), lp.tolist(), strict=True):
+            out[i] = (t, v)
+    for i, (p, step) in enumerate(how):
+        if out[i] is None:
+            out[i] = sample(logits[i], p, step)
+    return out

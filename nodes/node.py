@@ -24,6 +24,9 @@ from zpipe.protocol import Message, ProtocolError
 log = logging.getLogger("zpipe.node")
 
 MAX_BACKOFF_S = 8.0
+# Handled in arrival order on the compute thread's queue, so nothing overtakes a step.
+QUEUED = {"step", "load", "free", "profile", "prepare", "kv_export", "kv_import", "commit",
+          "abort", "set_slow"}
 
 
 class Node:
@@ -113,7 +116,7 @@ class Node:
             except ProtocolError as e:
                 log.warning("dropped a bad message from the broker: %s", e)
                 continue
-            if msg.kind in ("step", "load", "free", "profile"):
+            if msg.kind in QUEUED:
                 self.queue.put_nowait(msg)  # in arrival order: a free never overtakes a step
             elif msg.kind == "welcome":
                 self.heartbeat_s, self.liveness = float(msg["heartbeat_s"]), msg["liveness"]
@@ -166,14 +169,54 @@ class Node:
                     data = await loop.run_in_executor(
                         self.pool, profile.run, self.executor, msg.get("tokens", 16))
                     await self.send(protocol.encode("profile_reply", rid=msg["rid"], **data))
+                else:
+                    await self._reallocate(msg)
             except StepError as e:
-                await self.send(protocol.error(e.code, f"{self.cfg.name}: {e}",
+                ids = {"rid": msg["rid"]} if "rid" in msg.header else {}
+                await self.send(protocol.error(e.code, f"{self.cfg.name}: {e}", **ids,
                                                sid=msg.get("sid", ""), step=msg.get("step", -1)))
             except Exception as e:  # one bad batch must not take the node down
                 log.exception("%s failed", msg.kind)
                 for m in batch:
                     await self.send(protocol.error("internal", f"{self.cfg.name}: {e!r}",
                                                    sid=m.get("sid", ""), step=m.get("step", -1)))
+
+    async def _reallocate(self, msg: Message) -> None:
+        """The node's side of a move (brokers/mover.py): prepare, KV out/in, commit/abort."""
+        ex, run = self.executor, asyncio.get_running_loop().run_in_executor
+        if msg.kind == "prepare":
+            t0 = time.perf_counter()
+            nbytes = await run(self.pool, ex.prepare, msg["start"], msg["end"], msg["epoch"])
+            log.info("prepared layers %d-%d for epoch %d (%.1f MB)", msg["start"],
+                     msg["end"] - 1, msg["epoch"], nbytes / 1e6)
+            await self.send(protocol.encode("prepared", rid=msg["rid"], epoch=msg["epoch"],
+                                            weight_bytes=nbytes,
+                                            load_s=time.perf_counter() - t0))
+        elif msg.kind == "kv_export":
+            for sid in msg["sids"]:
+                if not isinstance(sid, str):
+                    raise StepError("bad_message", "sids must be strings")
+                length, tensors = ex.export_kv(sid, msg["start"], msg["end"])
+                await self.send(protocol.encode("kv_data", tensors, rid=msg["rid"], sid=sid,
+                                                length=length))
+        elif msg.kind == "kv_import":
+            nbytes = await run(self.pool, ex.import_kv, msg["sid"], msg["length"], msg.tensors)
+            await self.send(protocol.encode("kv_imported", rid=msg["rid"], sid=msg["sid"],
+                                            nbytes=nbytes))
+        elif msg.kind == "commit":
+            await run(self.pool, ex.commit, msg["epoch"])
+            held = f"layers {ex.stage.start}-{ex.stage.end - 1}" if ex.stage else "nothing"
+            log.info("epoch %d committed: holding %s", msg["epoch"], held)
+            await self.send(protocol.encode("committed", rid=msg["rid"], epoch=msg["epoch"]))
+        elif msg.kind == "abort":
+            ex.abort(msg["epoch"])
+            log.info("reallocation to epoch %d aborted", msg["epoch"])
+        elif msg.kind == "set_slow":
+            factor = float(msg["factor"])
+            if not 0 < factor <= 1000:
+                raise StepError("bad_value", f"slow factor must be in (0, 1000], got {factor}")
+            ex.slow_factor = factor
+            log.info("compute slow-down factor set to %.2f", factor)
 
     async def _send_result(self, msg: Message, out: tuple | StepError) -> None:
         if isinstance(out, StepError):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 from torch import Tensor
 
@@ -144,7 +146,16 @@ class KVCache:
                 store[layer][heads.start:heads.stop, start:length].copy_(kv[kind])
         self.length = length
 
-    def drop_layers(self, layers: range) -> None:
+    def drop_layers(self, layers: Iterable[int]) -> None:
         for layer in layers:
             self.k.pop(layer, None)
             self.v.pop(layer, None)
+
+    def adopt(self, other: KVCache) -> None:
+        """Take over ``other``'s layers (no copy), e.g. the layers a move brought to this node."""
+        if self.k and other.k and other.length != self.length:
+            raise ValueError(f"cannot adopt {other.length} tokens into a cache of {self.length}")
+        self.k.update(other.k)
+        self.v.update(other.v)
+        if other.k:
+            self.length = other.length

@@ -384,17 +384,18 @@ def _infeasible(caps: Sequence[NodeCapability], cost: ModelCost, context_len: in
     need = (cost.num_layers * per + cost.embed_bytes
             + (cost.head_bytes - (cost.embed_bytes if cost.tied and len(caps) == 1 else 0)))
     have = sum(c.mem_free_bytes for c in caps)
-    lines = [f"the model does not fit: needs {_fmt_b(need)} ({cost.num_layers} layers × "
-             f"{_fmt_b(per)} = {_fmt_b(cost.layer_weight_bytes)} weights + {_fmt_b(kv)} KV for "
-             f"{context_len} tokens × {sessions} sessions, + embedding {_fmt_b(cost.embed_bytes)}"
-             f" + head {_fmt_b(cost.head_bytes)}), the nodes have {_fmt_b(have)} "
-             f"and room for {sum(cap)} of {cost.num_layers} layers"]
+    lines = [f"the model does not fit: it needs {_fmt_b(need)} ({cost.num_layers} layers × "
+             f"{_fmt_b(per)} [{_fmt_b(cost.layer_weight_bytes)} weights + {_fmt_b(kv)} KV for "
+             f"{context_len} tokens × {sessions} sessions] + embedding "
+             f"{_fmt_b(cost.embed_bytes)} + head {_fmt_b(cost.head_bytes)}); the nodes have "
+             f"{_fmt_b(have)}, room for {sum(cap)} of {cost.num_layers} layers"]
     k = len(caps)
     for i, (c, m) in enumerate(zip(caps, cap, strict=True)):
         fixed = cost.fixed_bytes(i == 0, i == k - 1)
-        extra = (" + embedding" if i == 0 else "") + (" + head" if i == k - 1 else "")
-        lines.append(f"  {c.name}: budget {_fmt_b(c.mem_free_bytes)}, fixed{extra or ' none'} "
-                     f"{_fmt_b(fixed)}, room for {m} layer(s); one layer needs {_fmt_b(per)}")
+        what = " + ".join(w for w, on in (("embedding", i == 0), ("head", i == k - 1)) if on)
+        held = f", {what} {_fmt_b(fixed)}" if what else ""
+        lines.append(f"  {c.name}: budget {_fmt_b(c.mem_free_bytes)}{held}, room for {m} "
+                     f"layer(s) of {_fmt_b(per)}")
     lines += [f"  {n}" for n in notes]
     return "\n".join(lines)
 

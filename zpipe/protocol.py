@@ -94,6 +94,19 @@ SCHEMAS: dict[str, dict[str, str]] = {
     "profile": {"rid": _STR, "tokens?": _INT},
     "profile_reply": {"rid": _STR, "parts": _LIST, "weight_bytes": _INT, "kv_bytes": _INT,
                       "rss": _INT},
+    # --- reallocation (brokers/mover.py): prepare -> KV export/import -> commit, or abort.
+    # A node given start == end holds nothing after the commit.
+    "prepare": {"rid": _STR, "epoch": _INT, "start": _INT, "end": _INT},
+    "prepared": {"rid": _STR, "epoch": _INT, "weight_bytes": _INT, "load_s": _NUM},
+    "kv_export": {"rid": _STR, "sids": _LIST, "start": _INT, "end": _INT},
+    # one per session: tensors "k.{layer}", "v.{layer}" [kv_heads, length, head_dim]
+    "kv_data": {"rid": _STR, "sid": _STR, "length": _INT},
+    "kv_import": {"rid": _STR, "sid": _STR, "length": _INT},
+    "kv_imported": {"rid": _STR, "sid": _STR, "nbytes": _INT},
+    "commit": {"rid": _STR, "epoch": _INT},
+    "committed": {"rid": _STR, "epoch": _INT},
+    "abort": {"rid": _STR, "epoch": _INT},
+    "set_slow": {"factor": _NUM},
     # --- any direction
     "error": {"code": _STR, "message": _STR, "rid?": _STR, "sid?": _STR, "step?": _INT},
 }

@@ -102,7 +102,10 @@ class Stage:
     """Layers [start, end) of the model; first = start == 0, last = end == num_layers."""
 
     def __init__(self, model_dir: Path, start: int, end: int, *,
-                 dtype: torch.dtype = torch.float32, device: str = "cpu"):
+                 dtype: torch.dtype = torch.float32, device: str = "cpu",
+                 reuse: Stage | None = None):
+        """``reuse``: a stage of the same model whose tensors this one shares where they
+        overlap, so a node that gains layers reads only those from disk."""
         from transformers.activations import ACT2FN
         from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
@@ -129,7 +132,10 @@ class Stage:
             tied = spec.tie_word_embeddings or "lm_head.weight" not in files
             head_name = "model.embed_tokens.weight" if tied else "lm_head.weight"
             names.append(head_name)
-        w = self._read(files, names)
+        have = reuse.weights if reuse is not None and reuse.dtype == dtype else {}
+        w = {n: have[n] for n in names if n in have}
+        w.update(self._read(files, [n for n in names if n not in w]))
+        self.weights = w
         self.embed = w["model.embed_tokens.weight"] if self.first else None
         self.norm = w["model.norm.weight"] if self.last else None
         self.lm_head = w[head_name] if self.last else None
@@ -137,6 +143,8 @@ class Stage:
                        for i in range(start, end)]
 
     def _read(self, files: dict[str, Path], names: list[str]) -> dict[str, Tensor]:
+        if not names:
+            return {}
         missing = [n for n in names if n not in files]
         if missing:
             raise KeyError(f"{self.spec.model_dir}: missing tensors {missing[:5]}")

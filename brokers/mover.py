@@ -1,0 +1,250 @@
+"""Reallocation: move layers between live nodes without losing or recomputing any KV cache.
+
+One transition from the serving placement to a new one:
+
+1. quiesce: sessions stop at a token boundary (no step in flight anywhere);
+2. prepare: every node of the new placement loads what it will hold (sharing the layers it
+   keeps), beside what it serves now;
+3. KV: for each layer range that changes hands, the old holder exports every live session's
+   K/V for it and the broker forwards those frames, untouched, to the new holder;
+4. commit: every node switches; the epoch goes up and routing follows; sessions resume.
+
+Any failure or timeout before the commit sends ``abort`` everywhere: the old placement, still
+intact on every node, keeps serving and no session is lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from typing import TYPE_CHECKING, Any
+
+from zpipe import protocol
+from zpipe.placement import Placement, StageAssignment
+from zpipe.protocol import Message
+
+if TYPE_CHECKING:
+    from brokers.broker import Broker
+    from brokers.registry import NodeInfo
+
+log = logging.getLogger("zpipe.mover")
+
+REPLY_KINDS = {"prepared", "kv_data", "kv_imported", "committed"}
+
+
+class MoveError(RuntimeError):
+    """A reallocation that was refused or rolled back; the message says why."""
+
+
+def owners(stages: list[StageAssignment]) -> list[str]:
+    """Layer → node name."""
+    return [s.node for s in stages for _ in range(s.start, s.end)]
+
+
+def stages_from_owners(layer_owner: list[str]) -> list[StageAssignment]:
+    """Group consecutive layers by owner; a node may hold only one contiguous range."""
+    out: list[StageAssignment] = []
+    for layer, name in enumerate(layer_owner):
+        if out and out[-1].node == name:
+            out[-1] = StageAssignment(name, out[-1].start, layer + 1)
+        else:
+            if any(s.node == name for s in out):
+                raise MoveError(f"node {name} would hold layers that are not contiguous")
+            out.append(StageAssignment(name, layer, layer + 1))
+    return out
+
+
+class Mover:
+    def __init__(self, broker: Broker) -> None:
+        self.broker = broker
+        self.lock = asyncio.Lock()
+        self.history: list[dict[str, Any]] = []
+        self.moving = False
+        self._waiting: dict[tuple[str, str], asyncio.Future] = {}  # (rid, key) → reply
+        self._rid = ""
+        self._routes: dict[tuple[str, int], str] = {}  # (source, first layer) → destination
+
+    # ------------------------------------------------------------------ requests
+    async def move_layers(self, start: int, end: int, to: str, reason: str) -> dict:
+        """Give layers [start, end) to node ``to``."""
+        b = self.broker
+        current = self._serving()
+        if not 0 <= start < end <= b.spec.num_layers:
+            raise MoveError(f"layers {start}-{end - 1} are outside the model's "
+                            f"{b.spec.num_layers} layers")
+        layer_owner = owners(current.stages)
+        for layer in range(start, end):
+            layer_owner[layer] = to
+        return await self.transition(stages_from_owners(layer_owner), reason)
+
+    async def drain(self, name: str, reason: str) -> dict:
+        """Everything off ``name``: its layers go to its pipeline neighbour."""
+        current = self._serving()
+        names = current.nodes()
+        if name not in names:
+            raise MoveError(f"node {name} holds no layers")
+        if len(names) == 1:
+            raise MoveError(f"node {name} is the only stage; nowhere to drain it to")
+        i = names.index(name)
+        heir = names[i - 1] if i > 0 else names[1]
+        layer_owner = [heir if n == name else n for n in owners(current.stages)]
+        return await self.transition(stages_from_owners(layer_owner), reason)
+
+    async def rebalance(self, strategy: str, reason: str, perf_weight: float = 0.0) -> dict:
+        """Re-plan over every alive node (late joiners included) and move to that plan."""
+        stages = self.broker.plan(strategy, perf_weight=perf_weight).stages
+        return await self.transition(stages, reason)
+
+    def _serving(self) -> Placement:
+        b = self.broker
+        if b.placement is None or not b.ready:
+            raise MoveError(f"no placement is serving ({b.waiting_for})")
+        return b.placement
+
+    # ------------------------------------------------------------------ the transition
+    async def transition(self, stages: list[StageAssignment], reason: str) -> dict:
+        b = self.broker
+        async with self.lock:
+            old = self._serving()
+            if [s.to_dict() for s in stages] == old.to_list():
+                raise MoveError("the placement already is that")
+            for s in stages:
+                node = b.registry.by_name.get(s.node)
+                if node is None or node.state == "dead":
+                    raise MoveError(f"node {s.node} is not alive")
+            record: dict[str, Any] = {
+                "time": time.time(), "reason": reason, "before": old.to_list(),
+                "after": [s.to_dict() for s in stages], "epoch_before": old.epoch,
+                "kv_bytes": 0, "pause_s": 0.0, "ok": False, "error": None,
+            }
+            epoch = b.next_epoch()
+            self._rid = uuid.uuid4().hex
+            involved = [b.registry.by_name[n] for n in dict.fromkeys(old.nodes() + [
+                s.node for s in stages])]
+            self.moving = True
+            t_pause = time.perf_counter()
+            try:
+                await asyncio.wait_for(b.quiesce(), b.cfg.move_timeout_s)
+                t_quiet = time.perf_counter()
+                await asyncio.wait_for(self._run(old, stages, epoch, involved, record),
+                                       b.cfg.move_timeout_s)
+                b.switch_placement(Placement(epoch, stages))
+                record.update(ok=True, epoch_after=epoch,
+                              quiesce_s=round(t_quiet - t_pause, 6))
+            except (Exception, asyncio.TimeoutError) as e:
+                msg = "timed out" if isinstance(e, asyncio.TimeoutError) else str(e)
+                record["error"] = msg
+                await self._broadcast(involved, protocol.encode("abort", rid=self._rid,
+                                                                epoch=epoch))
+                log.warning("reallocation rolled back (%s): %s", reason, msg)
+            finally:
+                self._fail_waiters()
+                self.moving = False
+                record["pause_s"] = round(time.perf_counter() - t_pause, 6)
+                self.history.append(record)
+                await b.resume()
+            if not record["ok"]:
+                raise MoveError(f"reallocation rolled back: {record['error']}")
+            log.info("reallocation done (%s): epoch %d, %d KV bytes moved, pause %.3f s",
+                     reason, epoch, record["kv_bytes"], record["pause_s"])
+            return record
+
+    async def _run(self, old: Placement, stages: list[StageAssignment], epoch: int,
+                   involved: list[NodeInfo], record: dict) -> None:
+        b = self.broker
+        rid = self._rid
+        # 2. prepare: what each node will hold (start == end: nothing)
+        new_range = {s.node: (s.start, s.end) for s in stages}
+        waits = []
+        for node in involved:
+            start, end = new_range.get(node.name, (0, 0))
+            waits.append(self._expect(rid, f"prepared:{node.name}"))
+            await self._send(node, protocol.encode("prepare", rid=rid, epoch=epoch,
+                                                   start=start, end=end))
+        await asyncio.gather(*waits)
+        # 3. KV of every live session for each layer range that changes hands
+        sids = list(b.sessions)
+        old_owner, new_owner = owners(old.stages), owners(stages)
+        transfers = _transfers(old_owner, new_owner)
+        record["transfers"] = [{"from": s, "to": d, "layers": [a, e - 1]}
+                               for s, d, a, e in transfers]
+        for src, dst, a, e in transfers if sids else []:
+            waits = [self._expect(rid, f"kv_imported:{dst}:{sid}") for sid in sids]
+            self._routes[(src, a)] = dst
+            await self._send(b.registry.by_name[src], protocol.encode(
+                "kv_export", rid=rid, sids=sids, start=a, end=e))
+            for got in await asyncio.gather(*waits):
+                record["kv_bytes"] += got["nbytes"]
+        # 4. commit everywhere
+        waits = [self._expect(rid, f"committed:{n.name}") for n in involved]
+        await self._broadcast(involved, protocol.encode("commit", rid=rid, epoch=epoch))
+        await asyncio.gather(*waits)
+
+    # ------------------------------------------------------------------ replies
+    async def on_reply(self, node: NodeInfo, msg: Message) -> None:
+        """prepared / kv_data / kv_imported / committed from a node."""
+        if msg["rid"] != self._rid or not self.moving:
+            return  # from a move that has ended
+        if msg.kind == "kv_data":
+            await self._forward_kv(node, msg)
+            return
+        key = {"prepared": f"prepared:{node.name}", "committed": f"committed:{node.name}",
+               "kv_imported": f"kv_imported:{node.name}:{msg.get('sid')}"}[msg.kind]
+        fut = self._waiting.get((msg["rid"], key))
+        if fut is not None and not fut.done():
+            fut.set_result(msg.header)
+
+    async def _forward_kv(self, node: NodeInfo, msg: Message) -> None:
+        layers = sorted({int(m[0].split(".", 1)[1]) for m in msg["t"]})
+        dst = self._routes.get((node.name, layers[0])) if layers else None
+        if dst is None:
+            self.on_error(f"node {node.name} sent KV nobody asked for")
+            return
+        await self._send(self.broker.registry.by_name[dst], protocol.encode_forward(
+            "kv_import", msg.frames, msg["t"], rid=msg["rid"], sid=msg["sid"],
+            length=msg["length"]))
+
+    def on_error(self, message: str) -> None:
+        """An error from a node during the move: fail whatever is waiting."""
+        for fut in self._waiting.values():
+            if not fut.done():
+                fut.set_exception(MoveError(message))
+
+    def node_lost(self, name: str) -> None:
+        if self.moving:
+            self.on_error(f"node {name} died during the reallocation")
+
+    def _expect(self, rid: str, key: str) -> asyncio.Future:
+        fut = asyncio.get_running_loop().create_future()
+        self._waiting[(rid, key)] = fut
+        return fut
+
+    def _fail_waiters(self) -> None:
+        for fut in self._waiting.values():
+            if not fut.done():
+                fut.cancel()
+        self._waiting.clear()
+        self._routes.clear()
+
+    async def _send(self, node: NodeInfo, frames: list) -> None:
+        if not await self.broker._send(node.ident, frames):
+            raise MoveError(f"node {node.name} is unreachable")
+
+    async def _broadcast(self, nodes: list[NodeInfo], frames: list) -> None:
+        for node in nodes:
+            await self.broker._send(node.ident, frames)
+
+
+def _transfers(old: list[str], new: list[str]) -> list[tuple[str, str, int, int]]:
+    """(from, to, start, end) for each run of layers whose holder changes."""
+    out: list[tuple[str, str, int, int]] = []
+    for layer, (a, b) in enumerate(zip(old, new, strict=True)):
+        if a == b:
+            continue
+        if out and out[-1][:2] == (a, b) and out[-1][3] == layer:
+            out[-1] = (a, b, out[-1][2], layer + 1)
+        else:
+            out.append((a, b, layer, layer + 1))
+    return out

@@ -1,0 +1,110 @@
+"""Benchmark: what a live layer move costs (pause, KV bytes) versus recomputing the KV.
+
+    .venv/bin/python scripts/bench_move.py --context 1024 --layers 5 --sessions 1 8
+
+Starts a local 3-node cluster (SmolLM2 by default), fills each session's cache to
+``--context`` tokens, then moves ``--layers`` layers from the first node to the second while
+the sessions keep generating. Reports the broker-measured pause (quiesce → commit → resume),
+the KV bytes moved, the longest gap between two tokens a client saw around the move, and, for
+comparison, the time the first node takes to prefill ``--context`` tokens (what recomputing the
+moved layers' KV would cost at the very least).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+from conftest import start_cluster  # noqa: E402
+
+from zpipe.cli.admin import AdminClient  # noqa: E402
+from zpipe.models import resolve_model  # noqa: E402
+
+
+async def _run(rc, sessions: int, context: int, layers: int, new_tokens: int) -> dict:
+    prompt = [(i * 7919) % 40000 + 100 for i in range(context - 32)]
+    gaps: list[list[float]] = [[] for _ in range(sessions)]
+    moved = asyncio.Event()
+    ready = asyncio.Event()
+    counts = [0] * sessions
+
+    def on_token(i: int):
+        def cb(chunk) -> None:
+            counts[i] += 1
+            if moved.is_set() or counts[i] > 1:
+                gaps[i].append(chunk.latency_s)
+            if all(c >= 8 for c in counts):
+                ready.set()
+        return cb
+
+    async with rc.client() as client:
+        t0 = time.perf_counter()
+        tasks = [asyncio.create_task(client.generate(
+            prompt_ids=[p + s for p in prompt], max_new_tokens=new_tokens, ignore_eos=True,
+            on_token=on_token(s))) for s in range(sessions)]
+        await asyncio.wait_for(ready.wait(), 600)
+        prefill_s = time.perf_counter() - t0
+        with AdminClient(rc.address, timeout=300) as admin:
+            status = admin.request("status")
+            first = status["placement"]["stages"][0]
+            second = status["placement"]["stages"][1]
+            a = first["end"] - layers
+            record = await asyncio.to_thread(admin.request, "move", {
+                "layers": f"{a}-{first['end'] - 1}", "to": second["node"]})
+        moved.set()
+        await asyncio.gather(*tasks)
+    with AdminClient(rc.address, timeout=300) as admin:
+        # The least a recomputation would cost: prefilling the context through the moved layers,
+        # once per session (the profile runs it on the node that now holds them).
+        prof = admin.request("profile", {"tokens": min(context, 2048), "timeout": 120})
+    moved_layers = {f"layer.{i}" for i in range(a, a + layers)}
+    recompute = sessions * sum(r["prefill_s"] for r in prof["parts"]
+                               if r["part"] in moved_layers)
+    return {
+        "sessions": sessions, "context_tokens": context, "layers_moved": layers,
+        "kv_bytes": record["kv_bytes"], "pause_s": record["pause_s"],
+        "max_token_gap_s": max(max(g) for g in gaps if g),
+        "median_token_gap_s": sorted(x for g in gaps for x in g)[len([x for g in gaps
+                                                                         for x in g]) // 2],
+        "recompute_estimate_s": recompute,
+        "prefill_all_sessions_s": prefill_s,
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="smollm2")
+    ap.add_argument("--context", type=int, default=1024)
+    ap.add_argument("--layers", type=int, default=5)
+    ap.add_argument("--sessions", type=int, nargs="+", default=[1])
+    ap.add_argument("--new-tokens", type=int, default=48)
+    ap.add_argument("--json", help="write the results here")
+    args = ap.parse_args()
+    model = resolve_model(args.model)
+    results = []
+    for n in args.sessions:
+        with tempfile.TemporaryDirectory() as tmp:
+            rc = start_cluster(model, Path(tmp), [{"name": x, "threads": 1} for x in "abc"])
+            try:
+                r = asyncio.run(_run(rc, n, args.context, args.layers, args.new_tokens))
+            finally:
+                rc.cluster.stop()
+        results.append(r)
+        print(f"{n:>3} sessions x {r['context_tokens']} tokens: moved {r['layers_moved']} "
+              f"layers, {r['kv_bytes'] / 1e6:.1f} MB of KV, pause {r['pause_s'] * 1000:.0f} ms, "
+              f"longest token gap {r['max_token_gap_s'] * 1000:.0f} ms (median "
+              f"{r['median_token_gap_s'] * 1000:.0f} ms); recomputing that KV instead: >= "
+              f"{r['recompute_estimate_s'] * 1000:.0f} ms", flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,134 @@
+"""Layers move between live nodes mid-generation; greedy tokens stay exactly the unmoved ones."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+from conftest import RunningCluster, start_cluster
+from transformers import AutoTokenizer
+
+from zpipe.cli.admin import AdminClient
+
+NEW_TOKENS = 64
+PROMPTS = ["The history of the printing press begins", "Water boils at",
+           "The three laws of motion are", "In 1492, Columbus", "A good breakfast includes",
+           "Once upon a time, in a small village,", "To install Python packages, you can use",
+           "Photosynthesis is the process by which plants"]
+
+
+@pytest.fixture(scope="module")
+def cluster(smollm2: Path, tmp_path_factory: pytest.TempPathFactory):
+    rc = start_cluster(smollm2, tmp_path_factory.mktemp("moves"),
+                       [{"name": n, "threads": 1} for n in ("a", "b", "c")])
+    yield rc
+    rc.cluster.stop()
+
+
+@pytest.fixture(scope="module")
+def prompt_ids(smollm2: Path) -> list[list[int]]:
+    tok = AutoTokenizer.from_pretrained(smollm2)
+    return [tok(p).input_ids for p in PROMPTS]
+
+
+@pytest.fixture(scope="module")
+def reference(cluster: RunningCluster, prompt_ids: list[list[int]]) -> list[list[int]]:
+    async def run() -> list[list[int]]:
+        async with cluster.client() as client:
+            return [(await client.generate(prompt_ids=p, max_new_tokens=NEW_TOKENS,
+                                           ignore_eos=True)).token_ids for p in prompt_ids]
+    return asyncio.run(run())
+
+
+def _admin(rc: RunningCluster, op: str, **args) -> dict:
+    with AdminClient(rc.address, timeout=120) as admin:
+        return admin.request(op, args)
+
+
+def _placement(rc: RunningCluster) -> list[tuple[str, int, int]]:
+    data = _admin(rc, "status")
+    return [(s["node"], s["start"], s["end"]) for s in data["placement"]["stages"]]
+
+
+async def _generate_with_move(rc: RunningCluster, prompts: list[list[int]], op: str,
+                              args: dict, after_tokens: int = 20) -> tuple[list, dict]:
+    """Run the prompts together; once the first has ``after_tokens`` tokens, reallocate."""
+    started = asyncio.Event()
+
+    def on_token(chunk) -> None:
+        if chunk.index + 1 >= after_tokens:
+            started.set()
+
+    async with rc.client() as client:
+        tasks = [asyncio.create_task(client.generate(
+            prompt_ids=p, max_new_tokens=NEW_TOKENS, ignore_eos=True,
+            on_token=on_token if i == 0 else None)) for i, p in enumerate(prompts)]
+        await asyncio.wait_for(started.wait(), 120)
+        record = await asyncio.to_thread(_admin, rc, op, **args)
+        gens = await asyncio.gather(*tasks)
+    assert all(len(g.token_ids) == NEW_TOKENS for g in gens)
+    return [g.token_ids for g in gens], record
+
+
+def _check_record(record: dict, before: list, after: list) -> None:
+    assert record["ok"], record
+    assert record["kv_bytes"] > 0 and record["pause_s"] > 0
+    assert before != after
+
+
+def test_one_layer_move(cluster: RunningCluster, prompt_ids, reference) -> None:
+    before = _placement(cluster)
+    assert before == [("a", 0, 10), ("b", 10, 20), ("c", 20, 30)]
+    tokens, record = asyncio.run(_generate_with_move(cluster, prompt_ids[:1], "move",
+                                                     {"layers": "9-9", "to": "b"}))
+    after = _placement(cluster)
+    assert after == [("a", 0, 9), ("b", 9, 20), ("c", 20, 30)]
+    _check_record(record, before, after)
+    assert tokens == reference[:1]
+
+
+def test_ten_layer_move_reorders_nothing_is_lost(cluster: RunningCluster, prompt_ids,
+                                                 reference) -> None:
+    before = _placement(cluster)
+    tokens, record = asyncio.run(_generate_with_move(
+        cluster, prompt_ids[1:2], "move", {"layers": "20-29", "to": "b"}))
+    after = _placement(cluster)
+    assert ("c" not in [n for n, _, _ in after]) and after[-1] == ("b", 9, 30)
+    _check_record(record, before, after)
+    assert tokens == reference[1:2]
+
+
+def test_rebalance_brings_back_the_idle_node(cluster: RunningCluster, prompt_ids,
+                                            reference) -> None:
+    """After the previous test node c holds nothing; a rebalance gives it layers again."""
+    before = _placement(cluster)
+    tokens, record = asyncio.run(_generate_with_move(
+        cluster, prompt_ids[2:3], "rebalance", {"strategy": "uniform"}))
+    after = _placement(cluster)
+    assert sorted(n for n, _, _ in after) == ["a", "b", "c"]
+    _check_record(record, before, after)
+    assert tokens == reference[2:3]
+
+
+def test_drain(cluster: RunningCluster, prompt_ids, reference) -> None:
+    before = _placement(cluster)
+    tokens, record = asyncio.run(_generate_with_move(cluster, prompt_ids[3:4], "drain",
+                                                     {"node": before[1][0]}))
+    after = _placement(cluster)
+    assert before[1][0] not in [n for n, _, _ in after] and len(after) == 2
+    _check_record(record, before, after)
+    assert tokens == reference[3:4]
+
+
+def test_move_while_eight_sessions_run(cluster: RunningCluster, prompt_ids, reference) -> None:
+    asyncio.run(_generate_with_move(cluster, prompt_ids[:1], "rebalance",
+                                    {"strategy": "uniform"}))
+    before = _placement(cluster)
+    tokens, record = asyncio.run(_generate_with_move(
+        cluster, prompt_ids, "move", {"layers": f"{before[1][1]}-{before[1][1] + 4}",
+                                      "to": before[0][0]}, after_tokens=10))
+    _check_record(record, before, _placement(cluster))
+    assert tokens == reference
+    history = _admin(cluster, "status")["reallocations"]
+    assert len(history) >= 6 and all(r["ok"] for r in history)
