@@ -279,8 +279,8 @@ def test_infeasible_is_refused_with_the_numbers() -> None:
         assert "2048 tokens × 8 sessions" in msg
         assert f"{per / 2**20:,.1f} MiB" in msg  # what one layer needs
         need = 30 * per + 100 * MB
-        assert f"needs {need / 2**20:,.1f} MiB" in msg
-        assert f"have {sum(mem) / 2**20:,.1f} MiB" in msg
+        assert f"it needs {need / 2**20:,.1f} MiB" in msg
+        assert f"the nodes have {sum(mem) / 2**20:,.1f} MiB" in msg
         for i, m in enumerate(mem):
             assert f"n{i}: budget {m / 2**20:,.1f} MiB" in msg and "room for 9 layer(s)" in msg
 

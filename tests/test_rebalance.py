@@ -123,7 +123,7 @@ def test_hysteresis_no_oscillation_between_near_equal_plans() -> None:
 
 # --------------------------------------------------------------------------- a stand-in broker
 SPEC = SimpleNamespace(num_layers=6, hidden_size=64, num_heads=4, num_kv_heads=2, head_dim=16,
-                       vocab_size=512, tie_word_embeddings=False, num_kv_heads_=2,
+                       vocab_size=512, tie_word_embeddings=False,
                        config=SimpleNamespace(intermediate_size=128))
 
 
