@@ -18,7 +18,7 @@ import zmq
 import zmq.asyncio
 from transformers import AutoTokenizer
 
-from brokers import admin
+from brokers import admin, rebalance
 from brokers.mover import REPLY_KINDS, MoveError, Mover
 from brokers.rebalance import Rebalancer
 from brokers.registry import NodeInfo, Registry
@@ -220,15 +220,16 @@ class Broker:
                 continue
             idle = [n for n in self.registry.names() if n not in self.placement.nodes()]
             try:
-                current = self.plan("custom")
+                current = self.plan("current")
                 reason = self.rebalancer.check(
                     current, {n: statistics.median(v) for n, v in measured.items()}, tokens,
                     time.monotonic(), joined=idle)
                 if reason is None:
                     continue
                 proposal = self.plan(cfg.strategy, perf_weight=cfg.perf_weight)
+                same_scale = self.plan("current", perf_weight=cfg.perf_weight)
                 if proposal.stages == self.placement.stages or not self.rebalancer.worth_it(
-                        current, proposal):
+                        same_scale, proposal):
                     self.rebalancer.note_declined(time.monotonic())  # hysteresis: wait again
                     continue
                 await self.mover.transition(proposal.stages, f"performance: {reason}")
@@ -268,7 +269,12 @@ class Broker:
         if self.placement is not None:
             return
         try:
-            stages = choose(self.cfg.placement, self.registry.names(), self.spec.num_layers)
+            caps = cost = None
+            if self.cfg.placement.strategy not in ("uniform", "custom") and self.registry.all():
+                cost = rebalance.model_cost(self)  # capability-driven strategies need figures
+                caps = rebalance.capabilities(self, cost)
+            stages = choose(self.cfg.placement, self.registry.names(), self.spec.num_layers,
+                            caps=caps, cost=cost)
         except PlacementError as e:
             self.waiting_for = str(e)
             log.info("no placement yet: %s", e)

@@ -137,10 +137,10 @@ class Heartbeat(_Strict):
     liveness: int = Field(3, ge=1, le=100)
 
 
-class BrokerConfig(_Strict):
+class _BrokerKnobs(_Strict):
+    """What a broker YAML and a cluster file's ``broker:`` section share."""
+
     bind: Address = DEFAULT_BROKER
-    model: str = "smollm2"
-    placement: PlacementConfig = PlacementConfig()
     limits: Limits = Limits()
     heartbeat: Heartbeat = Heartbeat()
     rebalance: Rebalance = Rebalance()
@@ -148,6 +148,11 @@ class BrokerConfig(_Strict):
     step_timeout_s: float = Field(120.0, gt=0)
     # A reallocation (load + KV transfer) that takes longer is rolled back.
     move_timeout_s: float = Field(60.0, gt=0)
+
+
+class BrokerConfig(_BrokerKnobs):
+    model: str = "smollm2"
+    placement: PlacementConfig = PlacementConfig()
 
 
 class NodeConfig(_Strict):
@@ -171,11 +176,17 @@ class ClusterNode(_Strict):
     max_batch: int = Field(64, ge=1, le=4096)
 
 
-class ClusterBroker(_Strict):
-    bind: Address = DEFAULT_BROKER
-    limits: Limits = Limits()
-    heartbeat: Heartbeat = Heartbeat()
-    step_timeout_s: float = Field(120.0, gt=0)
+class ClusterPlacement(_Strict):
+    """A cluster's placement: the nodes list gives the order (and ``layers``, if set, custom)."""
+
+    strategy: Literal["uniform", "memory", "compute", "mixed"] = "uniform"
+    context_len: int = Field(2048, ge=1)
+    sessions: int = Field(8, ge=1)
+    weights: MixedWeights = MixedWeights()
+
+
+class ClusterBroker(_BrokerKnobs):
+    placement: ClusterPlacement = ClusterPlacement()
 
 
 class ClusterConfig(_Strict):
@@ -202,15 +213,17 @@ class ClusterConfig(_Strict):
         return self
 
     def broker_config(self) -> BrokerConfig:
+        cp = self.broker.placement
+        common = {"context_len": cp.context_len, "sessions": cp.sessions, "weights": cp.weights}
         if self.nodes[0].layers is not None:
             placement = PlacementConfig(strategy="custom", stages=[
                 StageSpec(node=n.name, layers=f"{n.layers[0]}-{n.layers[1] - 1}")
-                for n in self.nodes])
+                for n in self.nodes], **common)
         else:
-            placement = PlacementConfig(strategy="uniform", nodes=[n.name for n in self.nodes])
-        return BrokerConfig(bind=self.broker.bind, model=self.model, placement=placement,
-                            limits=self.broker.limits, heartbeat=self.broker.heartbeat,
-                            step_timeout_s=self.broker.step_timeout_s)
+            placement = PlacementConfig(strategy=cp.strategy, nodes=[n.name for n in self.nodes],
+                                        **common)
+        knobs = {k: getattr(self.broker, k) for k in _BrokerKnobs.model_fields}
+        return BrokerConfig(model=self.model, placement=placement, **knobs)
 
     def node_configs(self) -> list[NodeConfig]:
         return [NodeConfig(name=n.name, broker=local_address(self.broker.bind),
