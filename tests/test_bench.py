@@ -1,4 +1,4 @@
-"""Smoke tests of the benchmark library on the tiny model: result structure and sanity, not speed."""
+"""Smoke tests of the benchmark library (tiny model, few tokens): structure and sanity, not speed."""
 
 from __future__ import annotations
 

@@ -189,31 +189,53 @@ class CompareConfig:
 
 
 # ----------------------------------------------------------------------------- baseline
-def run_baseline(cfg: CompareConfig, model_dir: Path, prompts: list[list[int]],
-                 progress: Progress) -> dict:
-    """transformers generate in a subprocess; returns its measurements."""
-    spec = {"model_dir": str(model_dir), "dtype": cfg.dtype, "device": cfg.device,
-            "threads": cfg.n_threads(), "new_tokens": cfg.new_tokens,
-            "warmup_tokens": cfg.warmup_tokens, "prompts": prompts[:cfg.n_batch1()],
-            "concurrency": cfg.concurrency}
-    env = dict(os.environ)
-    env.pop("OMP_WAIT_POLICY", None)
-    if cfg.baseline_omp_wait_policy:
-        env["OMP_WAIT_POLICY"] = cfg.baseline_omp_wait_policy
-    with tempfile.TemporaryDirectory(prefix="zpipe-bench-") as tmp:
-        spec_path, out_path = Path(tmp) / "spec.json", Path(tmp) / "out.json"
-        spec_path.write_text(json.dumps(spec))
-        progress(f"transformers: {len(spec['prompts'])} batch-1 runs"
-                 + (f", then one batch of {cfg.concurrency}" if cfg.concurrency > 1 else ""))
-        proc = subprocess.run(
-            [sys.executable, "-m", "zpipe.bench", "baseline", str(spec_path), str(out_path)],
-            env=env, capture_output=True, text=True)
-        if proc.returncode != 0 or not out_path.exists():
-            raise RuntimeError(f"the transformers baseline failed (exit {proc.returncode}):\n"
-                               f"{proc.stderr[-3000:]}")
-        out = json.loads(out_path.read_text())
-    out["omp_wait_policy"] = env.get("OMP_WAIT_POLICY", "(unset)")
-    return out
+class Baseline:
+    """transformers ``generate`` in its own process, driven one command at a time (JSON lines
+    on its stdin/stdout), so that its runs can be interleaved with zpipe's."""
+
+    def __init__(self, cfg: CompareConfig, model_dir: Path, log: Path) -> None:
+        self.log = log
+        spec = {"model_dir": str(model_dir), "dtype": cfg.dtype, "device": cfg.device,
+                "threads": cfg.n_threads()}
+        env = dict(os.environ)
+        env.pop("OMP_WAIT_POLICY", None)
+        if cfg.baseline_omp_wait_policy:
+            env["OMP_WAIT_POLICY"] = cfg.baseline_omp_wait_policy
+        self.omp_wait_policy = env.get("OMP_WAIT_POLICY", "(unset)")
+        log.parent.mkdir(parents=True, exist_ok=True)
+        with open(log, "wb") as err:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "zpipe.bench", "baseline", json.dumps(spec)], env=env,
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, text=True,
+                start_new_session=True)
+        self.info = self._read()
+
+    def _read(self) -> dict:
+        line = self.proc.stdout.readline()
+        if not line:
+            self.proc.wait()
+            tail = "\n".join(self.log.read_text(errors="replace").splitlines()[-20:])
+            raise RuntimeError(f"the transformers process stopped (exit "
+                               f"{self.proc.returncode}); {self.log}:\n{tail}")
+        out = json.loads(line)
+        if "error" in out:
+            raise RuntimeError(f"transformers process: {out['error']}")
+        return out
+
+    def call(self, **cmd: Any) -> dict:
+        self.proc.stdin.write(json.dumps(cmd) + "\n")
+        self.proc.stdin.flush()
+        return self._read()
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            with contextlib.suppress(OSError):
+                self.proc.stdin.close()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
 
 
 class _Stamps:
@@ -234,18 +256,22 @@ class _Stamps:
         pass
 
 
-def _baseline_child(spec_path: str, out_path: str) -> None:
+def _baseline_child(spec_json: str) -> None:
+    """The transformers process: one JSON command per stdin line, one JSON answer per line."""
+    out_fd = os.dup(1)
+    os.dup2(2, 1)  # library chatter goes to stderr, answers to the saved stdout
+    answers = os.fdopen(out_fd, "w", buffering=1)
+
     import torch
     from transformers import LlamaForCausalLM
 
-    spec = json.loads(Path(spec_path).read_text())
+    spec = json.loads(spec_json)
     torch.set_num_threads(spec["threads"])
     dtype = getattr(torch, spec["dtype"])
     dev = torch.device(spec["device"])
     t_load = time.perf_counter()
     model = LlamaForCausalLM.from_pretrained(spec["model_dir"], dtype=dtype).to(dev).eval()
     load_s = time.perf_counter() - t_load
-    n = spec["new_tokens"]
     pad = model.config.pad_token_id
     if pad is None:
         eos = model.config.eos_token_id
@@ -255,63 +281,56 @@ def _baseline_child(spec_path: str, out_path: str) -> None:
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
 
-    def gen(ids: torch.Tensor, mask: torch.Tensor, tokens: int,
-            streamer: _Stamps | None = None) -> torch.Tensor:
-        return model.generate(ids, attention_mask=mask, do_sample=False, temperature=None,
-                              top_p=None, top_k=None, min_new_tokens=tokens,
-                              max_new_tokens=tokens, pad_token_id=pad, streamer=streamer)
+    def timed(prompts: list[list[int]], tokens: int) -> dict:
+        """Greedy generate of exactly ``tokens`` tokens for a left-padded batch of prompts."""
+        width = max(len(p) for p in prompts)
+        ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(prompts), width), dtype=torch.long)
+        for i, p in enumerate(prompts):
+            ids[i, width - len(p):] = torch.tensor(p)
+            mask[i, width - len(p):] = 1
+        ids, mask = ids.to(dev), mask.to(dev)
+        st = _Stamps()
+        sync()
+        t0 = st.t0 = time.perf_counter()
+        res = model.generate(ids, attention_mask=mask, do_sample=False, temperature=None,
+                             top_p=None, top_k=None, min_new_tokens=tokens,
+                             max_new_tokens=tokens, pad_token_id=pad, streamer=st)
+        sync()
+        total = time.perf_counter() - t0
+        times = [t0, *st.times]
+        lat = [b - a for a, b in zip(times, times[1:], strict=False)]
+        return {"ttft_s": lat[0], "total_s": total, "latencies_s": lat, "padded_width": width,
+                "token_ids": [r[width:].tolist() for r in res]}
 
-    def one(prompt: list[int], tokens: int, streamer: _Stamps | None = None) -> torch.Tensor:
-        ids = torch.tensor([prompt], dtype=torch.long, device=dev)
-        return gen(ids, torch.ones_like(ids), tokens, streamer)
+    def pid_peak() -> dict:
+        out = {"peak_rss_bytes": vm_hwm(os.getpid())}
+        if dev.type == "cuda":
+            out["gpu_peak_bytes"] = torch.cuda.max_memory_allocated(dev)
+        return out
 
-    out: dict[str, Any] = {"load_s": load_s, "threads": torch.get_num_threads(),
-                           "torch": torch.__version__}
+    answers.write(json.dumps({"load_s": load_s, "threads": torch.get_num_threads(),
+                              "pid": os.getpid()}) + "\n")
     with torch.inference_mode():
-        one(spec["prompts"][0], spec["warmup_tokens"])  # warm-up
-        runs = []
-        for prompt in spec["prompts"]:
-            sync()
-            t0 = time.perf_counter()
-            one(prompt, 1)
-            sync()
-            ttft_1tok = time.perf_counter() - t0
-            st = _Stamps()
-            t0 = st.t0 = time.perf_counter()
-            res = one(prompt, n, st)
-            sync()
-            total = time.perf_counter() - t0
-            times = [t0, *st.times]
-            lat = [b - a for a, b in zip(times, times[1:], strict=False)]
-            runs.append({"ttft_s": lat[0], "ttft_1tok_s": ttft_1tok, "total_s": total,
-                         "latencies_s": lat, "token_ids": res[0, len(prompt):].tolist()})
-        out["batch1"] = runs
-        out["peak_rss_after_batch1"] = vm_hwm(os.getpid())
-        c = spec["concurrency"]
-        if c > 1:
-            prompts = spec["prompts"][:c]
-            width = max(len(p) for p in prompts)
-            ids = torch.full((c, width), pad, dtype=torch.long)
-            mask = torch.zeros((c, width), dtype=torch.long)
-            for i, p in enumerate(prompts):  # left padding
-                ids[i, width - len(p):] = torch.tensor(p)
-                mask[i, width - len(p):] = 1
-            ids, mask = ids.to(dev), mask.to(dev)
-            st = _Stamps()
-            sync()
-            t0 = st.t0 = time.perf_counter()
-            res = gen(ids, mask, n, st)
-            sync()
-            total = time.perf_counter() - t0
-            times = [t0, *st.times]
-            lat = [b - a for a, b in zip(times, times[1:], strict=False)]
-            out["batch"] = {"size": c, "padded_width": width, "ttft_s": lat[0],
-                            "total_s": total, "latencies_s": lat,
-                            "token_ids": [r[width:].tolist() for r in res]}
-    out["peak_rss_bytes"] = vm_hwm(os.getpid())
-    if dev.type == "cuda":
-        out["gpu_peak_bytes"] = torch.cuda.max_memory_allocated(dev)
-    Path(out_path).write_text(json.dumps(out))
+        for line in sys.stdin:
+            cmd = json.loads(line)
+            try:
+                if cmd["op"] == "one":  # batch 1, plus a 1-token generate for TTFT
+                    t0 = time.perf_counter()
+                    timed([cmd["prompt"]], 1)
+                    ttft_1tok = time.perf_counter() - t0
+                    r = timed([cmd["prompt"]], cmd["tokens"])
+                    r["token_ids"] = r["token_ids"][0]
+                    r["ttft_1tok_s"] = ttft_1tok
+                elif cmd["op"] == "batch":
+                    r = timed(cmd["prompts"], cmd["tokens"])
+                elif cmd["op"] == "peak":
+                    r = pid_peak()
+                else:
+                    r = {"error": f"unknown op {cmd['op']!r}"}
+            except Exception as e:  # reported to the parent, which stops
+                r = {"error": f"{type(e).__name__}: {e}"}
+            answers.write(json.dumps(r) + "\n")
 
 
 # ----------------------------------------------------------------------------- zpipe runs
@@ -373,54 +392,8 @@ def start_cluster(model_dir: Path, n_stages: int, cfg: CompareConfig, log_dir: P
     return cluster, address, info
 
 
-async def _measure_zpipe(address: str, cfg: CompareConfig, prompts: list[list[int]],
-                         progress: Progress) -> dict:
-    from zpipe.client import Client
-
+def _summarize_zpipe(b1: list[Any], conc: tuple | None, cfg: CompareConfig) -> dict:
     n = cfg.new_tokens
-    async with Client(address) as client:
-        await client.generate(prompt_ids=prompts[0], max_new_tokens=cfg.warmup_tokens,
-                              ignore_eos=True)
-        batch1 = []
-        for p in prompts[:cfg.n_batch1()]:
-            batch1.append(await client.generate(prompt_ids=p, max_new_tokens=n, ignore_eos=True))
-        conc = None
-        if cfg.concurrency > 1:
-            c = cfg.concurrency
-            progress(f"  {c} concurrent sessions")
-            t0 = time.perf_counter()
-            gens = await asyncio.gather(*[
-                client.generate(prompt_ids=p, max_new_tokens=n, ignore_eos=True)
-                for p in prompts[:c]])
-            wall = time.perf_counter() - t0
-            conc = (gens, wall)
-    return {"batch1": batch1, "concurrent": conc}
-
-
-def run_zpipe(cfg: CompareConfig, model_dir: Path, n_stages: int, prompts: list[list[int]],
-              log_dir: Path, progress: Progress) -> dict:
-    from zpipe import aio
-
-    progress(f"zpipe {n_stages} stage(s): starting a broker and {n_stages} node(s)")
-    cluster, address, info = start_cluster(model_dir, n_stages, cfg, log_dir)
-    try:
-        stages = ", ".join(f"{s['node']}[{s['start']}-{s['end'] - 1}]" for s in info["placement"])
-        progress(f"  ready ({stages}); {cfg.n_batch1()} batch-1 runs")
-        load0 = loadavg()
-        raw = aio.run(_measure_zpipe(address, cfg, prompts, progress))
-        peaks = {name: vm_hwm(p.pid) for name, p in cluster.procs}
-        dead = cluster.dead()
-        if dead:
-            raise RuntimeError(f"{dead} stopped during the benchmark")
-    finally:
-        cluster.stop()
-    return {"stages": n_stages, "placement": info["placement"], "peak_rss_bytes": peaks,
-            "loadavg_before": load0, **_summarize_zpipe(raw, cfg)}
-
-
-def _summarize_zpipe(raw: dict, cfg: CompareConfig) -> dict:
-    n = cfg.new_tokens
-    b1 = raw["batch1"]
     ref = [g.token_ids for g in b1]
     out: dict[str, Any] = {"batch1": {
         "runs": len(b1),
@@ -432,8 +405,8 @@ def _summarize_zpipe(raw: dict, cfg: CompareConfig) -> dict:
         "all_full_length": all(len(g.token_ids) == n for g in b1),
         "breakdown": _decode_breakdown(b1),
     }, "token_ids": ref}
-    if raw["concurrent"] is not None:
-        gens, wall = raw["concurrent"]
+    if conc is not None:
+        gens, wall = conc
         total_tokens = sum(len(g.token_ids) for g in gens)
         out["concurrent"] = {
             "sessions": len(gens), "wall_s": wall, "tokens": total_tokens,
@@ -448,43 +421,92 @@ def _summarize_zpipe(raw: dict, cfg: CompareConfig) -> dict:
     return out
 
 
-def _summarize_baseline(raw: dict, cfg: CompareConfig) -> dict:
+def _summarize_baseline(runs: list[dict], batch: dict | None, cfg: CompareConfig) -> dict:
     n = cfg.new_tokens
-    runs = raw["batch1"]
-    out: dict[str, Any] = {
-        "omp_wait_policy": raw.get("omp_wait_policy"), "threads": raw.get("threads"),
-        "load_s": raw.get("load_s"),
-        "peak_rss_bytes": {"transformers": raw.get("peak_rss_bytes")},
-        "peak_rss_after_batch1_bytes": raw.get("peak_rss_after_batch1"),
-        "batch1": {
-            "runs": len(runs),
-            "ttft_s": _median([r["ttft_s"] for r in runs]),
-            "ttft_1tok_s": _median([r["ttft_1tok_s"] for r in runs]),
-            "tokens_per_s": _median([n / r["total_s"] for r in runs]),
-            "tokens_per_s_all": [n / r["total_s"] for r in runs],
-            "total_s": [r["total_s"] for r in runs],
-            "per_token": _lat_summary([x for r in runs for x in r["latencies_s"][1:]]),
-        },
-        "token_ids": [r["token_ids"] for r in runs]}
-    if "gpu_peak_bytes" in raw:
-        out["gpu_peak_bytes"] = raw["gpu_peak_bytes"]
-    b = raw.get("batch")
-    if b:
+    out: dict[str, Any] = {"batch1": {
+        "runs": len(runs),
+        "ttft_s": _median([r["ttft_s"] for r in runs]),
+        "ttft_1tok_s": _median([r["ttft_1tok_s"] for r in runs]),
+        "tokens_per_s": _median([n / r["total_s"] for r in runs]),
+        "tokens_per_s_all": [n / r["total_s"] for r in runs],
+        "total_s": [r["total_s"] for r in runs],
+        "per_token": _lat_summary([x for r in runs for x in r["latencies_s"][1:]]),
+    }, "token_ids": [r["token_ids"] for r in runs]}
+    if batch:
+        size = len(batch["token_ids"])
         out["concurrent"] = {
-            "sessions": b["size"], "how": f"one left-padded batch of {b['size']} prompts "
-                                          f"(width {b['padded_width']})",
-            "wall_s": b["total_s"], "tokens": b["size"] * n,
-            "tokens_per_s": b["size"] * n / b["total_s"], "ttft_s_p50": b["ttft_s"],
-            "ttft_s_max": b["ttft_s"], "per_token": _lat_summary(b["latencies_s"][1:]),
-            "tokens_match": all(t == out["token_ids"][i] for i, t in enumerate(b["token_ids"])),
-            "mismatched_sessions": [i for i, t in enumerate(b["token_ids"])
+            "sessions": size, "how": f"one left-padded batch of {size} prompts "
+                                     f"(width {batch['padded_width']})",
+            "wall_s": batch["total_s"], "tokens": size * n,
+            "tokens_per_s": size * n / batch["total_s"], "ttft_s_p50": batch["ttft_s"],
+            "ttft_s_max": batch["ttft_s"], "per_token": _lat_summary(batch["latencies_s"][1:]),
+            "tokens_match": all(t == out["token_ids"][i]
+                                for i, t in enumerate(batch["token_ids"])),
+            "mismatched_sessions": [i for i, t in enumerate(batch["token_ids"])
                                     if t != out["token_ids"][i]],
         }
     return out
 
 
+async def _measure(cfg: CompareConfig, prompts: list[list[int]], base: Baseline | None,
+                   clusters: dict[int, tuple], progress: Progress) -> dict:
+    """Batch-1 runs interleaved prompt by prompt across the systems (the order rotates), then
+    each system's concurrent run in turn: load from other processes hits all systems alike."""
+    from zpipe.client import Client
+
+    loop = asyncio.get_running_loop()
+    n = cfg.new_tokens
+    names: list[Any] = (["transformers"] if base is not None else []) + list(clusters)
+    b1: dict[Any, list] = {k: [] for k in names}
+    conc: dict[Any, Any] = {}
+    loads: dict[Any, list] = {k: [] for k in names}
+    async with contextlib.AsyncExitStack() as stack:
+        clients = {s: await stack.enter_async_context(Client(addr))
+                   for s, (_, addr, _) in clusters.items()}
+
+        async def run_one(k: Any, prompt: list[int], tokens: int) -> Any:
+            if k == "transformers":
+                return await loop.run_in_executor(
+                    None, lambda: base.call(op="one", prompt=prompt, tokens=tokens))
+            return await clients[k].generate(prompt_ids=prompt, max_new_tokens=tokens,
+                                             ignore_eos=True)
+
+        for k in names:  # warm-up
+            await run_one(k, prompts[0], cfg.warmup_tokens)
+        runs = cfg.n_batch1()
+        for i, prompt in enumerate(prompts[:runs]):
+            order = names[i % len(names):] + names[:i % len(names)]
+            progress(f"batch 1: prompt {i + 1}/{runs} on {', '.join(map(_label, order))}")
+            for k in order:
+                loads[k].append(os.getloadavg()[0])
+                b1[k].append(await run_one(k, prompt, n))
+        if cfg.concurrency > 1:
+            c = cfg.concurrency
+            for k in names:
+                progress(f"concurrency {c}: {_label(k)}")
+                loads[k].append(os.getloadavg()[0])
+                if k == "transformers":
+                    conc[k] = await loop.run_in_executor(
+                        None, lambda: base.call(op="batch", prompts=prompts[:c], tokens=n))
+                    continue
+                t0 = time.perf_counter()
+                gens = await asyncio.gather(*[
+                    clients[k].generate(prompt_ids=p, max_new_tokens=n, ignore_eos=True)
+                    for p in prompts[:c]])
+                conc[k] = (gens, time.perf_counter() - t0)
+    return {"batch1": b1, "concurrent": conc, "loads": loads}
+
+
+def _label(k: Any) -> str:
+    return k if isinstance(k, str) else f"zpipe {k} stage" + ("s" if k != 1 else "")
+
+
 def compare(cfg: CompareConfig, progress: Progress = lambda m: None) -> dict:
-    """Run the baseline and every zpipe stage count; the result dict is what --json writes."""
+    """Run the baseline and every zpipe stage count; the result dict is what --json writes.
+
+    Every system is started first (the idle ones sleep: PASSIVE OpenMP, no spinning), then the
+    measurements are interleaved so that changing load on a shared machine is shared fairly."""
+    from zpipe import aio
     from zpipe.models import resolve_model
 
     model_dir = resolve_model(cfg.model)
@@ -496,33 +518,65 @@ def compare(cfg: CompareConfig, progress: Progress = lambda m: None) -> dict:
                    # zpipe's CLI sets PASSIVE unless the environment says otherwise
                    "zpipe_omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")},
         "method": {"ttft": TTFT_METHOD, "tokens_per_s": TPS_METHOD,
+                   "order": "all systems run side by side (idle ones sleep); batch-1 runs go "
+                            "prompt by prompt across the systems in a rotating order, then "
+                            "each system's concurrent run in turn",
                    "per_token": "inter-token latency of decode tokens (token 1 onwards); "
                                 "transformers batch: one decode step of the whole batch",
-                   "peak_rss": "VmHWM from /proc/<pid>/status of each process, read just "
-                               "before it stops", "tokens_match": "concurrent tokens equal "
-                   "each prompt's own batch-1 tokens (greedy)"},
+                   "peak_rss": "VmHWM from /proc/<pid>/status of each process at the end",
+                   "tokens_match": "concurrent tokens equal each prompt's own batch-1 tokens "
+                                   "(greedy)"},
         "systems": []}
-    base = None
-    if cfg.baseline:
-        load0 = loadavg()
-        base = _summarize_baseline(run_baseline(cfg, model_dir, prompts, progress), cfg)
-        base.update(name="transformers", stages=0, loadavg_before=load0)
-        result["systems"].append(base)
     log_root = Path(cfg.log_dir) if cfg.log_dir else Path(tempfile.mkdtemp(prefix="zpipe-bench-"))
     result["log_dir"] = str(log_root)
-    for s in cfg.stages:
-        z = run_zpipe(cfg, model_dir, s, prompts, log_root / f"stages-{s}", progress)
-        z["name"] = f"zpipe {s} stage" + ("s" if s != 1 else "")
+    base: Baseline | None = None
+    clusters: dict[int, tuple] = {}
+    try:
+        if cfg.baseline:
+            progress("starting the transformers process")
+            base = Baseline(cfg, model_dir, log_root / "transformers.log")
+        for s in cfg.stages:
+            progress(f"starting zpipe with {s} stage(s)")
+            clusters[s] = start_cluster(model_dir, s, cfg, log_root / f"stages-{s}")
+            stages = ", ".join(f"{p['node']}[{p['start']}-{p['end'] - 1}]"
+                               for p in clusters[s][2]["placement"])
+            progress(f"  ready: {stages}")
+        raw = aio.run(_measure(cfg, prompts, base, clusters, progress))
+        peaks = {s: {name: vm_hwm(p.pid) for name, p in c.procs}
+                 for s, (c, _, _) in clusters.items()}
+        for s, (c, _, _) in clusters.items():
+            if c.dead():
+                raise RuntimeError(f"zpipe {s} stages: {c.dead()} stopped during the benchmark")
+        base_peak = base.call(op="peak") if base is not None else None
+    finally:
         if base is not None:
-            z["batch1"]["matches_transformers"] = z["token_ids"] == base["token_ids"]
+            base.stop()
+        for c, _, _ in clusters.values():
+            c.stop()
+
+    b = None
+    if base is not None:
+        b = _summarize_baseline(raw["batch1"]["transformers"],
+                                raw["concurrent"].get("transformers"), cfg)
+        b.update(name="transformers", stages=0, omp_wait_policy=base.omp_wait_policy,
+                 threads=base.info.get("threads"), load_s=base.info.get("load_s"),
+                 peak_rss_bytes={"transformers": base_peak["peak_rss_bytes"]},
+                 loadavg_1m=raw["loads"]["transformers"])
+        if "gpu_peak_bytes" in base_peak:
+            b["gpu_peak_bytes"] = base_peak["gpu_peak_bytes"]
+        result["systems"].append(b)
+    for s, (_, _, info) in clusters.items():
+        z = _summarize_zpipe(raw["batch1"][s], raw["concurrent"].get(s), cfg)
+        z.update(name=_label(s), stages=s, placement=info["placement"], peak_rss_bytes=peaks[s],
+                 loadavg_1m=raw["loads"][s])
+        if b is not None:
+            z["batch1"]["matches_transformers"] = z["token_ids"] == b["token_ids"]
         result["systems"].append(z)
     for z in result["systems"]:
         for mode in ("batch1", "concurrent"):
             m = z.get(mode)
-            if not m:
-                continue
-            if base is not None and base.get(mode):
-                m["ratio_to_transformers"] = m["tokens_per_s"] / base[mode]["tokens_per_s"]
+            if m and b is not None and b.get(mode):
+                m["ratio_to_transformers"] = m["tokens_per_s"] / b[mode]["tokens_per_s"]
         if z.get("concurrent"):
             z["concurrent"]["gain_over_batch1"] = (z["concurrent"]["tokens_per_s"]
                                                    / z["batch1"]["tokens_per_s"])
@@ -573,10 +627,12 @@ def format_compare(result: dict) -> str:
                 f"{_f(_ms(pt['p50_s']), '7.2f')} {_f(_ms(pt['p99_s']), '7.2f')} "
                 f"{r['tokens_per_s']:7.1f} {_f(r.get('ratio_to_transformers'), '6.2f')} "
                 f"{_f(gain, '5.2f')} {'-' if match is None else ('yes' if match else 'NO'):>5}")
-    lines += ["", "peak memory (VmHWM, MiB), and the load average when each system started:"]
+    lines += ["", "peak memory (VmHWM, MiB), and the load average:"]
     for s in result["systems"]:
         peaks = ", ".join(f"{k} {_mib(v)}" for k, v in s["peak_rss_bytes"].items())
-        lines.append(f"  {s['name']:<16} {peaks}; load {s.get('loadavg_before')}")
+        ld = s.get("loadavg_1m") or []
+        load = f"{min(ld):.1f}-{max(ld):.1f}" if ld else "-"
+        lines.append(f"  {s['name']:<16} {peaks}; 1-min load during its runs {load}")
     lines += ["", "zpipe decode breakdown (broker-side medians per token, ms):"]
     for s in result["systems"]:
         if s["stages"] == 0:
@@ -889,7 +945,8 @@ def _drive_raw(sock: Any, cases: list, cfg: TransportConfig, progress: Progress)
                                     and len(rtts) >= 5):
                 break
         rows.append(_finish_stats(label, dtype, shape, size, rtts, time.perf_counter() - t_start))
-        progress(f"  {label:<36} {rows[-1]['rtt_us_p50']:10.1f} us  {rows[-1]['gb_per_s']:7.2f} GB/s")
+        progress(f"  {label:<36} {rows[-1]['rtt_us_p50']:10.1f} us  "
+                 f"{rows[-1]['gb_per_s']:7.2f} GB/s")
     sock.send_multipart([ident, b"stop"])
     return rows
 
@@ -1007,12 +1064,12 @@ def plot_transport(result: dict, path: str | Path) -> None:
 
 def _main(argv: list[str]) -> None:
     """Entry point of the child processes: ``baseline SPEC OUT`` and ``echo ADDRESS MODE``."""
-    if argv[:1] == ["baseline"] and len(argv) == 3:
-        _baseline_child(argv[1], argv[2])
+    if argv[:1] == ["baseline"] and len(argv) == 2:
+        _baseline_child(argv[1])
     elif argv[:1] == ["echo"] and len(argv) == 3:
         _echo_child(argv[1], argv[2])
     else:
-        sys.exit("usage: python -m zpipe.bench baseline SPEC OUT | echo ADDRESS MODE "
+        sys.exit("usage: python -m zpipe.bench baseline SPEC_JSON | echo ADDRESS MODE "
                  "(internal; use `zpipe bench`)")
 
 
