@@ -1,0 +1,136 @@
+"""GPU benchmark: transformers vs zpipe on random-weight Llama shapes, side by side in one run.
+
+    python scripts/bench_gpu.py --model /tmp/llama-1b --layouts 1x0 2x0 2x01 --out result.json
+
+Measures, on the same model directory, dtype (bf16) and machine:
+- the bound: weight bytes / measured device copy bandwidth (read + write counted), i.e. the
+  fastest batch-1 decode that reads every weight once per token;
+- transformers ``generate``: eager at batch 1, and a static cache + ``torch.compile`` at batch
+  ``--concurrency``;
+- zpipe: each layout's cluster (``2x01``: 2 nodes on cuda:0 and cuda:1; ``2x0``: 2 nodes both on
+  cuda:0) at batch 1 (sequential) and with ``--concurrency`` sessions at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+from conftest import start_cluster  # noqa: E402
+
+
+def copy_bandwidth(device: str = "cuda:0", nbytes: int = 2 << 30) -> float:
+    """Bytes moved per second by a device-to-device copy, read and write both counted."""
+    a = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    b = torch.empty_like(a)
+    for _ in range(3):
+        b.copy_(a)
+    torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    for _ in range(10):
+        b.copy_(a)
+    torch.cuda.synchronize(device)
+    return 2 * nbytes * 10 / (time.perf_counter() - t0)
+
+
+def hf_runs(model_dir: Path, prompt: list[int], new_tokens: int, batch: int) -> dict:
+    from transformers import LlamaForCausalLM
+
+    model = LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).to("cuda:0").eval()
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    ids = torch.tensor([prompt], device="cuda:0")
+    kw = {"do_sample": False, "max_new_tokens": new_tokens, "min_new_tokens": new_tokens}
+
+    def timed(inp: torch.Tensor, **extra) -> float:
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            model.generate(inp, attention_mask=torch.ones_like(inp), **kw, **extra)
+        torch.cuda.synchronize()
+        return time.perf_counter() - t0
+
+    timed(ids)  # warm-up
+    eager_b1 = new_tokens / timed(ids)
+    model.generation_config.cache_implementation = "static"
+    model.forward = torch.compile(model.forward, mode="reduce-overhead", fullgraph=True)
+    batch_ids = ids.repeat(batch, 1)
+    for _ in range(2):  # compile and capture
+        timed(batch_ids)
+    compiled_bn = batch * new_tokens / timed(batch_ids)
+    model = None  # free the GPU memory for the zpipe nodes
+    torch.cuda.empty_cache()
+    return {"weight_bytes": weight_bytes, "hf_eager_b1_tok_s": eager_b1,
+            f"hf_static_compiled_b{batch}_tok_s": compiled_bn}
+
+
+async def _zpipe(rc, prompt: list[int], new_tokens: int, concurrency: int) -> dict:
+    async with rc.client() as client:
+        kw = {"max_new_tokens": new_tokens, "ignore_eos": True}
+        await client.generate(prompt_ids=prompt, **kw)  # warm-up
+        one = await client.generate(prompt_ids=prompt, **kw)
+        await asyncio.gather(*[client.generate(prompt_ids=prompt, max_new_tokens=8,
+                                               ignore_eos=True) for _ in range(concurrency)])
+        t0 = time.perf_counter()
+        many = await asyncio.gather(*[client.generate(prompt_ids=prompt, **kw)
+                                      for _ in range(concurrency)])
+        wall = time.perf_counter() - t0
+    decode = sorted(one.latencies_s[1:])
+    return {
+        "b1_tok_s": new_tokens / one.total_s,
+        "b1_decode_tok_s": one.tokens_per_s,
+        "b1_p50_ms": decode[len(decode) // 2] * 1000,
+        "b1_ttft_ms": one.ttft_s * 1000,
+        f"c{concurrency}_tok_s": sum(len(g.token_ids) for g in many) / wall,
+        "tokens_match": all(g.token_ids == one.token_ids for g in many),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--layouts", nargs="+", default=["1x0", "2x0"],
+                    help="NODESxGPUS: 1x0 one node on cuda:0; 2x0 two on cuda:0; 2x01 one each")
+    ap.add_argument("--prompt-len", type=int, default=32)
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--concurrency", type=int, default=32)
+    ap.add_argument("--skip-hf", action="store_true")
+    ap.add_argument("--out")
+    args = ap.parse_args()
+    model = Path(args.model)
+    prompt = [(i * 997) % 30000 + 200 for i in range(args.prompt_len)]
+    result: dict = {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+                    "gpu": torch.cuda.get_device_name(0), "gpus": torch.cuda.device_count(),
+                    "torch": torch.__version__, "args": vars(args)}
+    result["copy_bandwidth_GB_s"] = copy_bandwidth() / 1e9
+    if not args.skip_hf:
+        result.update(hf_runs(model, prompt, args.new_tokens, args.concurrency))
+        result["bound_b1_tok_s"] = result["copy_bandwidth_GB_s"] * 1e9 / result["weight_bytes"]
+    print(json.dumps(result, indent=1), flush=True)
+    for layout in args.layouts:
+        n, gpus = layout.split("x")
+        devices = [f"cuda:{gpus[i % len(gpus)]}" for i in range(int(n))]
+        with tempfile.TemporaryDirectory() as tmp:
+            rc = start_cluster(model, Path(tmp), [
+                {"name": f"n{i}", "device": d, "dtype": "bfloat16"}
+                for i, d in enumerate(devices)], timeout=600)
+            try:
+                result[f"zpipe_{layout}"] = asyncio.run(
+                    _zpipe(rc, prompt, args.new_tokens, args.concurrency))
+            finally:
+                rc.cluster.stop()
+        print(layout, json.dumps(result[f"zpipe_{layout}"]), flush=True)
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
