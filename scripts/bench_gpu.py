@@ -59,17 +59,20 @@ def hf_runs(model_dir: Path, prompt: list[int], new_tokens: int, batch: int) -> 
         return time.perf_counter() - t0
 
     timed(ids)  # warm-up
-    eager_b1 = new_tokens / timed(ids)
-    model.generation_config.cache_implementation = "static"
-    model.forward = torch.compile(model.forward, mode="reduce-overhead", fullgraph=True)
+    out = {"weight_bytes": weight_bytes, "hf_eager_b1_tok_s": new_tokens / timed(ids)}
+    # A static cache makes generate compile the decode step itself (transformers' own path).
     batch_ids = ids.repeat(batch, 1)
-    for _ in range(2):  # compile and capture
-        timed(batch_ids)
-    compiled_bn = batch * new_tokens / timed(batch_ids)
+    for b, inp in ((1, ids), (batch, batch_ids)):
+        try:
+            for _ in range(2):  # compile and capture
+                timed(inp, cache_implementation="static")
+            out[f"hf_static_compiled_b{b}_tok_s"] = b * new_tokens / timed(
+                inp, cache_implementation="static")
+        except Exception as e:  # report, and still measure zpipe
+            out[f"hf_static_compiled_b{b}_error"] = repr(e)[:300]
     model = None  # free the GPU memory for the zpipe nodes
     torch.cuda.empty_cache()
-    return {"weight_bytes": weight_bytes, "hf_eager_b1_tok_s": eager_b1,
-            f"hf_static_compiled_b{batch}_tok_s": compiled_bn}
+    return out
 
 
 async def _zpipe(rc, prompt: list[int], new_tokens: int, concurrency: int) -> dict:
