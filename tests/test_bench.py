@@ -1,4 +1,4 @@
-"""Smoke tests of the benchmark library (tiny model, few tokens): structure and sanity, not speed."""
+"""Smoke tests of the bench library (tiny model, few tokens): structure and sanity, not speed."""
 
 from __future__ import annotations
 
@@ -38,6 +38,8 @@ def test_compare_tiny(tiny_model: Path, tmp_path: Path) -> None:
         assert c["tokens_match"] is True and c["mismatched_sessions"] == []
         assert c["gain_over_batch1"] > 0
         assert all(v and v > 10 * 2**20 for v in s["peak_rss_bytes"].values())
+        assert s["cpu"]["batch1"]["foreign_cores"] >= 0 and s["cpu"]["batch1"]["own_cores"] > 0
+        assert s["cpu"]["concurrent"]["wall_s"] > 0
 
     assert base["batch1"]["ttft_1tok_s"] > 0
     assert "left-padded" in base["concurrent"]["how"]

@@ -74,6 +74,44 @@ def loadavg() -> list[float]:
         return []
 
 
+class CpuMeter:
+    """How much CPU the rest of the machine used while we measured.
+
+    ``foreign_cores`` = (busy CPU time of the whole machine − CPU time of our own processes)
+    / wall time: 0.0 on a quiet machine, 1.0 when other processes kept one core busy.
+    ``steal_cores``: time the hypervisor gave our vCPUs to someone else, per wall second."""
+
+    def __init__(self, pids: list[int]) -> None:
+        self.pids = pids
+        self.tick = os.sysconf("SC_CLK_TCK")
+        self.start = self._snap()
+
+    def _snap(self) -> tuple[float, float, float, float]:
+        busy = steal = 0.0
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            with open("/proc/stat") as f:
+                v = [int(x) for x in f.readline().split()[1:]]
+            busy = (v[0] + v[1] + v[2] + v[5] + v[6]) / self.tick
+            steal = v[7] / self.tick if len(v) > 7 else 0.0
+        mine = 0.0
+        for pid in self.pids:
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                with open(f"/proc/{pid}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+                mine += (int(fields[11]) + int(fields[12])) / self.tick
+        return time.monotonic(), busy, steal, mine
+
+    def read(self) -> dict:
+        """Since the start (or the last read): foreign and steal cores, and our own."""
+        now = self._snap()
+        (t0, b0, s0, m0), (t1, b1, s1, m1) = self.start, now
+        self.start = now
+        wall = max(t1 - t0, 1e-9)
+        foreign = max(0.0, (b1 - b0) - (m1 - m0))
+        return {"wall_s": round(wall, 3), "foreign_cores": round(foreign / wall, 3),
+                "steal_cores": round((s1 - s0) / wall, 3), "own_cores": round((m1 - m0) / wall, 3)}
+
+
 def vm_hwm(pid: int) -> int | None:
     """Peak resident memory (VmHWM) of a live process in bytes; None if it cannot be read."""
     try:
@@ -107,6 +145,16 @@ def machine_info() -> dict:
         "hostname": socket.gethostname(), "cpu": cpu, "cores": os.cpu_count(),
         "ram_bytes": ram, "platform": platform.platform(), "python": platform.python_version(),
         "date": now_iso(), "loadavg": loadavg()}
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        repo = Path(__file__).resolve().parents[1]
+        git = ["git", "-C", str(repo)]
+        head = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, timeout=5)
+        if head.returncode == 0:
+            info["git_commit"] = head.stdout.strip()
+            dirty = subprocess.run([*git, "status", "--porcelain", "--untracked-files=no"],
+                                   capture_output=True, text=True, timeout=5).stdout
+            info["git_modified"] = [line[3:] for line in dirty.splitlines()]
     for mod in ("torch", "transformers", "zmq"):
         with contextlib.suppress(Exception):
             info[mod] = __import__(mod).__version__
@@ -460,6 +508,11 @@ async def _measure(cfg: CompareConfig, prompts: list[list[int]], base: Baseline 
     b1: dict[Any, list] = {k: [] for k in names}
     conc: dict[Any, Any] = {}
     loads: dict[Any, list] = {k: [] for k in names}
+    pids = [os.getpid(), *([base.proc.pid] if base is not None else []),
+            *(p.pid for c, _, _ in clusters.values() for _, p in c.procs)]
+    whole = CpuMeter(pids)
+    meter = CpuMeter(pids)
+    cpu: dict[Any, dict] = {k: {"batch1": [], "concurrent": None} for k in names}
     async with contextlib.AsyncExitStack() as stack:
         clients = {s: await stack.enter_async_context(Client(addr))
                    for s, (_, addr, _) in clusters.items()}
@@ -479,22 +532,38 @@ async def _measure(cfg: CompareConfig, prompts: list[list[int]], base: Baseline 
             progress(f"batch 1: prompt {i + 1}/{runs} on {', '.join(map(_label, order))}")
             for k in order:
                 loads[k].append(os.getloadavg()[0])
+                meter.read()
                 b1[k].append(await run_one(k, prompt, n))
+                cpu[k]["batch1"].append(meter.read())
         if cfg.concurrency > 1:
             c = cfg.concurrency
             for k in names:
                 progress(f"concurrency {c}: {_label(k)}")
                 loads[k].append(os.getloadavg()[0])
+                meter.read()
                 if k == "transformers":
                     conc[k] = await loop.run_in_executor(
                         None, lambda: base.call(op="batch", prompts=prompts[:c], tokens=n))
-                    continue
-                t0 = time.perf_counter()
-                gens = await asyncio.gather(*[
-                    clients[k].generate(prompt_ids=p, max_new_tokens=n, ignore_eos=True)
-                    for p in prompts[:c]])
-                conc[k] = (gens, time.perf_counter() - t0)
-    return {"batch1": b1, "concurrent": conc, "loads": loads}
+                else:
+                    t0 = time.perf_counter()
+                    gens = await asyncio.gather(*[
+                        clients[k].generate(prompt_ids=p, max_new_tokens=n, ignore_eos=True)
+                        for p in prompts[:c]])
+                    conc[k] = (gens, time.perf_counter() - t0)
+                cpu[k]["concurrent"] = meter.read()
+    return {"batch1": b1, "concurrent": conc, "loads": loads, "cpu": cpu, "cpu_all": whole.read()}
+
+
+def _cpu_summary(c: dict) -> dict:
+    """Time-weighted foreign/steal/own cores over a system's batch-1 runs, and its concurrent
+    run."""
+    runs = c["batch1"]
+    wall = sum(r["wall_s"] for r in runs) or 1e-9
+    out = {"batch1": {k: round(sum(r[k] * r["wall_s"] for r in runs) / wall, 3)
+                      for k in ("foreign_cores", "steal_cores", "own_cores")}}
+    out["batch1"]["max_foreign_cores"] = max((r["foreign_cores"] for r in runs), default=0.0)
+    out["concurrent"] = c["concurrent"]
+    return out
 
 
 def _label(k: Any) -> str:
@@ -561,14 +630,15 @@ def compare(cfg: CompareConfig, progress: Progress = lambda m: None) -> dict:
         b.update(name="transformers", stages=0, omp_wait_policy=base.omp_wait_policy,
                  threads=base.info.get("threads"), load_s=base.info.get("load_s"),
                  peak_rss_bytes={"transformers": base_peak["peak_rss_bytes"]},
-                 loadavg_1m=raw["loads"]["transformers"])
+                 loadavg_1m=raw["loads"]["transformers"],
+                 cpu=_cpu_summary(raw["cpu"]["transformers"]))
         if "gpu_peak_bytes" in base_peak:
             b["gpu_peak_bytes"] = base_peak["gpu_peak_bytes"]
         result["systems"].append(b)
     for s, (_, _, info) in clusters.items():
         z = _summarize_zpipe(raw["batch1"][s], raw["concurrent"].get(s), cfg)
         z.update(name=_label(s), stages=s, placement=info["placement"], peak_rss_bytes=peaks[s],
-                 loadavg_1m=raw["loads"][s])
+                 loadavg_1m=raw["loads"][s], cpu=_cpu_summary(raw["cpu"][s]))
         if b is not None:
             z["batch1"]["matches_transformers"] = z["token_ids"] == b["token_ids"]
         result["systems"].append(z)
@@ -581,6 +651,7 @@ def compare(cfg: CompareConfig, progress: Progress = lambda m: None) -> dict:
             z["concurrent"]["gain_over_batch1"] = (z["concurrent"]["tokens_per_s"]
                                                    / z["batch1"]["tokens_per_s"])
     result["machine"]["loadavg_after"] = loadavg()
+    result["machine"]["cpu_during_measurement"] = raw["cpu_all"]
     result["finished"] = now_iso()
     return result
 
@@ -604,6 +675,9 @@ def format_compare(result: dict) -> str:
         f"{next((s['omp_wait_policy'] for s in result['systems'] if s['stages'] == 0), '-')}",
         f"machine: {m['cpu']}, {m['cores']} cores, {m['ram_bytes'] / 2**30:.1f} GiB; "
         f"{m['date']}; load average {m['loadavg']} -> {m.get('loadavg_after')}",
+        f"code: git {m.get('git_commit', '?')}"
+        + (f" with local changes to {', '.join(m['git_modified'])}" if m.get("git_modified")
+           else ""),
         "",
         f"{'system':<16} {'mode':<16} {'TTFT ms':>8} {'p50 ms':>7} {'p99 ms':>7} "
         f"{'tok/s':>7} {'x base':>6} {'gain':>5} {'match':>5}",
@@ -627,12 +701,26 @@ def format_compare(result: dict) -> str:
                 f"{_f(_ms(pt['p50_s']), '7.2f')} {_f(_ms(pt['p99_s']), '7.2f')} "
                 f"{r['tokens_per_s']:7.1f} {_f(r.get('ratio_to_transformers'), '6.2f')} "
                 f"{_f(gain, '5.2f')} {'-' if match is None else ('yes' if match else 'NO'):>5}")
-    lines += ["", "peak memory (VmHWM, MiB), and the load average:"]
+    lines += ["", "peak memory (VmHWM, MiB):"]
     for s in result["systems"]:
         peaks = ", ".join(f"{k} {_mib(v)}" for k, v in s["peak_rss_bytes"].items())
-        ld = s.get("loadavg_1m") or []
-        load = f"{min(ld):.1f}-{max(ld):.1f}" if ld else "-"
-        lines.append(f"  {s['name']:<16} {peaks}; 1-min load during its runs {load}")
+        lines.append(f"  {s['name']:<16} {peaks}")
+    lines += ["", "other processes on the machine while each system ran (cores kept busy by "
+                  "processes not ours; steal = hypervisor; own = this benchmark's processes):"]
+    for s in result["systems"]:
+        c = s.get("cpu") or {}
+        b, cc = c.get("batch1") or {}, c.get("concurrent") or {}
+        lines.append(
+            f"  {s['name']:<16} batch 1: foreign {_f(b.get('foreign_cores'), '.2f')} "
+            f"(max {_f(b.get('max_foreign_cores'), '.2f')}), steal "
+            f"{_f(b.get('steal_cores'), '.2f')}, own {_f(b.get('own_cores'), '.2f')}"
+            + (f"; concurrent: foreign {cc['foreign_cores']:.2f}, own {cc['own_cores']:.2f}"
+               if cc else ""))
+    whole = m.get("cpu_during_measurement")
+    if whole:
+        lines.append(f"  whole measurement ({whole['wall_s']:.0f} s): foreign "
+                     f"{whole['foreign_cores']:.2f} cores, steal {whole['steal_cores']:.2f}, "
+                     f"own {whole['own_cores']:.2f}")
     lines += ["", "zpipe decode breakdown (broker-side medians per token, ms):"]
     for s in result["systems"]:
         if s["stages"] == 0:
