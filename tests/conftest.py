@@ -6,7 +6,13 @@ through the same code as ``zpipe up`` and stopped by pid when the test is done.
 
 from __future__ import annotations
 
-import asyncio
+import os
+
+# As in zpipe's CLI: idle OpenMP threads of this process (transformers references) must sleep,
+# not spin, while the cluster's processes compute on the same two cores. Before torch loads.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import asyncio  # noqa: E402
 import socket
 import time
 from pathlib import Path
@@ -91,7 +97,7 @@ class Clusters:
     def get(self, model: Path, stages: int, dtype: str = "float32") -> RunningCluster:
         key = (str(model), stages, dtype)
         if key not in self.running:
-            nodes = [{"name": f"n{i}", "dtype": dtype, "threads": 1} for i in range(stages)]
+            nodes = [{"name": f"n{i}", "dtype": dtype} for i in range(stages)]
             self.running[key] = start_cluster(
                 model, self.base / f"{model.name}-{stages}-{dtype}", nodes)
         return self.running[key]
