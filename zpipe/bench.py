@@ -1039,7 +1039,8 @@ def _drive_raw(sock: Any, cases: list, cfg: TransportConfig, progress: Progress)
     return rows
 
 
-def _transport_mode(mode: str, cases: list, cfg: TransportConfig, progress: Progress) -> list:
+def _transport_mode(mode: str, cases: list, cfg: TransportConfig,
+                    progress: Progress) -> tuple[list, dict]:
     import zmq
 
     port = _free_port()
@@ -1055,6 +1056,7 @@ def _transport_mode(mode: str, cases: list, cfg: TransportConfig, progress: Prog
     sock.setsockopt(zmq.LINGER, 0)
     sock.bind(address)
     child = _spawn_echo(address, mode)
+    meter = CpuMeter([os.getpid(), child.pid])
     try:
         if mode == "raw":
             rows = _drive_raw(sock, cases, cfg, progress)
@@ -1064,6 +1066,7 @@ def _transport_mode(mode: str, cases: list, cfg: TransportConfig, progress: Prog
             from zpipe import aio
 
             rows = aio.run(_drive_zpipe(sock, cases, cfg, progress))
+        cpu = meter.read()
         with contextlib.suppress(subprocess.TimeoutExpired):
             child.wait(5)
     finally:
@@ -1076,7 +1079,7 @@ def _transport_mode(mode: str, cases: list, cfg: TransportConfig, progress: Prog
                 child.wait()
         sock.close(0)
         ctx.term()
-    return rows
+    return rows, cpu
 
 
 def transport(cfg: TransportConfig, progress: Progress = lambda m: None) -> dict:
@@ -1100,7 +1103,8 @@ def transport(cfg: TransportConfig, progress: Progress = lambda m: None) -> dict
         if mode not in MODES:
             raise ValueError(f"unknown transport mode {mode!r}; choose from {sorted(MODES)}")
         progress(f"transport, mode {mode}")
-        result["modes"][mode] = _transport_mode(mode, cases, cfg, progress)
+        result["modes"][mode], result.setdefault("cpu", {})[mode] = _transport_mode(
+            mode, cases, cfg, progress)
     result["machine"]["loadavg_after"] = loadavg()
     result["finished"] = now_iso()
     return result
@@ -1111,7 +1115,10 @@ def format_transport(result: dict) -> str:
     lines = [f"machine: {m['cpu']}, {m['cores']} cores; {m['date']}; load average "
              f"{m['loadavg']} -> {m.get('loadavg_after')}"]
     for mode, rows in result["modes"].items():
+        cpu = (result.get("cpu") or {}).get(mode) or {}
         lines += ["", f"mode {mode}: {MODES[mode]}",
+                  f"  (other processes kept {_f(cpu.get('foreign_cores'), '.2f')} cores busy "
+                  f"meanwhile; steal {_f(cpu.get('steal_cores'), '.2f')})",
                   f"  {'frame':<36} {'bytes':>10} {'RTT p50 us':>11} {'RTT p99 us':>11} "
                   f"{'one-way us':>10} {'GB/s':>7} {'iters':>6}"]
         for r in rows:
