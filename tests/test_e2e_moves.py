@@ -119,6 +119,13 @@ def test_drain(cluster: RunningCluster, prompt_ids, reference) -> None:
     assert before[1][0] not in [n for n, _, _ in after] and len(after) == 2
     _check_record(record, before, after)
     assert tokens == reference[3:4]
+    # The drained node comes back at the head of the pipeline: the stage order changes.
+    tokens, record = asyncio.run(_generate_with_move(cluster, prompt_ids[4:5], "move",
+                                                     {"layers": "0-2", "to": before[1][0]}))
+    reordered = _placement(cluster)
+    assert reordered[0] == (before[1][0], 0, 3) and reordered[1][1] == 3
+    _check_record(record, after, reordered)
+    assert tokens == reference[4:5]
 
 
 def test_move_while_eight_sessions_run(cluster: RunningCluster, prompt_ids, reference) -> None:
