@@ -31,15 +31,13 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from zpipe.config import Rebalance
+from zpipe.costmodel import ModelCost, NodeCapability, measured_s_per_layer
 from zpipe.placement import (
-    ModelCost,
-    NodeCapability,
     PlacementError,
     PlanResult,
     StageAssignment,
     calibration,
     evaluate,
-    measured_s_per_layer,
     plan,
 )
 

@@ -131,13 +131,11 @@ import random  # noqa: E402
 from types import SimpleNamespace  # noqa: E402
 
 from zpipe.config import MixedWeights  # noqa: E402
+from zpipe.costmodel import ModelCost, NodeCapability, measured_s_per_layer  # noqa: E402
 from zpipe.placement import (  # noqa: E402
-    ModelCost,
-    NodeCapability,
     apportion,
     calibration,
     evaluate,
-    measured_s_per_layer,
     mixed_weights,
     plan,
 )
