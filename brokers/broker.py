@@ -56,7 +56,8 @@ class Broker:
         self.paused = False  # steps wait at token boundaries while layers move
         self.parked: list[tuple[Session, torch.Tensor]] = []
         # decode compute seconds per token per node since the placement last changed
-        self.measured: dict[str, deque] = defaultdict(lambda: deque(maxlen=512))
+        window = max(512, cfg.rebalance.min_tokens)
+        self.measured: dict[str, deque] = defaultdict(lambda: deque(maxlen=window))
         self.by_rid: dict[tuple[bytes, str], str] = {}
         self.sock: zmq.asyncio.Socket | None = None
 

@@ -22,7 +22,7 @@ import uuid
 from typing import TYPE_CHECKING, Any
 
 from zpipe import protocol
-from zpipe.placement import Placement, StageAssignment
+from zpipe.placement import Placement, PlacementError, StageAssignment
 from zpipe.protocol import Message
 
 if TYPE_CHECKING:
@@ -62,6 +62,7 @@ class Mover:
         self.lock = asyncio.Lock()
         self.history: list[dict[str, Any]] = []
         self.moving = False
+        self.involved: set[str] = set()
         self._waiting: dict[tuple[str, str], asyncio.Future] = {}  # (rid, key) → reply
         self._rid = ""
         self._routes: dict[tuple[str, int], str] = {}  # (source, first layer) → destination
@@ -92,9 +93,14 @@ class Mover:
         layer_owner = [heir if n == name else n for n in owners(current.stages)]
         return await self.transition(stages_from_owners(layer_owner), reason)
 
-    async def rebalance(self, strategy: str, reason: str, perf_weight: float = 0.0) -> dict:
+    async def rebalance(self, strategy: str, reason: str, perf_weight: float | None = None) -> dict:
         """Re-plan over every alive node (late joiners included) and move to that plan."""
-        stages = self.broker.plan(strategy, perf_weight=perf_weight).stages
+        if perf_weight is None:
+            perf_weight = self.broker.cfg.rebalance.perf_weight
+        try:
+            stages = self.broker.plan(strategy, perf_weight=perf_weight).stages
+        except PlacementError as e:
+            raise MoveError(f"no {strategy} plan: {e}") from None
         return await self.transition(stages, reason)
 
     def _serving(self) -> Placement:
@@ -123,6 +129,7 @@ class Mover:
             self._rid = uuid.uuid4().hex
             involved = [b.registry.by_name[n] for n in dict.fromkeys(old.nodes() + [
                 s.node for s in stages])]
+            self.involved = {n.name for n in involved}
             self.moving = True
             t_pause = time.perf_counter()
             try:
@@ -164,8 +171,9 @@ class Mover:
             await self._send(node, protocol.encode("prepare", rid=rid, epoch=epoch,
                                                    start=start, end=end))
         await asyncio.gather(*waits)
-        # 3. KV of every live session for each layer range that changes hands
-        sids = list(b.sessions)
+        # 3. KV of every live session for each layer range that changes hands (a session still
+        # waiting for its prefill has no KV anywhere yet: it simply starts on the new placement)
+        sids = [sid for sid, s in b.sessions.items() if s.pos > 0]
         old_owner, new_owner = owners(old.stages), owners(stages)
         transfers = _transfers(old_owner, new_owner)
         record["transfers"] = [{"from": s, "to": d, "layers": [a, e - 1]}
@@ -213,7 +221,7 @@ class Mover:
                 fut.set_exception(MoveError(message))
 
     def node_lost(self, name: str) -> None:
-        if self.moving:
+        if self.moving and name in self.involved:
             self.on_error(f"node {name} died during the reallocation")
 
     def _expect(self, rid: str, key: str) -> asyncio.Future:

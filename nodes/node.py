@@ -178,7 +178,8 @@ class Node:
             except Exception as e:  # one bad batch must not take the node down
                 log.exception("%s failed", msg.kind)
                 for m in batch:
-                    await self.send(protocol.error("internal", f"{self.cfg.name}: {e!r}",
+                    ids = {"rid": m["rid"]} if "rid" in m.header else {}
+                    await self.send(protocol.error("internal", f"{self.cfg.name}: {e!r}", **ids,
                                                    sid=m.get("sid", ""), step=m.get("step", -1)))
 
     async def _reallocate(self, msg: Message) -> None:
