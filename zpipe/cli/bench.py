@@ -6,7 +6,6 @@ compare    transformers generate in one process vs zpipe with 1, 2, 3... stages,
 transport  round trips of tensor frames (decode activations, 4 KiB .. 64 MiB) between a
            broker-like ROUTER and a node-like DEALER process: µs per message and GB/s.
 
-Until ``zpipe bench`` is wired into ``zpipe``: ``python -m zpipe.cli.bench compare ...``.
 """
 
 from __future__ import annotations
