@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from zpipe import bench
+from zpipe import bench, bench_transport
 from zpipe.cli import bench as bench_cli
 
 
@@ -63,9 +63,9 @@ def test_compare_tiny(tiny_model: Path, tmp_path: Path) -> None:
 
 
 def test_transport_small() -> None:
-    cfg = bench.TransportConfig(sizes=[4096, 1 << 20], modes=["zpipe", "zpipe-sync", "raw"],
+    cfg = bench_transport.TransportConfig(sizes=[4096, 1 << 20], modes=["zpipe", "zpipe-sync", "raw"],
                                 max_iters=20, max_seconds=0.2, warmup=2)
-    result = bench.transport(cfg)
+    result = bench_transport.transport(cfg)
     json.dumps(result)
     assert set(result["modes"]) == {"zpipe", "zpipe-sync", "raw"}
     for rows in result["modes"].values():
@@ -76,7 +76,7 @@ def test_transport_small() -> None:
             assert 0 < r["rtt_us_min"] <= r["rtt_us_p50"] <= r["rtt_us_p99"]
             assert r["one_way_us"] == pytest.approx(r["rtt_us_p50"] / 2)
             assert r["gb_per_s"] == pytest.approx(2 * r["bytes"] / r["rtt_us_p50"] / 1e3)
-    assert "one-way" in bench.format_transport(result)
+    assert "one-way" in bench_transport.format_transport(result)
 
 
 def test_cli_parser() -> None:

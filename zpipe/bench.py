@@ -1,4 +1,4 @@
-"""Benchmarks: transformers ``generate`` vs zpipe with 1..N stages, and the transport.
+"""Benchmark: transformers ``generate`` vs zpipe with 1..N stages.
 
 ``compare`` runs, in one invocation and on the same model, dtype, device and thread count:
 
@@ -9,34 +9,38 @@
   warm-up generation, batch 1 over each prompt in turn, then ``concurrency`` sessions at once
   (``asyncio.gather``), whose tokens must equal each prompt's batch-1 tokens.
 
-``transport`` measures round trips of tensor frames between a ROUTER "broker" (this process)
-and a DEALER "node" (a child process) on loopback TCP, with the real protocol code.
-
-Both return plain dicts (what ``--json`` writes); ``format_*`` turn them into tables.
+It returns a plain dict (what ``--json`` writes); ``format_compare`` turns it into a table.
+The transport benchmark is in ``zpipe.bench_transport``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import datetime as _dt
 import json
-import math
 import os
-import platform
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from zpipe.stats import percentile
-
-Progress = Callable[[str], None]
+from zpipe.bench_common import (
+    CpuMeter,
+    Progress,
+    _f,
+    _free_port,
+    _lat_summary,
+    _median,
+    _mib,
+    _ms,
+    loadavg,
+    machine_info,
+    now_iso,
+    vm_hwm,
+)
 
 TTFT_METHOD = (
     "zpipe: client-side, from sending the generate request to receiving token 0 (includes "
@@ -60,132 +64,6 @@ _TEXT = (
     "ideas travelled. Photosynthesis is the process by which plants, algae and some bacteria "
     "turn light, water and carbon dioxide into sugars and oxygen; it happens in chloroplasts, "
     "whose green pigment absorbs red and blue light and reflects green. ")
-
-
-# ----------------------------------------------------------------------------- helpers
-def now_iso() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-
-
-def loadavg() -> list[float]:
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except OSError:
-        return []
-
-
-class CpuMeter:
-    """How much CPU the rest of the machine used while we measured.
-
-    ``foreign_cores`` = (busy CPU time of the whole machine − CPU time of our own processes)
-    / wall time: 0.0 on a quiet machine, 1.0 when other processes kept one core busy.
-    ``steal_cores``: time the hypervisor gave our vCPUs to someone else, per wall second."""
-
-    def __init__(self, pids: list[int]) -> None:
-        self.pids = pids
-        self.tick = os.sysconf("SC_CLK_TCK")
-        self.start = self._snap()
-
-    def _snap(self) -> tuple[float, float, float, float]:
-        busy = steal = 0.0
-        with contextlib.suppress(OSError, ValueError, IndexError):
-            with open("/proc/stat") as f:
-                v = [int(x) for x in f.readline().split()[1:]]
-            busy = (v[0] + v[1] + v[2] + v[5] + v[6]) / self.tick
-            steal = v[7] / self.tick if len(v) > 7 else 0.0
-        mine = 0.0
-        for pid in self.pids:
-            with contextlib.suppress(OSError, ValueError, IndexError):
-                with open(f"/proc/{pid}/stat") as f:
-                    fields = f.read().rsplit(")", 1)[1].split()
-                mine += (int(fields[11]) + int(fields[12])) / self.tick
-        return time.monotonic(), busy, steal, mine
-
-    def read(self) -> dict:
-        """Since the start (or the last read): foreign and steal cores, and our own."""
-        now = self._snap()
-        (t0, b0, s0, m0), (t1, b1, s1, m1) = self.start, now
-        self.start = now
-        wall = max(t1 - t0, 1e-9)
-        foreign = max(0.0, (b1 - b0) - (m1 - m0))
-        return {"wall_s": round(wall, 3), "foreign_cores": round(foreign / wall, 3),
-                "steal_cores": round((s1 - s0) / wall, 3), "own_cores": round((m1 - m0) / wall, 3)}
-
-
-def vm_hwm(pid: int) -> int | None:
-    """Peak resident memory (VmHWM) of a live process in bytes; None if it cannot be read."""
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
-
-
-def machine_info() -> dict:
-    """What the figures were measured on."""
-    cpu = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError):
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    with contextlib.suppress(OSError, subprocess.SubprocessError):
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=5).stdout
-        for line in out.splitlines():
-            if line.startswith("Model name:"):
-                cpu = line.split(":", 1)[1].strip()
-    ram = 0
-    with contextlib.suppress(ValueError, OSError):
-        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    info: dict[str, Any] = {
-        "hostname": socket.gethostname(), "cpu": cpu, "cores": os.cpu_count(),
-        "ram_bytes": ram, "platform": platform.platform(), "python": platform.python_version(),
-        "date": now_iso(), "loadavg": loadavg()}
-    with contextlib.suppress(OSError, subprocess.SubprocessError):
-        repo = Path(__file__).resolve().parents[1]
-        git = ["git", "-C", str(repo)]
-        head = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True, timeout=5)
-        if head.returncode == 0:
-            info["git_commit"] = head.stdout.strip()
-            dirty = subprocess.run([*git, "status", "--porcelain", "--untracked-files=no"],
-                                   capture_output=True, text=True, timeout=5).stdout
-            info["git_modified"] = [line[3:] for line in dirty.splitlines()]
-    for mod in ("torch", "transformers", "zmq"):
-        with contextlib.suppress(Exception):
-            info[mod] = __import__(mod).__version__
-    with contextlib.suppress(Exception):
-        import torch
-
-        if torch.cuda.is_available():
-            info["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
-    return info
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _ms(x: float | None) -> float | None:
-    return None if x is None or (isinstance(x, float) and math.isnan(x)) else x * 1000
-
-
-def _lat_summary(values: list[float]) -> dict:
-    """p50/p99/mean of a list of seconds (None for no values)."""
-    if not values:
-        return {"count": 0, "p50_s": None, "p99_s": None, "mean_s": None}
-    return {"count": len(values), "p50_s": percentile(values, 50),
-            "p99_s": percentile(values, 99), "mean_s": sum(values) / len(values)}
-
-
-def _median(values: list[float]) -> float | None:
-    return percentile(values, 50) if values else None
 
 
 def make_prompts(model_dir: Path, prompt_len: int, n: int) -> list[list[int]]:
@@ -656,14 +534,6 @@ def compare(cfg: CompareConfig, progress: Progress = lambda m: None) -> dict:
     return result
 
 
-def _mib(b: int | None) -> str:
-    return "-" if b is None else f"{b / 2**20:.0f}"
-
-
-def _f(x: float | None, fmt: str) -> str:
-    return "-" if x is None else format(x, fmt)
-
-
 def format_compare(result: dict) -> str:
     cfg = result["config"]
     m = result["machine"]
@@ -787,385 +657,12 @@ def plot_compare(result: dict, path: str | Path) -> None:
     plt.close(fig)
 
 
-# ----------------------------------------------------------------------------- transport
-# Decode-sized activations: one token's hidden state, as a stage sends it to the next.
-ACTIVATIONS = [
-    ("SmolLM2 decode (1x576 fp32)", "float32", [1, 576]),
-    ("Llama-3.2-1B decode (1x2048 bf16)", "bfloat16", [1, 2048]),
-    ("Llama-3-8B decode (1x4096 bf16)", "bfloat16", [1, 4096]),
-]
-DEFAULT_SIZES = [4 << 10, 16 << 10, 64 << 10, 256 << 10, 1 << 20, 4 << 20, 16 << 20, 64 << 20]
-
-
-@dataclass
-class TransportConfig:
-    sizes: list[int] = field(default_factory=lambda: list(DEFAULT_SIZES))
-    activations: bool = True
-    modes: list[str] = field(default_factory=lambda: ["zpipe", "zpipe+pool", "zpipe-sync",
-                                                      "raw"])
-    max_iters: int = 2000
-    max_seconds: float = 1.0  # per size and mode
-    warmup: int = 5
-
-
-MODES = {
-    "zpipe": "asyncio (uvloop) ROUTER and DEALER; every message checked with protocol.decode "
-             "and passed on with protocol.encode_forward, copy=False (what the broker does)",
-    "zpipe+pool": "as zpipe, and the node hands each step to a one-thread pool and back, as "
-                  "nodes/node.py does before computing (no compute)",
-    "zpipe-sync": "blocking pyzmq sockets with the same protocol work (decode, "
-                  "encode_forward, copy=False): the protocol's cost without asyncio",
-    "raw": "blocking pyzmq send/recv of the bare frame, no protocol: the floor",
-}
-
-
-def _tensor_cases(cfg: TransportConfig) -> list[tuple[str, str, list[int], int]]:
-    cases = []
-    if cfg.activations:
-        for label, dtype, shape in ACTIVATIONS:
-            size = math.prod(shape) * (4 if dtype == "float32" else 2)
-            cases.append((label, dtype, shape, size))
-    for size in cfg.sizes:
-        if size % 4:
-            raise ValueError(f"frame sizes must be multiples of 4 bytes, got {size}")
-        label = f"{size >> 20} MiB" if size >= 1 << 20 else f"{size >> 10} KiB"
-        cases.append((label, "float32", [1, size // 4], size))
-    return cases
-
-
-def _echo_child(address: str, mode: str) -> None:
-    """The "node": a DEALER that sends every step straight back as a result."""
-    import zmq
-
-    if mode == "raw":
-        ctx = zmq.Context()
-        sock = ctx.socket(zmq.DEALER)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.connect(address)
-        sock.send(b"hello")
-        while True:
-            frames = sock.recv_multipart(copy=False)
-            if len(frames) == 1 and frames[0].bytes == b"stop":
-                return
-            sock.send_multipart(frames, copy=False)
-
-    from zpipe import aio, protocol
-
-    def reply(msg: Any) -> list:
-        meta = msg["t"][0]
-        return protocol.encode_forward(
-            "result", msg.frames, [["hidden", meta[1], meta[2]]], sid=msg["sid"],
-            step=msg["step"], epoch=msg["epoch"], stage=msg["stage"], compute_s=0.0)
-
-    if mode == "zpipe-sync":
-        ctx = zmq.Context()
-        sock = ctx.socket(zmq.DEALER)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.connect(address)
-        sock.send_multipart(protocol.encode("heartbeat"))
-        while True:
-            msg = protocol.decode(sock.recv_multipart(copy=False))
-            if msg.kind == "free":
-                return
-            sock.send_multipart(reply(msg), copy=False)
-
-    import zmq.asyncio
-
-    async def serve() -> None:
-        ctx = zmq.asyncio.Context()
-        sock = ctx.socket(zmq.DEALER)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.connect(address)
-        await sock.send_multipart(protocol.encode("heartbeat"))
-        pool = None
-        if mode == "zpipe+pool":
-            from concurrent.futures import ThreadPoolExecutor
-
-            pool = ThreadPoolExecutor(1)
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue = asyncio.Queue()
-
-        async def work() -> None:
-            while True:
-                msg = await queue.get()
-                if pool is not None:
-                    await loop.run_in_executor(pool, lambda: None)
-                await sock.send_multipart(reply(msg), copy=False)
-
-        worker = asyncio.create_task(work())
-        while True:
-            frames = await sock.recv_multipart(copy=False)
-            msg = protocol.decode(frames)
-            if msg.kind == "free":
-                break
-            queue.put_nowait(msg)  # as nodes/node.py does: the receive loop never computes
-        worker.cancel()
-        sock.close(0)
-
-    aio.run(serve())
-
-
-def _spawn_echo(address: str, mode: str) -> subprocess.Popen:
-    env = dict(os.environ)
-    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    return subprocess.Popen([sys.executable, "-m", "zpipe.bench", "echo", address, mode],
-                            env=env, start_new_session=True)
-
-
-def _finish_stats(label: str, dtype: str, shape: list[int], size: int,
-                  rtts: list[float], elapsed: float) -> dict:
-    p50 = percentile(rtts, 50)
-    return {"label": label, "dtype": dtype, "shape": shape, "bytes": size, "iters": len(rtts),
-            "seconds": elapsed, "rtt_us_p50": p50 * 1e6, "rtt_us_p99": percentile(rtts, 99) * 1e6,
-            "rtt_us_min": min(rtts) * 1e6, "one_way_us": p50 / 2 * 1e6,
-            "gb_per_s": 2 * size / p50 / 1e9}
-
-
-def _iters_for(cfg: TransportConfig, size: int) -> tuple[int, int]:
-    """(warm-up, max iterations): fewer for big frames, so a size takes bounded time."""
-    cap = max(10, min(cfg.max_iters, int(4e9 / max(size, 1))))
-    return min(cfg.warmup, cap), cap
-
-
-def _proto_cases(cases: list, cfg: TransportConfig, progress: Progress):
-    """The broker side of the protocol modes, as a generator: it yields frames to send and is
-    sent back the received reply (so one loop serves both blocking and asyncio sockets)."""
-    import torch
-
-    from zpipe import protocol
-
-    rows = []
-    for label, dtype, shape, size in cases:
-        x = torch.randn(shape).to(getattr(torch, dtype))
-        frames = protocol.encode("step", {"x": x}, sid="bench", step=0, epoch=1, stage=0, pos=0)
-        warm, cap = _iters_for(cfg, size)
-        rtts: list[float] = []
-        t_start = time.perf_counter()
-        i = 0
-        while True:
-            t0 = time.perf_counter()
-            reply = yield frames
-            msg = protocol.decode(reply[1:])
-            # The next step forwards the received frames, as the broker does between stages.
-            meta = msg["t"][0]
-            frames = protocol.encode_forward("step", msg.frames, [["x", meta[1], meta[2]]],
-                                             sid="bench", step=i + 1, epoch=1, stage=0, pos=i + 1)
-            rtt = time.perf_counter() - t0
-            if i == 0 and not torch.equal(msg.tensors["hidden"], x):
-                raise RuntimeError(f"{label}: the frame came back changed")
-            i += 1
-            if i > warm:
-                rtts.append(rtt)
-            if len(rtts) >= cap or (rtts and time.perf_counter() - t_start > cfg.max_seconds
-                                    and len(rtts) >= 5):
-                break
-        rows.append(_finish_stats(label, dtype, shape, size, rtts, time.perf_counter() - t_start))
-        progress(f"  {label:<36} {rows[-1]['rtt_us_p50']:10.1f} us  "
-                 f"{rows[-1]['gb_per_s']:7.2f} GB/s")
-    return rows
-
-
-async def _drive_zpipe(sock: Any, cases: list, cfg: TransportConfig,
-                       progress: Progress) -> list[dict]:
-    from zpipe import protocol
-
-    hello = await asyncio.wait_for(sock.recv_multipart(copy=False), 30)
-    ident = hello[0].bytes
-    protocol.decode(hello[1:])  # the node's hello: a heartbeat
-    gen = _proto_cases(cases, cfg, progress)
-    frames = next(gen)
-    try:
-        while True:
-            await sock.send_multipart([ident, *frames], copy=False)
-            frames = gen.send(await sock.recv_multipart(copy=False))
-    except StopIteration as stop:
-        rows = stop.value
-    await sock.send_multipart([ident, *protocol.encode("free", sids=[])])
-    return rows
-
-
-def _drive_zpipe_sync(sock: Any, cases: list, cfg: TransportConfig,
-                      progress: Progress) -> list[dict]:
-    from zpipe import protocol
-
-    if not sock.poll(30_000):
-        raise TimeoutError("the echo process did not connect")
-    hello = sock.recv_multipart(copy=False)
-    ident = hello[0].bytes
-    protocol.decode(hello[1:])
-    gen = _proto_cases(cases, cfg, progress)
-    frames = next(gen)
-    try:
-        while True:
-            sock.send_multipart([ident, *frames], copy=False)
-            frames = gen.send(sock.recv_multipart(copy=False))
-    except StopIteration as stop:
-        rows = stop.value
-    sock.send_multipart([ident, *protocol.encode("free", sids=[])])
-    return rows
-
-
-def _drive_raw(sock: Any, cases: list, cfg: TransportConfig, progress: Progress) -> list[dict]:
-    import numpy as np
-
-    if not sock.poll(30_000):
-        raise TimeoutError("the echo process did not connect")
-    ident, _ = sock.recv_multipart()
-    rows = []
-    for label, dtype, shape, size in cases:
-        payload = np.random.default_rng(0).integers(0, 255, size, dtype=np.uint8)
-        frame: Any = memoryview(payload)
-        warm, cap = _iters_for(cfg, size)
-        rtts: list[float] = []
-        t_start = time.perf_counter()
-        i = 0
-        while True:
-            t0 = time.perf_counter()
-            sock.send_multipart([ident, frame], copy=False)
-            _, frame = sock.recv_multipart(copy=False)
-            rtt = time.perf_counter() - t0
-            if i == 0 and bytes(frame.buffer) != payload.tobytes():
-                raise RuntimeError(f"{label}: the frame came back changed")
-            i += 1
-            if i > warm:
-                rtts.append(rtt)
-            if len(rtts) >= cap or (rtts and time.perf_counter() - t_start > cfg.max_seconds
-                                    and len(rtts) >= 5):
-                break
-        rows.append(_finish_stats(label, dtype, shape, size, rtts, time.perf_counter() - t_start))
-        progress(f"  {label:<36} {rows[-1]['rtt_us_p50']:10.1f} us  "
-                 f"{rows[-1]['gb_per_s']:7.2f} GB/s")
-    sock.send_multipart([ident, b"stop"])
-    return rows
-
-
-def _transport_mode(mode: str, cases: list, cfg: TransportConfig,
-                    progress: Progress) -> tuple[list, dict]:
-    import zmq
-
-    port = _free_port()
-    address = f"tcp://127.0.0.1:{port}"
-    if mode in ("raw", "zpipe-sync"):
-        ctx = zmq.Context()
-        sock = ctx.socket(zmq.ROUTER)
-    else:
-        import zmq.asyncio
-
-        ctx = zmq.asyncio.Context()
-        sock = ctx.socket(zmq.ROUTER)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.bind(address)
-    child = _spawn_echo(address, mode)
-    meter = CpuMeter([os.getpid(), child.pid])
-    try:
-        if mode == "raw":
-            rows = _drive_raw(sock, cases, cfg, progress)
-        elif mode == "zpipe-sync":
-            rows = _drive_zpipe_sync(sock, cases, cfg, progress)
-        else:
-            from zpipe import aio
-
-            rows = aio.run(_drive_zpipe(sock, cases, cfg, progress))
-        cpu = meter.read()
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            child.wait(5)
-    finally:
-        if child.poll() is None:
-            child.terminate()
-            try:
-                child.wait(5)
-            except subprocess.TimeoutExpired:
-                child.kill()
-                child.wait()
-        sock.close(0)
-        ctx.term()
-    return rows, cpu
-
-
-def transport(cfg: TransportConfig, progress: Progress = lambda m: None) -> dict:
-    """Round trips broker -> node -> broker of tensor frames; the dict --json writes."""
-    cases = _tensor_cases(cfg)
-    result: dict[str, Any] = {
-        "kind": "zpipe-bench-transport", "machine": machine_info(),
-        "config": asdict(cfg),
-        "method": {
-            "setup": "this process is the broker (ROUTER, bound on 127.0.0.1 tcp); a child "
-                     "process is the node (DEALER). A round trip = broker sends a 'step' "
-                     "with one tensor frame, the node answers a 'result' that forwards the "
-                     "same frame, the broker decodes it. Times are the broker's, per round "
-                     "trip, after a warm-up; iterations are capped by count and seconds.",
-            "one_way_us": "round trip p50 / 2: the cost of one message crossing one hop "
-                          "(broker->node or node->broker), all overheads included",
-            "gb_per_s": "2 x frame bytes / round-trip p50 (the frame crosses twice)",
-            "modes": {m: MODES[m] for m in cfg.modes}},
-        "modes": {}}
-    for mode in cfg.modes:
-        if mode not in MODES:
-            raise ValueError(f"unknown transport mode {mode!r}; choose from {sorted(MODES)}")
-        progress(f"transport, mode {mode}")
-        result["modes"][mode], result.setdefault("cpu", {})[mode] = _transport_mode(
-            mode, cases, cfg, progress)
-    result["machine"]["loadavg_after"] = loadavg()
-    result["finished"] = now_iso()
-    return result
-
-
-def format_transport(result: dict) -> str:
-    m = result["machine"]
-    lines = [f"machine: {m['cpu']}, {m['cores']} cores; {m['date']}; load average "
-             f"{m['loadavg']} -> {m.get('loadavg_after')}"]
-    for mode, rows in result["modes"].items():
-        cpu = (result.get("cpu") or {}).get(mode) or {}
-        lines += ["", f"mode {mode}: {MODES[mode]}",
-                  f"  (other processes kept {_f(cpu.get('foreign_cores'), '.2f')} cores busy "
-                  f"meanwhile; steal {_f(cpu.get('steal_cores'), '.2f')})",
-                  f"  {'frame':<36} {'bytes':>10} {'RTT p50 us':>11} {'RTT p99 us':>11} "
-                  f"{'one-way us':>10} {'GB/s':>7} {'iters':>6}"]
-        for r in rows:
-            lines.append(f"  {r['label']:<36} {r['bytes']:>10} {r['rtt_us_p50']:>11.1f} "
-                         f"{r['rtt_us_p99']:>11.1f} {r['one_way_us']:>10.1f} "
-                         f"{r['gb_per_s']:>7.2f} {r['iters']:>6}")
-    lines += ["", "one-way = RTT p50 / 2; GB/s = 2 x bytes / RTT p50."]
-    return "\n".join(lines)
-
-
-def plot_transport(result: dict, path: str | Path) -> None:
-    """A PNG of µs per round trip and GB/s against frame size (raises ImportError without
-    matplotlib)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    for mode, rows in result["modes"].items():
-        rows = sorted(rows, key=lambda r: r["bytes"])
-        xs = [r["bytes"] for r in rows]
-        axes[0].plot(xs, [r["rtt_us_p50"] for r in rows], marker="o", label=mode)
-        axes[1].plot(xs, [r["gb_per_s"] for r in rows], marker="o", label=mode)
-    for ax, title in zip(axes, ("round trip p50 (µs)", "GB/s (2 x bytes / RTT)"), strict=True):
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("frame bytes")
-        ax.set_title(title)
-        ax.legend()
-        ax.grid(True, alpha=0.3)
-    axes[0].set_yscale("log")
-    fig.suptitle(f"zpipe transport, loopback tcp — {result['machine']['cpu']}, "
-                 f"{result['machine']['date']}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
 def _main(argv: list[str]) -> None:
-    """Entry point of the child processes: ``baseline SPEC OUT`` and ``echo ADDRESS MODE``."""
+    """Entry point of the baseline child process: ``baseline SPEC_JSON``."""
     if argv[:1] == ["baseline"] and len(argv) == 2:
         _baseline_child(argv[1])
-    elif argv[:1] == ["echo"] and len(argv) == 3:
-        _echo_child(argv[1], argv[2])
     else:
-        sys.exit("usage: python -m zpipe.bench baseline SPEC_JSON | echo ADDRESS MODE "
-                 "(internal; use `zpipe bench`)")
+        sys.exit("usage: python -m zpipe.bench baseline SPEC_JSON (internal; use `zpipe bench`)")
 
 
 if __name__ == "__main__":

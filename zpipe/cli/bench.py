@@ -1,4 +1,5 @@
-"""``zpipe bench compare`` and ``zpipe bench transport``: the benchmarks of ``zpipe.bench``.
+"""``zpipe bench compare`` and ``zpipe bench transport``: the benchmarks of ``zpipe.bench``
+and ``zpipe.bench_transport``.
 
 compare    transformers generate in one process vs zpipe with 1, 2, 3... stages, same model,
            dtype, device and threads, in one run: TTFT, per-token p50/p99, tokens/s, the ratio
@@ -81,19 +82,19 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
 
 def _cmd_transport(args: argparse.Namespace) -> int:
-    from zpipe import bench
+    from zpipe import bench_transport
 
-    cfg = bench.TransportConfig(
+    cfg = bench_transport.TransportConfig(
         sizes=args.sizes, activations=not args.no_activations, modes=args.modes,
         max_iters=args.max_iters, max_seconds=args.max_seconds)
-    result = bench.transport(cfg, progress=_progress)
-    print(bench.format_transport(result))
-    return _write_outputs(result, args, bench.plot_transport)
+    result = bench_transport.transport(cfg, progress=_progress)
+    print(bench_transport.format_transport(result))
+    return _write_outputs(result, args, bench_transport.plot_transport)
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     """Register ``zpipe bench`` (with modes ``compare`` and ``transport``)."""
-    from zpipe.bench import DEFAULT_SIZES, MODES
+    from zpipe.bench_transport import DEFAULT_SIZES, MODES
 
     p = subparsers.add_parser("bench", help="benchmarks: zpipe vs transformers, transport",
                               description=__doc__,
