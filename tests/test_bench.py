@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from zpipe import bench, bench_transport
+from zpipe import bench, bench_report, bench_transport
 from zpipe.cli import bench as bench_cli
 
 
@@ -54,11 +54,11 @@ def test_compare_tiny(tiny_model: Path, tmp_path: Path) -> None:
     bd = z["batch1"]["breakdown"]
     assert bd["step_s_p50"] >= bd["compute_s_p50"] > 0
 
-    table = bench.format_compare(result)
+    table = bench_report.format_compare(result)
     assert "transformers" in table and "zpipe 2 stages" in table and "2 sessions" in table
 
     pytest.importorskip("matplotlib")
-    bench.plot_compare(result, tmp_path / "compare.png")
+    bench_report.plot_compare(result, tmp_path / "compare.png")
     assert (tmp_path / "compare.png").stat().st_size > 1000
 
 

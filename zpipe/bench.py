@@ -17,25 +17,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import os
-import subprocess
-import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from zpipe.bench_baseline import Baseline
 from zpipe.bench_common import (
     CpuMeter,
     Progress,
-    _f,
     _free_port,
     _lat_summary,
     _median,
-    _mib,
-    _ms,
     loadavg,
     machine_info,
     now_iso,
@@ -115,150 +110,6 @@ class CompareConfig:
 
 
 # ----------------------------------------------------------------------------- baseline
-class Baseline:
-    """transformers ``generate`` in its own process, driven one command at a time (JSON lines
-    on its stdin/stdout), so that its runs can be interleaved with zpipe's."""
-
-    def __init__(self, cfg: CompareConfig, model_dir: Path, log: Path) -> None:
-        self.log = log
-        spec = {"model_dir": str(model_dir), "dtype": cfg.dtype, "device": cfg.device,
-                "threads": cfg.n_threads()}
-        env = dict(os.environ)
-        env.pop("OMP_WAIT_POLICY", None)
-        if cfg.baseline_omp_wait_policy:
-            env["OMP_WAIT_POLICY"] = cfg.baseline_omp_wait_policy
-        self.omp_wait_policy = env.get("OMP_WAIT_POLICY", "(unset)")
-        log.parent.mkdir(parents=True, exist_ok=True)
-        with open(log, "wb") as err:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "zpipe.bench", "baseline", json.dumps(spec)], env=env,
-                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, text=True,
-                start_new_session=True)
-        self.info = self._read()
-
-    def _read(self) -> dict:
-        line = self.proc.stdout.readline()
-        if not line:
-            self.proc.wait()
-            tail = "\n".join(self.log.read_text(errors="replace").splitlines()[-20:])
-            raise RuntimeError(f"the transformers process stopped (exit "
-                               f"{self.proc.returncode}); {self.log}:\n{tail}")
-        out = json.loads(line)
-        if "error" in out:
-            raise RuntimeError(f"transformers process: {out['error']}")
-        return out
-
-    def call(self, **cmd: Any) -> dict:
-        self.proc.stdin.write(json.dumps(cmd) + "\n")
-        self.proc.stdin.flush()
-        return self._read()
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            with contextlib.suppress(OSError):
-                self.proc.stdin.close()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-
-
-class _Stamps:
-    """A generate() streamer that records when each new token comes out."""
-
-    def __init__(self) -> None:
-        self.t0 = time.perf_counter()
-        self.times: list[float] = []
-        self.prompt_seen = False
-
-    def put(self, value: Any) -> None:
-        if not self.prompt_seen:  # the first put is the prompt
-            self.prompt_seen = True
-            return
-        self.times.append(time.perf_counter())
-
-    def end(self) -> None:
-        pass
-
-
-def _baseline_child(spec_json: str) -> None:
-    """The transformers process: one JSON command per stdin line, one JSON answer per line."""
-    out_fd = os.dup(1)
-    os.dup2(2, 1)  # library chatter goes to stderr, answers to the saved stdout
-    answers = os.fdopen(out_fd, "w", buffering=1)
-
-    import torch
-    from transformers import LlamaForCausalLM
-
-    spec = json.loads(spec_json)
-    torch.set_num_threads(spec["threads"])
-    dtype = getattr(torch, spec["dtype"])
-    dev = torch.device(spec["device"])
-    t_load = time.perf_counter()
-    model = LlamaForCausalLM.from_pretrained(spec["model_dir"], dtype=dtype).to(dev).eval()
-    load_s = time.perf_counter() - t_load
-    pad = model.config.pad_token_id
-    if pad is None:
-        eos = model.config.eos_token_id
-        pad = (eos[0] if isinstance(eos, list) else eos) if eos is not None else 0
-
-    def sync() -> None:
-        if dev.type == "cuda":
-            torch.cuda.synchronize(dev)
-
-    def timed(prompts: list[list[int]], tokens: int) -> dict:
-        """Greedy generate of exactly ``tokens`` tokens for a left-padded batch of prompts."""
-        width = max(len(p) for p in prompts)
-        ids = torch.full((len(prompts), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(prompts), width), dtype=torch.long)
-        for i, p in enumerate(prompts):
-            ids[i, width - len(p):] = torch.tensor(p)
-            mask[i, width - len(p):] = 1
-        ids, mask = ids.to(dev), mask.to(dev)
-        st = _Stamps()
-        sync()
-        t0 = st.t0 = time.perf_counter()
-        res = model.generate(ids, attention_mask=mask, do_sample=False, temperature=None,
-                             top_p=None, top_k=None, min_new_tokens=tokens,
-                             max_new_tokens=tokens, pad_token_id=pad, streamer=st)
-        sync()
-        total = time.perf_counter() - t0
-        times = [t0, *st.times]
-        lat = [b - a for a, b in zip(times, times[1:], strict=False)]
-        return {"ttft_s": lat[0], "total_s": total, "latencies_s": lat, "padded_width": width,
-                "token_ids": [r[width:].tolist() for r in res]}
-
-    def pid_peak() -> dict:
-        out = {"peak_rss_bytes": vm_hwm(os.getpid())}
-        if dev.type == "cuda":
-            out["gpu_peak_bytes"] = torch.cuda.max_memory_allocated(dev)
-        return out
-
-    answers.write(json.dumps({"load_s": load_s, "threads": torch.get_num_threads(),
-                              "pid": os.getpid()}) + "\n")
-    with torch.inference_mode():
-        for line in sys.stdin:
-            cmd = json.loads(line)
-            try:
-                if cmd["op"] == "one":  # batch 1, plus a 1-token generate for TTFT
-                    t0 = time.perf_counter()
-                    timed([cmd["prompt"]], 1)
-                    ttft_1tok = time.perf_counter() - t0
-                    r = timed([cmd["prompt"]], cmd["tokens"])
-                    r["token_ids"] = r["token_ids"][0]
-                    r["ttft_1tok_s"] = ttft_1tok
-                elif cmd["op"] == "batch":
-                    r = timed(cmd["prompts"], cmd["tokens"])
-                elif cmd["op"] == "peak":
-                    r = pid_peak()
-                else:
-                    r = {"error": f"unknown op {cmd['op']!r}"}
-            except Exception as e:  # reported to the parent, which stops
-                r = {"error": f"{type(e).__name__}: {e}"}
-            answers.write(json.dumps(r) + "\n")
-
-
 # ----------------------------------------------------------------------------- zpipe runs
 def _decode_breakdown(gens: list[Any]) -> dict:
     """Medians over decode tokens of the broker's per-token timings."""
@@ -532,138 +383,3 @@ def compare(cfg: CompareConfig, progress: Progress = lambda m: None) -> dict:
     result["machine"]["cpu_during_measurement"] = raw["cpu_all"]
     result["finished"] = now_iso()
     return result
-
-
-def format_compare(result: dict) -> str:
-    cfg = result["config"]
-    m = result["machine"]
-    lines = [
-        f"model {cfg['model']} ({cfg['dtype']}, {cfg['device']}), prompt {cfg['prompt_len']} "
-        f"tokens, {cfg['new_tokens']} new tokens, {cfg['threads']} threads per process, "
-        f"concurrency {cfg['concurrency']}; OMP_WAIT_POLICY: zpipe processes "
-        f"{cfg.get('zpipe_omp_wait_policy')}, transformers "
-        f"{next((s['omp_wait_policy'] for s in result['systems'] if s['stages'] == 0), '-')}",
-        f"machine: {m['cpu']}, {m['cores']} cores, {m['ram_bytes'] / 2**30:.1f} GiB; "
-        f"{m['date']}; load average {m['loadavg']} -> {m.get('loadavg_after')}",
-        f"code: git {m.get('git_commit', '?')}"
-        + (f" with local changes to {', '.join(m['git_modified'])}" if m.get("git_modified")
-           else ""),
-        "",
-        f"{'system':<16} {'mode':<16} {'TTFT ms':>8} {'p50 ms':>7} {'p99 ms':>7} "
-        f"{'tok/s':>7} {'x base':>6} {'gain':>5} {'match':>5}",
-    ]
-    for s in result["systems"]:
-        for mode in ("batch1", "concurrent"):
-            r = s.get(mode)
-            if not r:
-                continue
-            if mode == "batch1":
-                label, ttft = f"batch 1 (x{r['runs']})", r["ttft_s"]
-                match = r.get("matches_transformers")
-                gain = None
-            else:
-                label = (f"batch {r['sessions']} padded" if s["stages"] == 0
-                         else f"{r['sessions']} sessions")
-                ttft, match, gain = r["ttft_s_p50"], r["tokens_match"], r.get("gain_over_batch1")
-            pt = r["per_token"]
-            lines.append(
-                f"{s['name']:<16} {label:<16} {_f(_ms(ttft), '8.1f')} "
-                f"{_f(_ms(pt['p50_s']), '7.2f')} {_f(_ms(pt['p99_s']), '7.2f')} "
-                f"{r['tokens_per_s']:7.1f} {_f(r.get('ratio_to_transformers'), '6.2f')} "
-                f"{_f(gain, '5.2f')} {'-' if match is None else ('yes' if match else 'NO'):>5}")
-    lines += ["", "peak memory (VmHWM, MiB):"]
-    for s in result["systems"]:
-        peaks = ", ".join(f"{k} {_mib(v)}" for k, v in s["peak_rss_bytes"].items())
-        lines.append(f"  {s['name']:<16} {peaks}")
-    lines += ["", "other processes on the machine while each system ran (cores kept busy by "
-                  "processes not ours; steal = hypervisor; own = this benchmark's processes):"]
-    for s in result["systems"]:
-        c = s.get("cpu") or {}
-        b, cc = c.get("batch1") or {}, c.get("concurrent") or {}
-        lines.append(
-            f"  {s['name']:<16} batch 1: foreign {_f(b.get('foreign_cores'), '.2f')} "
-            f"(max {_f(b.get('max_foreign_cores'), '.2f')}), steal "
-            f"{_f(b.get('steal_cores'), '.2f')}, own {_f(b.get('own_cores'), '.2f')}"
-            + (f"; concurrent: foreign {cc['foreign_cores']:.2f}, own {cc['own_cores']:.2f}"
-               if cc else ""))
-    whole = m.get("cpu_during_measurement")
-    if whole:
-        lines.append(f"  whole measurement ({whole['wall_s']:.0f} s): foreign "
-                     f"{whole['foreign_cores']:.2f} cores, steal {whole['steal_cores']:.2f}, "
-                     f"own {whole['own_cores']:.2f}")
-    lines += ["", "zpipe decode breakdown (broker-side medians per token, ms):"]
-    for s in result["systems"]:
-        if s["stages"] == 0:
-            continue
-        for mode in ("batch1", "concurrent"):
-            b = (s.get(mode) or {}).get("breakdown")
-            if b:
-                lines.append(
-                    f"  {s['name']:<16} {mode:<10} step {_f(_ms(b['step_s_p50']), '.2f')}, "
-                    f"compute {_f(_ms(b['compute_s_p50']), '.2f')}, hop overhead "
-                    f"{_f(_ms(b['hop_overhead_s_p50']), '.2f')} (per hop "
-                    f"{_f(_ms(b['per_hop_overhead_s_p50']), '.3f')})")
-    lines += ["", "x base: tokens/s over transformers' in the same mode; gain: concurrent "
-                  "tokens/s over batch-1 tokens/s; match: batch 1 = same tokens as transformers, "
-                  "concurrent = every session's tokens equal its batch-1 tokens.",
-              f"TTFT: {TTFT_METHOD}", f"tok/s: {TPS_METHOD}"]
-    return "\n".join(lines)
-
-
-def plot_compare(result: dict, path: str | Path) -> None:
-    """A PNG: tokens/s per system (batch 1 and concurrent) and per-token latency.
-
-    Raises ImportError if matplotlib is not installed."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    systems = result["systems"]
-    names = [s["name"] for s in systems]
-    cfg = result["config"]
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
-    x = range(len(systems))
-    w = 0.38
-    b1 = [s["batch1"]["tokens_per_s"] for s in systems]
-    cc = [(s.get("concurrent") or {}).get("tokens_per_s", 0) for s in systems]
-    ax = axes[0]
-    ax.bar([i - w / 2 for i in x], b1, w, label="batch 1")
-    if any(cc):
-        ax.bar([i + w / 2 for i in x], cc, w, label=f"{cfg['concurrency']} concurrent")
-    ax.set_xticks(list(x), names, rotation=20)
-    ax.set_ylabel("tokens/s")
-    ax.set_title("throughput")
-    ax.legend()
-    ax = axes[1]
-    p50 = [_ms(s["batch1"]["per_token"]["p50_s"]) or 0 for s in systems]
-    p99 = [_ms(s["batch1"]["per_token"]["p99_s"]) or 0 for s in systems]
-    ax.bar([i - w / 2 for i in x], p50, w, label="p50")
-    ax.bar([i + w / 2 for i in x], p99, w, label="p99")
-    ax.set_xticks(list(x), names, rotation=20)
-    ax.set_ylabel("ms")
-    ax.set_title("per-token latency, batch 1")
-    ax.legend()
-    ax = axes[2]
-    ax.bar(list(x), [_ms(s["batch1"]["ttft_s"]) or 0 for s in systems], 0.6)
-    ax.set_xticks(list(x), names, rotation=20)
-    ax.set_ylabel("ms")
-    ax.set_title(f"time to first token ({cfg['prompt_len']}-token prompt)")
-    fig.suptitle(f"{Path(cfg['model']).name} {cfg['dtype']} {cfg['device']}, "
-                 f"{cfg['new_tokens']} new tokens, {cfg['threads']} threads/process — "
-                 f"{result['machine']['cpu']}, {result['machine']['date']}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def _main(argv: list[str]) -> None:
-    """Entry point of the baseline child process: ``baseline SPEC_JSON``."""
-    if argv[:1] == ["baseline"] and len(argv) == 2:
-        _baseline_child(argv[1])
-    else:
-        sys.exit("usage: python -m zpipe.bench baseline SPEC_JSON (internal; use `zpipe bench`)")
-
-
-if __name__ == "__main__":
-    _main(sys.argv[1:])
