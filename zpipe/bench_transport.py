@@ -156,6 +156,20 @@ def _spawn_echo(address: str, mode: str) -> subprocess.Popen:
         env=env, start_new_session=True)
 
 
+def _enough(rtts: list[float], cap: int, t_start: float, cfg: TransportConfig) -> bool:
+    """Stop a size: enough round trips, or past its time with at least 5 measured."""
+    return len(rtts) >= cap or (len(rtts) >= 5
+                                and time.perf_counter() - t_start > cfg.max_seconds)
+
+
+def _row(label: str, dtype: str, shape: list[int], size: int, rtts: list[float],
+         t_start: float, progress: Progress) -> dict:
+    """One size's figures, announced as they are done."""
+    row = _finish_stats(label, dtype, shape, size, rtts, time.perf_counter() - t_start)
+    progress(f"  {label:<36} {row['rtt_us_p50']:10.1f} us  {row['gb_per_s']:7.2f} GB/s")
+    return row
+
+
 def _finish_stats(label: str, dtype: str, shape: list[int], size: int,
                   rtts: list[float], elapsed: float) -> dict:
     p50 = percentile(rtts, 50)
@@ -200,12 +214,9 @@ def _proto_cases(cases: list, cfg: TransportConfig, progress: Progress):
             i += 1
             if i > warm:
                 rtts.append(rtt)
-            if len(rtts) >= cap or (rtts and time.perf_counter() - t_start > cfg.max_seconds
-                                    and len(rtts) >= 5):
+            if _enough(rtts, cap, t_start, cfg):
                 break
-        rows.append(_finish_stats(label, dtype, shape, size, rtts, time.perf_counter() - t_start))
-        progress(f"  {label:<36} {rows[-1]['rtt_us_p50']:10.1f} us  "
-                 f"{rows[-1]['gb_per_s']:7.2f} GB/s")
+        rows.append(_row(label, dtype, shape, size, rtts, t_start, progress))
     return rows
 
 
@@ -273,12 +284,9 @@ def _drive_raw(sock: Any, cases: list, cfg: TransportConfig, progress: Progress)
             i += 1
             if i > warm:
                 rtts.append(rtt)
-            if len(rtts) >= cap or (rtts and time.perf_counter() - t_start > cfg.max_seconds
-                                    and len(rtts) >= 5):
+            if _enough(rtts, cap, t_start, cfg):
                 break
-        rows.append(_finish_stats(label, dtype, shape, size, rtts, time.perf_counter() - t_start))
-        progress(f"  {label:<36} {rows[-1]['rtt_us_p50']:10.1f} us  "
-                 f"{rows[-1]['gb_per_s']:7.2f} GB/s")
+        rows.append(_row(label, dtype, shape, size, rtts, t_start, progress))
     sock.send_multipart([ident, b"stop"])
     return rows
 

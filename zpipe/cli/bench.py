@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -68,7 +67,7 @@ def _write_outputs(result: dict, args: argparse.Namespace, plot) -> int:
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
-    from zpipe import bench
+    from zpipe import bench, bench_report
 
     cfg = bench.CompareConfig(
         model=args.model, dtype=args.dtype, device=args.device, prompt_len=args.prompt_len,
@@ -77,8 +76,8 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         baseline_omp_wait_policy=(None if args.baseline_omp_wait_policy == "unset"
                                   else args.baseline_omp_wait_policy), log_dir=args.logs)
     result = bench.compare(cfg, progress=_progress)
-    print(bench.format_compare(result))
-    return _write_outputs(result, args, bench.plot_compare)
+    print(bench_report.format_compare(result))
+    return _write_outputs(result, args, bench_report.plot_compare)
 
 
 def _cmd_transport(args: argparse.Namespace) -> int:
@@ -143,19 +142,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """``python -m zpipe.cli.bench ...``, the same as ``zpipe bench ...``."""
-    # As zpipe's CLI does: idle OpenMP threads of the nodes sleep instead of spinning.
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    parser = argparse.ArgumentParser(prog="zpipe")
-    add_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["bench", *(sys.argv[1:] if argv is None else argv)])
-    try:
-        code = args.func(args)
-    except LookupError as e:  # a model that is not there
-        print(f"zpipe: {e.args[0] if e.args else e}", file=sys.stderr)
-        code = 2
-    except KeyboardInterrupt:
-        code = 130
-    sys.exit(code)
+    from zpipe.cli.main import main as zpipe_main
+
+    zpipe_main(["bench", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":
