@@ -24,6 +24,7 @@ from collections.abc import Coroutine
 from typing import Any
 
 from brokers import rebalance
+from brokers.mover import MoveError
 from zpipe import protocol
 from zpipe.config import parse_layers
 from zpipe.metrics import Metrics
@@ -315,50 +316,25 @@ def _action(broker: Any, op: str, args: dict) -> Any:
             raise _BadRequest(f"layers {start}-{end - 1} are out of range: the model has {n} "
                               f"layers (0-{n - 1})")
         to = _node_arg(broker, args, "to")
-        return lambda: _mover(broker).move_layers(start, end, to, reason="admin move")
+        return lambda: broker.mover.move_layers(start, end, to, reason="admin move")
     if op == "rebalance":
         strategy = _strategy_arg(broker, args)
-        return lambda: _mover(broker).rebalance(strategy, reason="admin rebalance")
+        return lambda: broker.mover.rebalance(strategy, reason="admin rebalance")
     if op == "drain":
         node = _node_arg(broker, args, "node")
-        return lambda: _mover(broker).drain(node, reason="admin drain")
+        return lambda: broker.mover.drain(node, reason="admin drain")
     node = _node_arg(broker, args, "node")  # slow
     factor = args.get("factor")
     if (type(factor) not in (int, float) or not math.isfinite(factor)
             or not 0 < factor <= MAX_SLOW_FACTOR):
         raise _BadRequest(f"factor must be a number > 0 and ≤ {MAX_SLOW_FACTOR:g}, got {factor!r}")
-    if not callable(getattr(broker, "set_slow", None)):
-        raise _BadRequest("this broker cannot slow nodes down (no set_slow)")
     return lambda: broker.set_slow(node, float(factor))
 
 
-class _NoMover(RuntimeError):
-    pass
-
-
-def _mover(broker: Any) -> Any:
-    mover = getattr(broker, "mover", None)
-    if mover is None:
-        raise _NoMover("this broker has no layer mover")
-    return mover
-
-
-def _move_error() -> type[BaseException]:
-    try:
-        from brokers.mover import MoveError
-    except ImportError:  # the mover is not there: nothing raises it
-        return _NoMover
-    return MoveError
-
-
 async def _act(broker: Any, ident: bytes, rid: str, op: str, call: Any) -> None:
-    move_error = _move_error()
     try:
         result = await call()
-    except _NoMover as e:
-        await broker._send(ident, protocol.error("unsupported", str(e), rid=rid))
-        return
-    except move_error as e:
+    except MoveError as e:
         await broker._send(ident, protocol.error("move_failed", str(e), rid=rid))
         return
     except Exception as e:  # answer the admin client whatever happens
