@@ -179,9 +179,9 @@ class Broker:
     async def resume(self) -> None:
         self.paused = False
         parked, self.parked = self.parked, []
-        for s, ids in parked:
-            if s.sid in self.sessions:
-                await self._start_step(s, ids)
+        alive = [(s, ids) for s, ids in parked if s.sid in self.sessions]
+        if alive:
+            await self._start_steps(alive)
 
     def switch_placement(self, placement: Placement) -> None:
         """After a committed move: route by the new placement."""
@@ -332,7 +332,7 @@ class Broker:
         self.metrics.session_started(s.sid, s.rid, len(s.prompt_ids))
         await self._send(client, protocol.encode("accepted", rid=s.rid, sid=s.sid,
                                                  prompt_ids=s.prompt_ids))
-        await self._start_step(s, torch.tensor(s.prompt_ids, dtype=torch.int64))
+        await self._start_steps([(s, torch.tensor(s.prompt_ids, dtype=torch.int64))])
 
     async def _on_cancel(self, client: bytes, msg: Message) -> None:
         sid = self.by_rid.get((client, msg["rid"]))
@@ -353,57 +353,109 @@ class Broker:
         return out
 
     # ------------------------------------------------------------- steps
-    async def _start_step(self, s: Session, ids: torch.Tensor) -> None:
+    # A step message carries several sessions ("rows"): the sessions a node answered together
+    # go on together, so a batch stays whole from stage to stage and round to round.
+    async def _start_steps(self, group: list[tuple[Session, torch.Tensor]]) -> None:
         if self.paused:  # a reallocation is under way: wait at this token boundary
-            self.parked.append((s, ids))
+            self.parked.extend(group)
             return
-        s.in_flight = True
-        s.stage_times = []
-        s.step_t0 = time.perf_counter()
-        await self._send_stage(s, 0, protocol.encode(
-            "step", {"x": ids}, **self._step_fields(s, 0)))
+        now = time.perf_counter()
+        for s, _ in group:
+            s.in_flight = True
+            s.stage_times = []
+            s.step_t0 = now
+        ids = group[0][1] if len(group) == 1 else torch.cat([x for _, x in group])
+        sessions = [s for s, _ in group]
+        await self._send_stage(sessions, 0, protocol.encode(
+            "step", {"x": ids}, **self._step_fields(sessions, 0)))
 
-    def _step_fields(self, s: Session, stage: int) -> dict:
-        fields = {"sid": s.sid, "step": s.step, "epoch": self.placement.epoch, "stage": stage,
-                  "pos": s.pos}
+    def _step_fields(self, sessions: list[Session], stage: int) -> dict:
+        fields = {"epoch": self.placement.epoch, "stage": stage,
+                  "rows": [[s.sid, s.step, s.pos, s.step_input_len()] for s in sessions]}
         if stage == len(self.placement.stages) - 1:
-            fields["sampling"] = s.sampling
+            fields["sampling"] = [s.sampling for s in sessions]
         return fields
 
-    async def _send_stage(self, s: Session, stage: int, frames: list) -> None:
+    async def _send_stage(self, sessions: list[Session], stage: int, frames: list) -> None:
         node = self.registry.by_name[self.placement.stages[stage].node]
-        s.stage, s.hop_t0 = stage, time.perf_counter()
+        now = time.perf_counter()
+        for s in sessions:
+            s.stage, s.hop_t0 = stage, now
         if not await self._send(node.ident, frames):
-            await self._finish_error(s, "node_lost", f"node {node.name} is unreachable")
+            for s in sessions:
+                await self._finish_error(s, "node_lost", f"node {node.name} is unreachable")
 
     async def _on_result(self, node: NodeInfo, msg: Message) -> None:
-        s = self.sessions.get(msg["sid"])
-        if (s is None or msg["step"] != s.step or msg["stage"] != s.stage
-                or self.placement is None or msg["epoch"] != self.placement.epoch
-                or self.placement.stages[s.stage].node != node.name):
-            return  # a late answer for a finished, cancelled or re-routed step
+        try:
+            rows = protocol.result_rows(msg["rows"])
+        except ProtocolError as e:
+            log.warning("node %s sent a bad result: %s", node.name, e)
+            return
+        stage, placement = msg["stage"], self.placement
+        if (placement is None or msg["epoch"] != placement.epoch
+                or not 0 <= stage < len(placement.stages)
+                or placement.stages[stage].node != node.name):
+            return  # a late answer from a placement that has since changed
+        live: list[tuple[int, Session]] = []
+        for i, (sid, step, n) in enumerate(rows):
+            s = self.sessions.get(sid)
+            # Rows of finished, cancelled or re-routed steps are late answers: dropped.
+            if s is not None and s.step == step and s.stage == stage and s.in_flight \
+                    and n == s.step_input_len():
+                live.append((i, s))
+        if not live:
+            return
         now = time.perf_counter()
         compute = float(msg["compute_s"])
-        if s.step > 0:
-            self.measured[node.name].append(compute)
-        s.stage_times.append([node.name, round(compute, 6), round(now - s.hop_t0 - compute, 6)])
-        last = len(self.placement.stages) - 1
-        if s.stage < last:
-            meta = msg["t"]
-            if len(meta) != 1 or meta[0][0] != "hidden":
-                await self._finish_error(s, "bad_result", f"node {node.name} sent no hidden state")
-                return
-            await self._send_stage(s, s.stage + 1, protocol.encode_forward(
-                "step", msg.frames, [["x", meta[0][1], meta[0][2]]],
-                **self._step_fields(s, s.stage + 1)))
-            return
-        token = msg.get("token")
-        if token is None or not 0 <= token < self.spec.vocab_size:
-            await self._finish_error(s, "bad_result", f"node {node.name} sent no valid token")
-            return
-        await self._emit_token(s, token, float(msg.get("logprob", 0.0)), now)
+        for _, s in live:
+            if s.step > 0:
+                self.measured[node.name].append(compute)
+            s.stage_times.append([node.name, round(compute, 6), round(now - s.hop_t0 - compute, 6)])
+        if stage < len(placement.stages) - 1:
+            await self._forward(node, msg, rows, live)
+        else:
+            await self._tokens(node, msg, live, now)
 
-    async def _emit_token(self, s: Session, token: int, logprob: float, now: float) -> None:
+    async def _forward(self, node: NodeInfo, msg: Message, rows: list, live: list) -> None:
+        """Send an inner stage's hidden states on to the next stage: the received frames
+        untouched when every row is still live, else only the live rows' states."""
+        sessions = [s for _, s in live]
+        meta = msg["t"]
+        if (len(meta) != 1 or meta[0][0] != "hidden"
+                or msg.tensors["hidden"].dim() != 2
+                or msg.tensors["hidden"].shape[0] != sum(n for _, _, n in rows)):
+            for s in sessions:
+                await self._finish_error(s, "bad_result",
+                                         f"node {node.name} sent no matching hidden state")
+            return
+        fields = self._step_fields(sessions, sessions[0].stage + 1)
+        if len(live) == len(rows):
+            frames = protocol.encode_forward("step", msg.frames, [["x", *meta[0][1:]]], **fields)
+        else:
+            parts = msg.tensors["hidden"].split([n for _, _, n in rows])
+            frames = protocol.encode("step", {"x": torch.cat([parts[i] for i, _ in live])},
+                                     **fields)
+        await self._send_stage(sessions, sessions[0].stage + 1, frames)
+
+    async def _tokens(self, node: NodeInfo, msg: Message, live: list, now: float) -> None:
+        """The last stage's tokens: hand them out and start the next step of every session
+        that goes on, together."""
+        tokens = msg.get("tokens")
+        nxt: list[tuple[Session, torch.Tensor]] = []
+        for i, s in live:
+            entry = tokens[i] if isinstance(tokens, list) and i < len(tokens) else None
+            if not (isinstance(entry, list) and len(entry) == 2 and type(entry[0]) is int
+                    and 0 <= entry[0] < self.spec.vocab_size
+                    and isinstance(entry[1], (int, float))):
+                await self._finish_error(s, "bad_result", f"node {node.name} sent no valid token")
+                continue
+            if await self._emit_token(s, entry[0], float(entry[1]), now):
+                nxt.append((s, torch.tensor([entry[0]], dtype=torch.int64)))
+        if nxt:
+            await self._start_steps(nxt)
+
+    async def _emit_token(self, s: Session, token: int, logprob: float, now: float) -> bool:
+        """Hand a token to the client; True when the session goes on to another step."""
         s.in_flight = False
         s.pos += s.step_input_len()
         s.tokens.append(token)
@@ -422,7 +474,8 @@ class Broker:
             await self._finish(s, "length")
         else:
             s.step += 1
-            await self._start_step(s, torch.tensor([token], dtype=torch.int64))
+            return s.sid in self.sessions
+        return False
 
     # ------------------------------------------------------------- endings
     async def _release(self, s: Session, reason: str) -> None:

@@ -3,16 +3,29 @@
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from zpipe import protocol
 from zpipe.kvcache import KVCache
-from zpipe.protocol import Message
+from zpipe.protocol import Message, ProtocolError
 from zpipe.sampling import SamplingParams, sample
 from zpipe.shard import ModelSpec, Stage
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class Row:
+    """One session's part of a step message; ``x`` is a view into the message's tensor."""
+
+    sid: str
+    step: int
+    pos: int
+    x: torch.Tensor
+    params: SamplingParams | None  # last stage only
 
 
 class StepError(Exception):
@@ -37,6 +50,7 @@ class Executor:
         self.pending: tuple[int, Stage | None] | None = None
         self.pending_caches: dict[str, KVCache] = {}
         self.slow_factor = 1.0  # > 1 slows compute on purpose (tests, demos)
+        self.last_compute_s = 0.0
 
     def load(self, start: int, end: int, epoch: int) -> int:
         """Load layers [start, end); returns the weight bytes now held."""
@@ -132,76 +146,87 @@ class Executor:
     def kv_bytes(self) -> int:
         return sum(c.nbytes() for c in self.caches.values())
 
-    def step(self, msg: Message) -> tuple[dict, dict[str, torch.Tensor]]:
-        """Run one step; returns the result's header fields and tensors."""
-        out = self.step_batch([msg])[0]
-        if isinstance(out, StepError):
-            raise out
-        return out
-
-    def step_batch(self, msgs: list[Message]) -> list[tuple[dict, dict] | StepError]:
-        """Run several sessions' steps as one batch; one result (or refusal) per message."""
-        ready: list[tuple[int, Message, KVCache, SamplingParams | None]] = []
-        results: list = [None] * len(msgs)
-        for i, msg in enumerate(msgs):
+    def rows_of(self, msg: Message) -> list[Row]:
+        """A step message's rows, checked against the message; a StepError refuses them all."""
+        stage = self.stage
+        if stage is None:
+            raise StepError("not_loaded", "this node holds no layers yet")
+        if msg["epoch"] != self.epoch:
+            raise StepError("stale_epoch", f"step for epoch {msg['epoch']}, node is at {self.epoch}")
+        try:
+            rows = protocol.step_rows(msg["rows"])
+        except ProtocolError as e:
+            raise StepError(e.code, str(e)) from None
+        x = msg.tensors.get("x")
+        if x is None or len(msg.tensors) != 1:
+            raise StepError("bad_message", "a step carries exactly one tensor, 'x'")
+        lens = [n for _, _, _, n in rows]
+        self._check_input(stage, x, sum(lens))
+        sampling = msg.get("sampling")
+        params: list[SamplingParams | None] = [None] * len(rows)
+        if stage.last:
+            if sampling is not None and len(sampling) != len(rows):
+                raise StepError("bad_message", f"{len(sampling)} sampling entries for "
+                                               f"{len(rows)} rows")
             try:
-                cache, params = self._prepare(msg)
-                ready.append((i, msg, cache, params))
-            except StepError as e:
-                results[i] = e
+                params = [SamplingParams.from_dict(sampling[i] if sampling else {})
+                          for i in range(len(rows))]
+            except (ValueError, TypeError, AttributeError) as e:
+                raise StepError("bad_sampling", str(e)) from None
+        xs = x.split(lens)  # views: no copy
+        return [Row(sid, step, pos, xi, p)
+                for (sid, step, pos, _), xi, p in zip(rows, xs, params, strict=True)]
+
+    def step_batch(self, batches: list[list[Row]]) -> list[list[tuple | StepError]]:
+        """Run the rows of several step messages as one batch. Per message, per row: its output
+        (a hidden-state tensor, or ``(token, logprob)`` on the last stage) or its refusal."""
+        results = [[None] * len(rows) for rows in batches]
+        ready: list[tuple[int, int, Row, KVCache]] = []
+        for b, rows in enumerate(batches):
+            for i, row in enumerate(rows):
+                try:
+                    ready.append((b, i, row, self._cache_for(row)))
+                except StepError as e:
+                    results[b][i] = e
         if not ready:
             return results
         stage = self.stage
         t0 = time.perf_counter()
-        outs = stage.forward_batch([(c, m.tensors["x"], m["pos"]) for _, m, c, _ in ready])
+        outs = stage.forward_batch([(c, r.x, r.pos) for _, _, r, c in ready],
+                                   greedy=[r.params is not None and r.params.greedy
+                                           for _, _, r, _ in ready] if stage.last else None)
         if stage.last:
-            sampled = _sample_all(outs, [(params, m["step"]) for _, m, _, params in ready])
+            sampled = _sample_all(outs, [(r.params, r.step) for _, _, r, _ in ready])
         elif outs[0].is_cuda:
             torch.cuda.synchronize(outs[0].device)
         compute = time.perf_counter() - t0
         if self.slow_factor > 1:
             time.sleep(compute * (self.slow_factor - 1))
             compute *= self.slow_factor
-        for j, (i, _, _, _) in enumerate(ready):
-            if stage.last:
-                token, logprob = sampled[j]
-                results[i] = ({"token": token, "logprob": logprob, "compute_s": compute}, {})
-            else:
-                results[i] = ({"compute_s": compute}, {"hidden": outs[j]})
+        self.last_compute_s = compute
+        for j, (b, i, _, _) in enumerate(ready):
+            results[b][i] = sampled[j] if stage.last else outs[j]
         return results
 
-    def _prepare(self, msg: Message) -> tuple[KVCache, SamplingParams | None]:
-        """Check a step against this node's state; returns its cache and sampling params."""
-        stage = self.stage
-        if stage is None:
-            raise StepError("not_loaded", "this node holds no layers yet")
-        if msg["epoch"] != self.epoch:
-            raise StepError("stale_epoch", f"step for epoch {msg['epoch']}, node is at {self.epoch}")
-        sid, pos = msg["sid"], msg["pos"]
-        x = msg.tensors.get("x")
-        if x is None or len(msg.tensors) != 1:
-            raise StepError("bad_message", "a step carries exactly one tensor, 'x'")
-        self._check_input(stage, x)
-        params = None
-        if stage.last:
-            try:
-                params = SamplingParams.from_dict(msg.get("sampling") or {})
-            except ValueError as e:
-                raise StepError("bad_sampling", str(e)) from None
-        cache = self.caches.get(sid)
-        if pos == 0:
-            cache = self.caches[sid] = stage.new_cache()  # a prefill (re)starts the session
-        elif cache is None:
-            raise StepError("unknown_session", f"no KV cache for session {sid} on this node")
-        if pos != cache.length:
-            raise StepError("bad_position", f"session {sid}: step at position {pos} but "
+    def _cache_for(self, row: Row) -> KVCache:
+        """A row's KV cache, checked against its position (a prefill starts a fresh one)."""
+        if row.pos == 0:
+            cache = self.caches[row.sid] = self.stage.new_cache()
+            return cache
+        cache = self.caches.get(row.sid)
+        if cache is None:
+            raise StepError("unknown_session", f"no KV cache for session {row.sid} on this node")
+        if row.pos != cache.length:
+            raise StepError("bad_position", f"session {row.sid}: step at position {row.pos} but "
                                             f"{cache.length} tokens are cached")
-        return cache, params
+        return cache
 
-    def _check_input(self, stage: Stage, x: torch.Tensor) -> None:
+    def _check_input(self, stage: Stage, x: torch.Tensor, total: int) -> None:
         n = x.shape[0] if x.dim() >= 1 else 0
         if not 1 <= n <= self.max_step_tokens:
             raise StepError("bad_shape", f"a step carries 1..{self.max_step_tokens} tokens, got {n}")
+        if n != total:
+            raise StepError("bad_shape", f"the rows announce {total} tokens, 'x' holds {n}")
         if stage.first:
             if x.dtype != torch.int64 or x.dim() != 1:
                 raise StepError("bad_shape", f"stage 0 takes int64 token ids [n], got "

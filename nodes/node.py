@@ -134,53 +134,97 @@ class Node:
                 log.warning("ignored a %r message", msg.kind)
 
     async def _next_batch(self) -> list[Message]:
-        """The next message, or all steps waiting in a row (one per session): one batch."""
+        """The next message, or the step messages waiting in a row: one batch."""
         first = self._held or await self.queue.get()
         self._held = None
         if first.kind != "step":
             return [first]
-        batch, sids, tokens = [first], {first["sid"]}, _step_tokens(first)
-        while not self.queue.empty() and len(batch) < self.cfg.max_batch:
+        batch, sids, rows, tokens = [first], _sids(first), *_size(first)
+        while not self.queue.empty():
             msg = self.queue.get_nowait()
-            n = _step_tokens(msg) if msg.kind == "step" else 0
-            if msg.kind != "step" or msg["sid"] in sids or tokens + n > self.cfg.max_batch_tokens:
+            more = _size(msg) if msg.kind == "step" else (0, 0)
+            if (msg.kind != "step" or rows + more[0] > self.cfg.max_batch
+                    or tokens + more[1] > self.cfg.max_batch_tokens or sids & _sids(msg)):
                 self._held = msg  # keeps its place: frees and loads never overtake steps
                 break
             batch.append(msg)
-            sids.add(msg["sid"])
-            tokens += n
+            sids |= _sids(msg)
+            rows, tokens = rows + more[0], tokens + more[1]
         return batch
 
     async def _work(self) -> None:
-        loop = asyncio.get_running_loop()
         while True:
             batch = await self._next_batch()
             msg = batch[0]
             try:
                 if msg.kind == "step":
-                    outs = await loop.run_in_executor(self.pool, self.executor.step_batch, batch)
-                    for m, out in zip(batch, outs, strict=True):
-                        await self._send_result(m, out)
+                    await self._steps(batch)
                 elif msg.kind == "load":
                     await self._load(msg)
                 elif msg.kind == "free":
                     self.executor.free([s for s in msg["sids"] if isinstance(s, str)])
                 elif msg.kind == "profile":
-                    data = await loop.run_in_executor(
+                    data = await asyncio.get_running_loop().run_in_executor(
                         self.pool, profile.run, self.executor, msg.get("tokens", 16))
                     await self.send(protocol.encode("profile_reply", rid=msg["rid"], **data))
                 else:
                     await self._reallocate(msg)
             except StepError as e:
                 ids = {"rid": msg["rid"]} if "rid" in msg.header else {}
-                await self.send(protocol.error(e.code, f"{self.cfg.name}: {e}", **ids,
-                                               sid=msg.get("sid", ""), step=msg.get("step", -1)))
+                await self.send(protocol.error(e.code, f"{self.cfg.name}: {e}", **ids))
             except Exception as e:  # one bad batch must not take the node down
                 log.exception("%s failed", msg.kind)
                 for m in batch:
-                    ids = {"rid": m["rid"]} if "rid" in m.header else {}
-                    await self.send(protocol.error("internal", f"{self.cfg.name}: {e!r}", **ids,
-                                                   sid=m.get("sid", ""), step=m.get("step", -1)))
+                    await self._refuse(m, StepError("internal", repr(e)))
+
+    async def _steps(self, batch: list[Message]) -> None:
+        """Run step messages as one batch; one result per message, an error per refused row."""
+        rows, msgs = [], []
+        for m in batch:
+            try:
+                rows.append(self.executor.rows_of(m))
+                msgs.append(m)
+            except StepError as e:
+                await self._refuse(m, e)
+        if not rows:
+            return
+        outs = await asyncio.get_running_loop().run_in_executor(
+            self.pool, self.executor.step_batch, rows)
+        compute = self.executor.last_compute_s
+        last = self.executor.stage.last
+        for m, mrows, mouts in zip(msgs, rows, outs, strict=True):
+            done = []
+            for row, out in zip(mrows, mouts, strict=True):
+                if isinstance(out, StepError):
+                    await self.send(protocol.error(out.code, f"{self.cfg.name}: {out}",
+                                                   sid=row.sid, step=row.step))
+                else:
+                    done.append((row, out))
+            if not done:
+                continue
+            fields = {"epoch": m["epoch"], "stage": m["stage"], "compute_s": compute,
+                      "rows": [[r.sid, r.step, r.x.shape[0]] for r, _ in done]}
+            if last:
+                await self.send(protocol.encode(
+                    "result", tokens=[[t, lp] for _, (t, lp) in done], **fields))
+            else:
+                hidden = torch.cat([h for _, h in done]) if len(done) > 1 else done[0][1]
+                await self.send(protocol.encode("result", {"hidden": hidden}, **fields))
+
+    async def _refuse(self, msg: Message, err: StepError) -> None:
+        """Error replies for a message this node will not run: one per row when it has rows,
+        so the broker can end exactly those sessions."""
+        text = f"{self.cfg.name}: {err}"
+        rows = msg.get("rows") if msg.kind == "step" else None
+        try:
+            parsed = protocol.step_rows(rows) if isinstance(rows, list) else []
+        except ProtocolError:
+            parsed = []
+        for sid, step, _, _ in parsed:
+            await self.send(protocol.error(err.code, text, sid=sid, step=step))
+        if not parsed:
+            ids = {"rid": msg["rid"]} if "rid" in msg.header else {}
+            await self.send(protocol.error(err.code, text, **ids))
 
     async def _reallocate(self, msg: Message) -> None:
         """The node's side of a move (brokers/mover.py): prepare, KV out/in, commit/abort."""
@@ -219,16 +263,6 @@ class Node:
             ex.slow_factor = factor
             log.info("compute slow-down factor set to %.2f", factor)
 
-    async def _send_result(self, msg: Message, out: tuple | StepError) -> None:
-        if isinstance(out, StepError):
-            await self.send(protocol.error(out.code, f"{self.cfg.name}: {out}", sid=msg["sid"],
-                                           step=msg["step"]))
-            return
-        fields, tensors = out
-        await self.send(protocol.encode(
-            "result", tensors, sid=msg["sid"], step=msg["step"], epoch=msg["epoch"],
-            stage=msg["stage"], **fields))
-
     async def _load(self, msg: Message) -> None:
         start, end, epoch = msg["start"], msg["end"], msg["epoch"]
         log.info("loading layers %d-%d (epoch %d) from %s", start, end - 1, epoch, self.model_dir)
@@ -241,9 +275,19 @@ class Node:
                                         weight_bytes=nbytes, load_s=dt))
 
 
-def _step_tokens(msg: Message) -> int:
+def _size(msg: Message) -> tuple[int, int]:
+    """(rows, tokens) of a step message, as announced (checked later by the executor)."""
+    rows = msg.get("rows")
     x = msg.tensors.get("x")
-    return int(x.shape[0]) if x is not None and x.dim() >= 1 else 1
+    n_rows = len(rows) if isinstance(rows, list) else 1
+    return n_rows, int(x.shape[0]) if x is not None and x.dim() >= 1 else 1
+
+
+def _sids(msg: Message) -> set:
+    rows = msg.get("rows")
+    if not isinstance(rows, list):
+        return set()
+    return {r[0] for r in rows if isinstance(r, list) and r and isinstance(r[0], str)}
 
 
 def run_node(cfg: NodeConfig) -> None:

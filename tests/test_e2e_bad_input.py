@@ -35,10 +35,10 @@ def _cases() -> list[tuple[str, list[bytes], str]]:
         ("missing field", [protocol.TAG, _header(kind="cancel")], "bad_message"),
         ("wrong field type", [protocol.TAG, _header(kind="cancel", rid=5)], "bad_message"),
         ("lying byte length", [protocol.TAG, msgpack.packb({
-            "kind": "step", "sid": "s", "step": 0, "epoch": 1, "stage": 0, "pos": 0,
+            "kind": "step", "rows": [["s", 0, 0, 4]], "epoch": 1, "stage": 0,
             "t": [["x", "int64", [4]]]}), b"\x00" * 31], "bad_length"),
         ("absurd tensor shape", [protocol.TAG, msgpack.packb({
-            "kind": "step", "sid": "s", "step": 0, "epoch": 1, "stage": 0, "pos": 0,
+            "kind": "step", "rows": [["s", 0, 0, 4]], "epoch": 1, "stage": 0,
             "t": [["x", "float32", [1 << 30, 8]]]}), b""], "too_large"),
         ("absurd header", [protocol.TAG, _header(**gen, prompt="x" * 100_000)], "too_large"),
         ("absurd prompt", [protocol.TAG, _header(**gen, prompt_ids=[1] * 100_000)], "too_large"),
@@ -63,7 +63,7 @@ def _cases() -> list[tuple[str, list[bytes], str]]:
         ("unknown request id", [protocol.TAG, _header(kind="cancel", rid="nope")],
          "unknown_request"),
         ("result for an unknown session", [protocol.TAG, _header(
-            kind="result", sid="deadbeef", step=0, epoch=1, stage=0, compute_s=0.1)],
+            kind="result", rows=[["deadbeef", 0, 1]], epoch=1, stage=0, compute_s=0.1)],
          "unknown_peer"),
         ("a step sent to the broker", [protocol.TAG, _header(
             kind="free", sids=["x"])], "unexpected_kind"),

@@ -23,6 +23,8 @@ from zpipe.protocol import (
     encode,
     encode_forward,
     int_list,
+    result_rows,
+    step_rows,
 )
 
 # One valid value per field type, so every kind can be built from its schema alone.
@@ -104,7 +106,7 @@ def test_round_trip_optional_fields_of_every_kind(kind: str) -> None:
 def test_tensor_round_trip_is_bit_exact(dtype_name: str, shape: tuple[int, ...]) -> None:
     dtype = DTYPES[dtype_name]
     t = _sample_tensor(dtype, shape)
-    frames = encode("step", {"x": t}, sid="s1", step=0, epoch=1, stage=0, pos=3)
+    frames = encode("step", {"x": t}, epoch=1, stage=0, rows=[["s1", 0, 3, 1]])
     assert len(frames) == 3
     assert msgpack.unpackb(frames[1])["t"] == [["x", dtype_name, list(shape)]]
     msg = decode(_wire(frames))
@@ -112,14 +114,14 @@ def test_tensor_round_trip_is_bit_exact(dtype_name: str, shape: tuple[int, ...])
     assert out.dtype == dtype
     assert tuple(out.shape) == shape
     assert _bits(out) == _bits(t)
-    assert msg["pos"] == 3
+    assert msg["rows"] == [["s1", 0, 3, 1]]
 
 
 def test_several_tensors_keep_names_and_order() -> None:
     tensors = {name: _sample_tensor(DTYPES[name], (2, 3), seed=i)
                for i, name in enumerate(sorted(DTYPES))}
-    msg = decode(_wire(encode("result", tensors, sid="s", step=1, epoch=0, stage=2,
-                              compute_s=0.5)))
+    msg = decode(_wire(encode("result", tensors, epoch=0, stage=2, compute_s=0.5,
+                              rows=[["s", 1, 2]])))
     assert list(msg.tensors) == list(tensors)
     for name, t in tensors.items():
         assert _bits(msg.tensors[name]) == _bits(t) and msg.tensors[name].dtype == t.dtype
@@ -191,22 +193,22 @@ def test_encode_does_not_copy_cpu_tensor() -> None:
 def test_encode_forward_reuses_frames() -> None:
     t = _sample_tensor(torch.bfloat16, (4, 8))
     received = decode([zmq.Frame(bytes(f)) for f in
-                       encode("result", {"hidden": t}, sid="s", step=2, epoch=1, stage=0,
-                              compute_s=0.1)])
-    out = encode_forward("step", received.frames, received["t"], sid="s", step=2, epoch=1,
-                         stage=1, pos=9)
+                       encode("result", {"hidden": t}, epoch=1, stage=0, compute_s=0.1,
+                              rows=[["s", 2, 4]])])
+    out = encode_forward("step", received.frames, received["t"], epoch=1, stage=1,
+                         rows=[["s", 2, 9, 4]])
     assert out[0] == TAG
     assert len(out) == 2 + len(received.frames)
     assert all(a is b for a, b in zip(out[2:], received.frames, strict=True))
     again = decode(out)
-    assert again.kind == "step" and again["stage"] == 1 and again["pos"] == 9
+    assert again.kind == "step" and again["stage"] == 1 and again["rows"] == [["s", 2, 9, 4]]
     assert _bits(again.tensors["hidden"]) == _bits(t)
     assert again.tensors["hidden"].data_ptr() == received.tensors["hidden"].data_ptr()
 
 
 def test_encode_forward_checks_fields() -> None:
     with pytest.raises(ProtocolError, match="missing field"):
-        encode_forward("step", [], [], sid="s")
+        encode_forward("step", [], [], epoch=1)
 
 
 # --------------------------------------------------------------------------- rejections
@@ -286,7 +288,8 @@ def test_reject_unknown_field() -> None:
     ("cancel", "rid", b"bytes", "str"),
     ("generate", "ignore_eos", 1, "bool"),
     ("free", "sids", {"a": 1}, "list"),
-    ("step", "sampling", [1], "dict"),
+    ("step", "sampling", {"a": 1}, "list"),
+    ("step", "rows", "s", "list"),
     ("token", "logprob", None, "num"),
 ])
 def test_reject_wrong_field_type(kind: str, field: str, value: object, want: str) -> None:
@@ -464,3 +467,36 @@ def test_fuzz_only_protocol_errors() -> None:
             decoded += 1
     assert rejected > 1000  # the fuzz mostly hits the checks ...
     assert decoded > 0  # ... but also builds some messages that pass them
+
+
+# --------------------------------------------------------------------------- step rows
+def test_step_rows_accept_a_batch() -> None:
+    rows = [["a", 0, 0, 7], ["b", 3, 12, 1]]
+    assert step_rows(rows) == [("a", 0, 0, 7), ("b", 3, 12, 1)]
+    assert result_rows([["a", 0, 7], ["b", 3, 1]]) == [("a", 0, 7), ("b", 3, 1)]
+
+
+@pytest.mark.parametrize("rows, match", [
+    ([], "1..4096 rows"),
+    ([["a", 0, 0, 1]] * 4097, "1..4096 rows"),
+    ([["a", 0, 0]], "must be"),
+    ([["a", 0, 0, 1.0]], "must be"),
+    ([[1, 0, 0, 1]], "must be"),
+    ([["", 0, 0, 1]], "must be"),
+    ([["x" * 200, 0, 0, 1]], "must be"),
+    ([["a", 0, 0, True]], "must be"),
+    ([["a", 0, 0, 0]], "n >= 1"),
+    ([["a", -1, 0, 1]], ">= 0"),
+    ([["a", 0, -5, 1]], ">= 0"),
+    ([["a", 0, 0, 1], ["a", 1, 1, 1]], "twice"),
+    (["a"], "must be"),
+])
+def test_step_rows_reject(rows: list, match: str) -> None:
+    with pytest.raises(ProtocolError, match=match):
+        step_rows(rows)
+
+
+def test_result_rows_reject() -> None:
+    for rows in ([], [["a", 0]], [["a", 0, 0]], [["a", 0, 1], ["a", 0, 1]], [[None, 0, 1]]):
+        with pytest.raises(ProtocolError):
+            result_rows(rows)

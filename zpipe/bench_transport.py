@@ -97,8 +97,9 @@ def _echo_child(address: str, mode: str) -> None:
     def reply(msg: Any) -> list:
         meta = msg["t"][0]
         return protocol.encode_forward(
-            "result", msg.frames, [["hidden", meta[1], meta[2]]], sid=msg["sid"],
-            step=msg["step"], epoch=msg["epoch"], stage=msg["stage"], compute_s=0.0)
+            "result", msg.frames, [["hidden", meta[1], meta[2]]], epoch=msg["epoch"],
+            stage=msg["stage"], compute_s=0.0,
+            rows=[[sid, step, n] for sid, step, _, n in protocol.step_rows(msg["rows"])])
 
     if mode == "zpipe-sync":
         ctx = zmq.Context()
@@ -195,7 +196,8 @@ def _proto_cases(cases: list, cfg: TransportConfig, progress: Progress):
     rows = []
     for label, dtype, shape, size in cases:
         x = torch.randn(shape).to(getattr(torch, dtype))
-        frames = protocol.encode("step", {"x": x}, sid="bench", step=0, epoch=1, stage=0, pos=0)
+        n = shape[0]
+        frames = protocol.encode("step", {"x": x}, epoch=1, stage=0, rows=[["bench", 0, 0, n]])
         warm, cap = _iters_for(cfg, size)
         rtts: list[float] = []
         t_start = time.perf_counter()
@@ -207,7 +209,8 @@ def _proto_cases(cases: list, cfg: TransportConfig, progress: Progress):
             # The next step forwards the received frames, as the broker does between stages.
             meta = msg["t"][0]
             frames = protocol.encode_forward("step", msg.frames, [["x", meta[1], meta[2]]],
-                                             sid="bench", step=i + 1, epoch=1, stage=0, pos=i + 1)
+                                             epoch=1, stage=0,
+                                             rows=[["bench", i + 1, (i + 1) * n, n]])
             rtt = time.perf_counter() - t0
             if i == 0 and not torch.equal(msg.tensors["hidden"], x):
                 raise RuntimeError(f"{label}: the frame came back changed")

@@ -29,6 +29,8 @@ MAX_TENSOR_BYTES = 1 << 30
 MAX_MESSAGE_BYTES = 2 << 30
 MAX_LIST_ITEMS = 1 << 17  # prompt ids, session lists
 MAX_STR = 1 << 20
+MAX_ROWS = 4096  # sessions in one step message
+MAX_SID = 128
 
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -50,18 +52,17 @@ SCHEMAS: dict[str, dict[str, str]] = {
         "model": _STR, "num_layers": _INT, "mem_total": _INT, "mem_free": _INT, "gflops": _NUM,
     },
     "loaded": {"epoch": _INT, "start": _INT, "end": _INT, "weight_bytes": _INT, "load_s": _NUM},
-    # A stage's answer to a step: tensor "hidden" from inner stages; token/logprob from the last.
-    "result": {
-        "sid": _STR, "step": _INT, "epoch": _INT, "stage": _INT, "compute_s": _NUM,
-        "token?": _INT, "logprob?": _NUM,
-    },
+    # A stage's answer to a step, for the rows it ran: "rows" [sid, step, n] in the step's
+    # order; inner stages send tensor "hidden" (the rows' states concatenated, n each), the last
+    # stage "tokens" [token_id, logprob] per row. Refused rows come back as "error" messages.
+    "result": {"epoch": _INT, "stage": _INT, "compute_s": _NUM, "rows": _LIST, "tokens?": _LIST},
     # --- broker -> node
     "load": {"epoch": _INT, "start": _INT, "end": _INT},
-    # Tensor "x": token ids (stage 0) or hidden states. "sampling" goes to the last stage only.
-    "step": {
-        "sid": _STR, "step": _INT, "epoch": _INT, "stage": _INT, "pos": _INT,
-        "sampling?": _DICT,
-    },
+    # One token step of one or more sessions (a batch travels whole from stage to stage):
+    # "rows" [sid, step, pos, n] per session; tensor "x" holds the rows' inputs concatenated,
+    # n each: token ids (stage 0) or hidden states. "sampling" (one dict per row) goes to the
+    # last stage only.
+    "step": {"epoch": _INT, "stage": _INT, "rows": _LIST, "sampling?": _LIST},
     "free": {"sids": _LIST},
     # --- client -> broker (exactly one of prompt / messages / prompt_ids)
     "generate": {
@@ -292,6 +293,40 @@ def _check_fields(kind: str, header: dict) -> None:
 def error(code: str, message: str, **fields: Any) -> list:
     """Frames of an error reply."""
     return encode("error", code=code, message=message[:2000], **fields)
+
+
+def step_rows(rows: list) -> list[tuple[str, int, int, int]]:
+    """Check a step's rows (untrusted): ``[sid, step, pos, n]`` each, sids unique, n >= 1."""
+    out = _rows(rows, "step", 4)
+    for sid, step, pos, n in out:
+        if step < 0 or pos < 0 or n < 1:
+            raise ProtocolError(f"step row {sid!r}: step and pos must be >= 0 and n >= 1",
+                                "bad_value")
+    return out
+
+
+def result_rows(rows: list) -> list[tuple[str, int, int]]:
+    """Check a result's rows (untrusted): ``[sid, step, n]`` each, sids unique, n >= 1."""
+    out = _rows(rows, "result", 3)
+    for sid, step, n in out:
+        if step < 0 or n < 1:
+            raise ProtocolError(f"result row {sid!r}: step must be >= 0 and n >= 1", "bad_value")
+    return out
+
+
+def _rows(rows: list, kind: str, width: int) -> list[tuple]:
+    if not 1 <= len(rows) <= MAX_ROWS:
+        raise ProtocolError(f"{kind}: 1..{MAX_ROWS} rows, got {len(rows)}", "bad_value")
+    out, seen = [], set()
+    for row in rows:
+        if not (isinstance(row, list) and len(row) == width and isinstance(row[0], str)
+                and 0 < len(row[0]) <= MAX_SID and all(type(v) is int for v in row[1:])):
+            raise ProtocolError(f"{kind}: a row must be [sid, {width - 1} ints], got {row!r:.80}")
+        if row[0] in seen:
+            raise ProtocolError(f"{kind}: session {row[0]!r} appears twice", "bad_value")
+        seen.add(row[0])
+        out.append(tuple(row))
+    return out
 
 
 def int_list(value: list, what: str, lo: int, hi: int, max_len: int) -> list[int]:
