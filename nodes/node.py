@@ -143,7 +143,8 @@ class Node:
         while not self.queue.empty():
             msg = self.queue.get_nowait()
             more = _size(msg) if msg.kind == "step" else (0, 0)
-            if (msg.kind != "step" or rows + more[0] > self.cfg.max_batch
+            if (msg.kind != "step" or _route(msg) != _route(first)
+                    or rows + more[0] > self.cfg.max_batch
                     or tokens + more[1] > self.cfg.max_batch_tokens or sids & _sids(msg)):
                 self._held = msg  # keeps its place: frees and loads never overtake steps
                 break
@@ -178,7 +179,8 @@ class Node:
                     await self._refuse(m, StepError("internal", repr(e)))
 
     async def _steps(self, batch: list[Message]) -> None:
-        """Run step messages as one batch; one result per message, an error per refused row."""
+        """Run step messages as one batch and answer with ONE result for all their rows (an
+        error per refused row): sessions batched here stay together at the next stages."""
         rows, msgs = [], []
         for m in batch:
             try:
@@ -190,26 +192,26 @@ class Node:
             return
         outs = await asyncio.get_running_loop().run_in_executor(
             self.pool, self.executor.step_batch, rows)
-        compute = self.executor.last_compute_s
-        last = self.executor.stage.last
-        for m, mrows, mouts in zip(msgs, rows, outs, strict=True):
-            done = []
-            for row, out in zip(mrows, mouts, strict=True):
-                if isinstance(out, StepError):
-                    await self.send(protocol.error(out.code, f"{self.cfg.name}: {out}",
-                                                   sid=row.sid, step=row.step))
-                else:
-                    done.append((row, out))
-            if not done:
-                continue
-            fields = {"epoch": m["epoch"], "stage": m["stage"], "compute_s": compute,
-                      "rows": [[r.sid, r.step, r.x.shape[0]] for r, _ in done]}
-            if last:
-                await self.send(protocol.encode(
-                    "result", tokens=[[t, lp] for _, (t, lp) in done], **fields))
+        done = []
+        for row, out in zip([r for mr in rows for r in mr], [o for mo in outs for o in mo],
+                            strict=True):
+            if isinstance(out, StepError):
+                await self.send(protocol.error(out.code, f"{self.cfg.name}: {out}",
+                                               sid=row.sid, step=row.step))
             else:
-                hidden = torch.cat([h for _, h in done]) if len(done) > 1 else done[0][1]
-                await self.send(protocol.encode("result", {"hidden": hidden}, **fields))
+                done.append((row, out))
+        if not done:
+            return
+        # rows_of checked every message against the node's one epoch and stage
+        fields = {"epoch": msgs[0]["epoch"], "stage": msgs[0]["stage"],
+                  "compute_s": self.executor.last_compute_s,
+                  "rows": [[r.sid, r.step, r.x.shape[0]] for r, _ in done]}
+        if self.executor.stage.last:
+            await self.send(protocol.encode(
+                "result", tokens=[[t, lp] for _, (t, lp) in done], **fields))
+        else:
+            hidden = torch.cat([h for _, h in done]) if len(done) > 1 else done[0][1]
+            await self.send(protocol.encode("result", {"hidden": hidden}, **fields))
 
     async def _refuse(self, msg: Message, err: StepError) -> None:
         """Error replies for a message this node will not run: one per row when it has rows,
@@ -281,6 +283,10 @@ def _size(msg: Message) -> tuple[int, int]:
     x = msg.tensors.get("x")
     n_rows = len(rows) if isinstance(rows, list) else 1
     return n_rows, int(x.shape[0]) if x is not None and x.dim() >= 1 else 1
+
+
+def _route(msg: Message) -> tuple:
+    return msg.get("epoch"), msg.get("stage")
 
 
 def _sids(msg: Message) -> set:
