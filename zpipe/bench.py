@@ -90,6 +90,7 @@ class CompareConfig:
     concurrency: int = 16
     stages: list[int] = field(default_factory=lambda: [1, 2, 3])
     threads: int | None = None  # per process; None = every core
+    max_batch: int | None = None  # node YAML max_batch; None = the node default
     baseline: bool = True
     warmup_tokens: int = 8
     # Batch-1 runs per system: None = max(concurrency, 3) (each concurrent session needs its
@@ -139,7 +140,9 @@ def start_cluster(model_dir: Path, n_stages: int, cfg: CompareConfig, log_dir: P
 
     address = f"tcp://127.0.0.1:{_free_port()}"
     nodes = [{"name": f"s{i}", "device": cfg.device, "dtype": cfg.dtype,
-              "threads": cfg.n_threads()} for i in range(n_stages)]
+              "threads": cfg.n_threads(),
+              **({"max_batch": cfg.max_batch} if cfg.max_batch else {})}
+             for i in range(n_stages)]
     ccfg = validate({"model": str(model_dir), "broker": {"bind": address}, "nodes": nodes},
                     ClusterConfig)
     cluster = Cluster(ccfg, log_dir)
