@@ -15,7 +15,6 @@ from collections import defaultdict, deque
 
 import torch
 import zmq
-import zmq.asyncio
 from transformers import AutoTokenizer
 
 from brokers import admin, rebalance
@@ -59,15 +58,15 @@ class Broker:
         window = max(512, cfg.rebalance.min_tokens)
         self.measured: dict[str, deque] = defaultdict(lambda: deque(maxlen=window))
         self.by_rid: dict[tuple[bytes, str], str] = {}
-        self.sock: zmq.asyncio.Socket | None = None
+        self.sock: aio.Socket | None = None
 
     # ------------------------------------------------------------------ loop
     async def run(self, started: asyncio.Event | None = None) -> None:
-        ctx = zmq.asyncio.Context.instance()
-        self.sock = ctx.socket(zmq.ROUTER)
-        self.sock.setsockopt(zmq.LINGER, 0)
-        self.sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # unroutable sends raise, not vanish
-        self.sock.bind(self.cfg.bind)
+        sock = zmq.Context.instance().socket(zmq.ROUTER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # unroutable sends raise, not vanish
+        sock.bind(self.cfg.bind)
+        self.sock = aio.Socket(sock)
         await self._place()  # sets what it waits for
         log.info("broker on %s serving %s (%d layers); %s", self.cfg.bind, self.model_dir,
                  self.spec.num_layers, self.waiting_for)
@@ -78,16 +77,15 @@ class Broker:
                  asyncio.create_task(self._auto_rebalance())]
         try:
             while True:
-                frames = await self.sock.recv_multipart(copy=False)
-                await self._handle(frames)
+                await self._handle(await self.sock.recv())
         finally:
             for t in tasks:
                 t.cancel()
-            self.sock.close(0)
+            self.sock.close()
 
     async def _send(self, ident: bytes, frames: list) -> bool:
         try:
-            await self.sock.send_multipart([ident, *frames], copy=False)
+            self.sock.send([ident, *frames])
             return True
         except zmq.ZMQError as e:  # peer gone (ROUTER_MANDATORY) or queue full
             log.warning("cannot send to %r: %s", ident, e)
@@ -421,9 +419,8 @@ class Broker:
         untouched when every row is still live, else only the live rows' states."""
         sessions = [s for _, s in live]
         meta = msg["t"]
-        if (len(meta) != 1 or meta[0][0] != "hidden"
-                or msg.tensors["hidden"].dim() != 2
-                or msg.tensors["hidden"].shape[0] != sum(n for _, _, n in rows)):
+        if (len(meta) != 1 or meta[0][0] != "hidden" or len(meta[0][2]) != 2
+                or meta[0][2][0] != sum(n for _, _, n in rows)):
             for s in sessions:
                 await self._finish_error(s, "bad_result",
                                          f"node {node.name} sent no matching hidden state")

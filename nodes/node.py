@@ -12,7 +12,6 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 import zmq
-import zmq.asyncio
 
 from nodes import profile
 from nodes.executor import DTYPES, Executor, StepError
@@ -39,8 +38,8 @@ class Node:
         # One compute thread: steps run in order, while the event loop stays free for I/O.
         self.pool = ThreadPoolExecutor(1, thread_name_prefix=f"zpipe-{cfg.name}")
         self.queue: asyncio.Queue[Message] = asyncio.Queue()
-        self.ctx = zmq.asyncio.Context.instance()
-        self.sock: zmq.asyncio.Socket | None = None
+        self.ctx = zmq.Context.instance()
+        self.sock: aio.Socket | None = None
         # Until the broker's welcome says otherwise.
         self.heartbeat_s = 1.0
         self.liveness = 3
@@ -48,7 +47,10 @@ class Node:
         self._held: Message | None = None
 
     async def send(self, frames: list) -> None:
-        await self.sock.send_multipart(frames, copy=False)
+        try:
+            self.sock.send(frames)
+        except zmq.ZMQError as e:  # the queue to the broker is full: it is not reading
+            log.warning("cannot send to the broker: %s", e)
 
     async def run(self) -> None:
         cfg = self.cfg
@@ -63,22 +65,23 @@ class Node:
                 if await self._serve():  # True once the broker had answered this connection
                     backoff = self.heartbeat_s
                 log.warning("lost the broker at %s; reconnecting in %.1f s", cfg.broker, backoff)
-                self.sock.close(0)
+                self.sock.close()
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, MAX_BACKOFF_S)
         finally:
             worker.cancel()
             if self.sock is not None:
-                self.sock.close(0)
+                self.sock.close()
             self.pool.shutdown(wait=False, cancel_futures=True)
 
     async def _connect(self) -> None:
         """A fresh socket (a fresh identity: the broker may have restarted) and a registration."""
         cfg = self.cfg
-        self.sock = self.ctx.socket(zmq.DEALER)
-        self.sock.setsockopt(zmq.LINGER, 0)
-        self.sock.setsockopt(zmq.IDENTITY, f"{cfg.name}.{uuid.uuid4().hex[:8]}".encode())
-        self.sock.connect(cfg.broker)
+        sock = self.ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.IDENTITY, f"{cfg.name}.{uuid.uuid4().hex[:8]}".encode())
+        sock.connect(cfg.broker)
+        self.sock = aio.Socket(sock)
         await self._register()
 
     async def _register(self) -> None:
@@ -104,11 +107,11 @@ class Node:
                     "heartbeat", rss=sysinfo.rss_bytes(), kv_bytes=self.executor.kv_bytes(),
                     sessions=len(self.executor.caches)))
                 next_beat = now + self.heartbeat_s
-            if not await self.sock.poll(max(1, int((next_beat - now) * 1000))):
+            frames = await self.sock.recv(max(0.001, next_beat - now))
+            if frames is None:
                 if time.monotonic() - last_recv > self.heartbeat_s * self.liveness:
                     return heard
                 continue
-            frames = await self.sock.recv_multipart(copy=False)
             last_recv = time.monotonic()
             heard = True
             try:

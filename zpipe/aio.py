@@ -1,10 +1,13 @@
-"""Running an asyncio program on uvloop where it is available."""
+"""asyncio helpers: running on uvloop, and a lean asyncio wrapper for a ZeroMQ socket."""
 
 from __future__ import annotations
 
 import asyncio
+import collections
 from collections.abc import Coroutine
 from typing import Any
+
+import zmq
 
 
 def run(coro: Coroutine[Any, Any, Any]) -> Any:
@@ -13,3 +16,74 @@ def run(coro: Coroutine[Any, Any, Any]) -> Any:
     except ImportError:  # uvloop is optional where it does not build
         return asyncio.run(coro)
     return uvloop.run(coro)
+
+
+class Socket:
+    """An asyncio face for a plain (blocking-type) ZeroMQ socket, for the hot path.
+
+    pyzmq's ``zmq.asyncio`` socket costs tens of µs per message in futures and poller
+    bookkeeping. Here the socket's FD stays registered with the loop for good: a readable FD
+    drains every waiting message into a buffer, ``recv`` hands them out, and ``send`` is a
+    plain non-blocking call (ROUTER and DEALER queue outgoing messages; a full queue raises
+    ``zmq.Again`` instead of stalling the loop). The FD is edge-triggered, so ``EVENTS`` is
+    checked again before every wait and after every send.
+    """
+
+    def __init__(self, sock: zmq.Socket) -> None:
+        self.sock = sock
+        self.loop = asyncio.get_running_loop()
+        self.fd = sock.getsockopt(zmq.FD)
+        self.inbox: collections.deque[list] = collections.deque()
+        self.waiter: asyncio.Future | None = None
+        self.closed = False
+        self.loop.add_reader(self.fd, self._drain)
+
+    def _drain(self) -> None:
+        if self.closed:
+            return
+        sock = self.sock
+        while sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+            self.inbox.append(sock.recv_multipart(zmq.NOBLOCK, copy=False))
+        w = self.waiter
+        if self.inbox and w is not None and not w.done():
+            w.set_result(True)
+
+    async def recv(self, timeout: float | None = None) -> list | None:
+        """The next message's frames (zmq.Frame), or None after ``timeout`` seconds."""
+        if not self.inbox:
+            self._drain()
+        if not self.inbox:
+            if self.closed:
+                raise zmq.ZMQError(zmq.ENOTSOCK, "socket closed")
+            self.waiter = w = self.loop.create_future()
+            timer = (self.loop.call_later(timeout, _set, w, False)
+                     if timeout is not None else None)
+            try:
+                await w
+            finally:
+                self.waiter = None
+                if timer is not None:
+                    timer.cancel()
+            if not self.inbox:
+                return None
+        return self.inbox.popleft()
+
+    def send(self, frames: list) -> None:
+        """Queue a message without waiting; raises zmq.ZMQError (zmq.Again when full)."""
+        self.sock.send_multipart(frames, zmq.NOBLOCK, copy=False)
+        if self.waiter is not None:  # a send can swallow the FD's edge: look again
+            self.loop.call_soon(self._drain)
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self.loop.remove_reader(self.fd)
+            self.sock.close(0)
+            w = self.waiter
+            if w is not None and not w.done():
+                w.set_result(False)
+
+
+def _set(fut: asyncio.Future, value: bool) -> None:
+    if not fut.done():
+        fut.set_result(value)

@@ -52,8 +52,9 @@ class TransportConfig:
 
 
 MODES = {
-    "zpipe": "asyncio (uvloop) ROUTER and DEALER; every message checked with protocol.decode "
-             "and passed on with protocol.encode_forward, copy=False (what the broker does)",
+    "zpipe": "asyncio (uvloop) ROUTER and DEALER through zpipe.aio.Socket; every message "
+             "checked with protocol.decode and passed on with protocol.encode_forward, "
+             "copy=False (what the broker and a node do)",
     "zpipe+pool": "as zpipe, and the node hands each step to a one-thread pool and back, as "
                   "nodes/node.py does before computing (no compute)",
     "zpipe-sync": "blocking pyzmq sockets with the same protocol work (decode, "
@@ -113,14 +114,12 @@ def _echo_child(address: str, mode: str) -> None:
                 return
             sock.send_multipart(reply(msg), copy=False)
 
-    import zmq.asyncio
-
     async def serve() -> None:
-        ctx = zmq.asyncio.Context()
-        sock = ctx.socket(zmq.DEALER)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.connect(address)
-        await sock.send_multipart(protocol.encode("heartbeat"))
+        raw = zmq.Context().socket(zmq.DEALER)
+        raw.setsockopt(zmq.LINGER, 0)
+        raw.connect(address)
+        sock = aio.Socket(raw)
+        sock.send(protocol.encode("heartbeat"))
         pool = None
         if mode == "zpipe+pool":
             from concurrent.futures import ThreadPoolExecutor
@@ -134,17 +133,16 @@ def _echo_child(address: str, mode: str) -> None:
                 msg = await queue.get()
                 if pool is not None:
                     await loop.run_in_executor(pool, lambda: None)
-                await sock.send_multipart(reply(msg), copy=False)
+                sock.send(reply(msg))
 
         worker = asyncio.create_task(work())
         while True:
-            frames = await sock.recv_multipart(copy=False)
-            msg = protocol.decode(frames)
+            msg = protocol.decode(await sock.recv())
             if msg.kind == "free":
                 break
             queue.put_nowait(msg)  # as nodes/node.py does: the receive loop never computes
         worker.cancel()
-        sock.close(0)
+        sock.close()
 
     aio.run(serve())
 
@@ -223,22 +221,25 @@ def _proto_cases(cases: list, cfg: TransportConfig, progress: Progress):
     return rows
 
 
-async def _drive_zpipe(sock: Any, cases: list, cfg: TransportConfig,
+async def _drive_zpipe(raw: Any, cases: list, cfg: TransportConfig,
                        progress: Progress) -> list[dict]:
-    from zpipe import protocol
+    from zpipe import aio, protocol
 
-    hello = await asyncio.wait_for(sock.recv_multipart(copy=False), 30)
+    sock = aio.Socket(raw)
+    hello = await sock.recv(30)
+    if hello is None:
+        raise TimeoutError("the echo process did not connect")
     ident = hello[0].bytes
     protocol.decode(hello[1:])  # the node's hello: a heartbeat
     gen = _proto_cases(cases, cfg, progress)
     frames = next(gen)
     try:
         while True:
-            await sock.send_multipart([ident, *frames], copy=False)
-            frames = gen.send(await sock.recv_multipart(copy=False))
+            sock.send([ident, *frames])
+            frames = gen.send(await sock.recv())
     except StopIteration as stop:
         rows = stop.value
-    await sock.send_multipart([ident, *protocol.encode("free", sids=[])])
+    sock.send([ident, *protocol.encode("free", sids=[])])
     return rows
 
 
@@ -300,14 +301,8 @@ def _transport_mode(mode: str, cases: list, cfg: TransportConfig,
 
     port = _free_port()
     address = f"tcp://127.0.0.1:{port}"
-    if mode in ("raw", "zpipe-sync"):
-        ctx = zmq.Context()
-        sock = ctx.socket(zmq.ROUTER)
-    else:
-        import zmq.asyncio
-
-        ctx = zmq.asyncio.Context()
-        sock = ctx.socket(zmq.ROUTER)
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.ROUTER)
     sock.setsockopt(zmq.LINGER, 0)
     sock.bind(address)
     child = _spawn_echo(address, mode)

@@ -41,6 +41,9 @@ DTYPES: dict[str, torch.dtype] = {
     "uint8": torch.uint8,
 }
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+_ITEMSIZE = {d: d.itemsize for d in DTYPES.values()}
+# torch.frombuffer warns that received frames are read-only; receivers never write to them.
+warnings.filterwarnings("ignore", message="The given buffer is not writable", category=UserWarning)
 
 # Field types: a field name ending in "?" is optional. "num" accepts int or float.
 _INT, _NUM, _STR, _BOOL, _LIST, _DICT = "int", "num", "str", "bool", "list", "dict"
@@ -125,9 +128,21 @@ class ProtocolError(ValueError):
 class Message:
     kind: str
     header: dict[str, Any]
-    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
     # The received tensor frames, in order, so a broker can forward them without a copy.
     frames: list[Any] = field(default_factory=list)
+    # (name, dtype, shape) per frame, checked against the frame's length by ``decode``.
+    specs: list[tuple[str, torch.dtype, list[int]]] = field(default_factory=list)
+    _tensors: dict[str, torch.Tensor] | None = None
+
+    @property
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The frames as tensors (views of the received bytes), made on first use: a broker
+        that only forwards frames never pays for them."""
+        if self._tensors is None:
+            self._tensors = {name: _as_tensor(frame, dtype, shape)
+                             for (name, dtype, shape), frame in zip(self.specs, self.frames,
+                                                                    strict=True)}
+        return self._tensors
 
     def get(self, key: str, default: Any = None) -> Any:
         return self.header.get(key, default)
@@ -212,24 +227,34 @@ def decode(frames: list) -> Message:
     if not isinstance(kind, str) or kind not in SCHEMAS:
         raise ProtocolError(f"unknown message kind {kind!r}", "unknown_kind")
     _check_fields(kind, header)
-    tensor_frames = frames[2:]
-    tensors = _decode_tensors(header["t"], tensor_frames)
-    return Message(kind, header, tensors, list(tensor_frames))
+    tensor_frames = list(frames[2:])
+    return Message(kind, header, tensor_frames, _check_tensors(header["t"], tensor_frames))
 
 
-def _decode_tensors(meta: Any, frames: list) -> dict[str, torch.Tensor]:
+def _as_tensor(frame: Any, dtype: torch.dtype, shape: list[int]) -> torch.Tensor:
+    buf = _frame_bytes(frame)
+    if buf.nbytes == 0:
+        return torch.empty(shape, dtype=dtype)
+    # Received frames are read-only; receivers never write into them (the warning about
+    # that is silenced once, at import).
+    return torch.frombuffer(buf, dtype=dtype).view(shape)
+
+
+def _check_tensors(meta: Any, frames: list) -> list[tuple[str, torch.dtype, list[int]]]:
     if len(meta) != len(frames):
         raise ProtocolError(f"header describes {len(meta)} tensors but {len(frames)} frames came")
     if len(frames) > MAX_TENSORS:
         raise ProtocolError(f"{len(frames)} tensor frames exceed {MAX_TENSORS}", "too_large")
-    out: dict[str, torch.Tensor] = {}
+    specs: list[tuple[str, torch.dtype, list[int]]] = []
+    names: set[str] = set()
     total = 0
     for i, (entry, frame) in enumerate(zip(meta, frames, strict=True)):
         if not (isinstance(entry, list) and len(entry) == 3):
             raise ProtocolError(f"tensor {i}: entry must be [name, dtype, shape]")
         name, dtype_name, shape = entry
-        if not isinstance(name, str) or not name or name in out:
+        if not isinstance(name, str) or not name or name in names:
             raise ProtocolError(f"tensor {i}: name must be a unique non-empty string")
+        names.add(name)
         dtype = DTYPES.get(dtype_name) if isinstance(dtype_name, str) else None
         if dtype is None:
             raise ProtocolError(f"tensor {name!r}: unsupported dtype {dtype_name!r}", "bad_dtype")
@@ -237,27 +262,20 @@ def _decode_tensors(meta: Any, frames: list) -> dict[str, torch.Tensor]:
                 and all(type(d) is int and 0 <= d < (1 << 31) for d in shape)
                 and math.prod(d for d in shape if d) < (1 << 40)):
             raise ProtocolError(f"tensor {name!r}: bad shape {shape!r}")
-        itemsize = torch.empty((), dtype=dtype).element_size()
-        want = math.prod(shape) * itemsize
+        want = math.prod(shape) * _ITEMSIZE[dtype]
         if want > MAX_TENSOR_BYTES:
             raise ProtocolError(f"tensor {name!r}: {want} bytes exceed {MAX_TENSOR_BYTES}",
                                 "too_large")
-        buf = _frame_bytes(frame)
-        if buf.nbytes != want:
+        got = _frame_bytes(frame).nbytes
+        if got != want:
             raise ProtocolError(
-                f"tensor {name!r}: frame has {buf.nbytes} bytes, shape {shape} x {dtype_name} "
+                f"tensor {name!r}: frame has {got} bytes, shape {shape} x {dtype_name} "
                 f"needs {want}", "bad_length")
         total += want
         if total > MAX_MESSAGE_BYTES:
             raise ProtocolError(f"message exceeds {MAX_MESSAGE_BYTES} bytes", "too_large")
-        if want == 0:
-            out[name] = torch.empty(shape, dtype=dtype)
-            continue
-        with warnings.catch_warnings():
-            # Received frames are read-only; receivers never write into them.
-            warnings.simplefilter("ignore", UserWarning)
-            out[name] = torch.frombuffer(buf, dtype=dtype).view(shape)
-    return out
+        specs.append((name, dtype, shape))
+    return specs
 
 
 _TYPES = {
