@@ -435,10 +435,11 @@ class Broker:
         await self._send_stage(sessions, sessions[0].stage + 1, frames)
 
     async def _tokens(self, node: NodeInfo, msg: Message, live: list, now: float) -> None:
-        """The last stage's tokens: hand them out and start the next step of every session
-        that goes on, together."""
+        """The last stage's tokens: start the next step of every session that goes on (together,
+        and first, so the nodes compute while the broker talks to the clients), then hand the
+        tokens out."""
         tokens = msg.get("tokens")
-        nxt: list[tuple[Session, torch.Tensor]] = []
+        emitted, nxt = [], []
         for i, s in live:
             entry = tokens[i] if isinstance(tokens, list) and i < len(tokens) else None
             if not (isinstance(entry, list) and len(entry) == 2 and type(entry[0]) is int
@@ -446,33 +447,29 @@ class Broker:
                     and isinstance(entry[1], (int, float))):
                 await self._finish_error(s, "bad_result", f"node {node.name} sent no valid token")
                 continue
-            if await self._emit_token(s, entry[0], float(entry[1]), now):
-                nxt.append((s, torch.tensor([entry[0]], dtype=torch.int64)))
+            token = entry[0]
+            s.in_flight = False
+            s.pos += s.step_input_len()
+            s.tokens.append(token)
+            end = ("stop" if token in s.stop_ids
+                   else "length" if len(s.tokens) >= s.max_new_tokens else None)
+            emitted.append((s, len(s.tokens) - 1, token, float(entry[1]), now - s.step_t0,
+                            s.stage_times, end))
+            if end is None:
+                s.step += 1
+                nxt.append((s, torch.tensor([token], dtype=torch.int64)))
         if nxt:
             await self._start_steps(nxt)
-
-    async def _emit_token(self, s: Session, token: int, logprob: float, now: float) -> bool:
-        """Hand a token to the client; True when the session goes on to another step."""
-        s.in_flight = False
-        s.pos += s.step_input_len()
-        s.tokens.append(token)
-        step_s = now - s.step_t0
-        timing = {"step_s": round(step_s, 6), "stages": s.stage_times}
-        first = s.first_token_s is None
-        if first:
-            s.first_token_s = now - s.created
-        self.metrics.record_token(s.sid, step_s, s.stage_times, first)
-        await self._send(s.client, protocol.encode(
-            "token", rid=s.rid, index=len(s.tokens) - 1, token_id=token, logprob=logprob,
-            text=s.detok.add(token), timing=timing))
-        if token in s.stop_ids:
-            await self._finish(s, "stop")
-        elif len(s.tokens) >= s.max_new_tokens:
-            await self._finish(s, "length")
-        else:
-            s.step += 1
-            return s.sid in self.sessions
-        return False
+        for s, index, token, logprob, step_s, stage_times, end in emitted:
+            first = s.first_token_s is None
+            if first:
+                s.first_token_s = now - s.created
+            self.metrics.record_token(s.sid, step_s, stage_times, first)
+            await self._send(s.client, protocol.encode(
+                "token", rid=s.rid, index=index, token_id=token, logprob=logprob,
+                text=s.detok.add(token), timing={"step_s": round(step_s, 6), "stages": stage_times}))
+            if end is not None:
+                await self._finish(s, end)
 
     # ------------------------------------------------------------- endings
     async def _release(self, s: Session, reason: str) -> None:
