@@ -6,6 +6,7 @@ A bad file is refused with the file, the key and what was expected, e.g.
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 from typing import Annotated, Literal, TypeVar
@@ -226,8 +227,13 @@ class ClusterConfig(_Strict):
         return BrokerConfig(model=self.model, placement=placement, **knobs)
 
     def node_configs(self) -> list[NodeConfig]:
+        """Every node on this machine; CPU nodes without ``threads`` share the cores evenly
+        (several nodes each taking every core would fight over them)."""
+        cpu_nodes = sum(n.device == "cpu" for n in self.nodes)
+        share = max(1, (os.cpu_count() or 1) // max(1, cpu_nodes))
         return [NodeConfig(name=n.name, broker=local_address(self.broker.bind),
-                           model=self.model, device=n.device, dtype=n.dtype, threads=n.threads,
+                           model=self.model, device=n.device, dtype=n.dtype,
+                           threads=n.threads or (share if n.device == "cpu" else None),
                            max_batch=n.max_batch)
                 for n in self.nodes]
 
