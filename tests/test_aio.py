@@ -1,0 +1,113 @@
+"""zpipe.aio.Socket: the broker's and nodes' asyncio face for ZeroMQ sockets."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+import zmq
+
+from zpipe import aio
+
+
+def _pair(ctx: zmq.Context, name: str) -> tuple[zmq.Socket, zmq.Socket]:
+    router = ctx.socket(zmq.ROUTER)
+    router.setsockopt(zmq.LINGER, 0)
+    router.bind(f"inproc://{name}")
+    dealer = ctx.socket(zmq.DEALER)
+    dealer.setsockopt(zmq.LINGER, 0)
+    dealer.setsockopt(zmq.IDENTITY, b"d")
+    dealer.connect(f"inproc://{name}")
+    return router, dealer
+
+
+async def test_ping_pong_loses_no_wakeup() -> None:
+    ctx = zmq.Context()
+    r, d = _pair(ctx, "pingpong")
+    router, dealer = aio.Socket(r), aio.Socket(d)
+
+    async def echo() -> None:
+        for _ in range(500):
+            frames = await router.recv(5)
+            assert frames is not None
+            router.send([frames[0].bytes, *frames[1:]])
+
+    task = asyncio.create_task(echo())
+    for i in range(500):
+        dealer.send([str(i).encode()])
+        frames = await dealer.recv(5)
+        assert frames is not None and frames[0].bytes == str(i).encode()
+    await task
+    router.close()
+    dealer.close()
+    ctx.term()
+
+
+async def test_recv_times_out_with_none() -> None:
+    ctx = zmq.Context()
+    r, d = _pair(ctx, "timeout")
+    router = aio.Socket(r)
+    t0 = time.monotonic()
+    assert await router.recv(0.05) is None
+    assert 0.04 < time.monotonic() - t0 < 1.0
+    router.close()
+    d.close(0)
+    ctx.term()
+
+
+async def test_message_waiting_before_recv_and_burst() -> None:
+    ctx = zmq.Context()
+    r, d = _pair(ctx, "burst")
+    router = aio.Socket(r)
+    for i in range(100):
+        d.send(str(i).encode())
+    got = []
+    for _ in range(100):
+        frames = await router.recv(5)
+        assert frames is not None
+        got.append(int(frames[1].bytes))
+    assert got == list(range(100))
+    router.close()
+    d.close(0)
+    ctx.term()
+
+
+async def test_send_from_another_task_while_waiting() -> None:
+    """A send can consume the FD's edge; the waiting recv must still wake up."""
+    ctx = zmq.Context()
+    r, d = _pair(ctx, "othertask")
+    dealer = aio.Socket(d)
+
+    async def peer() -> None:  # the other side answers each message at once, blocking-style
+        for _ in range(50):
+            while not r.poll(0):
+                await asyncio.sleep(0)
+            ident, body = r.recv_multipart()
+            r.send_multipart([ident, body])
+
+    peer_task = asyncio.create_task(peer())
+    for i in range(50):
+        waiting = asyncio.create_task(dealer.recv(5))
+        await asyncio.sleep(0)  # the receiver waits first
+        dealer.send([str(i).encode()])  # ... then this task sends
+        frames = await waiting
+        assert frames is not None and frames[0].bytes == str(i).encode()
+    await peer_task
+    dealer.close()
+    r.close(0)
+    ctx.term()
+
+
+async def test_close_wakes_the_waiter_and_send_after_close_fails() -> None:
+    ctx = zmq.Context()
+    r, d = _pair(ctx, "close")
+    router = aio.Socket(r)
+    waiting = asyncio.create_task(router.recv())
+    await asyncio.sleep(0.01)
+    router.close()
+    assert await asyncio.wait_for(waiting, 1) is None
+    with pytest.raises(zmq.ZMQError):
+        await router.recv()
+    d.close(0)
+    ctx.term()

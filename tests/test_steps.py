@@ -1,0 +1,101 @@
+"""Step messages with several sessions' rows: the executor's checks and the node's batching."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+import torch
+import zmq
+
+from nodes.executor import Executor, StepError
+from nodes.node import Node
+from zpipe import protocol
+from zpipe.config import NodeConfig
+
+
+def _msg(kind: str, tensors: dict | None = None, **fields) -> protocol.Message:
+    frames = protocol.encode(kind, tensors, **fields)
+    return protocol.decode([zmq.Frame(bytes(f)) for f in frames])
+
+
+def _step(rows: list, x: torch.Tensor, epoch: int = 1, **extra) -> protocol.Message:
+    return _msg("step", {"x": x}, epoch=epoch, stage=0, rows=rows, **extra)
+
+
+@pytest.fixture()
+def executor(tiny_model: Path) -> Executor:
+    ex = Executor(tiny_model, "float32", "cpu")
+    ex.load(0, ex.spec.num_layers, epoch=1)
+    return ex
+
+
+def test_rows_of_several_messages_run_as_one_batch(executor: Executor) -> None:
+    prompts = {"a": [1, 2, 3], "b": [4, 5], "c": [6, 7, 8, 9]}
+    alone = {}
+    for sid, p in prompts.items():  # each session alone, as its own message
+        out = executor.step_batch([executor.rows_of(_step([[sid, 0, 0, len(p)]],
+                                                          torch.tensor(p)))])
+        alone[sid] = out[0][0]
+    executor.free(list(prompts))
+    m1 = _step([["a", 0, 0, 3], ["b", 0, 0, 2]], torch.tensor([1, 2, 3, 4, 5]))
+    m2 = _step([["c", 0, 0, 4]], torch.tensor([6, 7, 8, 9]))
+    outs = executor.step_batch([executor.rows_of(m1), executor.rows_of(m2)])
+    assert [o[0] for o in outs[0]] == [alone["a"][0], alone["b"][0]]
+    assert outs[1][0][0] == alone["c"][0]
+    assert executor.last_compute_s > 0
+
+
+def test_one_refused_row_does_not_stop_the_others(executor: Executor) -> None:
+    executor.step_batch([executor.rows_of(_step([["a", 0, 0, 2]], torch.tensor([1, 2])))])
+    m = _step([["a", 1, 2, 1], ["ghost", 1, 5, 1], ["a2", 0, 0, 1]], torch.tensor([3, 4, 5]))
+    out = executor.step_batch([executor.rows_of(m)])[0]
+    assert isinstance(out[1], StepError) and out[1].code == "unknown_session"
+    assert not isinstance(out[0], StepError) and not isinstance(out[2], StepError)
+    bad_pos = _step([["a", 2, 99, 1]], torch.tensor([3]))
+    assert executor.step_batch([executor.rows_of(bad_pos)])[0][0].code == "bad_position"
+
+
+@pytest.mark.parametrize("make, code", [
+    (lambda: _step([["a", 0, 0, 3]], torch.tensor([1, 2])), "bad_shape"),
+    (lambda: _step([["a", 0, 0, 1]], torch.tensor([1]), epoch=7), "stale_epoch"),
+    (lambda: _step([["a", 0, 0, 1], ["a", 0, 0, 1]], torch.tensor([1, 2])), "bad_value"),
+    (lambda: _step([["a", 0, 0, 1]], torch.tensor([10**6])), "bad_value"),
+    (lambda: _step([["a", 0, 0, 1]], torch.tensor([1]), sampling=[{}, {}]), "bad_message"),
+    (lambda: _step([["a", 0, 0, 1]], torch.tensor([1]), sampling=[{"temperature": -1}]),
+     "bad_sampling"),
+    (lambda: _step([["a", 0, 0, 2]], torch.zeros(2, 3)), "bad_shape"),
+])
+def test_rows_of_refuses_a_bad_message(executor: Executor, make, code: str) -> None:
+    with pytest.raises(StepError) as e:
+        executor.rows_of(make())
+    assert e.value.code == code
+
+
+def test_node_merges_waiting_step_messages_up_to_max_batch(tiny_model: Path) -> None:
+    async def run() -> list:
+        node = Node(NodeConfig(name="t", model=str(tiny_model), max_batch=3))
+        try:
+            one = torch.tensor([1])
+            queue = [
+                _step([["a", 0, 0, 1], ["b", 0, 0, 1]], torch.tensor([1, 2])),
+                _step([["c", 0, 0, 1]], one),
+                _step([["d", 0, 0, 1]], one),       # would pass max_batch 3: next batch
+                _step([["e", 0, 0, 1]], one),
+                _step([["d", 1, 1, 1]], one),       # d again: cannot join d's batch
+                _step([["f", 0, 0, 1]], one, epoch=2),  # another epoch: its own batch
+                _msg("free", sids=["a"]),
+                _step([["g", 0, 0, 1]], one),
+            ]
+            for m in queue:
+                node.queue.put_nowait(m)
+            batches = []
+            for _ in range(6):
+                batch = await node._next_batch()
+                batches.append([r[0] for m in batch for r in m.get("rows", [["free"]])])
+            return batches
+        finally:
+            node.pool.shutdown(wait=False)
+
+    assert asyncio.run(run()) == [["a", "b", "c"], ["d", "e"], ["d"], ["f"], ["free"], ["g"]]
