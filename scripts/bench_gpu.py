@@ -87,7 +87,11 @@ async def _zpipe(rc, prompt: list[int], new_tokens: int, concurrency: int) -> di
                                       for _ in range(concurrency)])
         wall = time.perf_counter() - t0
     decode = sorted(one.latencies_s[1:])
+    from zpipe.bench import _decode_breakdown
+
     return {
+        "b1_breakdown": _decode_breakdown([one]),
+        "c_breakdown": _decode_breakdown(many),
         "b1_tok_s": new_tokens / one.total_s,
         "b1_decode_tok_s": one.tokens_per_s,
         "b1_p50_ms": decode[len(decode) // 2] * 1000,
