@@ -8,6 +8,7 @@ and the last stage returns a sampled token id.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import statistics
 import time
@@ -72,6 +73,9 @@ class Broker:
                  self.spec.num_layers, self.waiting_for)
         if started:
             started.set()
+        # The tokenizer and torch are big, long-lived object graphs: keep the collector's full
+        # passes from walking them again and again on the hot path.
+        gc.freeze()
         tasks = [asyncio.create_task(self._watch_timeouts()),
                  asyncio.create_task(self._heartbeats()),
                  asyncio.create_task(self._auto_rebalance())]

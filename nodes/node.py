@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import socket
@@ -57,6 +58,7 @@ class Node:
         loop = asyncio.get_running_loop()
         self.gflops = await loop.run_in_executor(
             self.pool, sysinfo.matmul_gflops, cfg.device, DTYPES[cfg.dtype])
+        gc.freeze()  # torch and transformers' long-lived objects: out of the collector's way
         worker = asyncio.create_task(self._work())
         backoff = self.heartbeat_s
         try:
