@@ -177,26 +177,43 @@ class Executor:
         return [Row(sid, step, pos, xi, p)
                 for (sid, step, pos, _), xi, p in zip(rows, xs, params, strict=True)]
 
-    def step_batch(self, batches: list[list[Row]]) -> list[list[tuple | StepError]]:
-        """Run the rows of several step messages as one batch. Per message, per row: its output
-        (a hidden-state tensor, or ``(token, logprob)`` on the last stage) or its refusal."""
-        results = [[None] * len(rows) for rows in batches]
-        ready: list[tuple[int, int, Row, KVCache]] = []
-        for b, rows in enumerate(batches):
-            for i, row in enumerate(rows):
-                try:
-                    ready.append((b, i, row, self._cache_for(row)))
-                except StepError as e:
-                    results[b][i] = e
+    def run_rows(self, rows: list[Row], max_rows: int, max_tokens: int) -> list:
+        """Run rows as batches of at most ``max_rows`` rows and ``max_tokens`` tokens (a longer
+        prefill runs alone), in order; one output per row, see ``step_batch``.
+        ``last_compute_s`` becomes the sum over the batches."""
+        outs: list = []
+        total = 0.0
+        start, tokens = 0, 0
+        for i, row in enumerate(rows + [None]):
+            n = 0 if row is None else row.x.shape[0]
+            if i > start and (row is None or i - start >= max_rows or tokens + n > max_tokens):
+                outs += self.step_batch(rows[start:i])
+                total += self.last_compute_s
+                start, tokens = i, 0
+            tokens += n
+        self.last_compute_s = total
+        return outs
+
+    def step_batch(self, rows: list[Row]) -> list[torch.Tensor | tuple | StepError]:
+        """Run rows (of one or more step messages) as one batch. Per row: its output (a hidden
+        state tensor, or ``(token, logprob)`` on the last stage) or its refusal."""
+        results: list = [None] * len(rows)
+        ready: list[tuple[int, Row, KVCache]] = []
+        for i, row in enumerate(rows):
+            try:
+                ready.append((i, row, self._cache_for(row)))
+            except StepError as e:
+                results[i] = e
+        self.last_compute_s = 0.0
         if not ready:
             return results
         stage = self.stage
         t0 = time.perf_counter()
-        outs = stage.forward_batch([(c, r.x, r.pos) for _, _, r, c in ready],
+        outs = stage.forward_batch([(c, r.x, r.pos) for _, r, c in ready],
                                    greedy=[r.params is not None and r.params.greedy
-                                           for _, _, r, _ in ready] if stage.last else None)
+                                           for _, r, _ in ready] if stage.last else None)
         if stage.last:
-            sampled = _sample_all(outs, [(r.params, r.step) for _, _, r, _ in ready])
+            sampled = _sample_all(outs, [(r.params, r.step) for _, r, _ in ready])
         elif outs[0].is_cuda:
             torch.cuda.synchronize(outs[0].device)
         compute = time.perf_counter() - t0
@@ -204,8 +221,8 @@ class Executor:
             time.sleep(compute * (self.slow_factor - 1))
             compute *= self.slow_factor
         self.last_compute_s = compute
-        for j, (b, i, _, _) in enumerate(ready):
-            results[b][i] = sampled[j] if stage.last else outs[j]
+        for j, (i, _, _) in enumerate(ready):
+            results[i] = sampled[j] if stage.last else outs[j]
         return results
 
     def _cache_for(self, row: Row) -> KVCache:

@@ -185,21 +185,23 @@ class Node:
 
     async def _steps(self, batch: list[Message]) -> None:
         """Run step messages as one batch and answer with ONE result for all their rows (an
-        error per refused row): sessions batched here stay together at the next stages."""
+        error per refused row): sessions batched here stay together at the next stages. A
+        message bigger than ``max_batch`` / ``max_batch_tokens`` (a cohort formed at a node
+        with larger limits) runs as several batches, still answered by one result."""
         rows, msgs = [], []
         for m in batch:
             try:
-                rows.append(self.executor.rows_of(m))
+                rows += self.executor.rows_of(m)
                 msgs.append(m)
             except StepError as e:
                 await self._refuse(m, e)
         if not rows:
             return
         outs = await asyncio.get_running_loop().run_in_executor(
-            self.pool, self.executor.step_batch, rows)
+            self.pool, self.executor.run_rows, rows, self.cfg.max_batch,
+            self.cfg.max_batch_tokens)
         done = []
-        for row, out in zip([r for mr in rows for r in mr], [o for mo in outs for o in mo],
-                            strict=True):
+        for row, out in zip(rows, outs, strict=True):
             if isinstance(out, StepError):
                 await self.send(protocol.error(out.code, f"{self.cfg.name}: {out}",
                                                sid=row.sid, step=row.step))

@@ -35,26 +35,41 @@ def test_rows_of_several_messages_run_as_one_batch(executor: Executor) -> None:
     prompts = {"a": [1, 2, 3], "b": [4, 5], "c": [6, 7, 8, 9]}
     alone = {}
     for sid, p in prompts.items():  # each session alone, as its own message
-        out = executor.step_batch([executor.rows_of(_step([[sid, 0, 0, len(p)]],
-                                                          torch.tensor(p)))])
-        alone[sid] = out[0][0]
+        out = executor.step_batch(executor.rows_of(_step([[sid, 0, 0, len(p)]],
+                                                         torch.tensor(p))))
+        alone[sid] = out[0]
     executor.free(list(prompts))
     m1 = _step([["a", 0, 0, 3], ["b", 0, 0, 2]], torch.tensor([1, 2, 3, 4, 5]))
     m2 = _step([["c", 0, 0, 4]], torch.tensor([6, 7, 8, 9]))
-    outs = executor.step_batch([executor.rows_of(m1), executor.rows_of(m2)])
-    assert [o[0] for o in outs[0]] == [alone["a"][0], alone["b"][0]]
-    assert outs[1][0][0] == alone["c"][0]
+    outs = executor.step_batch(executor.rows_of(m1) + executor.rows_of(m2))
+    assert [o[0] for o in outs] == [alone["a"][0], alone["b"][0], alone["c"][0]]
     assert executor.last_compute_s > 0
 
 
+def test_run_rows_splits_what_exceeds_the_limits(executor: Executor) -> None:
+    prompts = [[1, 2, 3], [4, 5], [6, 7, 8, 9], [10], [11, 12]]
+    rows = [executor.rows_of(_step([[f"s{i}", 0, 0, len(p)]], torch.tensor(p)))[0]
+            for i, p in enumerate(prompts)]
+    whole = executor.step_batch(rows)
+    calls = []
+    real = executor.step_batch
+    executor.step_batch = lambda rs: calls.append(len(rs)) or real(rs)
+    again = executor.run_rows(rows, max_rows=2, max_tokens=5)
+    assert calls == [2, 2, 1]  # [3+2 tokens], [4+1 tokens], [2 tokens]
+    assert [o[0] for o in again] == [o[0] for o in whole]
+    calls.clear()
+    executor.run_rows(rows, max_rows=64, max_tokens=3)  # prefills longer than 3 run alone
+    assert calls == [1, 1, 1, 2]
+
+
 def test_one_refused_row_does_not_stop_the_others(executor: Executor) -> None:
-    executor.step_batch([executor.rows_of(_step([["a", 0, 0, 2]], torch.tensor([1, 2])))])
+    executor.step_batch(executor.rows_of(_step([["a", 0, 0, 2]], torch.tensor([1, 2]))))
     m = _step([["a", 1, 2, 1], ["ghost", 1, 5, 1], ["a2", 0, 0, 1]], torch.tensor([3, 4, 5]))
-    out = executor.step_batch([executor.rows_of(m)])[0]
+    out = executor.step_batch(executor.rows_of(m))
     assert isinstance(out[1], StepError) and out[1].code == "unknown_session"
     assert not isinstance(out[0], StepError) and not isinstance(out[2], StepError)
     bad_pos = _step([["a", 2, 99, 1]], torch.tensor([3]))
-    assert executor.step_batch([executor.rows_of(bad_pos)])[0][0].code == "bad_position"
+    assert executor.step_batch(executor.rows_of(bad_pos))[0].code == "bad_position"
 
 
 @pytest.mark.parametrize("make, code", [
