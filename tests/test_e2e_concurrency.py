@@ -66,11 +66,6 @@ def test_cancel_frees_the_session_and_others_continue(tiny_model: Path, clusters
     reference, again, info, long = asyncio.run(run())
     assert long.cancelled()
     assert again.token_ids == reference.token_ids
-    if info["sessions"] != 0:
-        from zpipe.cli.admin import AdminClient
-        with AdminClient(rc.address) as a:
-            print("SESSIONS:", a.request("sessions"))
-        print("BROKER LOG:\n", rc.cluster.tail("broker", 40))
     assert info["sessions"] == 0
 
 
