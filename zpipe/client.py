@@ -115,8 +115,9 @@ class Client:
             elif msg.kind == "error":
                 log.warning("broker error: %s: %s", msg["code"], msg["message"])
 
-    async def _request(self, kind: str, **fields: Any) -> tuple[str, asyncio.Queue]:
-        rid = uuid.uuid4().hex
+    async def _request(self, kind: str, rid: str | None = None,
+                       **fields: Any) -> tuple[str, asyncio.Queue]:
+        rid = rid or uuid.uuid4().hex
         queue: asyncio.Queue = asyncio.Queue()
         self._pending[rid] = queue
         await self._sock.send_multipart(protocol.encode(kind, rid=rid, **fields))
@@ -230,10 +231,13 @@ class Client:
             fields["max_new_tokens"] = max_new_tokens
         if stop_token_ids:
             fields["stop_token_ids"] = list(stop_token_ids)
-        rid, queue = await self._request("generate", **fields)
+        rid = uuid.uuid4().hex
         finished = False
         last = time.perf_counter()
         try:
+            # Inside the try: a cancellation that lands while the request is being sent must
+            # still tell the broker (a cancel for a request it never saw is answered and dropped).
+            _, queue = await self._request("generate", rid=rid, **fields)
             while True:
                 msg = await self._next(queue, self.timeout)
                 if msg.kind == "token":
