@@ -147,14 +147,14 @@ class Node:
         batch, sids, rows, tokens = [first], _sids(first), *_size(first)
         while not self.queue.empty():
             msg = self.queue.get_nowait()
-            more = _size(msg) if msg.kind == "step" else (0, 0)
+            more, its = (_size(msg), _sids(msg)) if msg.kind == "step" else ((0, 0), set())
             if (msg.kind != "step" or _route(msg) != _route(first)
                     or rows + more[0] > self.cfg.max_batch
-                    or tokens + more[1] > self.cfg.max_batch_tokens or sids & _sids(msg)):
+                    or tokens + more[1] > self.cfg.max_batch_tokens or sids & its):
                 self._held = msg  # keeps its place: frees and loads never overtake steps
                 break
             batch.append(msg)
-            sids |= _sids(msg)
+            sids |= its
             rows, tokens = rows + more[0], tokens + more[1]
         return batch
 
@@ -176,8 +176,7 @@ class Node:
                 else:
                     await self._reallocate(msg)
             except StepError as e:
-                ids = {"rid": msg["rid"]} if "rid" in msg.header else {}
-                await self.send(protocol.error(e.code, f"{self.cfg.name}: {e}", **ids))
+                await self._refuse(msg, e)
             except Exception as e:  # one bad batch must not take the node down
                 log.exception("%s failed", msg.kind)
                 for m in batch:
