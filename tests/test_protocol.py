@@ -23,8 +23,6 @@ from zpipe.protocol import (
     encode,
     encode_forward,
     int_list,
-    result_rows,
-    step_rows,
 )
 
 # One valid value per field type, so every kind can be built from its schema alone.
@@ -468,35 +466,3 @@ def test_fuzz_only_protocol_errors() -> None:
     assert rejected > 1000  # the fuzz mostly hits the checks ...
     assert decoded > 0  # ... but also builds some messages that pass them
 
-
-# --------------------------------------------------------------------------- step rows
-def test_step_rows_accept_a_batch() -> None:
-    rows = [["a", 0, 0, 7], ["b", 3, 12, 1]]
-    assert step_rows(rows) == [("a", 0, 0, 7), ("b", 3, 12, 1)]
-    assert result_rows([["a", 0, 7], ["b", 3, 1]]) == [("a", 0, 7), ("b", 3, 1)]
-
-
-@pytest.mark.parametrize("rows, match", [
-    ([], "1..4096 rows"),
-    ([["a", 0, 0, 1]] * 4097, "1..4096 rows"),
-    ([["a", 0, 0]], "must be"),
-    ([["a", 0, 0, 1.0]], "must be"),
-    ([[1, 0, 0, 1]], "must be"),
-    ([["", 0, 0, 1]], "must be"),
-    ([["x" * 200, 0, 0, 1]], "must be"),
-    ([["a", 0, 0, True]], "must be"),
-    ([["a", 0, 0, 0]], "n >= 1"),
-    ([["a", -1, 0, 1]], ">= 0"),
-    ([["a", 0, -5, 1]], ">= 0"),
-    ([["a", 0, 0, 1], ["a", 1, 1, 1]], "twice"),
-    (["a"], "must be"),
-])
-def test_step_rows_reject(rows: list, match: str) -> None:
-    with pytest.raises(ProtocolError, match=match):
-        step_rows(rows)
-
-
-def test_result_rows_reject() -> None:
-    for rows in ([], [["a", 0]], [["a", 0, 0]], [["a", 0, 1], ["a", 0, 1]], [[None, 0, 1]]):
-        with pytest.raises(ProtocolError):
-            result_rows(rows)
