@@ -11,20 +11,25 @@ import zmq
 from zpipe import aio
 
 
-def _pair(ctx: zmq.Context, name: str) -> tuple[zmq.Socket, zmq.Socket]:
+@pytest.fixture()
+def pair():
+    """A connected plain ROUTER and DEALER (identity b"d") on their own context; closed after."""
+    ctx = zmq.Context()
     router = ctx.socket(zmq.ROUTER)
     router.setsockopt(zmq.LINGER, 0)
-    router.bind(f"inproc://{name}")
+    router.bind("inproc://pair")
     dealer = ctx.socket(zmq.DEALER)
     dealer.setsockopt(zmq.LINGER, 0)
     dealer.setsockopt(zmq.IDENTITY, b"d")
-    dealer.connect(f"inproc://{name}")
-    return router, dealer
+    dealer.connect("inproc://pair")
+    yield router, dealer
+    router.close(0)
+    dealer.close(0)
+    ctx.term()
 
 
-async def test_ping_pong_loses_no_wakeup() -> None:
-    ctx = zmq.Context()
-    r, d = _pair(ctx, "pingpong")
+async def test_ping_pong_loses_no_wakeup(pair) -> None:
+    r, d = pair
     router, dealer = aio.Socket(r), aio.Socket(d)
 
     async def echo() -> None:
@@ -39,26 +44,21 @@ async def test_ping_pong_loses_no_wakeup() -> None:
         frames = await dealer.recv(5)
         assert frames is not None and frames[0].bytes == str(i).encode()
     await task
-    router.close()
+    router.close()  # its FD leaves the loop; the fixture closes what is left
     dealer.close()
-    ctx.term()
 
 
-async def test_recv_times_out_with_none() -> None:
-    ctx = zmq.Context()
-    r, d = _pair(ctx, "timeout")
+async def test_recv_times_out_with_none(pair) -> None:
+    r, d = pair
     router = aio.Socket(r)
     t0 = time.monotonic()
     assert await router.recv(0.05) is None
     assert 0.04 < time.monotonic() - t0 < 1.0
     router.close()
-    d.close(0)
-    ctx.term()
 
 
-async def test_message_waiting_before_recv_and_burst() -> None:
-    ctx = zmq.Context()
-    r, d = _pair(ctx, "burst")
+async def test_message_waiting_before_recv_and_burst(pair) -> None:
+    r, d = pair
     router = aio.Socket(r)
     for i in range(100):
         d.send(str(i).encode())
@@ -69,14 +69,11 @@ async def test_message_waiting_before_recv_and_burst() -> None:
         got.append(int(frames[1].bytes))
     assert got == list(range(100))
     router.close()
-    d.close(0)
-    ctx.term()
 
 
-async def test_send_from_another_task_while_waiting() -> None:
+async def test_send_from_another_task_while_waiting(pair) -> None:
     """A send can consume the FD's edge; the waiting recv must still wake up."""
-    ctx = zmq.Context()
-    r, d = _pair(ctx, "othertask")
+    r, d = pair
     dealer = aio.Socket(d)
 
     async def peer() -> None:  # the other side answers each message at once, blocking-style
@@ -95,13 +92,10 @@ async def test_send_from_another_task_while_waiting() -> None:
         assert frames is not None and frames[0].bytes == str(i).encode()
     await peer_task
     dealer.close()
-    r.close(0)
-    ctx.term()
 
 
-async def test_close_wakes_the_waiter_and_send_after_close_fails() -> None:
-    ctx = zmq.Context()
-    r, d = _pair(ctx, "close")
+async def test_close_wakes_the_waiter_and_send_after_close_fails(pair) -> None:
+    r, d = pair
     router = aio.Socket(r)
     waiting = asyncio.create_task(router.recv())
     await asyncio.sleep(0.01)
@@ -109,5 +103,3 @@ async def test_close_wakes_the_waiter_and_send_after_close_fails() -> None:
     assert await asyncio.wait_for(waiting, 1) is None
     with pytest.raises(zmq.ZMQError):
         await router.recv()
-    d.close(0)
-    ctx.term()
