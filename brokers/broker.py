@@ -23,6 +23,7 @@ from brokers.mover import REPLY_KINDS, MoveError, Mover
 from brokers.rebalance import Rebalancer
 from brokers.registry import NodeInfo, Registry
 from brokers.sessions import RequestError, Session, build_session
+from brokers.steps import StepScheduler
 from zpipe import aio, protocol
 from zpipe.config import BrokerConfig
 from zpipe.metrics import Metrics
@@ -36,7 +37,7 @@ log = logging.getLogger("zpipe.broker")
 NODE_KINDS = {"register", "loaded", "result", "heartbeat", "profile_reply"} | REPLY_KINDS
 
 
-class Broker:
+class Broker(StepScheduler):
     def __init__(self, cfg: BrokerConfig) -> None:
         self.cfg = cfg
         self.model_dir = resolve_model(cfg.model)
@@ -353,127 +354,6 @@ class Broker:
         if rid is not None:
             out["rid"] = rid
         return out
-
-    # ------------------------------------------------------------- steps
-    # A step message carries several sessions ("rows"): the sessions a node answered together
-    # go on together, so a batch stays whole from stage to stage and round to round.
-    async def _start_steps(self, group: list[tuple[Session, torch.Tensor]]) -> None:
-        if self.paused:  # a reallocation is under way: wait at this token boundary
-            self.parked.extend(group)
-            return
-        now = time.perf_counter()
-        for s, _ in group:
-            s.in_flight = True
-            s.stage_times = []
-            s.step_t0 = now
-        ids = group[0][1] if len(group) == 1 else torch.cat([x for _, x in group])
-        sessions = [s for s, _ in group]
-        await self._send_stage(sessions, 0, protocol.encode(
-            "step", {"x": ids}, **self._step_fields(sessions, 0)))
-
-    def _step_fields(self, sessions: list[Session], stage: int) -> dict:
-        fields = {"epoch": self.placement.epoch, "stage": stage,
-                  "rows": [[s.sid, s.step, s.pos, s.step_input_len()] for s in sessions]}
-        if stage == len(self.placement.stages) - 1:
-            fields["sampling"] = [s.sampling for s in sessions]
-        return fields
-
-    async def _send_stage(self, sessions: list[Session], stage: int, frames: list) -> None:
-        node = self.registry.by_name[self.placement.stages[stage].node]
-        now = time.perf_counter()
-        for s in sessions:
-            s.stage, s.hop_t0 = stage, now
-        if not await self._send(node.ident, frames):
-            for s in sessions:
-                await self._finish_error(s, "node_lost", f"node {node.name} is unreachable")
-
-    async def _on_result(self, node: NodeInfo, msg: Message) -> None:
-        try:
-            rows = protocol.result_rows(msg["rows"])
-        except ProtocolError as e:
-            log.warning("node %s sent a bad result: %s", node.name, e)
-            return
-        stage, placement = msg["stage"], self.placement
-        if (placement is None or msg["epoch"] != placement.epoch
-                or not 0 <= stage < len(placement.stages)
-                or placement.stages[stage].node != node.name):
-            return  # a late answer from a placement that has since changed
-        live: list[tuple[int, Session]] = []
-        for i, (sid, step, n) in enumerate(rows):
-            s = self.sessions.get(sid)
-            # Rows of finished, cancelled or re-routed steps are late answers: dropped.
-            if s is not None and s.step == step and s.stage == stage and s.in_flight \
-                    and n == s.step_input_len():
-                live.append((i, s))
-        if not live:
-            return
-        now = time.perf_counter()
-        compute = float(msg["compute_s"])
-        for _, s in live:
-            if s.step > 0:
-                self.measured[node.name].append(compute)
-            s.stage_times.append([node.name, round(compute, 6), round(now - s.hop_t0 - compute, 6)])
-        if stage < len(placement.stages) - 1:
-            await self._forward(node, msg, rows, live)
-        else:
-            await self._tokens(node, msg, live, now)
-
-    async def _forward(self, node: NodeInfo, msg: Message, rows: list, live: list) -> None:
-        """Send an inner stage's hidden states on to the next stage: the received frames
-        untouched when every row is still live, else only the live rows' states."""
-        sessions = [s for _, s in live]
-        meta = msg["t"]
-        if (len(meta) != 1 or meta[0][0] != "hidden" or len(meta[0][2]) != 2
-                or meta[0][2][0] != sum(n for _, _, n in rows)):
-            for s in sessions:
-                await self._finish_error(s, "bad_result",
-                                         f"node {node.name} sent no matching hidden state")
-            return
-        fields = self._step_fields(sessions, sessions[0].stage + 1)
-        if len(live) == len(rows):
-            frames = protocol.encode_forward("step", msg.frames, [["x", *meta[0][1:]]], **fields)
-        else:
-            parts = msg.tensors["hidden"].split([n for _, _, n in rows])
-            frames = protocol.encode("step", {"x": torch.cat([parts[i] for i, _ in live])},
-                                     **fields)
-        await self._send_stage(sessions, sessions[0].stage + 1, frames)
-
-    async def _tokens(self, node: NodeInfo, msg: Message, live: list, now: float) -> None:
-        """The last stage's tokens: start the next step of every session that goes on (together,
-        and first, so the nodes compute while the broker talks to the clients), then hand the
-        tokens out."""
-        tokens = msg.get("tokens")
-        emitted, nxt = [], []
-        for i, s in live:
-            entry = tokens[i] if isinstance(tokens, list) and i < len(tokens) else None
-            if not (isinstance(entry, list) and len(entry) == 2 and type(entry[0]) is int
-                    and 0 <= entry[0] < self.spec.vocab_size
-                    and isinstance(entry[1], (int, float))):
-                await self._finish_error(s, "bad_result", f"node {node.name} sent no valid token")
-                continue
-            token = entry[0]
-            s.in_flight = False
-            s.pos += s.step_input_len()
-            s.tokens.append(token)
-            end = ("stop" if token in s.stop_ids
-                   else "length" if len(s.tokens) >= s.max_new_tokens else None)
-            emitted.append((s, len(s.tokens) - 1, token, float(entry[1]), now - s.step_t0,
-                            s.stage_times, end))
-            if end is None:
-                s.step += 1
-                nxt.append((s, torch.tensor([token], dtype=torch.int64)))
-        if nxt:
-            await self._start_steps(nxt)
-        for s, index, token, logprob, step_s, stage_times, end in emitted:
-            first = s.first_token_s is None
-            if first:
-                s.first_token_s = now - s.created
-            self.metrics.record_token(s.sid, step_s, stage_times, first)
-            await self._send(s.client, protocol.encode(
-                "token", rid=s.rid, index=index, token_id=token, logprob=logprob,
-                text=s.detok.add(token), timing={"step_s": round(step_s, 6), "stages": stage_times}))
-            if end is not None:
-                await self._finish(s, end)
 
     # ------------------------------------------------------------- endings
     async def _release(self, s: Session, reason: str) -> None:
