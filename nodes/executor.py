@@ -9,10 +9,13 @@ from pathlib import Path
 import torch
 
 from zpipe import protocol
+from zpipe.config import StaticKV
+from zpipe.decode import Decoder
 from zpipe.kvcache import KVCache
 from zpipe.protocol import Message, ProtocolError
 from zpipe.sampling import SamplingParams, sample
 from zpipe.shard import ModelSpec, Stage
+from zpipe.slots import SlotKV, SlotPool
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -37,8 +40,15 @@ class StepError(Exception):
 
 
 class Executor:
-    def __init__(self, model_dir: Path, dtype: str, device: str, max_step_tokens: int = 8192):
+    def __init__(self, model_dir: Path, dtype: str, device: str, max_step_tokens: int = 8192,
+                 static_kv: StaticKV | None = None, max_batch: int = 64):
         self.model_dir = model_dir
+        # With a static KV pool, sessions live in slots and decode steps run batched through
+        # a Decoder (CUDA graphs on GPUs); sessions without a slot take the eager path.
+        self.static_kv = static_kv if static_kv is not None and static_kv.on(device) else None
+        self.max_batch = max_batch
+        self.pool: SlotPool | None = None
+        self.decoder: Decoder | None = None
         self.spec = ModelSpec.load(model_dir)
         self.dtype = DTYPES[dtype]
         self.device = device
@@ -58,11 +68,28 @@ class Executor:
             raise StepError("bad_range", f"layers {start}-{end - 1} are outside the model's "
                                          f"{self.spec.num_layers} layers")
         if self.stage is None or (self.stage.start, self.stage.end) != (start, end):
-            self.stage = None  # free the old weights before reading the new ones
+            self.stage = self.decoder = self.pool = None  # free the old before the new
             self.caches.clear()
             self.stage = Stage(self.model_dir, start, end, dtype=self.dtype, device=self.device)
+            self._static(self.stage)
         self.epoch = epoch
         return self.stage.weight_bytes()
+
+    def _static(self, stage: Stage | None) -> None:
+        """Set up (or, after a move, re-aim) the KV pool and the decoder for ``stage``."""
+        cfg = self.static_kv
+        self.decoder = None
+        if cfg is None or stage is None:
+            self.pool = None
+            return
+        spec, layers = stage.spec, range(stage.start, stage.end)
+        if self.pool is None:
+            self.pool = SlotPool(layers, spec.num_kv_heads, spec.head_dim, cfg.slots,
+                                 cfg.max_len, stage.dtype, stage.device)
+        else:
+            self.pool.retarget(layers)
+        self.decoder = Decoder(stage, self.pool, self.max_batch, graphs=cfg.cuda_graphs,
+                               compile=cfg.compile)
 
     # ------------------------------------------------------------ reallocation
     def prepare(self, start: int, end: int, epoch: int) -> int:
@@ -116,7 +143,8 @@ class Executor:
             raise StepError("not_prepared", f"nothing prepared for epoch {epoch}")
         _, stage = self.pending
         if stage is None:
-            self.caches.clear()
+            self.free(list(self.caches))
+            self._static(None)
         else:
             keep = set(range(stage.start, stage.end))
             for sid in self.caches.keys() | self.pending_caches.keys():  # check before changing
@@ -125,13 +153,19 @@ class Executor:
                 if (have & keep) | got != keep:
                     raise StepError("bad_kv", f"session {sid} lacks KV for layers "
                                               f"{sorted(keep - (have | got))}")
+            self._static(stage)
             for cache in self.caches.values():
-                cache.drop_layers([la for la in cache.k if la not in keep])
-            for sid, got in self.pending_caches.items():
-                if sid in self.caches:
-                    self.caches[sid].adopt(got)
+                if isinstance(cache, SlotKV):
+                    cache.rebind()  # views of the pool's layers now
                 else:
-                    self.caches[sid] = got  # a session new to this node
+                    cache.drop_layers([la for la in cache.k if la not in keep])
+            for sid, got in self.pending_caches.items():
+                if sid not in self.caches:  # a session new to this node
+                    slot = self.pool.session() if self.pool and got.length <= self.pool.max_len \
+                        else None
+                    self.caches[sid] = got if slot is None else slot
+                if self.caches[sid] is not got:
+                    self.caches[sid].adopt(got)
         self.stage, self.epoch = stage, epoch
         self.pending, self.pending_caches = None, {}
 
@@ -141,7 +175,9 @@ class Executor:
 
     def free(self, sids: list[str]) -> None:
         for sid in sids:
-            self.caches.pop(sid, None)
+            cache = self.caches.pop(sid, None)
+            if isinstance(cache, SlotKV):
+                cache.release()
 
     def kv_bytes(self) -> int:
         return sum(c.nbytes() for c in self.caches.values())
@@ -209,26 +245,63 @@ class Executor:
             return results
         stage = self.stage
         t0 = time.perf_counter()
-        outs = stage.forward_batch([(c, r.x, r.pos) for _, r, c in ready],
-                                   greedy=[r.params is not None and r.params.greedy
-                                           for _, r, _ in ready] if stage.last else None)
-        if stage.last:
-            sampled = _sample_all(outs, [(r.params, r.step) for _, r, _ in ready])
-        elif outs[0].is_cuda:
-            torch.cuda.synchronize(outs[0].device)
+        # Decode rows on pool slots go through the decoder together; the rest run eagerly.
+        fast = [k for k in ready if self.decoder is not None and isinstance(k[2], SlotKV)
+                and k[1].x.shape[0] == 1]
+        slow = [k for k in ready if k[0] not in {i for i, _, _ in fast}]
+        done: dict[int, object] = {}
+        for part, run in ((fast, self._decode), (slow, self._eager)):
+            if part:
+                done.update(zip([i for i, _, _ in part], run(part), strict=True))
+        if not stage.last and stage.device.type == "cuda":
+            torch.cuda.synchronize(stage.device)  # compute_s covers the GPU's work
         compute = time.perf_counter() - t0
         if self.slow_factor > 1:
             time.sleep(compute * (self.slow_factor - 1))
             compute *= self.slow_factor
         self.last_compute_s = compute
-        for j, (i, _, _) in enumerate(ready):
-            results[i] = sampled[j] if stage.last else outs[j]
+        for i, out in done.items():
+            results[i] = out
         return results
 
+    def _eager(self, ready: list[tuple[int, Row, KVCache]]) -> list:
+        """``Stage.forward_batch`` for the rows; on the last stage their ``(token, logprob)``."""
+        stage = self.stage
+        outs = stage.forward_batch([(c, r.x, r.pos) for _, r, c in ready],
+                                   greedy=[r.params.greedy for _, r, _ in ready]
+                                   if stage.last else None)
+        if stage.last:
+            return _sample_all(outs, [(r.params, r.step) for _, r, _ in ready])
+        return outs
+
+    def _decode(self, ready: list[tuple[int, Row, SlotKV]]) -> list:
+        """One decode token for each row through the decoder: hidden rows, or on the last
+        stage ``(token, logprob)`` (greedy from the argmax, else sampled from the logits)."""
+        xs = [r.x for _, r, _ in ready]
+        x = xs[0] if len(xs) == 1 else torch.cat(xs)
+        out = self.decoder.run(x, [c.slot for _, _, c in ready], [c.length for _, _, c in ready])
+        for _, _, c in ready:
+            c.advance(1)
+        if not self.stage.last:
+            out = out.clone()  # the graph's output buffer is overwritten by the next replay
+            return list(out.split(1)) if len(ready) > 1 else [out]
+        logits, ids, lps = out
+        res = list(zip(ids.tolist(), lps.tolist(), strict=True))
+        for j, (_, r, _) in enumerate(ready):
+            if not r.params.greedy:
+                res[j] = sample(logits[j], r.params, r.step)
+        return res
+
     def _cache_for(self, row: Row) -> KVCache:
-        """A row's KV cache, checked against its position (a prefill starts a fresh one)."""
+        """A row's KV cache, checked against its position (a prefill starts a fresh one: a
+        pool slot when one is free and the prompt fits it)."""
+        n = row.x.shape[0]
         if row.pos == 0:
-            cache = self.caches[row.sid] = self.stage.new_cache()
+            self.free([row.sid])
+            cache = None
+            if self.pool is not None and n <= self.pool.max_len:
+                cache = self.pool.session()
+            cache = self.caches[row.sid] = cache or self.stage.new_cache()
             return cache
         cache = self.caches.get(row.sid)
         if cache is None:
@@ -236,6 +309,8 @@ class Executor:
         if row.pos != cache.length:
             raise StepError("bad_position", f"session {row.sid}: step at position {row.pos} but "
                                             f"{cache.length} tokens are cached")
+        if isinstance(cache, SlotKV) and row.pos + n > self.pool.max_len:
+            cache = self.caches[row.sid] = cache.spill()  # outgrew its slot: eager from now
         return cache
 
     def _check_input(self, stage: Stage, x: torch.Tensor, total: int) -> None:

@@ -35,7 +35,8 @@ class Node:
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         self.model_dir = resolve_model(cfg.model)
-        self.executor = Executor(self.model_dir, cfg.dtype, cfg.device)
+        self.executor = Executor(self.model_dir, cfg.dtype, cfg.device,
+                                 static_kv=cfg.static_kv, max_batch=cfg.max_batch)
         # One compute thread: steps run in order, while the event loop stays free for I/O.
         self.pool = ThreadPoolExecutor(1, thread_name_prefix=f"zpipe-{cfg.name}")
         self.queue: asyncio.Queue[Message] = asyncio.Queue()

@@ -156,6 +156,20 @@ class BrokerConfig(_BrokerKnobs):
     placement: PlacementConfig = PlacementConfig()
 
 
+class StaticKV(_Strict):
+    """The static KV pool and batched decode (``zpipe/slots.py``, ``zpipe/decode.py``)."""
+
+    # None: on for CUDA devices, off for the CPU (whose per-row batching is bit-exact).
+    enabled: bool | None = None
+    slots: int = Field(64, ge=1, le=4096)  # sessions with a slot; more fall back to eager
+    max_len: int = Field(2048, ge=16, le=1 << 20)  # tokens per slot; longer sessions spill
+    cuda_graphs: bool = True
+    compile: bool = True  # torch.compile the elementwise parts (CUDA only)
+
+    def on(self, device: str) -> bool:
+        return self.enabled if self.enabled is not None else device.startswith("cuda")
+
+
 class NodeConfig(_Strict):
     name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
     broker: Address = DEFAULT_BROKER
@@ -166,6 +180,7 @@ class NodeConfig(_Strict):
     # Steps of different sessions waiting at this node run as one batch of up to this many.
     max_batch: int = Field(64, ge=1, le=4096)
     max_batch_tokens: int = Field(8192, ge=1)
+    static_kv: StaticKV = StaticKV()
 
 
 class ClusterNode(_Strict):
@@ -175,6 +190,7 @@ class ClusterNode(_Strict):
     threads: Annotated[int, Field(ge=1, le=1024)] | None = None
     layers: Layers | None = None
     max_batch: int = Field(64, ge=1, le=4096)
+    static_kv: StaticKV = StaticKV()
 
 
 class ClusterPlacement(_Strict):
@@ -234,7 +250,7 @@ class ClusterConfig(_Strict):
         return [NodeConfig(name=n.name, broker=local_address(self.broker.bind),
                            model=self.model, device=n.device, dtype=n.dtype,
                            threads=n.threads or (share if n.device == "cpu" else None),
-                           max_batch=n.max_batch)
+                           max_batch=n.max_batch, static_kv=n.static_kv)
                 for n in self.nodes]
 
 

@@ -1,0 +1,165 @@
+"""The static KV pool (zpipe/slots.py) and batched decode over it (zpipe/decode.py), on the CPU
+(no CUDA graphs here; the same step function is what a GPU node captures)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import zmq
+
+from nodes.executor import Executor
+from zpipe import protocol
+from zpipe.config import StaticKV
+from zpipe.decode import Decoder, bucket
+from zpipe.kvcache import KVCache
+from zpipe.shard import Stage
+from zpipe.slots import KVFull, SlotKV, SlotPool
+
+PROMPTS = {"a": [1, 5, 9, 33, 7], "b": [2, 8], "c": [4, 4, 4, 19, 20, 21]}
+
+
+def _step(sid: str, step: int, pos: int, ids: list[int], epoch: int = 1) -> protocol.Message:
+    frames = protocol.encode("step", {"x": torch.tensor(ids)}, epoch=epoch, stage=0,
+                             rows=[[sid, step, pos, len(ids)]], sampling=[{}])
+    return protocol.decode([zmq.Frame(bytes(f)) for f in frames])
+
+
+def _generate(ex: Executor, steps: int) -> dict[str, list[int]]:
+    """Greedy tokens of every prompt, all sessions stepped together after their prefills."""
+    toks: dict[str, list[int]] = {}
+    for sid, p in PROMPTS.items():
+        (out,) = ex.step_batch(ex.rows_of(_step(sid, 0, 0, p)))
+        toks[sid] = [out[0]]
+    for s in range(1, steps):
+        rows = [r for sid, p in PROMPTS.items()
+                for r in ex.rows_of(_step(sid, s, len(p) + s - 1, [toks[sid][-1]]))]
+        for (sid, t), out in zip(toks.items(), ex.step_batch(rows), strict=True):
+            assert not isinstance(out, Exception), out
+            t.append(out[0])
+    return toks
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_model: Path) -> dict[str, list[int]]:
+    ex = Executor(tiny_model, "float32", "cpu")
+    ex.load(0, ex.spec.num_layers, epoch=1)
+    return _generate(ex, 24)
+
+
+def _static(tiny_model: Path, **kw) -> Executor:
+    ex = Executor(tiny_model, "float32", "cpu", static_kv=StaticKV(enabled=True, **kw))
+    ex.load(0, ex.spec.num_layers, epoch=1)
+    return ex
+
+
+def test_batched_decode_on_slots_gives_the_eager_tokens(tiny_model, reference) -> None:
+    ex = _static(tiny_model)
+    assert ex.decoder is not None and ex.pool is not None
+    assert _generate(ex, 24) == reference
+    assert all(isinstance(c, SlotKV) for c in ex.caches.values())
+
+
+def test_sessions_beyond_the_slots_or_their_length_fall_back_to_eager(tiny_model,
+                                                                       reference) -> None:
+    ex = _static(tiny_model, slots=2, max_len=16)  # c gets no slot; a and b outgrow theirs
+    assert _generate(ex, 24) == reference
+    assert not any(isinstance(c, SlotKV) for c in ex.caches.values())
+    assert sorted(ex.pool.free_slots) == [0, 1]  # spilled slots went back to the pool
+    ex.free(list(PROMPTS))
+    assert ex.caches == {}
+
+
+def test_free_and_a_new_prefill_release_the_slot(tiny_model) -> None:
+    ex = _static(tiny_model, slots=1)
+    ex.step_batch(ex.rows_of(_step("a", 0, 0, [1, 2])))
+    assert ex.pool.free_slots == []
+    ex.step_batch(ex.rows_of(_step("a", 0, 0, [3])))  # a restart of the same session
+    assert isinstance(ex.caches["a"], SlotKV) and ex.caches["a"].length == 1
+    ex.free(["a"])
+    assert ex.pool.free_slots == [0]
+
+
+def test_decoder_rows_in_any_order_and_batch_size(tiny_model) -> None:
+    st = Stage(tiny_model, 0, 2)  # a first stage: hidden states out
+    pool = SlotPool(range(0, 2), st.spec.num_kv_heads, st.spec.head_dim, 4, 32, st.dtype, "cpu")
+    dec = Decoder(st, pool, max_batch=4)
+    caches = [pool.session() for _ in range(3)]
+    for c, n in zip(caches, (3, 5, 2), strict=True):
+        st.forward(c, torch.arange(1, n + 1), 0)
+    ids = torch.tensor([7, 8, 9])
+    together = dec.run(ids, [c.slot for c in caches], [c.length for c in caches])
+    alone = []
+    for c, t in zip(reversed(caches), reversed(ids.tolist()), strict=True):
+        alone.append(dec.run(torch.tensor([t]), [c.slot], [c.length]))
+    torch.testing.assert_close(together, torch.cat(alone[::-1]), rtol=1e-5, atol=1e-5)
+    # The same step eagerly, on a copy of each session's cache.
+    for c, t, row in zip(caches, ids.tolist(), together, strict=True):
+        plain = KVCache(range(0), c.n_kv_heads, c.head_dim, c.dtype, c.device)
+        plain.import_(c.export(range(0, 2), tokens=range(c.length)), c.length)
+        torch.testing.assert_close(st.forward(plain, torch.tensor([t]), c.length)[0], row,
+                                   rtol=1e-4, atol=1e-5)
+
+
+def test_pool_slots_retarget_and_spill(tiny_model) -> None:
+    pool = SlotPool(range(0, 2), 2, 4, slots=2, max_len=8, dtype=torch.float32, device="cpu")
+    a, b = pool.session(), pool.session()
+    assert (a.slot, b.slot, pool.session(), pool.scratch) == (0, 1, None, 2)
+    k = torch.randn(2, 3, 4)
+    for layer in (0, 1):
+        a.append(layer, k, -k)
+    a.advance(3)
+    with pytest.raises(KVFull):
+        a.append(0, torch.randn(2, 6, 4), torch.randn(2, 6, 4))
+    kept = pool.k[1]
+    pool.retarget(range(1, 3))
+    a.rebind()
+    assert pool.k[1] is kept and sorted(a.k) == [1, 2] and 0 not in pool.k
+    torch.testing.assert_close(a.k[1][:, :3], k)
+    plain = a.spill()
+    assert plain.length == 3 and sorted(plain.k) == [1, 2] and pool.free_slots == [0]
+    torch.testing.assert_close(plain.v[1][:, :3], -k)
+    with pytest.raises(ValueError):
+        pool.give(0)  # already free
+
+
+def test_a_move_keeps_slot_sessions_exact(tiny_model, reference) -> None:
+    """Layers move between two static-KV executors mid-generation; the tokens do not change."""
+    n = Executor(tiny_model, "float32", "cpu").spec.num_layers
+    a = _static(tiny_model)
+    a.load(0, n - 1, epoch=1)
+    b = _static(tiny_model)
+    b.load(n - 1, n, epoch=1)
+    toks: dict[str, list[int]] = {}
+
+    def step(sid: str, s: int, pos: int, ids: list[int]) -> int:
+        (h,) = a.step_batch(a.rows_of(_step(sid, s, pos, ids, a.epoch)))
+        msg = protocol.decode([zmq.Frame(bytes(f)) for f in protocol.encode(
+            "step", {"x": h}, epoch=b.epoch, stage=1, rows=[[sid, s, pos, len(ids)]],
+            sampling=[{}])])
+        (out,) = b.step_batch(b.rows_of(msg))
+        return out[0]
+
+    for sid, p in PROMPTS.items():
+        toks[sid] = [step(sid, 0, 0, p)]
+    for s in range(1, 24):
+        if s == 10:  # layer n-2 moves from a to b
+            a.prepare(0, n - 2, 2)
+            b.prepare(n - 2, n, 2)
+            for sid in PROMPTS:
+                length, kv = a.export_kv(sid, n - 2, n - 1)
+                b.import_kv(sid, length, kv)
+            a.commit(2)
+            b.commit(2)
+            assert all(isinstance(c, SlotKV) for c in b.caches.values())
+            assert sorted(b.pool.k) == [n - 2, n - 1]
+        for sid, p in PROMPTS.items():
+            toks[sid].append(step(sid, s, len(p) + s - 1, [toks[sid][-1]]))
+    assert toks == reference
+
+
+def test_bucket() -> None:
+    assert [bucket(n, 64) for n in (1, 2, 3, 5, 33, 64, 65)] == [1, 2, 4, 8, 64, 64, 64]
+    assert bucket(1, 2048, 256) == 256 and bucket(300, 2048, 256) == 512
+    assert bucket(3000, 2048, 256) == 2048
