@@ -72,6 +72,8 @@ class Executor:
             self.caches.clear()
             self.stage = Stage(self.model_dir, start, end, dtype=self.dtype, device=self.device)
             self._static(self.stage)
+            if self.decoder is not None:
+                self.decoder.warm()
         self.epoch = epoch
         return self.stage.weight_bytes()
 

@@ -98,6 +98,7 @@ async def _zpipe(rc, prompt: list[int], new_tokens: int, concurrency: int) -> di
         "b1_ttft_ms": one.ttft_s * 1000,
         f"c{concurrency}_tok_s": sum(len(g.token_ids) for g in many) / wall,
         "tokens_match": all(g.token_ids == one.token_ids for g in many),
+        "sessions_matching_b1": sum(g.token_ids == one.token_ids for g in many),
     }
 
 
@@ -105,7 +106,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", required=True)
     ap.add_argument("--layouts", nargs="+", default=["1x0", "2x0"],
-                    help="NODESxGPUS: 1x0 one node on cuda:0; 2x0 two on cuda:0; 2x01 one each")
+                    help="NODESxGPUS[:MODE]: 1x0 one node on cuda:0; 2x0 two on cuda:0; 2x01 one "
+                         "each; MODE eager (no static KV), nocompile or nographs")
     ap.add_argument("--prompt-len", type=int, default=32)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--concurrency", type=int, default=32)
@@ -123,11 +125,14 @@ def main() -> None:
         result["bound_b1_tok_s"] = result["copy_bandwidth_GB_s"] * 1e9 / result["weight_bytes"]
     print(json.dumps(result, indent=1), flush=True)
     for layout in args.layouts:
-        n, gpus = layout.split("x")
+        shape, _, mode = layout.partition(":")
+        n, gpus = shape.split("x")
         devices = [f"cuda:{gpus[i % len(gpus)]}" for i in range(int(n))]
+        static = {"eager": {"enabled": False}, "nocompile": {"compile": False},
+                  "nographs": {"cuda_graphs": False}, "": {}}[mode]
         with tempfile.TemporaryDirectory() as tmp:
             rc = start_cluster(model, Path(tmp), [
-                {"name": f"n{i}", "device": d, "dtype": "bfloat16"}
+                {"name": f"n{i}", "device": d, "dtype": "bfloat16", "static_kv": static}
                 for i, d in enumerate(devices)], timeout=600)
             try:
                 result[f"zpipe_{layout}"] = asyncio.run(

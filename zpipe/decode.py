@@ -174,6 +174,15 @@ class Decoder:
         out = graph[1]
         return tuple(t[:n] for t in out) if isinstance(out, tuple) else out[:n]
 
+    def warm(self) -> None:
+        """Capture every batch bucket at the shortest length now, not during the first steps."""
+        if self.graphs_on:
+            b, length = 1, self.length_bucket(1)
+            while b <= self.max_batch:
+                if (b, length) not in self._graphs:
+                    self._capture(b, length)
+                b *= 2
+
     def _pad(self, start: int, stop: int) -> None:
         self._slots[start:stop].fill_(self.pool.scratch)
         self._pos[start:stop].zero_()
@@ -184,15 +193,16 @@ class Decoder:
         t0 = time.perf_counter()
         self._pad(0, b)
         args = (self._x[:b], self._slots[:b], self._pos[:b], length)
-        side = torch.cuda.Stream(self.device)
-        side.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(side):
-            for _ in range(2):  # compile, cuBLAS workspaces: nothing new during capture
-                self.step(*args)
-        torch.cuda.current_stream(self.device).wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._mempool):
-            out = self.step(*args)
+        with torch.cuda.device(self.device):
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(2):  # compile, cuBLAS workspaces: nothing new during capture
+                    self.step(*args)
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self._mempool):
+                out = self.step(*args)
         self._graphs[(b, length)] = (graph, out)
         self.captures += 1
         self.capture_s += time.perf_counter() - t0
