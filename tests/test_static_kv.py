@@ -176,9 +176,7 @@ def test_cuda_graphs_replay_what_the_step_computes(tiny_model) -> None:
         toks = {sid: [ex.step_batch(ex.rows_of(_step(sid, 0, 0, p)))[0][0]]
                 for sid, p in PROMPTS.items()}
         for s in range(1, 20):
-            live = list(PROMPTS)[: 1 + s % 3]  # batches of 1, 2, 3 rows in turn
-            if s >= 3:
-                live = list(PROMPTS)
+            live = list(PROMPTS)[: 1 + s % 3]  # batches of 2, 3, 1, 2, ... rows
             rows = [r for sid in live for r in ex.rows_of(
                 _step(sid, len(toks[sid]), len(PROMPTS[sid]) + len(toks[sid]) - 1,
                       [toks[sid][-1]]))]
