@@ -91,7 +91,7 @@ class Executor:
         else:
             self.pool.retarget(layers)
         self.decoder = Decoder(stage, self.pool, self.max_batch, graphs=cfg.cuda_graphs,
-                               compile=cfg.compile)
+                               compile=cfg.compile, triton_attention=cfg.triton_attention)
 
     # ------------------------------------------------------------ reallocation
     def prepare(self, start: int, end: int, epoch: int) -> int:

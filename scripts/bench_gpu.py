@@ -107,7 +107,8 @@ def main() -> None:
     ap.add_argument("--model", required=True)
     ap.add_argument("--layouts", nargs="+", default=["1x0", "2x0"],
                     help="NODESxGPUS[:MODE]: 1x0 one node on cuda:0; 2x0 two on cuda:0; 2x01 one "
-                         "each; MODE eager (no static KV), nocompile or nographs")
+                         "each; MODE eager (no static KV), nocompile, nographs or sdpa (no Triton "
+                         "attention)")
     ap.add_argument("--prompt-len", type=int, default=32)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--concurrency", type=int, default=32)
@@ -129,7 +130,8 @@ def main() -> None:
         n, gpus = shape.split("x")
         devices = [f"cuda:{gpus[i % len(gpus)]}" for i in range(int(n))]
         static = {"eager": {"enabled": False}, "nocompile": {"compile": False},
-                  "nographs": {"cuda_graphs": False}, "": {}}[mode]
+                  "nographs": {"cuda_graphs": False}, "sdpa": {"triton_attention": False},
+                  "": {}}[mode]
         with tempfile.TemporaryDirectory() as tmp:
             rc = start_cluster(model, Path(tmp), [
                 {"name": f"n{i}", "device": d, "dtype": "bfloat16", "static_kv": static}

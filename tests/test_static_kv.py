@@ -10,7 +10,7 @@ import torch
 import zmq
 
 from nodes.executor import Executor
-from zpipe import protocol
+from zpipe import protocol, slot_attention
 from zpipe.config import StaticKV
 from zpipe.decode import Decoder, bucket
 from zpipe.kvcache import KVCache
@@ -187,3 +187,20 @@ def test_cuda_graphs_replay_what_the_step_computes(tiny_model) -> None:
         return toks
 
     assert run(True) == run(False)
+
+
+@pytest.mark.skipif(not slot_attention.available(torch.device("cuda")) or
+                    not torch.cuda.is_available(), reason="needs Triton and a CUDA device")
+def test_triton_slot_attention_matches_sdpa() -> None:
+    torch.manual_seed(0)
+    dev, dt = "cuda:0", torch.bfloat16
+    kp, vp = (torch.randn(5, 2, 300, 64, device=dev, dtype=dt) for _ in range(2))
+    slots = torch.tensor([3, 0, 4, 1], device=dev)
+    pos = torch.tensor([0, 17, 299, 64], device=dev)
+    q = torch.randn(4, 2, 3, 64, device=dev, dtype=dt)  # 3 query heads per KV head
+    out = slot_attention.slot_attention(q, kp, vp, slots, pos, 0.125)
+    for i, (s, p) in enumerate(zip(slots.tolist(), pos.tolist(), strict=True)):
+        ref = torch.nn.functional.scaled_dot_product_attention(
+            q[i:i + 1].float(), kp[s:s + 1, :, :p + 1].float(), vp[s:s + 1, :, :p + 1].float(),
+            scale=0.125)
+        torch.testing.assert_close(out[i:i + 1].float(), ref, atol=2e-2, rtol=2e-2)

@@ -165,6 +165,7 @@ class StaticKV(_Strict):
     max_len: int = Field(2048, ge=16, le=1 << 20)  # tokens per slot; longer sessions spill
     cuda_graphs: bool = True
     compile: bool = True  # torch.compile the elementwise parts (CUDA only)
+    triton_attention: bool = True  # attention read in place from the pool (CUDA only)
 
     def on(self, device: str) -> bool:
         return self.enabled if self.enabled is not None else device.startswith("cuda")

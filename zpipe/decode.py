@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from zpipe import slot_attention
 from zpipe.shard import Stage, _rms_norm, _rotate_half
 from zpipe.slots import SlotPool
 
@@ -53,10 +54,12 @@ class Decoder:
 
     ``graphs``: capture and replay CUDA graphs (CUDA devices only). ``compile``: fuse the
     elementwise work (norms, RoPE, SiLU) with ``torch.compile`` where it is available.
+    ``triton_attention``: attention read in place from the pool by a Triton kernel (CUDA
+    only; else each row's K/V is gathered and SDPA runs over a masked length bucket).
     """
 
     def __init__(self, stage: Stage, pool: SlotPool, max_batch: int, *, graphs: bool = True,
-                 compile: bool = True) -> None:
+                 compile: bool = True, triton_attention: bool = True) -> None:
         if stage.spec.config.hidden_act != "silu":
             raise ValueError(f"static decode supports hidden_act 'silu', not "
                              f"{stage.spec.config.hidden_act!r}")
@@ -66,6 +69,8 @@ class Decoder:
         self.max_batch = bucket(max(1, min(max_batch, pool.slots)), 1 << 30)
         spec = stage.spec
         self.n_heads, self.n_kv, self.hd = spec.num_heads, spec.num_kv_heads, spec.head_dim
+        self.triton_attention = (triton_attention and slot_attention.available(self.device)
+                                 and not self.hd & (self.hd - 1))
         self.layers = self._fuse(stage)
         with torch.inference_mode():
             pos = torch.arange(pool.max_len, device=self.device)
@@ -110,19 +115,25 @@ class Decoder:
         return fused
 
     def length_bucket(self, longest: int) -> int:
+        """The key length a step is shaped for; 0 with the Triton kernel, which reads each
+        row's true length on the device (one graph per batch bucket then)."""
+        if self.triton_attention:
+            return 0
         return bucket(longest, self.pool.max_len, MIN_LEN_BUCKET)
 
     @torch.inference_mode()
     def step(self, x: Tensor, slots: Tensor, pos: Tensor, length: int):
         """One token per row: ``x`` ids ``[B]`` (first stage) or hidden ``[B, hidden]``,
-        ``slots``/``pos`` ``[B]`` on the device, every ``pos < length``. Writes each row's K/V
+        ``slots``/``pos`` ``[B]`` on the device, every ``pos < length`` (unless 0: the Triton
+        kernel). Writes each row's K/V
         at ``pos`` of its slot. Returns hidden ``[B, hidden]``, or on the last stage
         ``(logits [B, vocab] float32, argmax ids [B], their logprobs [B])``."""
         st, pool = self.stage, self.pool
         b, hd, n_kv = slots.shape[0], self.hd, self.n_kv
         h = F.embedding(x, st.embed) if st.first else x
         cos, sin = self.cos[pos][:, None], self.sin[pos][:, None]  # [B, 1, hd]
-        mask = (self.key_pos[:length][None] <= pos[:, None])[:, None, None]  # [B, 1, 1, L]
+        if not self.triton_attention:
+            mask = (self.key_pos[:length][None] <= pos[:, None])[:, None, None]  # [B, 1, 1, L]
         qd, kd = self.n_heads * hd, n_kv * hd
         r = None
         for layer, (ln1, wqkv, wo, ln2, wgu, wd) in enumerate(self.layers, st.start):
@@ -136,11 +147,15 @@ class Decoder:
             kc, vc = pool.k[layer], pool.v[layer]
             kc[slots, :, pos] = k
             vc[slots, :, pos] = qkv[:, qd + kd:].view(b, n_kv, hd)
-            keys = kc[:, :, :length].index_select(0, slots)  # [B, n_kv, L, hd]
-            values = vc[:, :, :length].index_select(0, slots)
             # Query heads grouped per KV head ([B, n_kv, heads/n_kv, hd]): GQA with no repeat.
-            a = F.scaled_dot_product_attention(q.reshape(b, n_kv, -1, hd), keys, values,
-                                               attn_mask=mask, scale=st.scale)
+            if self.triton_attention:
+                a = slot_attention.slot_attention(q.reshape(b, n_kv, -1, hd), kc, vc, slots,
+                                                  pos, st.scale)
+            else:
+                keys = kc[:, :, :length].index_select(0, slots)  # [B, n_kv, L, hd]
+                values = vc[:, :, :length].index_select(0, slots)
+                a = F.scaled_dot_product_attention(q.reshape(b, n_kv, -1, hd), keys, values,
+                                                   attn_mask=mask, scale=st.scale)
             h, xn = self.add_rms(h, F.linear(a.reshape(b, -1), wo), ln2, st.eps)
             r = F.linear(self.silu_mul(F.linear(xn, wgu)), wd)
         h = h + r
