@@ -47,6 +47,8 @@ class Node:
         self.liveness = 3
         self.gflops = 0.0
         self._held: Message | None = None
+        self.heard = False  # the broker answered this connection
+        self.last_recv = 0.0
 
     async def send(self, frames: list) -> None:
         try:
@@ -100,8 +102,8 @@ class Node:
 
     async def _serve(self) -> bool:
         """Serve one connection until the broker is silent for heartbeat × liveness."""
-        heard = False
-        last_recv = time.monotonic()
+        self.heard = False
+        self.last_recv = time.monotonic()
         next_beat = 0.0
         while True:
             now = time.monotonic()
@@ -112,35 +114,47 @@ class Node:
                 next_beat = now + self.heartbeat_s
             frames = await self.sock.recv(max(0.001, next_beat - now))
             if frames is None:
-                if time.monotonic() - last_recv > self.heartbeat_s * self.liveness:
-                    return heard
+                if time.monotonic() - self.last_recv > self.heartbeat_s * self.liveness:
+                    return self.heard
                 continue
-            last_recv = time.monotonic()
-            heard = True
-            try:
-                msg = protocol.decode(frames)
-            except ProtocolError as e:
-                log.warning("dropped a bad message from the broker: %s", e)
-                continue
-            if msg.kind in QUEUED:
-                self.queue.put_nowait(msg)  # in arrival order: a free never overtakes a step
-            elif msg.kind == "welcome":
-                self.heartbeat_s, self.liveness = float(msg["heartbeat_s"]), msg["liveness"]
-            elif msg.kind == "heartbeat":
-                pass
-            elif msg.kind == "error":
-                log.error("broker says: %s: %s", msg["code"], msg["message"])
-                if msg["code"] == "rejected":
-                    raise SystemExit(2)
-                if msg["code"] == "unknown_peer":
-                    # The broker restarted or declared us dead: our sessions are gone.
-                    self.executor.free(list(self.executor.caches))
-                    await self._register()
-            else:
-                log.warning("ignored a %r message", msg.kind)
+            await self._dispatch(frames)
+
+    async def _pump(self) -> None:
+        """Take in every message already on the socket. The receive loop does this too, but
+        not while a step runs on the loop thread: then the steps that arrived meanwhile still
+        join the next batch."""
+        while (frames := self.sock.recv_nowait()) is not None:
+            await self._dispatch(frames)
+
+    async def _dispatch(self, frames: list) -> None:
+        self.last_recv = time.monotonic()
+        self.heard = True
+        try:
+            msg = protocol.decode(frames)
+        except ProtocolError as e:
+            log.warning("dropped a bad message from the broker: %s", e)
+            return
+        if msg.kind in QUEUED:
+            self.queue.put_nowait(msg)  # in arrival order: a free never overtakes a step
+        elif msg.kind == "welcome":
+            self.heartbeat_s, self.liveness = float(msg["heartbeat_s"]), msg["liveness"]
+        elif msg.kind == "heartbeat":
+            pass
+        elif msg.kind == "error":
+            log.error("broker says: %s: %s", msg["code"], msg["message"])
+            if msg["code"] == "rejected":
+                raise SystemExit(2)
+            if msg["code"] == "unknown_peer":
+                # The broker restarted or declared us dead: our sessions are gone.
+                self.executor.free(list(self.executor.caches))
+                await self._register()
+        else:
+            log.warning("ignored a %r message", msg.kind)
 
     async def _next_batch(self) -> list[Message]:
         """The next message, or the step messages waiting in a row: one batch."""
+        if self.sock is not None:
+            await self._pump()
         first = self._held or await self.queue.get()
         self._held = None
         if first.kind != "step":
@@ -197,9 +211,14 @@ class Node:
                 await self._refuse(m, e)
         if not rows:
             return
-        outs = await asyncio.get_running_loop().run_in_executor(
-            self.pool, self.executor.run_rows, rows, self.cfg.max_batch,
-            self.cfg.max_batch_tokens)
+        args = (rows, self.cfg.max_batch, self.cfg.max_batch_tokens)
+        if self.executor.decoder is not None and all(r.x.shape[0] == 1 for r in rows):
+            # Decode on the static KV pool (a graph replay on GPUs) is short: run it here,
+            # saving the two thread hand-offs, a large part of a hop on a GPU node.
+            outs = self.executor.run_rows(*args)
+        else:
+            outs = await asyncio.get_running_loop().run_in_executor(
+                self.pool, self.executor.run_rows, *args)
         done = []
         for row, out in zip(rows, outs, strict=True):
             if isinstance(out, StepError):

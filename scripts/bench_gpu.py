@@ -27,6 +27,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from conftest import start_cluster  # noqa: E402
 
+# Layout modes (NxG:MODE+MODE): node settings to compare against the defaults.
+MODES = {"eager": {"enabled": False}, "nocompile": {"compile": False},
+         "nographs": {"cuda_graphs": False}, "sdpa": {"triton_attention": False}}
+
 
 def copy_bandwidth(device: str = "cuda:0", nbytes: int = 2 << 30) -> float:
     """Bytes moved per second by a device-to-device copy, read and write both counted."""
@@ -107,8 +111,8 @@ def main() -> None:
     ap.add_argument("--model", required=True)
     ap.add_argument("--layouts", nargs="+", default=["1x0", "2x0"],
                     help="NODESxGPUS[:MODE]: 1x0 one node on cuda:0; 2x0 two on cuda:0; 2x01 one "
-                         "each; MODE eager (no static KV), nocompile, nographs or sdpa (no Triton "
-                         "attention)")
+                         "each; MODE: eager (no static KV), nocompile, nographs, sdpa (no Triton "
+                         "attention) or mbN (max_batch N), joined by +")
     ap.add_argument("--prompt-len", type=int, default=32)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--concurrency", type=int, default=32)
@@ -129,13 +133,16 @@ def main() -> None:
         shape, _, mode = layout.partition(":")
         n, gpus = shape.split("x")
         devices = [f"cuda:{gpus[i % len(gpus)]}" for i in range(int(n))]
-        static = {"eager": {"enabled": False}, "nocompile": {"compile": False},
-                  "nographs": {"cuda_graphs": False}, "sdpa": {"triton_attention": False},
-                  "": {}}[mode]
+        node: dict = {"dtype": "bfloat16", "static_kv": {}}
+        for m in filter(None, mode.split("+")):
+            if m.startswith("mb"):
+                node["max_batch"] = int(m[2:])
+            else:
+                node["static_kv"].update(MODES[m])
         with tempfile.TemporaryDirectory() as tmp:
             rc = start_cluster(model, Path(tmp), [
-                {"name": f"n{i}", "device": d, "dtype": "bfloat16", "static_kv": static}
-                for i, d in enumerate(devices)], timeout=600)
+                {"name": f"n{i}", "device": d, **node} for i, d in enumerate(devices)],
+                timeout=600)
             try:
                 result[f"zpipe_{layout}"] = asyncio.run(
                     _zpipe(rc, prompt, args.new_tokens, args.concurrency))

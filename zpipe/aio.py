@@ -68,6 +68,12 @@ class Socket:
                 return None
         return self.inbox.popleft()
 
+    def recv_nowait(self) -> list | None:
+        """The next message already here, or None."""
+        if not self.inbox:
+            self._drain()
+        return self.inbox.popleft() if self.inbox else None
+
     def send(self, frames: list) -> None:
         """Queue a message without waiting; raises zmq.ZMQError (zmq.Again when full)."""
         self.sock.send_multipart(frames, zmq.NOBLOCK, copy=False)
