@@ -10,7 +10,7 @@ import torch
 import zmq
 
 from nodes.executor import Executor
-from zpipe import protocol, slot_attention
+from zpipe import protocol, triton_kernels
 from zpipe.config import StaticKV
 from zpipe.decode import Decoder, bucket
 from zpipe.kvcache import KVCache
@@ -189,8 +189,12 @@ def test_cuda_graphs_replay_what_the_step_computes(tiny_model) -> None:
     assert run(True) == run(False)
 
 
-@pytest.mark.skipif(not slot_attention.available(torch.device("cuda")) or
-                    not torch.cuda.is_available(), reason="needs Triton and a CUDA device")
+needs_triton = pytest.mark.skipif(not torch.cuda.is_available()
+                                  or not triton_kernels.available(torch.device("cuda")),
+                                  reason="needs Triton and a CUDA device")
+
+
+@needs_triton
 def test_triton_slot_attention_matches_sdpa() -> None:
     torch.manual_seed(0)
     dev, dt = "cuda:0", torch.bfloat16
@@ -198,9 +202,26 @@ def test_triton_slot_attention_matches_sdpa() -> None:
     slots = torch.tensor([3, 0, 4, 1], device=dev)
     pos = torch.tensor([0, 17, 299, 64], device=dev)
     q = torch.randn(4, 2, 3, 64, device=dev, dtype=dt)  # 3 query heads per KV head
-    out = slot_attention.slot_attention(q, kp, vp, slots, pos, 0.125)
+    kv = torch.randn(4, 2 * 2 * 64, device=dev, dtype=dt)  # new K and V, side by side
+    k, v = kv[:, :128].view(4, 2, 64), kv[:, 128:].view(4, 2, 64)
+    out = triton_kernels.slot_attention(q, k, v, kp, vp, slots, pos, 0.125)
     for i, (s, p) in enumerate(zip(slots.tolist(), pos.tolist(), strict=True)):
+        assert torch.equal(kp[s, :, p], k[i]) and torch.equal(vp[s, :, p], v[i])
         ref = torch.nn.functional.scaled_dot_product_attention(
             q[i:i + 1].float(), kp[s:s + 1, :, :p + 1].float(), vp[s:s + 1, :, :p + 1].float(),
             scale=0.125)
         torch.testing.assert_close(out[i:i + 1].float(), ref, atol=2e-2, rtol=2e-2)
+
+
+@needs_triton
+def test_triton_add_rms_matches_eager() -> None:
+    from zpipe.shard import _rms_norm
+
+    torch.manual_seed(0)
+    h, r = (torch.randn(5, 2048, device="cuda:0", dtype=torch.bfloat16) for _ in range(2))
+    w = torch.randn(2048, device="cuda:0", dtype=torch.bfloat16)
+    h2, x = triton_kernels.add_rms(h, r, w, 1e-5)
+    assert torch.equal(h2, h + r)
+    torch.testing.assert_close(x, _rms_norm(h + r, w, 1e-5), atol=0, rtol=1e-2)
+    _, x1 = triton_kernels.add_rms(h, None, w, 1e-5)
+    torch.testing.assert_close(x1, _rms_norm(h, w, 1e-5), atol=0, rtol=1e-2)

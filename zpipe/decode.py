@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from zpipe import slot_attention
+from zpipe import triton_kernels
 from zpipe.shard import Stage, _rms_norm, _rotate_half
 from zpipe.slots import SlotPool
 
@@ -27,8 +27,9 @@ log = logging.getLogger("zpipe.decode")
 MIN_LEN_BUCKET = 256
 
 
-def _add_rms(h: Tensor, r: Tensor, w: Tensor, eps: float) -> tuple[Tensor, Tensor]:
-    h = h + r
+def _add_rms(h: Tensor, r: Tensor | None, w: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    if r is not None:
+        h = h + r
     return h, _rms_norm(h, w, eps)
 
 
@@ -69,8 +70,8 @@ class Decoder:
         self.max_batch = bucket(max(1, min(max_batch, pool.slots)), 1 << 30)
         spec = stage.spec
         self.n_heads, self.n_kv, self.hd = spec.num_heads, spec.num_kv_heads, spec.head_dim
-        self.triton_attention = (triton_attention and slot_attention.available(self.device)
-                                 and not self.hd & (self.hd - 1))
+        self.triton_attention = (triton_attention and triton_kernels.available(self.device)
+                                 and not self.hd & (self.hd - 1) and self.hd >= 16)
         self.layers = self._fuse(stage)
         with torch.inference_mode():
             pos = torch.arange(pool.max_len, device=self.device)
@@ -81,10 +82,12 @@ class Decoder:
         self.add_rms, self.rope, self.silu_mul = _add_rms, _rope, _silu_mul
         if compile and self.device.type == "cuda":
             try:
-                self.add_rms, self.rope, self.silu_mul = (
-                    torch.compile(f, dynamic=True) for f in (_add_rms, _rope, _silu_mul))
+                self.rope, self.silu_mul = (torch.compile(f, dynamic=True)
+                                            for f in (_rope, _silu_mul))
             except Exception as e:  # no compiler here: the graphs still remove launch cost
                 log.warning("torch.compile unavailable (%s); decoding without it", e)
+        if triton_kernels.available(self.device):
+            self.add_rms = triton_kernels.add_rms
         self._graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, object]] = {}
         if self.graphs_on:
             b = self.max_batch
@@ -137,21 +140,19 @@ class Decoder:
         qd, kd = self.n_heads * hd, n_kv * hd
         r = None
         for layer, (ln1, wqkv, wo, ln2, wgu, wd) in enumerate(self.layers, st.start):
-            if r is None:
-                xn = _rms_norm(h, ln1, st.eps)
-            else:
-                h, xn = self.add_rms(h, r, ln1, st.eps)
+            h, xn = self.add_rms(h, r, ln1, st.eps)
             qkv = F.linear(xn, wqkv)
             q, k = self.rope(qkv[:, :qd].view(b, -1, hd), qkv[:, qd:qd + kd].view(b, n_kv, hd),
                              cos, sin)
+            v = qkv[:, qd + kd:].view(b, n_kv, hd)
             kc, vc = pool.k[layer], pool.v[layer]
-            kc[slots, :, pos] = k
-            vc[slots, :, pos] = qkv[:, qd + kd:].view(b, n_kv, hd)
             # Query heads grouped per KV head ([B, n_kv, heads/n_kv, hd]): GQA with no repeat.
             if self.triton_attention:
-                a = slot_attention.slot_attention(q.reshape(b, n_kv, -1, hd), kc, vc, slots,
-                                                  pos, st.scale)
+                a = triton_kernels.slot_attention(q.reshape(b, n_kv, -1, hd), k, v, kc, vc,
+                                                  slots, pos, st.scale)
             else:
+                kc[slots, :, pos] = k
+                vc[slots, :, pos] = v
                 keys = kc[:, :, :length].index_select(0, slots)  # [B, n_kv, L, hd]
                 values = vc[:, :, :length].index_select(0, slots)
                 a = F.scaled_dot_product_attention(q.reshape(b, n_kv, -1, hd), keys, values,
