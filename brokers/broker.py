@@ -68,7 +68,7 @@ class Broker(StepScheduler):
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # unroutable sends raise, not vanish
         sock.bind(self.cfg.bind)
-        self.sock = aio.Socket(sock)
+        self.sock = aio.Socket(sock, busy_poll_s=self.cfg.busy_poll_ms / 1000)
         await self._place()  # sets what it waits for
         log.info("broker on %s serving %s (%d layers); %s", self.cfg.bind, self.model_dir,
                  self.spec.num_layers, self.waiting_for)

@@ -86,7 +86,7 @@ class Node:
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.IDENTITY, f"{cfg.name}.{uuid.uuid4().hex[:8]}".encode())
         sock.connect(cfg.broker)
-        self.sock = aio.Socket(sock)
+        self.sock = aio.Socket(sock, busy_poll_s=cfg.busy_poll_ms / 1000)
         await self._register()
 
     async def _register(self) -> None:

@@ -112,7 +112,7 @@ def main() -> None:
     ap.add_argument("--layouts", nargs="+", default=["1x0", "2x0"],
                     help="NODESxGPUS[:MODE]: 1x0 one node on cuda:0; 2x0 two on cuda:0; 2x01 one "
                          "each; MODE: eager (no static KV), nocompile, nographs, sdpa (no Triton "
-                         "attention) or mbN (max_batch N), joined by +")
+                         "attention), mbN (max_batch N) or pollN (busy-poll N ms), joined by +")
     ap.add_argument("--prompt-len", type=int, default=32)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--concurrency", type=int, default=32)
@@ -134,15 +134,18 @@ def main() -> None:
         n, gpus = shape.split("x")
         devices = [f"cuda:{gpus[i % len(gpus)]}" for i in range(int(n))]
         node: dict = {"dtype": "bfloat16", "static_kv": {}}
+        broker: dict = {}
         for m in filter(None, mode.split("+")):
             if m.startswith("mb"):
                 node["max_batch"] = int(m[2:])
+            elif m.startswith("poll"):  # poll5: broker and nodes busy-poll 5 ms
+                node["busy_poll_ms"] = broker["busy_poll_ms"] = float(m[4:])
             else:
                 node["static_kv"].update(MODES[m])
         with tempfile.TemporaryDirectory() as tmp:
             rc = start_cluster(model, Path(tmp), [
                 {"name": f"n{i}", "device": d, **node} for i, d in enumerate(devices)],
-                timeout=600)
+                timeout=600, **broker)
             try:
                 result[f"zpipe_{layout}"] = asyncio.run(
                     _zpipe(rc, prompt, args.new_tokens, args.concurrency))

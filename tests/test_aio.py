@@ -103,3 +103,37 @@ async def test_close_wakes_the_waiter_and_send_after_close_fails(pair) -> None:
     assert await asyncio.wait_for(waiting, 1) is None
     with pytest.raises(zmq.ZMQError):
         await router.recv()
+
+
+async def test_busy_poll_delivers_keeps_other_tasks_running_and_times_out(pair) -> None:
+    r, d = pair
+    router, dealer = aio.Socket(r, busy_poll_s=0.05), aio.Socket(d, busy_poll_s=0.05)
+    ticks = 0
+
+    async def ticker() -> None:  # other tasks keep running while a recv polls
+        nonlocal ticks
+        while True:
+            ticks += 1
+            await asyncio.sleep(0.001)
+
+    other = asyncio.create_task(ticker())
+
+    async def echo() -> None:
+        for _ in range(200):
+            frames = await router.recv(5)
+            router.send([frames[0].bytes, *frames[1:]])
+
+    task = asyncio.create_task(echo())
+    for i in range(200):
+        dealer.send([str(i).encode()])
+        frames = await dealer.recv(5)
+        assert frames is not None and frames[0].bytes == str(i).encode()
+    await task
+    t0 = time.monotonic()
+    assert await router.recv(0.02) is None  # a timeout shorter than the polling window
+    assert await router.recv(0.12) is None  # and a longer one: polls, then sleeps
+    assert 0.12 < time.monotonic() - t0 < 1.0
+    assert ticks > 20
+    other.cancel()
+    router.close()
+    dealer.close()
