@@ -207,7 +207,7 @@ class Executor:
                 raise StepError("bad_message", f"{len(sampling)} sampling entries for "
                                                f"{len(rows)} rows")
             try:
-                params = [SamplingParams.from_dict(sampling[i] if sampling else {})
+                params = [SamplingParams.cached(sampling[i] if sampling else {})
                           for i in range(len(rows))]
             except (ValueError, TypeError, AttributeError) as e:
                 raise StepError("bad_sampling", str(e)) from None

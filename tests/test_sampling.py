@@ -14,7 +14,7 @@ def _logits(seed: int = 0, vocab: int = 1000) -> torch.Tensor:
     return torch.randn(vocab, generator=torch.Generator().manual_seed(seed)) * 3
 
 
-@pytest.mark.parametrize("bad, field", [
+BAD = [
     ({"temperature": -0.1}, "temperature"),
     ({"temperature": float("nan")}, "temperature"),
     ({"temperature": float("inf")}, "temperature"),
@@ -32,7 +32,10 @@ def _logits(seed: int = 0, vocab: int = 1000) -> torch.Tensor:
     ({"seed": 2**63}, "seed"),
     ({"seed": 1.0}, "seed"),
     ({"temprature": 1.0}, "temprature"),
-])
+]
+
+
+@pytest.mark.parametrize("bad, field", BAD)
 def test_validation_names_field(bad, field):
     with pytest.raises(ValueError, match=field):
         SamplingParams.from_dict(bad)
@@ -112,3 +115,27 @@ def test_top_p_nucleus_and_logprob():
         kept = probs[:2] if probs[0] + probs[1] >= 0.9 else probs[:3]
         assert math.isclose(logprob, math.log(probs[token] / kept.sum()), rel_tol=1e-5)
     assert seen <= {0, 1, 2} and len(seen) >= 2
+
+
+@pytest.mark.parametrize("bad,field", BAD)
+def test_cached_checks_like_from_dict(bad, field):
+    """The memo never lets a value through that from_dict refuses, also after the valid
+    value it equals (True == 1) was cached."""
+    try:
+        SamplingParams.cached({k: 1 for k in bad})  # the equal valid value first, if any
+    except ValueError:
+        pass
+    with pytest.raises(ValueError, match=field):
+        SamplingParams.cached(bad)
+
+
+def test_cached_remembers_and_refuses_non_dicts():
+    p = SamplingParams.cached({"temperature": 0.5, "seed": 3})
+    assert p is SamplingParams.cached({"temperature": 0.5, "seed": 3})
+    assert SamplingParams.cached({"top_k": 1}).top_k == 1
+    with pytest.raises(ValueError, match="top_k"):
+        SamplingParams.cached({"top_k": True})
+    with pytest.raises(ValueError):
+        SamplingParams.cached([("temperature", 1.0)])
+    with pytest.raises(ValueError):
+        SamplingParams.cached({"temperature": [1]})  # unhashable: checked, not cached

@@ -26,6 +26,9 @@ def _is_num(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
+_PARSED: dict[tuple, SamplingParams] = {}
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     temperature: float = 0.0  # 0 -> greedy
@@ -53,6 +56,23 @@ class SamplingParams:
         if unknown:
             raise ValueError(f"{unknown[0]}: unknown sampling parameter")
         return cls(**d)
+
+    @classmethod
+    def cached(cls, d: dict) -> SamplingParams:
+        """``from_dict``, remembered: a session sends the same params with every step, and
+        checking them each time cost ~10 µs per row. The key holds each value's type, so a
+        value that would fail the checks (``True`` for ``1``) never matches a valid entry."""
+        try:
+            key = tuple((k, type(v), v) for k, v in d.items())
+            hit = _PARSED.get(key)
+        except (AttributeError, TypeError):  # not a dict, or unhashable values: just check
+            return cls.from_dict(d)
+        if hit is None:
+            hit = cls.from_dict(d)
+            if len(_PARSED) >= 4096:
+                _PARSED.clear()
+            _PARSED[key] = hit
+        return hit
 
     @property
     def greedy(self) -> bool:
