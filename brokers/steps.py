@@ -129,13 +129,19 @@ class StepScheduler:
                 nxt.append((s, torch.tensor([token], dtype=torch.int64)))
         if nxt:
             await self._start_steps(nxt)
-        for s, index, token, logprob, step_s, stage_times, end in emitted:
+        # One message per client for all its sessions' tokens: a send costs more than its bytes.
+        by_client: dict[bytes, list[dict]] = {}
+        for s, index, token, logprob, step_s, stage_times, _ in emitted:
             first = s.first_token_s is None
             if first:
                 s.first_token_s = now - s.created
             self.metrics.record_token(s.sid, step_s, stage_times, first)
-            await self._send(s.client, protocol.encode(
-                "token", rid=s.rid, index=index, token_id=token, logprob=logprob,
-                text=s.detok.add(token), timing={"step_s": round(step_s, 6), "stages": stage_times}))
+            by_client.setdefault(s.client, []).append({
+                "rid": s.rid, "index": index, "token_id": token, "logprob": logprob,
+                "text": s.detok.add(token),
+                "timing": {"step_s": round(step_s, 6), "stages": stage_times}})
+        for client, items in by_client.items():
+            await self._send(client, protocol.encode("tokens", items=items))
+        for s, *_, end in emitted:
             if end is not None:
                 await self._finish(s, end)

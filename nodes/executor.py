@@ -287,8 +287,8 @@ class Executor:
         if not self.stage.last:
             out = out.clone()  # the graph's output buffer is overwritten by the next replay
             return list(out.split(1)) if len(ready) > 1 else [out]
-        logits, ids, lps = out
-        res = list(zip(ids.tolist(), lps.tolist(), strict=True))
+        logits, picks = out
+        res = [(int(t), lp) for t, lp in picks.tolist()]
         for j, (_, r, _) in enumerate(ready):
             if not r.params.greedy:
                 res[j] = sample(logits[j], r.params, r.step)

@@ -288,7 +288,7 @@ def test_reject_unknown_field() -> None:
     ("free", "sids", {"a": 1}, "list"),
     ("step", "sampling", {"a": 1}, "list"),
     ("step", "rows", "s", "list"),
-    ("token", "logprob", None, "num"),
+    ("tokens", "items", {}, "list"),
 ])
 def test_reject_wrong_field_type(kind: str, field: str, value: object, want: str) -> None:
     fields = _required(kind)
@@ -466,3 +466,17 @@ def test_fuzz_only_protocol_errors() -> None:
     assert rejected > 1000  # the fuzz mostly hits the checks ...
     assert decoded > 0  # ... but also builds some messages that pass them
 
+
+
+def test_token_items_checked_each() -> None:
+    item = {"rid": "r", "index": 0, "token_id": 5, "logprob": -0.1, "text": "a",
+            "timing": {"step_s": 0.01}}
+    msg = decode([bytes(f) for f in protocol.encode("tokens", items=[item, {**item, "rid": "q"}])])
+    got = protocol.token_items(msg)
+    assert [(m.kind, m["rid"], m["token_id"]) for m in got] == [("token", "r", 5), ("token", "q", 5)]
+    for bad, words in (({**item, "logprob": None}, "'logprob' must be num"),
+                       ({k: v for k, v in item.items() if k != "text"}, "missing"),
+                       ({**item, "extra": 1}, "unknown field"), ("x", "must be a map")):
+        msg = decode([bytes(f) for f in protocol.encode("tokens", items=[item, bad])])
+        with pytest.raises(ProtocolError, match=words):
+            protocol.token_items(msg)

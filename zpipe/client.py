@@ -109,6 +109,17 @@ class Client:
             except ProtocolError as e:
                 log.warning("dropped a bad message from the broker: %s", e)
                 continue
+            if msg.kind == "tokens":  # one message per step for all of this client's sessions
+                try:
+                    items = protocol.token_items(msg)
+                except ProtocolError as e:
+                    log.warning("dropped a bad message from the broker: %s", e)
+                    continue
+                for item in items:
+                    queue = self._pending.get(item["rid"])
+                    if queue is not None:
+                        queue.put_nowait(item)
+                continue
             queue = self._pending.get(msg.get("rid"))
             if queue is not None:
                 queue.put_nowait(msg)

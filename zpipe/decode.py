@@ -94,8 +94,9 @@ class Decoder:
             shape = (b,) if stage.first else (b, spec.hidden_size)
             dtype = torch.int64 if stage.first else stage.dtype
             self._x = torch.zeros(shape, dtype=dtype, device=self.device)
-            self._slots = torch.full((b,), pool.scratch, dtype=torch.int64, device=self.device)
-            self._pos = torch.zeros(b, dtype=torch.int64, device=self.device)
+            # Slots (row 0) and positions (row 1) of a step: one copy from the host per step.
+            self._idx = torch.zeros(2, b, dtype=torch.int64, device=self.device)
+            self._slots, self._pos = self._idx[0], self._idx[1]
             self._mempool = torch.cuda.graph_pool_handle()
         self.captures = 0
         self.capture_s = 0.0
@@ -130,7 +131,7 @@ class Decoder:
         ``slots``/``pos`` ``[B]`` on the device, every ``pos < length`` (unless 0: the Triton
         kernel). Writes each row's K/V
         at ``pos`` of its slot. Returns hidden ``[B, hidden]``, or on the last stage
-        ``(logits [B, vocab] float32, argmax ids [B], their logprobs [B])``."""
+        ``(logits [B, vocab] float32, [B, 2] float64 of (argmax id, its logprob))``."""
         st, pool = self.stage, self.pool
         b, hd, n_kv = slots.shape[0], self.hd, self.n_kv
         h = F.embedding(x, st.embed) if st.first else x
@@ -165,27 +166,26 @@ class Decoder:
         logits = F.linear(_rms_norm(h, st.norm, st.eps), st.lm_head).float()
         ids = logits.argmax(dim=-1)
         lp = torch.log_softmax(logits, dim=-1).gather(1, ids[:, None])[:, 0]
-        return logits, ids, lp
+        # float64 holds every token id exactly: one transfer brings ids and logprobs back
+        return logits, torch.stack([ids.double(), lp.double()], dim=1)
 
     def run(self, x: Tensor, slots: list[int], pos: list[int]):
         """``step`` for ``len(slots)`` rows given on the host; on CUDA through a graph of the
         next batch bucket (padding rows go to the scratch slot). Outputs cover the real rows."""
         n = len(slots)
         length = self.length_bucket(max(pos) + 1)
-        slots_t = torch.tensor(slots, dtype=torch.int64)
-        pos_t = torch.tensor(pos, dtype=torch.int64)
         if not self.graphs_on or n > self.max_batch:
-            out = self.step(x.to(self.device), slots_t.to(self.device), pos_t.to(self.device),
-                            length)
-            return out
+            idx = torch.tensor([slots, pos], dtype=torch.int64).to(self.device)
+            return self.step(x.to(self.device), idx[0], idx[1], length)
         b = bucket(n, self.max_batch)
         graph = self._graphs.get((b, length))
         if graph is None:
             graph = self._capture(b, length)
         self._x[:n].copy_(x)
-        self._slots[:n].copy_(slots_t)
-        self._pos[:n].copy_(pos_t)
-        self._pad(n, b)  # rows left from a bigger batch must not write into their sessions
+        # Padding rows (scratch slot, position 0) in the same copy: rows left from a bigger
+        # batch must not write into their sessions.
+        pad = b - n
+        self._idx[:, :b].copy_(torch.tensor([slots + [self.pool.scratch] * pad, pos + [0] * pad]))
         graph[0].replay()
         out = graph[1]
         return tuple(t[:n] for t in out) if isinstance(out, tuple) else out[:n]

@@ -77,10 +77,9 @@ SCHEMAS: dict[str, dict[str, str]] = {
     "info": {"rid?": _STR},
     # --- broker -> client
     "accepted": {"rid": _STR, "sid": _STR, "prompt_ids": _LIST},
-    "token": {
-        "rid": _STR, "index": _INT, "token_id": _INT, "logprob": _NUM, "text": _STR,
-        "timing": _DICT,
-    },
+    # This step's tokens of one client's sessions, one message per client per step: "items"
+    # are maps with the fields of TOKEN_ITEM (checked by the client with token_items).
+    "tokens": {"items": _LIST},
     "done": {"rid": _STR, "finish_reason": _STR, "n_tokens": _INT, "text": _STR},
     "info_reply": {
         "rid?": _STR, "ready": _BOOL, "model": _STR, "num_layers": _INT, "epoch": _INT,
@@ -286,8 +285,13 @@ _TYPES = {
     _LIST: lambda v: isinstance(v, list),
     _DICT: lambda v: isinstance(v, dict),
 }
-_REQUIRED = {k: {f for f in s if not f.endswith("?")} for k, s in SCHEMAS.items()}
-_ALL = {k: {f.rstrip("?"): t for f, t in s.items()} for k, s in SCHEMAS.items()}
+# One item of a "tokens" message, checked like a message header of kind "token".
+TOKEN_ITEM = {"rid": _STR, "index": _INT, "token_id": _INT, "logprob": _NUM, "text": _STR,
+              "timing": _DICT}
+_REQUIRED = {k: {f for f in s if not f.endswith("?")}
+             for k, s in (*SCHEMAS.items(), ("token", TOKEN_ITEM))}
+_ALL = {k: {f.rstrip("?"): t for f, t in s.items()}
+        for k, s in (*SCHEMAS.items(), ("token", TOKEN_ITEM))}
 
 
 def _check_fields(kind: str, header: dict) -> None:
@@ -306,6 +310,20 @@ def _check_fields(kind: str, header: dict) -> None:
     if not isinstance(header.get("t", []), list):
         raise ProtocolError(f"{kind}: field 't' must be a list")
     header.setdefault("t", [])
+
+
+def token_items(msg: Message) -> list[Message]:
+    """A "tokens" message's items, each checked and made a message of kind "token"."""
+    items = msg["items"]
+    if len(items) > MAX_ROWS:
+        raise ProtocolError(f"tokens: at most {MAX_ROWS} items, got {len(items)}", "too_large")
+    out = []
+    for item in items:
+        if not isinstance(item, dict):
+            raise ProtocolError("tokens: every item must be a map")
+        _check_fields("token", item)
+        out.append(Message("token", item))
+    return out
 
 
 def error(code: str, message: str, **fields: Any) -> list:
