@@ -168,25 +168,44 @@ def test_bucket() -> None:
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_graphs_replay_what_the_step_computes(tiny_model) -> None:
     """Graph replays (with padded, shrinking and growing batches) give exactly the tokens of
-    the same decoder run without graphs, and never touch other sessions' slots."""
-    def run(graphs: bool) -> dict[str, list[int]]:
-        ex = Executor(tiny_model, "bfloat16", "cuda:0", max_batch=4,
-                      static_kv=StaticKV(cuda_graphs=graphs))
-        ex.load(0, ex.spec.num_layers, epoch=1)
-        toks = {sid: [ex.step_batch(ex.rows_of(_step(sid, 0, 0, p)))[0][0]]
-                for sid, p in PROMPTS.items()}
+    the same decoder run without graphs, on one node and on two chained ones (hidden states
+    handed on from the host), and never touch other sessions' slots."""
+    n_layers = Executor(tiny_model, "float32", "cpu").spec.num_layers
+
+    def run(graphs: bool, split: bool) -> dict[str, list[int]]:
+        ranges = [(0, n_layers // 2), (n_layers // 2, n_layers)] if split else [(0, n_layers)]
+        exs = []
+        for start, end in ranges:
+            ex = Executor(tiny_model, "bfloat16", "cuda:0", max_batch=4,
+                          static_kv=StaticKV(cuda_graphs=graphs))
+            ex.load(start, end, epoch=1)
+            exs.append(ex)
+
+        def step(rows: list[list], x: torch.Tensor) -> list:
+            for i, ex in enumerate(exs):
+                frames = protocol.encode("step", {"x": x}, epoch=1, stage=i, rows=rows,
+                                         sampling=[{}] * len(rows))
+                outs = ex.step_batch(ex.rows_of(
+                    protocol.decode([zmq.Frame(bytes(f)) for f in frames])))
+                if i < len(exs) - 1:
+                    x = torch.cat([o.cpu() for o in outs])
+            return [o[0] for o in outs]
+
+        toks = {sid: step([[sid, 0, 0, len(p)]], torch.tensor(p)) for sid, p in PROMPTS.items()}
         for s in range(1, 20):
             live = list(PROMPTS)[: 1 + s % 3]  # batches of 2, 3, 1, 2, ... rows
-            rows = [r for sid in live for r in ex.rows_of(
-                _step(sid, len(toks[sid]), len(PROMPTS[sid]) + len(toks[sid]) - 1,
-                      [toks[sid][-1]]))]
-            for sid, out in zip(live, ex.step_batch(rows), strict=True):
-                toks[sid].append(out[0])
+            rows = [[sid, len(toks[sid]), len(PROMPTS[sid]) + len(toks[sid]) - 1, 1]
+                    for sid in live]
+            for sid, t in zip(live, step(rows, torch.tensor([toks[sid][-1] for sid in live])),
+                              strict=True):
+                toks[sid].append(t)
         if graphs:
-            assert ex.decoder.captures >= 3
+            assert all(ex.decoder.captures >= 3 for ex in exs)
         return toks
 
-    assert run(True) == run(False)
+    alone = run(False, False)
+    assert run(True, False) == alone
+    assert run(True, True) == run(False, True)
 
 
 needs_triton = pytest.mark.skipif(not torch.cuda.is_available()
