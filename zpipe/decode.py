@@ -101,8 +101,9 @@ class Decoder:
             self._host_x = torch.empty(shape, dtype=dtype, pin_memory=True)
             self._host_idx = torch.empty(2 * b, dtype=torch.int64, pin_memory=True)
             self._host_out = (torch.empty(b, 2, dtype=torch.float64, pin_memory=True)
-                              if stage.last else torch.empty(shape, dtype=dtype,
-                                                             pin_memory=True))
+                              if stage.last else
+                              torch.empty(b, spec.hidden_size, dtype=stage.dtype,
+                                          pin_memory=True))
             self._mempool = torch.cuda.graph_pool_handle()
         self.captures = 0
         self.capture_s = 0.0
