@@ -285,6 +285,7 @@ class Executor:
         for _, _, c in ready:
             c.advance(1)
         if not self.stage.last:
+            out = out.clone()  # the graph's output buffer is overwritten by the next replay
             return list(out.split(1)) if len(ready) > 1 else [out]
         logits, picks = out
         res = [(int(t), lp) for t, lp in picks.tolist()]

@@ -236,10 +236,7 @@ class Node:
             await self.send(protocol.encode(
                 "result", tokens=[[t, lp] for _, (t, lp) in done], **fields))
         else:
-            hs = [h for _, h in done]
-            if len({h.device for h in hs}) > 1:  # decoder rows come back on the host
-                hs = [h.cpu() for h in hs]
-            hidden = torch.cat(hs) if len(hs) > 1 else hs[0]
+            hidden = torch.cat([h for _, h in done]) if len(done) > 1 else done[0][1]
             await self.send(protocol.encode("result", {"hidden": hidden}, **fields))
 
     async def _refuse(self, msg: Message, err: StepError) -> None:

@@ -94,16 +94,9 @@ class Decoder:
             shape = (b,) if stage.first else (b, spec.hidden_size)
             dtype = torch.int64 if stage.first else stage.dtype
             self._x = torch.zeros(shape, dtype=dtype, device=self.device)
-            # A bucket of b rows reads its slots from _idx[:b] and positions from _idx[b:2b]:
-            # one contiguous copy from the host per step, padding included.
-            self._idx = torch.zeros(2 * b, dtype=torch.int64, device=self.device)
-            # Pinned host twins: copies to and from the device without syncs in between.
-            self._host_x = torch.empty(shape, dtype=dtype, pin_memory=True)
-            self._host_idx = torch.empty(2 * b, dtype=torch.int64, pin_memory=True)
-            self._host_out = (torch.empty(b, 2, dtype=torch.float64, pin_memory=True)
-                              if stage.last else
-                              torch.empty(b, spec.hidden_size, dtype=stage.dtype,
-                                          pin_memory=True))
+            # Slots (row 0) and positions (row 1) of a step: one copy from the host per step.
+            self._idx = torch.zeros(2, b, dtype=torch.int64, device=self.device)
+            self._slots, self._pos = self._idx[0], self._idx[1]
             self._mempool = torch.cuda.graph_pool_handle()
         self.captures = 0
         self.capture_s = 0.0
@@ -178,9 +171,7 @@ class Decoder:
 
     def run(self, x: Tensor, slots: list[int], pos: list[int]):
         """``step`` for ``len(slots)`` rows given on the host; on CUDA through a graph of the
-        next batch bucket (padding rows go to the scratch slot). Outputs cover the real rows;
-        through a graph the hidden states (or the (id, logprob) pairs) come back on the host,
-        new tensors, the logits stay on the device until the next replay."""
+        next batch bucket (padding rows go to the scratch slot). Outputs cover the real rows."""
         n = len(slots)
         length = self.length_bucket(max(pos) + 1)
         if not self.graphs_on or n > self.max_batch:
@@ -190,21 +181,14 @@ class Decoder:
         graph = self._graphs.get((b, length))
         if graph is None:
             graph = self._capture(b, length)
-        self._host_x[:n].copy_(x)
-        # Padding rows (scratch slot, position 0): rows left from a bigger batch must not
-        # write into their sessions.
+        self._x[:n].copy_(x)
+        # Padding rows (scratch slot, position 0) in the same copy: rows left from a bigger
+        # batch must not write into their sessions.
         pad = b - n
-        self._host_idx[:2 * b].copy_(torch.tensor(slots + [self.pool.scratch] * pad
-                                                  + pos + [0] * pad))
-        self._x[:n].copy_(self._host_x[:n], non_blocking=True)
-        self._idx[:2 * b].copy_(self._host_idx[:2 * b], non_blocking=True)
+        self._idx[:, :b].copy_(torch.tensor([slots + [self.pool.scratch] * pad, pos + [0] * pad]))
         graph[0].replay()
         out = graph[1]
-        back = out[1] if isinstance(out, tuple) else out
-        self._host_out[:n].copy_(back[:n], non_blocking=True)
-        torch.cuda.current_stream(self.device).synchronize()
-        host = self._host_out[:n].clone()  # the pinned buffer is the next step's too
-        return (out[0][:n], host) if isinstance(out, tuple) else host
+        return tuple(t[:n] for t in out) if isinstance(out, tuple) else out[:n]
 
     def warm(self) -> None:
         """Capture every batch bucket at the shortest length now, not during the first steps."""
@@ -215,14 +199,16 @@ class Decoder:
                     self._capture(b, length)
                 b *= 2
 
+    def _pad(self, start: int, stop: int) -> None:
+        self._slots[start:stop].fill_(self.pool.scratch)
+        self._pos[start:stop].zero_()
 
     def _capture(self, b: int, length: int) -> tuple:
         """Record ``step`` for bucket (b, length). The buffers hold padding (scratch slot,
         position 0) meanwhile, so the warm-up runs write only to the scratch slot."""
         t0 = time.perf_counter()
-        self._idx[:b].fill_(self.pool.scratch)
-        self._idx[b:2 * b].zero_()
-        args = (self._x[:b], self._idx[:b], self._idx[b:2 * b], length)
+        self._pad(0, b)
+        args = (self._x[:b], self._slots[:b], self._pos[:b], length)
         with torch.cuda.device(self.device):
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
