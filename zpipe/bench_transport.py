@@ -37,6 +37,7 @@ ACTIVATIONS = [
     ("Llama-3.2-1B decode (1x2048 bf16)", "bfloat16", [1, 2048]),
     ("Llama-3-8B decode (1x4096 bf16)", "bfloat16", [1, 4096]),
 ]
+POLL_S = 0.005  # the zpipe+poll mode's busy polling
 DEFAULT_SIZES = [4 << 10, 16 << 10, 64 << 10, 256 << 10, 1 << 20, 4 << 20, 16 << 20, 64 << 20]
 
 
@@ -57,6 +58,8 @@ MODES = {
              "copy=False (what the broker and a node do)",
     "zpipe+pool": "as zpipe, and the node hands each step to a one-thread pool and back, as "
                   "nodes/node.py does before computing (no compute)",
+    "zpipe+poll": "as zpipe, both sides busy-polling their socket (busy_poll_ms 5, as the broker "
+                  "and node YAML key does): no sleep and wake-up between messages",
     "zpipe-sync": "blocking pyzmq sockets with the same protocol work (decode, "
                   "encode_forward, copy=False): the protocol's cost without asyncio",
     "raw": "blocking pyzmq send/recv of the bare frame, no protocol: the floor",
@@ -118,7 +121,7 @@ def _echo_child(address: str, mode: str) -> None:
         raw = zmq.Context().socket(zmq.DEALER)
         raw.setsockopt(zmq.LINGER, 0)
         raw.connect(address)
-        sock = aio.Socket(raw)
+        sock = aio.Socket(raw, busy_poll_s=POLL_S if mode == "zpipe+poll" else 0.0)
         sock.send(protocol.encode("heartbeat"))
         pool = None
         if mode == "zpipe+pool":
@@ -222,10 +225,10 @@ def _proto_cases(cases: list, cfg: TransportConfig, progress: Progress):
 
 
 async def _drive_zpipe(raw: Any, cases: list, cfg: TransportConfig,
-                       progress: Progress) -> list[dict]:
+                       progress: Progress, poll_s: float = 0.0) -> list[dict]:
     from zpipe import aio, protocol
 
-    sock = aio.Socket(raw)
+    sock = aio.Socket(raw, busy_poll_s=poll_s)
     hello = await sock.recv(30)
     if hello is None:
         raise TimeoutError("the echo process did not connect")
@@ -315,7 +318,8 @@ def _transport_mode(mode: str, cases: list, cfg: TransportConfig,
         else:
             from zpipe import aio
 
-            rows = aio.run(_drive_zpipe(sock, cases, cfg, progress))
+            rows = aio.run(_drive_zpipe(sock, cases, cfg, progress,
+                                        POLL_S if mode == "zpipe+poll" else 0.0))
         cpu = meter.read()
         with contextlib.suppress(subprocess.TimeoutExpired):
             child.wait(5)
