@@ -280,7 +280,8 @@ def test_empty_file_is_empty_mapping(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("name, model", [("broker.yaml", BrokerConfig), ("node.yaml", NodeConfig),
                                          ("local.yaml", ClusterConfig),
-                                         ("local-2.yaml", ClusterConfig)])
+                                         ("local-2.yaml", ClusterConfig),
+                                         ("gpu-2.yaml", ClusterConfig)])
 def test_dump_load_round_trip_shipped(tmp_path: Path, name: str, model: type) -> None:
     cfg = load(CONFIGS / name, model)
     out = tmp_path / name
@@ -318,3 +319,17 @@ def test_dump_load_round_trip_uniform_names(tmp_path: Path) -> None:
     dump(cfg, out)
     again = load(out, BrokerConfig)
     assert again == cfg and again.placement.nodes == ["b", "a"]
+
+
+def test_static_kv_and_busy_poll_reach_the_nodes() -> None:
+    cfg = load(CONFIGS / "gpu-2.yaml", ClusterConfig)
+    assert cfg.broker_config().busy_poll_ms == 5
+    for node in cfg.node_configs():
+        assert node.static_kv.on(node.device) and node.busy_poll_ms == 5
+        assert (node.static_kv.slots, node.static_kv.max_len, node.max_batch) == (64, 2048, 16)
+    assert not NodeConfig(name="c").static_kv.on("cpu")  # the CPU keeps its bit-exact path
+    assert NodeConfig(name="g", device="cuda:1").static_kv.on("cuda:1")
+    with pytest.raises(ConfigError, match="static_kv.slots"):
+        validate({"name": "x", "static_kv": {"slots": 0}}, NodeConfig)
+    with pytest.raises(ConfigError, match="busy_poll_ms"):
+        validate({"name": "x", "busy_poll_ms": -1}, NodeConfig)
