@@ -86,18 +86,19 @@ def test_tiny_three_stages_matches_transformers(tiny_model: Path, clusters, dtyp
         assert got == want, f"tiny {dtype}, prompt {prompt!r}"
 
 
-def test_smollm2_static_kv_pool_matches_transformers(smollm2: Path, tmp_path: Path) -> None:
+def test_static_kv_pool_matches_transformers(tiny_model: Path, tmp_path: Path) -> None:
     """Nodes with the static KV pool and batched decoder (a GPU node's path, here without
-    graphs): still transformers' tokens, also for sessions that outgrow their 48-token slot
+    graphs): still transformers' tokens, also for sessions that outgrow their 80-token slot
     mid-generation and go on in a plain cache."""
     from conftest import start_cluster
 
-    static = {"enabled": True, "slots": 2, "max_len": 48}
-    rc = start_cluster(smollm2, tmp_path, [{"name": f"n{i}", "static_kv": static}
-                                           for i in range(2)])
+    static = {"enabled": True, "slots": 2, "max_len": 80}
+    rc = start_cluster(tiny_model, tmp_path, [{"name": f"n{i}", "static_kv": static}
+                                              for i in range(2)])
     try:
         for prompt in PROMPTS:
-            prompt_ids, want = reference(str(smollm2), prompt)
-            assert asyncio.run(_generate_ids(rc, prompt_ids)) == want, prompt
+            prompt_ids, want = reference(str(tiny_model), prompt)
+            got = asyncio.run(_generate_ids(rc, prompt_ids, ignore_eos=False))
+            assert got == want, prompt
     finally:
         rc.cluster.stop()
