@@ -53,8 +53,8 @@ def bucket(n: int, limit: int, smallest: int = 1) -> int:
 class Decoder:
     """Decode steps for the sessions of ``pool`` through ``stage``.
 
-    ``graphs``: capture and replay CUDA graphs (CUDA devices only). ``compile``: fuse the
-    elementwise work (norms, RoPE, SiLU) with ``torch.compile`` where it is available.
+    ``graphs``: capture and replay CUDA graphs (CUDA devices only). ``compile``: fuse RoPE and
+    SiLU with ``torch.compile`` (CUDA only; residual add + RMSNorm is a Triton kernel there).
     ``triton_attention``: attention read in place from the pool by a Triton kernel (CUDA
     only; else each row's K/V is gathered and SDPA runs over a masked length bucket).
     """
@@ -129,8 +129,8 @@ class Decoder:
     def step(self, x: Tensor, slots: Tensor, pos: Tensor, length: int):
         """One token per row: ``x`` ids ``[B]`` (first stage) or hidden ``[B, hidden]``,
         ``slots``/``pos`` ``[B]`` on the device, every ``pos < length`` (unless 0: the Triton
-        kernel). Writes each row's K/V
-        at ``pos`` of its slot. Returns hidden ``[B, hidden]``, or on the last stage
+        kernel). Writes each row's K/V at ``pos`` of its slot. Returns hidden ``[B, hidden]``,
+        or on the last stage
         ``(logits [B, vocab] float32, [B, 2] float64 of (argmax id, its logprob))``."""
         st, pool = self.stage, self.pool
         b, hd, n_kv = slots.shape[0], self.hd, self.n_kv
