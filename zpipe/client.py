@@ -144,15 +144,23 @@ class Client:
             if wait <= 0:
                 raise ZpipeError("timeout", f"no answer from the broker at {self.address} "
                                             f"in {timeout:.0f} s")
+            # Not asyncio.wait_for: before Python 3.12 it returns the item instead of raising
+            # when the caller is cancelled just as an item arrives, and a cancelled generate
+            # then never tells the broker (the session ran on).
+            getter = asyncio.ensure_future(queue.get())
             try:
-                msg = await asyncio.wait_for(queue.get(), wait)
+                await asyncio.wait({getter}, timeout=wait)
+            finally:
+                if not getter.done():
+                    getter.cancel()
+            if getter.done() and not getter.cancelled():
+                msg = getter.result()
                 break
-            except asyncio.TimeoutError:
-                silent = time.monotonic() - max(self._last_recv, entered)
-                if silent > gone_after:
-                    raise ZpipeError("broker_gone", f"the broker at {self.address} has not "
-                                     f"answered for {silent:.1f} s") from None
-                await self._sock.send_multipart(protocol.encode("ping"))
+            silent = time.monotonic() - max(self._last_recv, entered)
+            if silent > gone_after:
+                raise ZpipeError("broker_gone", f"the broker at {self.address} has not "
+                                 f"answered for {silent:.1f} s")
+            await self._sock.send_multipart(protocol.encode("ping"))
         if msg.kind == "error":
             raise ZpipeError(msg["code"], msg["message"])
         return msg
