@@ -28,22 +28,26 @@ def pair():
     ctx.term()
 
 
-async def test_ping_pong_loses_no_wakeup(pair) -> None:
-    r, d = pair
-    router, dealer = aio.Socket(r), aio.Socket(d)
-
+async def _ping_pong(router: aio.Socket, dealer: aio.Socket, n: int) -> None:
+    """n round trips, the router echoing each message back; every one must arrive."""
     async def echo() -> None:
-        for _ in range(500):
+        for _ in range(n):
             frames = await router.recv(5)
             assert frames is not None
             router.send([frames[0].bytes, *frames[1:]])
 
     task = asyncio.create_task(echo())
-    for i in range(500):
+    for i in range(n):
         dealer.send([str(i).encode()])
         frames = await dealer.recv(5)
         assert frames is not None and frames[0].bytes == str(i).encode()
     await task
+
+
+async def test_ping_pong_loses_no_wakeup(pair) -> None:
+    r, d = pair
+    router, dealer = aio.Socket(r), aio.Socket(d)
+    await _ping_pong(router, dealer, 500)
     router.close()  # its FD leaves the loop; the fixture closes what is left
     dealer.close()
 
@@ -117,18 +121,7 @@ async def test_busy_poll_delivers_keeps_other_tasks_running_and_times_out(pair) 
             await asyncio.sleep(0.001)
 
     other = asyncio.create_task(ticker())
-
-    async def echo() -> None:
-        for _ in range(200):
-            frames = await router.recv(5)
-            router.send([frames[0].bytes, *frames[1:]])
-
-    task = asyncio.create_task(echo())
-    for i in range(200):
-        dealer.send([str(i).encode()])
-        frames = await dealer.recv(5)
-        assert frames is not None and frames[0].bytes == str(i).encode()
-    await task
+    await _ping_pong(router, dealer, 200)
     t0 = time.monotonic()
     assert await router.recv(0.02) is None  # a timeout shorter than the polling window
     assert await router.recv(0.12) is None  # and a longer one: polls, then sleeps
