@@ -248,9 +248,11 @@ class Executor:
         stage = self.stage
         t0 = time.perf_counter()
         # Decode rows on pool slots go through the decoder together; the rest run eagerly.
-        fast = [k for k in ready if self.decoder is not None and isinstance(k[2], SlotKV)
-                and k[1].x.shape[0] == 1]
-        slow = [k for k in ready if k[0] not in {i for i, _, _ in fast}]
+        fast: list = []
+        slow: list = []
+        for k in ready:
+            on_slot = self.decoder is not None and isinstance(k[2], SlotKV)
+            (fast if on_slot and k[1].x.shape[0] == 1 else slow).append(k)
         done: dict[int, object] = {}
         for part, run in ((fast, self._decode), (slow, self._eager)):
             if part:
