@@ -24,6 +24,9 @@ from zpipe.protocol import Message, ProtocolError
 log = logging.getLogger("zpipe.node")
 
 MAX_BACKOFF_S = 8.0
+# Decode batches that took less than this last time run on the event loop's thread: a thread
+# hand-off each way costs ~0.1 ms, and a pause this short delays no heartbeat.
+INLINE_S = 0.005
 # Handled in arrival order on the compute thread's queue, so nothing overtakes a step.
 QUEUED = {"step", "load", "free", "profile", "prepare", "kv_export", "kv_import", "commit",
           "abort", "set_slow"}
@@ -47,6 +50,7 @@ class Node:
         self.liveness = 3
         self.gflops = 0.0
         self._held: Message | None = None
+        self.decode_s = float("inf")  # the last decode batch's compute: short ones run inline
         self.heard = False  # the broker answered this connection
         self.last_recv = 0.0
 
@@ -212,13 +216,16 @@ class Node:
         if not rows:
             return
         args = (rows, self.cfg.max_batch, self.cfg.max_batch_tokens)
-        if self.executor.decoder is not None and all(r.x.shape[0] == 1 for r in rows):
-            # Decode on the static KV pool (a graph replay on GPUs) is short: run it here,
-            # saving the two thread hand-offs, a large part of a hop on a GPU node.
+        decode = all(r.x.shape[0] == 1 for r in rows)
+        if decode and (self.executor.decoder is not None or self.decode_s < INLINE_S):
+            # A short decode batch (a graph replay on a GPU, a small stage on a CPU) runs
+            # here: the two thread hand-offs would cost more than the loop's pause.
             outs = self.executor.run_rows(*args)
         else:
             outs = await asyncio.get_running_loop().run_in_executor(
                 self.pool, self.executor.run_rows, *args)
+        if decode:
+            self.decode_s = self.executor.last_compute_s
         done = []
         for row, out in zip(rows, outs, strict=True):
             if isinstance(out, StepError):
