@@ -8,7 +8,10 @@ Measures, on the same model directory, dtype (bf16) and machine:
 - transformers ``generate``: eager at batch 1, and a static cache + ``torch.compile`` at batch
   ``--concurrency``;
 - zpipe: each layout's cluster (``2x01``: 2 nodes on cuda:0 and cuda:1; ``2x0``: 2 nodes both on
-  cuda:0) at batch 1 (sequential) and with ``--concurrency`` sessions at once.
+  cuda:0) at batch 1 (sequential) and with ``--concurrency`` sessions at once. Mode ``mps`` runs
+  that layout's nodes under CUDA MPS (started for it, stopped after; needs
+  ``nvidia-cuda-mps-control`` and the right to start it), so nodes sharing a GPU share one
+  context instead of time-slicing.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import subprocess
 import sys
 import tempfile
 import time
@@ -112,7 +116,8 @@ def main() -> None:
     ap.add_argument("--layouts", nargs="+", default=["1x0", "2x0"],
                     help="NODESxGPUS[:MODE]: 1x0 one node on cuda:0; 2x0 two on cuda:0; 2x01 one "
                          "each; MODE: eager (no static KV), nocompile, nographs, sdpa (no Triton "
-                         "attention), mbN (max_batch N) or pollN (busy-poll N ms), joined by +")
+                         "attention), mbN (max_batch N), pollN (busy-poll N ms) or mps (nodes "
+                         "under CUDA MPS), joined by +")
     ap.add_argument("--prompt-len", type=int, default=32)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--concurrency", type=int, default=32)
@@ -135,22 +140,33 @@ def main() -> None:
         devices = [f"cuda:{gpus[i % len(gpus)]}" for i in range(int(n))]
         node: dict = {"dtype": "bfloat16", "static_kv": {}}
         broker: dict = {}
+        mps = False
         for m in filter(None, mode.split("+")):
-            if m.startswith("mb"):
+            if m == "mps":
+                mps = True
+            elif m.startswith("mb"):
                 node["max_batch"] = int(m[2:])
             elif m.startswith("poll"):  # poll5: broker and nodes busy-poll 5 ms
                 node["busy_poll_ms"] = broker["busy_poll_ms"] = float(m[4:])
             else:
                 node["static_kv"].update(MODES[m])
-        with tempfile.TemporaryDirectory() as tmp:
-            rc = start_cluster(model, Path(tmp), [
-                {"name": f"n{i}", "device": d, **node} for i, d in enumerate(devices)],
-                timeout=600, **broker)
-            try:
-                result[f"zpipe_{layout}"] = asyncio.run(
-                    _zpipe(rc, prompt, args.new_tokens, args.concurrency))
-            finally:
-                rc.cluster.stop()
+        try:
+            if mps:  # the daemon serves the processes started from now on: the nodes
+                subprocess.run(["nvidia-cuda-mps-control", "-d"], check=True)
+            with tempfile.TemporaryDirectory() as tmp:
+                rc = start_cluster(model, Path(tmp), [
+                    {"name": f"n{i}", "device": d, **node} for i, d in enumerate(devices)],
+                    timeout=600, **broker)
+                try:
+                    result[f"zpipe_{layout}"] = asyncio.run(
+                        _zpipe(rc, prompt, args.new_tokens, args.concurrency))
+                finally:
+                    rc.cluster.stop()
+        except Exception as e:  # one layout's failure still leaves the others' figures
+            result[f"zpipe_{layout}"] = {"error": repr(e)[:500]}
+        finally:
+            if mps:
+                subprocess.run(["nvidia-cuda-mps-control"], input=b"quit\n", check=False)
         print(layout, json.dumps(result[f"zpipe_{layout}"]), flush=True)
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=1))

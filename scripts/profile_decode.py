@@ -20,6 +20,8 @@ import zmq
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench_gpu import copy_bandwidth  # noqa: E402 (beside this script)
+
 from nodes.executor import Executor  # noqa: E402
 from zpipe import protocol  # noqa: E402
 from zpipe.config import StaticKV, parse_layers  # noqa: E402
@@ -31,7 +33,7 @@ def _step_msg(rows: list, x: torch.Tensor) -> protocol.Message:
     return protocol.decode([zmq.Frame(bytes(f)) for f in frames])
 
 
-def measure(ex: Executor, b: int, context: int, iters: int) -> dict:
+def measure(ex: Executor, b: int, context: int, iters: int, bandwidth: float) -> dict:
     st, hidden = ex.stage, ex.spec.hidden_size
     sids = [f"s{i}" for i in range(b)]
 
@@ -71,7 +73,7 @@ def measure(ex: Executor, b: int, context: int, iters: int) -> dict:
     ex.free(sids)
     return {"step_batch_ms": wall * 1e3, "graph_gpu_ms": gpu * 1e3,
             "host_ms": (wall - gpu) * 1e3,
-            "weights_at_copy_bw_ms": st.weight_bytes() / 4.25e12 * 1e3,
+            "weights_at_copy_bw_ms": st.weight_bytes() / bandwidth * 1e3,
             "top_kernels_us_per_step": [[k[:70], round(t, 1), c] for k, t, c in kernels]}
 
 
@@ -90,9 +92,10 @@ def main() -> None:
     st = ex.stage
     out: dict = {"gpu": torch.cuda.get_device_name(0), "layers": [start, end - 1],
                  "weight_bytes": st.weight_bytes(), "captures": ex.decoder.captures,
-                 "capture_s": round(ex.decoder.capture_s, 3)}
+                 "capture_s": round(ex.decoder.capture_s, 3),
+                 "copy_bandwidth_GB_s": round(copy_bandwidth() / 1e9, 1)}
     for b in args.batches:
-        out[f"b{b}"] = measure(ex, b, args.context, args.iters)
+        out[f"b{b}"] = measure(ex, b, args.context, args.iters, out["copy_bandwidth_GB_s"] * 1e9)
         print(json.dumps(out[f"b{b}"], indent=1), flush=True)
     print(json.dumps(out, indent=1))
 
