@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
@@ -14,6 +15,8 @@ from zpipe.protocol import Message, ProtocolError, int_list
 from zpipe.sampling import SamplingParams
 
 MAX_MESSAGES = 512
+
+log = logging.getLogger("zpipe.broker")
 
 
 class RequestError(ValueError):
@@ -40,9 +43,15 @@ class Detokenizer:
         self.read = len(self.ids)
 
     def add(self, token: int) -> str:
-        if self.stream is not None:
-            return self.stream.step(self.backend, token) or ""
         self.ids.append(token)
+        if self.stream is not None:
+            try:
+                return self.stream.step(self.backend, token) or ""
+            except Exception as e:  # a decoder the stream cannot follow: never fail the step
+                log.warning("streaming detokenizer failed (%s); decoding windows instead", e)
+                self.stream = None
+                self.read = len(self.ids) - 1
+                self.prefix = max(0, self.read - 4)
         decode = self.tokenizer.decode
         before = decode(self.ids[self.prefix:self.read], skip_special_tokens=True)
         after = decode(self.ids[self.prefix:], skip_special_tokens=True)

@@ -47,3 +47,26 @@ def test_deltas_add_up_to_the_decoded_text(tok) -> None:
     full = tok.decode(ids, skip_special_tokens=True)
     assert full.endswith(_stream(Detokenizer(tok, prompt), gen))
     assert _stream(Detokenizer(tok, prompt), gen) == full[len(tok.decode(prompt)):]
+
+
+class _Breaks:
+    """A stream that fails on its third token, as a decoder DecodeStream cannot follow would."""
+
+    def __init__(self, stream) -> None:
+        self.stream, self.calls = stream, 0
+
+    def step(self, backend, token: int):
+        self.calls += 1
+        if self.calls == 3:
+            raise RuntimeError("cannot follow this decoder")
+        return self.stream.step(backend, token)
+
+
+def test_a_failing_stream_falls_back_without_losing_text(tok) -> None:
+    ids = tok.encode("The quick brown fox jumps over the lazy dog, twice over.")
+    prompt, gen = ids[:2], ids[2:]
+    d = Detokenizer(tok, prompt)
+    d.stream = _Breaks(d.stream)
+    text = _stream(d, gen)
+    assert d.stream is None  # switched to the window decoder for good
+    assert text == _stream(Detokenizer(tok, prompt), gen)
