@@ -15,6 +15,8 @@ from zpipe.protocol import Message, ProtocolError, int_list
 from zpipe.sampling import SamplingParams
 
 MAX_MESSAGES = 512
+# Prompt tokens of context a detokenizer keeps, so the first word keeps its leading space.
+DETOK_CONTEXT = 4
 
 log = logging.getLogger("zpipe.broker")
 
@@ -34,8 +36,7 @@ class Detokenizer:
 
     def __init__(self, tokenizer: Any, prompt_ids: list[int]) -> None:
         self.tokenizer = tokenizer
-        # A few prompt tokens of context so the first word keeps its leading space.
-        self.ids = list(prompt_ids[-4:])
+        self.ids = list(prompt_ids[-DETOK_CONTEXT:])
         self.backend = getattr(tokenizer, "backend_tokenizer", None)
         self.stream = (DecodeStream(ids=list(self.ids), skip_special_tokens=True)
                        if self.backend is not None else None)
@@ -51,7 +52,7 @@ class Detokenizer:
                 log.warning("streaming detokenizer failed (%s); decoding windows instead", e)
                 self.stream = None
                 self.read = len(self.ids) - 1
-                self.prefix = max(0, self.read - 4)
+                self.prefix = max(0, self.read - DETOK_CONTEXT)
         decode = self.tokenizer.decode
         before = decode(self.ids[self.prefix:self.read], skip_special_tokens=True)
         after = decode(self.ids[self.prefix:], skip_special_tokens=True)

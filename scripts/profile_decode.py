@@ -90,12 +90,13 @@ def main() -> None:
     start, end = parse_layers(args.layers) if args.layers else (0, ex.spec.num_layers)
     ex.load(start, end, epoch=1)
     st = ex.stage
+    bandwidth = copy_bandwidth()
     out: dict = {"gpu": torch.cuda.get_device_name(0), "layers": [start, end - 1],
                  "weight_bytes": st.weight_bytes(), "captures": ex.decoder.captures,
                  "capture_s": round(ex.decoder.capture_s, 3),
-                 "copy_bandwidth_GB_s": round(copy_bandwidth() / 1e9, 1)}
+                 "copy_bandwidth_GB_s": round(bandwidth / 1e9, 1)}
     for b in args.batches:
-        out[f"b{b}"] = measure(ex, b, args.context, args.iters, out["copy_bandwidth_GB_s"] * 1e9)
+        out[f"b{b}"] = measure(ex, b, args.context, args.iters, bandwidth)
         print(json.dumps(out[f"b{b}"], indent=1), flush=True)
     print(json.dumps(out, indent=1))
 
