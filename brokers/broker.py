@@ -14,7 +14,6 @@ import statistics
 import time
 from collections import defaultdict, deque
 
-import torch
 import zmq
 from transformers import AutoTokenizer
 
@@ -55,7 +54,7 @@ class Broker(StepScheduler):
         self.mover = Mover(self)
         self.rebalancer = Rebalancer(cfg.rebalance)
         self.paused = False  # steps wait at token boundaries while layers move
-        self.parked: list[tuple[Session, torch.Tensor]] = []
+        self.parked: list[Session] = []
         # decode compute seconds per token per node since the placement last changed
         window = max(512, cfg.rebalance.min_tokens)
         self.measured: dict[str, deque] = defaultdict(lambda: deque(maxlen=window))
@@ -182,7 +181,7 @@ class Broker(StepScheduler):
     async def resume(self) -> None:
         self.paused = False
         parked, self.parked = self.parked, []
-        alive = [(s, ids) for s, ids in parked if s.sid in self.sessions]
+        alive = [s for s in parked if s.sid in self.sessions]
         if alive:
             await self._start_steps(alive)
 
@@ -335,7 +334,7 @@ class Broker(StepScheduler):
         self.metrics.session_started(s.sid, s.rid, len(s.prompt_ids))
         await self._send(client, protocol.encode("accepted", rid=s.rid, sid=s.sid,
                                                  prompt_ids=s.prompt_ids))
-        await self._start_steps([(s, torch.tensor(s.prompt_ids, dtype=torch.int64))])
+        await self._start_steps([s])
 
     async def _on_cancel(self, client: bytes, msg: Message) -> None:
         sid = self.by_rid.get((client, msg["rid"]))

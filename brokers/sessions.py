@@ -83,6 +83,10 @@ class Session:
     first_token_s: float | None = None
     in_flight: bool = False  # a step of this session is at some node right now
 
+    def step_input(self) -> list[int]:
+        """The token ids the in-flight step feeds stage 0: the prompt, then the last token."""
+        return self.prompt_ids if self.step == 0 else self.tokens[-1:]
+
     def step_input_len(self) -> int:
         return len(self.prompt_ids) if self.step == 0 else 1
 
