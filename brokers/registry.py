@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from zpipe.protocol import Message
+from zpipe.protocol import Message, is_peer_address
 
 
 @dataclass
@@ -19,6 +19,7 @@ class NodeInfo:
     mem_total: int
     mem_free: int
     gflops: float
+    peer: str = ""  # where other nodes send it steps under direct routing ("": nowhere)
     state: str = "registered"  # registered → loading → ready; dead when silent too long
     start: int = 0
     end: int = 0
@@ -37,7 +38,7 @@ class NodeInfo:
             "weight_bytes": self.weight_bytes,
             "heartbeat_age_s": round(time.monotonic() - self.last_seen, 3),
             "rss": self.stats.get("rss", 0), "kv_bytes": self.stats.get("kv_bytes", 0),
-            "sessions": self.stats.get("sessions", 0),
+            "sessions": self.stats.get("sessions", 0), "peer": self.peer,
         }
 
 
@@ -53,7 +54,8 @@ class Registry:
             self.by_ident.pop(old.ident, None)
         info = NodeInfo(ident=ident, name=msg["name"], pid=msg["pid"], host=msg["host"],
                         device=msg["device"], dtype=msg["dtype"], mem_total=msg["mem_total"],
-                        mem_free=msg["mem_free"], gflops=float(msg["gflops"]))
+                        mem_free=msg["mem_free"], gflops=float(msg["gflops"]),
+                        peer=msg["peer"] if is_peer_address(msg.get("peer")) else "")
         self.by_name[info.name] = info
         self.by_ident[ident] = info
         return old

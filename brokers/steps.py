@@ -27,29 +27,46 @@ class StepScheduler:
         if self.paused:  # a reallocation is under way: wait at this token boundary
             self.parked.extend(sessions)
             return
+        # One tensor for the cohort, built from plain ints: a tensor per session costs ~5 us.
+        ids = torch.tensor(sessions[0].step_input() if len(sessions) == 1 else
+                           [t for s in sessions for t in s.step_input()], dtype=torch.int64)
+        self.metrics.record_cohort(len(sessions))
         now = time.perf_counter()
         for s in sessions:
             s.in_flight = True
             s.stage_times = []
             s.step_t0 = now
-        # One tensor for the cohort, built from plain ints: a tensor per session costs ~5 us.
-        ids = torch.tensor(sessions[0].step_input() if len(sessions) == 1 else
-                           [t for s in sessions for t in s.step_input()], dtype=torch.int64)
-        await self._send_stage(sessions, 0, protocol.encode(
-            "step", {"x": ids}, **self._step_fields(sessions, 0)))
+        route = self._direct_route()
+        fields = self._step_fields(sessions, 0, direct=route is not None)
+        if route is not None:
+            fields["route"], fields["times"] = route, []
+        await self._send_stage(sessions, 0, protocol.encode("step", {"x": ids}, **fields),
+                               answer=len(self.placement.stages) - 1 if route else 0)
 
-    def _step_fields(self, sessions: list[Session], stage: int) -> dict:
+    def _direct_route(self) -> list[str] | None:
+        """The peer addresses of stages 1..last when steps go node to node (``direct``)."""
+        stages = self.placement.stages
+        if not self.cfg.direct or len(stages) < 2:
+            return None
+        route = [self.registry.by_name[st.node].peer for st in stages[1:]]
+        return route if all(route) else None
+
+    def _step_fields(self, sessions: list[Session], stage: int, direct: bool = False) -> dict:
         fields = {"epoch": self.placement.epoch, "stage": stage,
                   "rows": [[s.sid, s.step, s.pos, s.step_input_len()] for s in sessions]}
-        if stage == len(self.placement.stages) - 1:
+        if direct or stage == len(self.placement.stages) - 1:
             fields["sampling"] = [s.sampling for s in sessions]
         return fields
 
-    async def _send_stage(self, sessions: list[Session], stage: int, frames: list) -> None:
+    async def _send_stage(self, sessions: list[Session], stage: int, frames: list,
+                          answer: int | None = None) -> None:
+        """Send a step to ``stage``; the sessions then wait for stage ``answer`` (the last one
+        under direct routing, else ``stage`` itself)."""
         node = self.registry.by_name[self.placement.stages[stage].node]
         now = time.perf_counter()
+        answer = stage if answer is None else answer
         for s in sessions:
-            s.stage, s.hop_t0 = stage, now
+            s.stage, s.hop_t0 = answer, now
         if not await self._send(node.ident, frames):
             for s in sessions:
                 await self._finish_error(s, "node_lost", f"node {node.name} is unreachable")
@@ -76,16 +93,25 @@ class StepScheduler:
             return
         now = time.perf_counter()
         compute = float(msg["compute_s"])
-        measured = self.measured[node.name]
+        earlier: list[tuple[str, float]] = []
+        if "times" in msg.header:  # direct routing: the stages before this one, as they said
+            try:
+                earlier = protocol.stage_times(msg["times"], stage)
+            except ProtocolError as e:
+                log.warning("node %s sent bad stage times: %s", node.name, e)
+        known = {st.node for st in placement.stages}
+        upstream = sum(c for _, c in earlier)
         entries: dict[float, list] = {}  # a cohort's rows share one hop_t0: one entry for all
         for _, s in live:
             if s.step > 0:
-                measured.append(compute)
+                for name, c in (*earlier, (node.name, compute)):
+                    if name in known:
+                        self.measured[name].append(c)
             entry = entries.get(s.hop_t0)
-            if entry is None:
-                entry = entries[s.hop_t0] = [node.name, round(compute, 6),
-                                             round(now - s.hop_t0 - compute, 6)]
-            s.stage_times.append(entry)
+            if entry is None:  # the time no stage computed counts as this stage's hop
+                entry = entries[s.hop_t0] = [[name, round(c, 6), 0.0] for name, c in earlier] + [
+                    [node.name, round(compute, 6), round(now - s.hop_t0 - upstream - compute, 6)]]
+            s.stage_times.extend(entry)
         if stage < len(placement.stages) - 1:
             await self._forward(node, msg, rows, live)
         else:

@@ -24,6 +24,7 @@ from zpipe.protocol import Message, ProtocolError
 log = logging.getLogger("zpipe.node")
 
 MAX_BACKOFF_S = 8.0
+MAX_PEERS = 64  # open sockets to other nodes (direct routing); the oldest closes beyond that
 # Decode batches that took less than this last time run on the event loop's thread: a thread
 # hand-off each way costs ~0.1 ms, and a pause this short delays no heartbeat.
 INLINE_S = 0.005
@@ -53,6 +54,10 @@ class Node:
         self.decode_s = float("inf")  # the last decode batch's compute: short ones run inline
         self.heard = False  # the broker answered this connection
         self.last_recv = 0.0
+        # Direct routing: steps from other nodes arrive on ``peer``; ``pushes`` send to theirs.
+        self.peer: aio.Socket | None = None
+        self.peer_addr = ""
+        self.pushes: dict[str, zmq.Socket] = {}
 
     async def send(self, frames: list) -> None:
         try:
@@ -67,6 +72,7 @@ class Node:
             self.pool, sysinfo.matmul_gflops, cfg.device, DTYPES[cfg.dtype])
         gc.freeze()  # torch and transformers' long-lived objects: out of the collector's way
         worker = asyncio.create_task(self._work())
+        peers = asyncio.create_task(self._peer_serve()) if self._bind_peer() else None
         backoff = self.heartbeat_s
         try:
             while True:
@@ -79,9 +85,59 @@ class Node:
                 backoff = min(backoff * 2, MAX_BACKOFF_S)
         finally:
             worker.cancel()
+            if peers is not None:
+                peers.cancel()
+                self.peer.close()
+            for push in self.pushes.values():
+                push.close(0)
             if self.sock is not None:
                 self.sock.close()
             self.pool.shutdown(wait=False, cancel_futures=True)
+
+    def _bind_peer(self) -> bool:
+        """Bind the socket other nodes send steps to (``peer_bind``); False if not configured."""
+        if not self.cfg.peer_bind:
+            return False
+        sock = self.ctx.socket(zmq.PULL)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.bind(self.cfg.peer_bind)
+        # The address a ':0' bind got; a wildcard host is reached by this host's name.
+        addr = sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        host = addr.removeprefix("tcp://").rpartition(":")[0]
+        if host in ("0.0.0.0", "*", "[::]"):
+            addr = addr.replace(host, socket.gethostname(), 1)
+        self.peer_addr = addr
+        self.peer = aio.Socket(sock, busy_poll_s=self.cfg.busy_poll_ms / 1000)
+        log.info("node %s takes steps from other nodes at %s", self.cfg.name, addr)
+        return True
+
+    async def _peer_serve(self) -> None:
+        while True:
+            frames = await self.peer.recv()
+            if frames is not None:  # None: ``_pump`` took what woke us
+                self._take_peer(frames)
+
+    def _take_peer(self, frames: list) -> None:
+        """A message from another node: only steps are taken, checked like the broker's."""
+        try:
+            msg = protocol.decode(frames)
+        except ProtocolError as e:
+            log.warning("dropped a bad message from a peer: %s", e)
+            return
+        if msg.kind != "step":
+            log.warning("ignored a %r message from a peer", msg.kind)
+            return
+        self.queue.put_nowait(msg)
+
+    def _push(self, addr: str) -> zmq.Socket:
+        sock = self.pushes.get(addr)
+        if sock is None:
+            if len(self.pushes) >= MAX_PEERS:
+                self.pushes.pop(next(iter(self.pushes))).close(0)
+            sock = self.pushes[addr] = self.ctx.socket(zmq.PUSH)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.connect(addr)
+        return sock
 
     async def _connect(self) -> None:
         """A fresh socket (a fresh identity: the broker may have restarted) and a registration."""
@@ -100,7 +156,7 @@ class Node:
             "register", name=cfg.name, pid=os.getpid(), host=socket.gethostname(),
             device=cfg.device, dtype=cfg.dtype, model=str(self.model_dir),
             num_layers=self.executor.spec.num_layers, mem_total=total, mem_free=free,
-            gflops=round(self.gflops, 2)))
+            gflops=round(self.gflops, 2), **({"peer": self.peer_addr} if self.peer_addr else {})))
         log.info("node %s registering with %s (%s, %s, %.1f GFLOP/s)", cfg.name, cfg.broker,
                  cfg.device, cfg.dtype, self.gflops)
 
@@ -129,6 +185,8 @@ class Node:
         join the next batch."""
         while (frames := self.sock.recv_nowait()) is not None:
             await self._dispatch(frames)
+        while self.peer is not None and (frames := self.peer.recv_nowait()) is not None:
+            self._take_peer(frames)
 
     async def _dispatch(self, frames: list) -> None:
         self.last_recv = time.monotonic()
@@ -205,14 +263,18 @@ class Node:
         """Run step messages as one batch and answer with ONE result for all their rows (an
         error per refused row): sessions batched here stay together at the next stages. A
         message bigger than ``max_batch`` / ``max_batch_tokens`` (a cohort formed at a node
-        with larger limits) runs as several batches, still answered by one result."""
-        rows, msgs = [], []
+        with larger limits) runs as several batches, still answered by one result. Under
+        direct routing each message's rows go on by their own route, as one message each."""
+        rows, msgs, owner = [], [], []
         for m in batch:
             try:
-                rows += self.executor.rows_of(m)
-                msgs.append(m)
+                got = self.executor.rows_of(m)
             except StepError as e:
                 await self._refuse(m, e)
+                continue
+            rows += got
+            owner += [len(msgs)] * len(got)
+            msgs.append(m)
         if not rows:
             return
         args = (rows, self.cfg.max_batch, self.cfg.max_batch_tokens)
@@ -227,24 +289,69 @@ class Node:
         if decode:
             self.decode_s = self.executor.last_compute_s
         done = []
-        for row, out in zip(rows, outs, strict=True):
+        for row, out, k in zip(rows, outs, owner, strict=True):
             if isinstance(out, StepError):
                 await self.send(protocol.error(out.code, f"{self.cfg.name}: {out}",
                                                sid=row.sid, step=row.step))
             else:
-                done.append((row, out))
-        if not done:
+                done.append((row, out, k))
+        if "route" not in msgs[0].header:  # the star: one answer for the whole batch
+            if done:
+                await self._answer(msgs, [(r, o) for r, o, _ in done])
             return
+        # Direct routing: rows go on together per route (a batch of several messages stays
+        # one cohort); a message with a malformed route goes alone.
+        groups: dict = {}
+        for r, o, k in done:
+            groups.setdefault(_route_key(msgs[k]), []).append((r, o, k))
+        for part in groups.values():
+            await self._answer([msgs[k] for k in sorted({k for *_, k in part})],
+                               [(r, o) for r, o, _ in part])
+
+    async def _answer(self, msgs: list[Message], done: list) -> None:
+        """Send the rows' outputs on: tokens or hidden states to the broker, or (direct
+        routing) hidden states to the next stage's node."""
         # rows_of checked every message against the node's one epoch and stage
-        fields = {"epoch": msgs[0]["epoch"], "stage": msgs[0]["stage"],
+        first = msgs[0]
+        fields = {"epoch": first["epoch"], "stage": first["stage"],
                   "compute_s": self.executor.last_compute_s,
                   "rows": [[r.sid, r.step, r.x.shape[0]] for r, _ in done]}
+        if "times" in first.header:  # direct routing: the earlier stages' times, for the broker
+            fields["times"] = _times(msgs)
         if self.executor.stage.last:
             await self.send(protocol.encode(
                 "result", tokens=[[t, lp] for _, (t, lp) in done], **fields))
+            return
+        hidden = torch.cat([h for _, h in done]) if len(done) > 1 else done[0][1]
+        if "route" in first.header:
+            await self._forward(msgs, done, hidden)
         else:
-            hidden = torch.cat([h for _, h in done]) if len(done) > 1 else done[0][1]
             await self.send(protocol.encode("result", {"hidden": hidden}, **fields))
+
+    async def _forward(self, msgs: list[Message], done: list, hidden: torch.Tensor) -> None:
+        """Direct routing: the rows' hidden states go straight to the next stage's node (the
+        messages share one route), with their sampling and this stage's compute time; the
+        broker hears from the last stage."""
+        first = msgs[0]
+        rows = [r for r, _ in done]
+        sampling = {}
+        for m in msgs:  # rows_of checked each message's rows
+            given = m.get("sampling")
+            if isinstance(given, list) and len(given) == len(m["rows"]):
+                sampling.update(zip((r[0] for r in m["rows"]), given, strict=True))
+        try:
+            addr = protocol.next_hop(first["route"], first["stage"])
+            frames = protocol.encode(
+                "step", {"x": hidden}, epoch=first["epoch"], stage=first["stage"] + 1,
+                rows=[[r.sid, r.step, r.pos, r.x.shape[0]] for r in rows], route=first["route"],
+                times=[*_times(msgs), [self.cfg.name, round(self.executor.last_compute_s, 6)]],
+                sampling=[sampling.get(r.sid, {}) for r in rows])
+            self._push(addr).send_multipart(frames, zmq.NOBLOCK, copy=False)
+        except (ProtocolError, zmq.ZMQError) as e:  # the broker ends exactly these sessions
+            code = e.code if isinstance(e, ProtocolError) else "peer_unreachable"
+            for r in rows:
+                await self.send(protocol.error(code, f"{self.cfg.name}: cannot pass the step "
+                                               f"on: {e}", sid=r.sid, step=r.step))
 
     async def _refuse(self, msg: Message, err: StepError) -> None:
         """Error replies for a message this node will not run: one per row when it has rows,
@@ -319,7 +426,21 @@ def _size(msg: Message) -> tuple[int, int]:
 
 
 def _route(msg: Message) -> tuple:
-    return msg.get("epoch"), msg.get("stage")
+    return msg.get("epoch"), msg.get("stage"), "route" in msg.header
+
+
+def _route_key(msg: Message) -> object:
+    route = msg.get("route")
+    if isinstance(route, list) and all(isinstance(a, str) for a in route):
+        return tuple(route)
+    return id(msg)
+
+
+def _times(msgs: list[Message]) -> list:
+    """The earlier stages' [node, compute_s] of merged cohorts: the first message's (the
+    broker checks them; merged cohorts report the first one's earlier stages)."""
+    times = msgs[0].get("times")
+    return times if isinstance(times, list) and len(times) <= protocol.MAX_STAGES else []
 
 
 def _sids(msg: Message) -> set:

@@ -116,8 +116,8 @@ def main() -> None:
     ap.add_argument("--layouts", nargs="+", default=["1x0", "2x0"],
                     help="NODESxGPUS[:MODE]: 1x0 one node on cuda:0; 2x0 two on cuda:0; 2x01 one "
                          "each; MODE: eager (no static KV), nocompile, nographs, sdpa (no Triton "
-                         "attention), mbN (max_batch N), pollN (busy-poll N ms) or mps (nodes "
-                         "under CUDA MPS), joined by +")
+                         "attention), mbN (max_batch N), pollN (busy-poll N ms), direct "
+                         "(activations node to node) or mps (nodes under CUDA MPS), joined by +")
     ap.add_argument("--prompt-len", type=int, default=32)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--concurrency", type=int, default=32)
@@ -146,6 +146,8 @@ def main() -> None:
                 mps = True
             elif m.startswith("mb"):
                 node["max_batch"] = int(m[2:])
+            elif m == "direct":  # activations node to node, not through the broker
+                broker["direct"] = True
             elif m.startswith("poll"):  # poll5: broker and nodes busy-poll 5 ms
                 node["busy_poll_ms"] = broker["busy_poll_ms"] = float(m[4:])
             else:

@@ -94,12 +94,14 @@ class Clusters:
         self.base = base
         self.running: dict[tuple, RunningCluster] = {}
 
-    def get(self, model: Path, stages: int, dtype: str = "float32") -> RunningCluster:
-        key = (str(model), stages, dtype)
+    def get(self, model: Path, stages: int, dtype: str = "float32",
+            direct: bool = False) -> RunningCluster:
+        key = (str(model), stages, dtype, direct)
         if key not in self.running:
             nodes = [{"name": f"n{i}", "dtype": dtype} for i in range(stages)]
             self.running[key] = start_cluster(
-                model, self.base / f"{model.name}-{stages}-{dtype}", nodes)
+                model, self.base / f"{model.name}-{stages}-{dtype}{'-direct' * direct}", nodes,
+                direct=direct)
         return self.running[key]
 
     def stop_all(self) -> None:

@@ -147,3 +147,46 @@ def test_cluster_keeps_serving_during_abuse(tiny_cluster) -> None:
     assert result.token_ids == reference.token_ids
     assert after.token_ids == reference.token_ids
     assert bad.code == "bad_sampling" and "temperature" in bad.message
+
+
+def test_peer_socket_abuse_hurts_nobody(tiny_model: Path, clusters) -> None:
+    """Under direct routing a node also listens to other nodes: junk, non-step messages,
+    steps with a broken route or for sessions it does not hold are dropped or refused there,
+    and a generation running meanwhile keeps its tokens."""
+    import torch
+
+    rc = clusters.get(tiny_model, 3, direct=True)
+    peer = next(n["peer"] for n in rc.info["nodes"] if n["name"] == "n1")
+    hidden = torch.zeros(1, 64)
+    step = {"epoch": rc.info["epoch"], "stage": 1, "rows": [["nobody", 3, 5, 1]],
+            "sampling": [{}]}
+    abuse = [
+        [os.urandom(40)],
+        [protocol.TAG, _header(kind="explode")],
+        protocol.encode("free", sids=["x"]),  # a broker's message, not a peer's
+        protocol.encode("step", {"x": hidden}, **step, route=["not an address", 5], times=[]),
+        protocol.encode("step", {"x": hidden}, **step, route=["tcp://127.0.0.1:1"] * 2,
+                        times=[]),
+        protocol.encode("step", {"x": torch.zeros(1, 7)}, **step, route=[peer, peer], times=[]),
+    ]
+    kw = {"prompt_ids": [11, 12, 13, 14], "max_new_tokens": 120, "ignore_eos": True}
+
+    async def run() -> tuple:
+        async with rc.client() as client:
+            reference = await client.generate(**kw)
+            good = asyncio.create_task(client.generate(**kw))
+            sock = zmq.asyncio.Context.instance().socket(zmq.PUSH)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.connect(peer)
+            try:
+                for _ in range(3):
+                    for frames in abuse:
+                        await sock.send_multipart(frames)
+                        await asyncio.sleep(0.01)
+            finally:
+                sock.close(0)
+            return reference, await good, await client.generate(**kw)
+
+    reference, during, after = asyncio.run(run())
+    assert during.token_ids == reference.token_ids == after.token_ids
+    assert len(reference.token_ids) == 120

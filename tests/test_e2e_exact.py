@@ -102,3 +102,44 @@ def test_static_kv_pool_matches_transformers(tiny_model: Path, tmp_path: Path) -
             assert got == want, prompt
     finally:
         rc.cluster.stop()
+
+
+def test_direct_routing_matches_transformers(tiny_model: Path, clusters) -> None:
+    """With the broker's ``direct`` on, activations go node to node: the tokens stay
+    transformers' (one by one and as one batch), and the timings show the route: stages
+    before the last report no hop of their own (no broker pass between them)."""
+    rc = clusters.get(tiny_model, 3, direct=True)
+    assert all(n["peer"].startswith("tcp://127.0.0.1:") for n in rc.info["nodes"])
+    refs = [reference(str(tiny_model), p) for p in PROMPTS]
+
+    async def run() -> tuple:
+        async with rc.client() as client:
+            one = [await client.generate(prompt_ids=ids, max_new_tokens=NEW_TOKENS)
+                   for ids, _ in refs]
+            many = await asyncio.gather(*[client.generate(prompt_ids=ids,
+                                                          max_new_tokens=NEW_TOKENS)
+                                          for ids, _ in refs])
+        return one, many
+
+    def counters() -> tuple[int, int]:
+        from zpipe.cli.admin import AdminClient
+
+        with AdminClient(rc.address, timeout=30) as admin:
+            o = admin.request("metrics", {})["overall"]
+        return o["steps_started"], round(o["rows_per_step"] * o["steps_started"])
+
+    before = counters()
+    one, many = asyncio.run(run())
+    after = counters()
+    steps, rows = after[0] - before[0], after[1] - before[1]
+    assert rows == 2 * len(PROMPTS) * NEW_TOKENS  # every token of both rounds, once
+    # Sessions that meet at a node go on as one cohort: far fewer step messages than rows.
+    assert steps < rows * 0.75, (steps, rows)
+    for gens in (one, many):
+        for gen, (_, want) in zip(gens, refs, strict=True):
+            assert gen.token_ids == want
+    for t in one[0].timings:
+        stages = t["stages"]
+        assert [s[0] for s in stages] == ["n0", "n1", "n2"]
+        assert stages[0][2] == stages[1][2] == 0.0 and stages[2][2] > 0
+        assert all(s[1] > 0 for s in stages)

@@ -480,3 +480,21 @@ def test_token_items_checked_each() -> None:
         msg = decode([bytes(f) for f in protocol.encode("tokens", items=[item, bad])])
         with pytest.raises(ProtocolError, match=words):
             protocol.token_items(msg)
+
+
+def test_direct_routing_fields_are_checked() -> None:
+    route = ["tcp://10.0.0.2:7001", "ipc:///tmp/n2.sock"]
+    assert protocol.next_hop(route, 0) == "tcp://10.0.0.2:7001"
+    assert protocol.next_hop(route, 1) == "ipc:///tmp/n2.sock"
+    for bad, stage in ((route, 2), (route, -1), ("tcp://h:1", 0), (["tcp://h"], 0),
+                       (["http://h:80"], 0), ([5], 0), (["tcp://h:1 x"], 0)):
+        with pytest.raises(ProtocolError) as e:
+            protocol.next_hop(bad, stage)
+        assert e.value.code == "bad_route"
+    assert protocol.stage_times([["a", 0.5], ["b", 1]], 2) == [("a", 0.5), ("b", 1.0)]
+    for bad in ([["a", 0.5]], [["a", -1.0], ["b", 1]], [["a", float("nan")], ["b", 1]],
+                [["a"], ["b", 1]], "x", [[1, 0.5], ["b", 1]], [["a", True], ["b", 1]]):
+        with pytest.raises(ProtocolError):
+            protocol.stage_times(bad, 2)
+    assert protocol.is_peer_address("tcp://node-3.lan:5601")
+    assert not protocol.is_peer_address("tcp://node-3.lan")

@@ -91,6 +91,7 @@ class CompareConfig:
     stages: list[int] = field(default_factory=lambda: [1, 2, 3])
     threads: int | None = None  # per process; None = every core
     max_batch: int | None = None  # node YAML max_batch; None = the node default
+    direct: bool = False  # the broker's ``direct``: activations go node to node
     baseline: bool = True
     warmup_tokens: int = 8
     # Batch-1 runs per system: None = max(concurrency, 3) (each concurrent session needs its
@@ -143,8 +144,8 @@ def start_cluster(model_dir: Path, n_stages: int, cfg: CompareConfig, log_dir: P
               "threads": cfg.n_threads(),
               **({"max_batch": cfg.max_batch} if cfg.max_batch else {})}
              for i in range(n_stages)]
-    ccfg = validate({"model": str(model_dir), "broker": {"bind": address}, "nodes": nodes},
-                    ClusterConfig)
+    ccfg = validate({"model": str(model_dir), "broker": {"bind": address, "direct": cfg.direct},
+                     "nodes": nodes}, ClusterConfig)
     cluster = Cluster(ccfg, log_dir)
     cluster.start()
 

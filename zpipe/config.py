@@ -152,6 +152,10 @@ class _BrokerKnobs(_Strict):
     # > 0: after each message, poll the socket this long before sleeping (zpipe.aio.Socket):
     # lower latency per hop for a CPU core; for hosts with cores to spare (GPU nodes).
     busy_poll_ms: float = Field(0.0, ge=0, le=1000)
+    # Activations go straight from stage to stage (each node's peer_bind socket) instead of
+    # through the broker: one transfer and one broker pass fewer per stage boundary. Needs
+    # every node of the placement to have a peer_bind; steps fall back to the star if not.
+    direct: bool = False
 
 
 class BrokerConfig(_BrokerKnobs):
@@ -186,6 +190,9 @@ class NodeConfig(_Strict):
     max_batch_tokens: int = Field(8192, ge=1)
     static_kv: StaticKV = StaticKV()
     busy_poll_ms: float = Field(0.0, ge=0, le=1000)  # as the broker's
+    # Where other nodes send this node activations when the broker runs ``direct`` (port 0:
+    # any free port). Unset: activations come through the broker only.
+    peer_bind: Address | None = None
 
 
 class ClusterNode(_Strict):
@@ -257,7 +264,8 @@ class ClusterConfig(_Strict):
                            model=self.model, device=n.device, dtype=n.dtype,
                            threads=n.threads or (share if n.device == "cpu" else None),
                            max_batch=n.max_batch, static_kv=n.static_kv,
-                           busy_poll_ms=n.busy_poll_ms)
+                           busy_poll_ms=n.busy_poll_ms,
+                           peer_bind="tcp://127.0.0.1:0" if self.broker.direct else None)
                 for n in self.nodes]
 
 

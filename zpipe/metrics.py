@@ -85,6 +85,8 @@ class Metrics:
         self.finished: OrderedDict[str, _SessionStats] = OrderedDict()
         self.token_times: deque[float] = deque(maxlen=1 << 16)  # for tokens/s
         self.tokens_total = 0
+        self.steps_started = 0  # step messages sent to stage 0: one per cohort per token
+        self.step_rows = 0      # the sessions those messages carried
         self.sessions_started = 0
         self.sessions_finished: Counter[str] = Counter()
 
@@ -102,6 +104,11 @@ class Metrics:
         self.finished[sid] = s
         if len(self.finished) > KEEP_FINISHED:
             self.finished.popitem(last=False)
+
+    def record_cohort(self, rows: int) -> None:
+        """A step of ``rows`` sessions together was sent to stage 0."""
+        self.steps_started += 1
+        self.step_rows += rows
 
     def record_token(self, sid: str, step_s: float, stages: list[list], first: bool) -> None:
         now = self.clock()
@@ -166,6 +173,8 @@ class Metrics:
         return {"tokens_total": self.tokens_total, "tokens_per_s": self.tokens_per_s(),
                 "step": stats(self.step.window), "prefill": stats(self.prefill.window),
                 "overhead": stats(self.overhead.window), "ttft": stats(self.ttft.window),
+                "steps_started": self.steps_started,
+                "rows_per_step": round(self.step_rows / max(1, self.steps_started), 3),
                 "sessions_started": self.sessions_started,
                 "sessions_running": len(self.sessions),
                 "sessions_finished": dict(self.sessions_finished)}
@@ -181,6 +190,12 @@ class Metrics:
         out.add("zpipe_tokens_per_second", "gauge",
                 f"Tokens per second over the last {self.rate_window_s:g} s.", {},
                 self.tokens_per_s())
+        out.add("zpipe_steps_started_total", "counter",
+                "Step messages sent to stage 0 (one per cohort per token).", {},
+                self.steps_started)
+        out.add("zpipe_step_rows_total", "counter",
+                "Sessions those step messages carried (rows / steps = the mean cohort).", {},
+                self.step_rows)
         out.add("zpipe_sessions_started_total", "counter", "Sessions started.", {},
                 self.sessions_started)
         h = "Sessions finished, by reason."

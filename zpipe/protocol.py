@@ -13,6 +13,7 @@ per-element work. Everything received is untrusted and checked here before anyon
 from __future__ import annotations
 
 import math
+import re
 import warnings
 from dataclasses import dataclass, field
 from typing import Any
@@ -53,19 +54,25 @@ SCHEMAS: dict[str, dict[str, str]] = {
     "register": {
         "name": _STR, "pid": _INT, "host": _STR, "device": _STR, "dtype": _STR,
         "model": _STR, "num_layers": _INT, "mem_total": _INT, "mem_free": _INT, "gflops": _NUM,
+        "peer?": _STR,  # where other nodes send it activations directly (NodeConfig.peer_bind)
     },
     "loaded": {"epoch": _INT, "start": _INT, "end": _INT, "weight_bytes": _INT, "load_s": _NUM},
     # A stage's answer to a step, for the rows it ran: "rows" [sid, step, n] in the step's
     # order; inner stages send tensor "hidden" (the rows' states concatenated, n each), the last
     # stage "tokens" [token_id, logprob] per row. Refused rows come back as "error" messages.
-    "result": {"epoch": _INT, "stage": _INT, "compute_s": _NUM, "rows": _LIST, "tokens?": _LIST},
+    # "times" [node, compute_s] of the earlier stages when the step came directly from them.
+    "result": {"epoch": _INT, "stage": _INT, "compute_s": _NUM, "rows": _LIST, "tokens?": _LIST,
+               "times?": _LIST},
     # --- broker -> node
     "load": {"epoch": _INT, "start": _INT, "end": _INT},
     # One token step of one or more sessions (a batch travels whole from stage to stage):
     # "rows" [sid, step, pos, n] per session; tensor "x" holds the rows' inputs concatenated,
     # n each: token ids (stage 0) or hidden states. "sampling" (one dict per row) goes to the
-    # last stage only.
-    "step": {"epoch": _INT, "stage": _INT, "rows": _LIST, "sampling?": _LIST},
+    # last stage only. With direct routing, "route" holds the peer addresses of stages 1..last
+    # (stage k sends its output to route[k]; the last stage answers the broker), "sampling"
+    # travels from stage 0 to the last, and "times" gathers [node, compute_s] per stage passed.
+    "step": {"epoch": _INT, "stage": _INT, "rows": _LIST, "sampling?": _LIST, "route?": _LIST,
+             "times?": _LIST},
     "free": {"sids": _LIST},
     # --- client -> broker (exactly one of prompt / messages / prompt_ids)
     "generate": {
@@ -363,6 +370,41 @@ def _rows(rows: list, kind: str, width: int) -> list[tuple]:
         seen.add(row[0])
         out.append(tuple(row))
     return out
+
+
+MAX_STAGES = 256
+_PEER = re.compile(r"^(tcp://[^:\s/]+:\d{1,5}|ipc://[^\s]{1,200})$")
+
+
+def is_peer_address(value: Any) -> bool:
+    """A node's peer address as registered and routed: tcp://host:port or ipc://path."""
+    return isinstance(value, str) and len(value) <= 256 and _PEER.match(value) is not None
+
+
+def next_hop(route: Any, stage: int) -> str:
+    """Where stage ``stage`` sends its output under direct routing (an untrusted route)."""
+    if not (isinstance(route, list) and 0 <= stage < len(route) <= MAX_STAGES):
+        raise ProtocolError(f"route of {_len(route)} hops has none for stage {stage}",
+                            "bad_route")
+    if not is_peer_address(route[stage]):
+        raise ProtocolError(f"route[{stage}] is not a peer address: {route[stage]!r:.80}",
+                            "bad_route")
+    return route[stage]
+
+
+def stage_times(times: Any, n: int) -> list[tuple[str, float]]:
+    """The ``[node, compute_s]`` entries of ``n`` stages passed (untrusted)."""
+    if not (isinstance(times, list) and len(times) == n):
+        raise ProtocolError(f"times must list {n} stages, got {_len(times)}")
+    for t in times:
+        if not (isinstance(t, list) and len(t) == 2 and isinstance(t[0], str)
+                and type(t[1]) in (int, float) and math.isfinite(t[1]) and t[1] >= 0):
+            raise ProtocolError(f"a times entry must be [node, seconds >= 0], got {t!r:.80}")
+    return [(name, float(c)) for name, c in times]
+
+
+def _len(value: Any) -> int | str:
+    return len(value) if isinstance(value, list) else type(value).__name__
 
 
 def int_list(value: list, what: str, lo: int, hi: int, max_len: int) -> list[int]:

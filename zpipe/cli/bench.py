@@ -72,7 +72,8 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     cfg = bench.CompareConfig(
         model=args.model, dtype=args.dtype, device=args.device, prompt_len=args.prompt_len,
         new_tokens=args.new_tokens, concurrency=args.concurrency, stages=args.stages,
-        threads=args.threads, max_batch=args.max_batch, baseline=not args.no_baseline, batch1_runs=args.batch1_runs,
+        threads=args.threads, max_batch=args.max_batch, direct=args.direct,
+        baseline=not args.no_baseline, batch1_runs=args.batch1_runs,
         baseline_omp_wait_policy=(None if args.baseline_omp_wait_policy == "unset"
                                   else args.baseline_omp_wait_policy), log_dir=args.logs)
     result = bench.compare(cfg, progress=_progress)
@@ -115,6 +116,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     c.add_argument("--max-batch", type=_positive_int, default=None,
                    help="the nodes' max_batch: most sessions merged into one batch "
                         "(default: the node default, 64)")
+    c.add_argument("--direct", action="store_true",
+                   help="activations go node to node (the broker's 'direct'), not via the broker")
     c.add_argument("--batch1-runs", type=_positive_int, default=None,
                    help="batch-1 generations per system (default: max(concurrency, 3))")
     c.add_argument("--baseline-omp-wait-policy", choices=("PASSIVE", "ACTIVE", "unset"),
