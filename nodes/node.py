@@ -264,7 +264,7 @@ class Node:
         error per refused row): sessions batched here stay together at the next stages. A
         message bigger than ``max_batch`` / ``max_batch_tokens`` (a cohort formed at a node
         with larger limits) runs as several batches, still answered by one result. Under
-        direct routing each message's rows go on by their own route, as one message each."""
+        direct routing the rows go on to the next node instead, one message per route."""
         rows, msgs, owner = [], [], []
         for m in batch:
             try:
