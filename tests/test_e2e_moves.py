@@ -141,12 +141,12 @@ def test_move_while_eight_sessions_run(cluster: RunningCluster, prompt_ids, refe
     assert len(history) >= 6 and all(r["ok"] for r in history)
 
 
-def test_move_under_direct_routing(tiny_model: Path, tmp_path: Path) -> None:
+def test_move_under_direct_routing(tiny_model: Path, clusters) -> None:
     """With activations going node to node, a move mid-generation still keeps every token,
-    and the steps after it follow the new placement's route."""
-    rc = start_cluster(tiny_model, tmp_path, [{"name": n, "threads": 1} for n in ("a", "b", "c")],
-                       direct=True)
-    prompts = [[11, 12, 13, 14], [21, 22, 23], [5, 6, 7, 8, 9]]
+    and the steps after it follow the new placement's route. (The shared direct cluster:
+    its other tests hold for any placement.)"""
+    rc = clusters.get(tiny_model, 3, direct=True)
+    prompts = [[11, 12, 13, 14], [5, 6, 7, 8, 9]]
 
     async def alone() -> list[list[int]]:
         async with rc.client() as client:
@@ -158,19 +158,16 @@ def test_move_under_direct_routing(tiny_model: Path, tmp_path: Path) -> None:
             gen = await client.generate(prompt_ids=prompts[0], max_new_tokens=4)
         return gen.timings[-1]["stages"]
 
-    try:
-        reference = asyncio.run(alone())
-        before = _placement(rc)
-        layer = before[1][1]
-        tokens, record = asyncio.run(_generate_with_move(
-            rc, prompts, "move", {"layers": f"{layer}-{layer}", "to": before[0][0]},
-            after_tokens=10))
-        after = _placement(rc)
-        _check_record(record, before, after)
-        assert after[0] == (before[0][0], 0, layer + 1)
-        assert tokens == reference
-        stages = asyncio.run(timings())
-        assert [s[0] for s in stages] == [s[0] for s in after]
-        assert [s[2] for s in stages[:-1]] == [0.0] * (len(stages) - 1)
-    finally:
-        rc.cluster.stop()
+    reference = asyncio.run(alone())
+    before = _placement(rc)
+    layer = before[1][1]
+    tokens, record = asyncio.run(_generate_with_move(
+        rc, prompts, "move", {"layers": f"{layer}-{layer}", "to": before[0][0]},
+        after_tokens=10))
+    after = _placement(rc)
+    _check_record(record, before, after)
+    assert after[0] == (before[0][0], 0, layer + 1)
+    assert tokens == reference
+    stages = asyncio.run(timings())
+    assert [s[0] for s in stages] == [s[0] for s in after]
+    assert [s[2] for s in stages[:-1]] == [0.0] * (len(stages) - 1)
