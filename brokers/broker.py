@@ -55,6 +55,10 @@ class Broker(StepScheduler):
         self.rebalancer = Rebalancer(cfg.rebalance)
         self.paused = False  # steps wait at token boundaries while layers move
         self.parked: list[Session] = []
+        # Prefills of requests that arrived in one burst, sent together as one cohort once the
+        # burst is handled (``_flush_prefills``).
+        self.prefills: list[Session] = []
+        self.flusher: asyncio.Task | None = None
         # decode compute seconds per token per node since the placement last changed
         window = max(512, cfg.rebalance.min_tokens)
         self.measured: dict[str, deque] = defaultdict(lambda: deque(maxlen=window))
@@ -334,7 +338,17 @@ class Broker(StepScheduler):
         self.metrics.session_started(s.sid, s.rid, len(s.prompt_ids))
         await self._send(client, protocol.encode("accepted", rid=s.rid, sid=s.sid,
                                                  prompt_ids=s.prompt_ids))
-        await self._start_steps([s])
+        if not self.prefills:
+            # Runs once the loop is idle: after every message already received, so requests
+            # that came together start together (one cohort from the first step on).
+            self.flusher = asyncio.get_running_loop().create_task(self._flush_prefills())
+        self.prefills.append(s)
+
+    async def _flush_prefills(self) -> None:
+        batch, self.prefills = self.prefills, []
+        alive = [s for s in batch if s.sid in self.sessions]  # not cancelled meanwhile
+        if alive:
+            await self._start_steps(alive)
 
     async def _on_cancel(self, client: bytes, msg: Message) -> None:
         sid = self.by_rid.get((client, msg["rid"]))

@@ -1,0 +1,100 @@
+"""The broker starts requests that arrive in one burst as one cohort: a real broker in-process,
+its real ROUTER socket, and DEALER sockets speaking the protocol as a node and a client."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+
+import zmq
+from conftest import free_port
+
+from brokers.broker import Broker
+from zpipe import aio, protocol
+from zpipe.config import BrokerConfig
+
+
+async def _recv(sock: zmq.Socket, timeout_s: float = 5.0) -> protocol.Message:
+    for _ in range(int(timeout_s * 100)):
+        try:
+            return protocol.decode(sock.recv_multipart(zmq.NOBLOCK))
+        except zmq.Again:
+            await asyncio.sleep(0.01)
+    raise AssertionError("nothing received")
+
+
+def _frames(frames: list) -> list[zmq.Frame]:
+    """A client's message as the broker's ROUTER hands it over."""
+    return [zmq.Frame(bytes(f)) for f in [b"client-1", *frames]]
+
+
+async def _pump(broker: Broker, until, limit: int = 200) -> None:
+    """Let the broker handle what reached its socket until ``until()`` holds."""
+    for _ in range(limit):
+        if until():
+            return
+        frames = await broker.sock.recv(timeout=0.05)
+        if frames is not None:
+            await broker._handle(frames)
+    raise AssertionError("the broker never got there")
+
+
+def test_a_burst_of_requests_starts_as_one_cohort(tiny_model: Path) -> None:
+    async def run() -> None:
+        addr = f"tcp://127.0.0.1:{free_port()}"
+        broker = Broker(BrokerConfig(model=str(tiny_model), bind=addr, placement={
+            "strategy": "custom", "stages": [{"node": "a", "layers": "0-5"}]}))
+        ctx = zmq.Context.instance()
+        router = ctx.socket(zmq.ROUTER)
+        router.setsockopt(zmq.LINGER, 0)
+        router.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        router.bind(addr)
+        broker.sock = aio.Socket(router)
+        node, client = ctx.socket(zmq.DEALER), ctx.socket(zmq.DEALER)
+        client.setsockopt(zmq.IDENTITY, b"client-1")
+        for s in (node, client):
+            s.setsockopt(zmq.LINGER, 0)
+            s.connect(addr)
+        try:
+            await broker._place()
+            node.send_multipart(protocol.encode(
+                "register", name="a", pid=os.getpid(), host="test", device="cpu",
+                dtype="float32", model=str(tiny_model), num_layers=6, mem_total=1 << 34,
+                mem_free=1 << 33, gflops=10.0))
+            await _pump(broker, lambda: broker.placement is not None)
+            assert (await _recv(node)).kind == "welcome"
+            load = await _recv(node)
+            assert load.kind == "load"
+            node.send_multipart(protocol.encode("loaded", epoch=load["epoch"], start=0, end=6,
+                                                weight_bytes=1, load_s=0.1))
+            await _pump(broker, lambda: broker.ready)
+            # Three requests handled back to back (one burst), a fourth cancelled in it.
+            prompts = {"r1": [5, 6, 7], "r2": [8, 9], "r3": [10, 11, 12, 13], "r4": [14]}
+            for rid, ids in prompts.items():
+                await broker._handle(_frames(protocol.encode(
+                    "generate", rid=rid, prompt_ids=ids, max_new_tokens=4)))
+            await broker._handle(_frames(protocol.encode("cancel", rid="r4")))
+            await asyncio.sleep(0)  # the loop turns: the burst's prefills go out
+            free = await _recv(node)  # the cancelled session's (never started) cache
+            assert free.kind == "free" and len(free["sids"]) == 1
+            step = await _recv(node)
+            assert free["sids"][0] not in [r[0] for r in step["rows"]]
+            assert step.kind == "step" and step["stage"] == 0
+            assert [r[3] for r in step["rows"]] == [3, 2, 4]
+            assert step.tensors["x"].tolist() == [5, 6, 7, 8, 9, 10, 11, 12, 13]
+            assert broker.metrics.steps_started == 1 and broker.metrics.step_rows == 3
+            # The last (only) stage answers for all three: their next step is again one message.
+            node.send_multipart(protocol.encode(
+                "result", epoch=step["epoch"], stage=0, compute_s=0.001,
+                rows=[[sid, 0, n] for sid, _, _, n in step["rows"]], tokens=[[42, -0.1]] * 3))
+            await _pump(broker, lambda: broker.metrics.steps_started == 2)
+            nxt = await _recv(node)
+            assert [r[:3] for r in nxt["rows"]] == [[r[0], 1, r[3]] for r in step["rows"]]
+            assert nxt.tensors["x"].tolist() == [42, 42, 42]
+        finally:
+            for s in (node, client):
+                s.close(0)
+            broker.sock.close()
+
+    asyncio.run(run())
