@@ -34,10 +34,13 @@ def prompt_ids(smollm2: Path) -> list[list[int]]:
 
 @pytest.fixture(scope="module")
 def reference(cluster: RunningCluster, prompt_ids: list[list[int]]) -> list[list[int]]:
+    """The unmoved tokens, all prompts at once (batched rows equal alone ones on the CPU:
+    test_e2e_concurrency)."""
     async def run() -> list[list[int]]:
         async with cluster.client() as client:
-            return [(await client.generate(prompt_ids=p, max_new_tokens=NEW_TOKENS,
-                                           ignore_eos=True)).token_ids for p in prompt_ids]
+            gens = await asyncio.gather(*[client.generate(
+                prompt_ids=p, max_new_tokens=NEW_TOKENS, ignore_eos=True) for p in prompt_ids])
+        return [g.token_ids for g in gens]
     return asyncio.run(run())
 
 
