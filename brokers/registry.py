@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 
 from zpipe.protocol import Message, is_peer_address
+
+log = logging.getLogger("zpipe.broker")
 
 
 @dataclass
@@ -52,10 +55,15 @@ class Registry:
         old = self.by_name.pop(msg["name"], None)
         if old is not None:
             self.by_ident.pop(old.ident, None)
+        peer = msg.get("peer", "")
+        if peer and not is_peer_address(peer):  # such a node is reached through the broker
+            log.warning("node %s registered a malformed peer address %.80r: ignored",
+                        msg["name"], peer)
+            peer = ""
         info = NodeInfo(ident=ident, name=msg["name"], pid=msg["pid"], host=msg["host"],
                         device=msg["device"], dtype=msg["dtype"], mem_total=msg["mem_total"],
                         mem_free=msg["mem_free"], gflops=float(msg["gflops"]),
-                        peer=msg["peer"] if is_peer_address(msg.get("peer")) else "")
+                        peer=peer)
         self.by_name[info.name] = info
         self.by_ident[ident] = info
         return old

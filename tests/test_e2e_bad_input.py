@@ -118,31 +118,41 @@ def test_wrong_model_node_is_rejected(tiny_cluster) -> None:
     assert reply["code"] == "rejected" and "99 layers" in reply["message"]
 
 
+async def _generate_around(rc, kw: dict, abuse) -> tuple:
+    """A generation, the same one again while ``abuse()`` runs, and once more after:
+    (reference, during, after, what ``abuse`` returned)."""
+    async with rc.client() as client:
+        reference = await client.generate(**kw)
+        good = asyncio.create_task(client.generate(**kw))
+        fired = await abuse()
+        return reference, await good, await client.generate(**kw), fired
+
+
 def test_cluster_keeps_serving_during_abuse(tiny_cluster) -> None:
     """A long generation runs while every bad message above is fired; its tokens don't change."""
     kw = {"prompt_ids": [11, 12, 13, 14], "max_new_tokens": 150, "ignore_eos": True}
 
-    async def run() -> tuple:
+    async def abuse() -> list[str]:
+        sock = zmq.asyncio.Context.instance().socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(tiny_cluster.address)
+        codes = []
+        try:
+            for _ in range(3):
+                for _, frames, _ in CASES:
+                    codes.append((await _ask(sock, frames))["code"])
+        finally:
+            sock.close(0)
+        return codes
+
+    async def bad_sampling() -> ZpipeError:
         async with tiny_cluster.client() as client:
-            reference = await client.generate(**kw)
-            good = asyncio.create_task(client.generate(**kw))
-            sock = zmq.asyncio.Context.instance().socket(zmq.DEALER)
-            sock.setsockopt(zmq.LINGER, 0)
-            sock.connect(tiny_cluster.address)
-            codes = []
-            try:
-                for _ in range(3):
-                    for _, frames, _ in CASES:
-                        codes.append((await _ask(sock, frames))["code"])
-            finally:
-                sock.close(0)
-            result = await good
-            after = await client.generate(**kw)
             with pytest.raises(ZpipeError) as bad:
                 await client.generate(prompt_ids=[1], temperature=-2.0)
-            return reference, result, after, codes, bad.value
+        return bad.value
 
-    reference, result, after, codes, bad = asyncio.run(run())
+    reference, result, after, codes = asyncio.run(_generate_around(tiny_cluster, kw, abuse))
+    bad = asyncio.run(bad_sampling())
     assert codes == [c[2] for c in CASES] * 3
     assert result.token_ids == reference.token_ids
     assert after.token_ids == reference.token_ids
@@ -171,22 +181,18 @@ def test_peer_socket_abuse_hurts_nobody(tiny_model: Path, clusters) -> None:
     ]
     kw = {"prompt_ids": [11, 12, 13, 14], "max_new_tokens": 60, "ignore_eos": True}
 
-    async def run() -> tuple:
-        async with rc.client() as client:
-            reference = await client.generate(**kw)
-            good = asyncio.create_task(client.generate(**kw))
-            sock = zmq.asyncio.Context.instance().socket(zmq.PUSH)
-            sock.setsockopt(zmq.LINGER, 0)
-            sock.connect(peer)
-            try:
-                for _ in range(2):
-                    for frames in abuse:
-                        await sock.send_multipart(frames)
-                        await asyncio.sleep(0.01)
-            finally:
-                sock.close(0)
-            return reference, await good, await client.generate(**kw)
+    async def fire() -> None:
+        sock = zmq.asyncio.Context.instance().socket(zmq.PUSH)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(peer)
+        try:
+            for _ in range(2):
+                for frames in abuse:
+                    await sock.send_multipart(frames)
+                    await asyncio.sleep(0.01)
+        finally:
+            sock.close(0)
 
-    reference, during, after = asyncio.run(run())
+    reference, during, after, _ = asyncio.run(_generate_around(rc, kw, fire))
     assert during.token_ids == reference.token_ids == after.token_ids
     assert len(reference.token_ids) == 60
