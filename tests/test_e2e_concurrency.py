@@ -31,10 +31,10 @@ def test_eight_sessions_at_once_match_alone(smollm2: Path, clusters) -> None:
 
     async def run() -> tuple[list, list]:
         async with rc.client() as client:
-            alone = [(await client.generate(prompt_ids=p, max_new_tokens=24)).token_ids
+            alone = [(await client.generate(prompt_ids=p, max_new_tokens=16)).token_ids
                      for p in ids]
             together = await asyncio.gather(*[
-                client.generate(prompt_ids=p, max_new_tokens=24) for p in ids])
+                client.generate(prompt_ids=p, max_new_tokens=16) for p in ids])
         return alone, [g.token_ids for g in together]
 
     alone, together = asyncio.run(run())

@@ -48,7 +48,8 @@ async def _generate_ids(rc, prompt_ids: list[int], **kw) -> list[int]:
 def test_smollm2_greedy_matches_transformers(smollm2: Path, clusters, stages: int) -> None:
     rc = clusters.get(smollm2, stages)
     assert len(rc.info["placement"]) == stages
-    for prompt in PROMPTS:
+    # Three stages (first, middle and last kinds) take every prompt; 1 and 2 stages two each.
+    for prompt in PROMPTS if stages == 3 else PROMPTS[stages - 1::2]:
         prompt_ids, want = reference(str(smollm2), prompt)
         got = asyncio.run(_generate_ids(rc, prompt_ids))
         assert got == want, f"{stages} stages, prompt {prompt!r}"

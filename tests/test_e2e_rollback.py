@@ -85,18 +85,29 @@ def test_performance_driven_move_away_from_a_slow_node(tiny_model: Path, tmp_pat
     try:
         _admin(rc, "slow", node="b", factor=6.0)
 
+        def moves() -> list:
+            return [r for r in _admin(rc, "status")["reallocations"]
+                    if r["reason"].startswith("performance")]
+
         async def run() -> tuple:
             async with rc.client() as client:
                 reference = await client.generate(max_new_tokens=20, **GEN)
-                long = await client.generate(max_new_tokens=600, **GEN)
-            return reference, long
+                # At most 600 tokens; once the move is done, 20 more show the session going on.
+                ids, moved_at = [], None
+                async for chunk in client.stream(max_new_tokens=600, **GEN):
+                    ids.append(chunk.token_id)
+                    if moved_at is None and len(ids) % 25 == 0 and await asyncio.to_thread(moves):
+                        moved_at = len(ids)
+                    if moved_at is not None and len(ids) >= moved_at + 20:
+                        break
+            return reference, ids, moved_at
 
-        reference, long = asyncio.run(run())
+        reference, ids, moved_at = asyncio.run(run())
         status = _admin(rc, "status")
-        moves = [r for r in status["reallocations"] if r["reason"].startswith("performance")]
-        assert moves and moves[0]["ok"], status["reallocations"]
+        done = [r for r in status["reallocations"] if r["reason"].startswith("performance")]
+        assert moved_at is not None and done and done[0]["ok"], status["reallocations"]
         held = {s["node"]: s["end"] - s["start"] for s in status["placement"]["stages"]}
         assert held.get("b", 0) < 2  # the slow node was left with less than its third
-        assert long.token_ids[:20] == reference.token_ids
+        assert ids[:20] == reference.token_ids and len(ids) >= moved_at + 20
     finally:
         rc.cluster.stop()
