@@ -22,13 +22,20 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 @dataclass
 class Row:
-    """One session's part of a step message; ``x`` is a view into the message's tensor."""
+    """One session's part of a step message: ``n`` tokens at ``off`` in the message's tensor
+    ``src`` (no per-row tensor is made unless the eager path asks for ``x``)."""
 
     sid: str
     step: int
     pos: int
-    x: torch.Tensor
+    n: int
+    src: torch.Tensor
+    off: int
     params: SamplingParams | None  # last stage only
+
+    @property
+    def x(self) -> torch.Tensor:
+        return self.src.narrow(0, self.off, self.n)
 
 
 class StepError(Exception):
@@ -211,9 +218,11 @@ class Executor:
                           for i in range(len(rows))]
             except (ValueError, TypeError, AttributeError) as e:
                 raise StepError("bad_sampling", str(e)) from None
-        xs = x.split(lens)  # views: no copy
-        return [Row(sid, step, pos, xi, p)
-                for (sid, step, pos, _), xi, p in zip(rows, xs, params, strict=True)]
+        out, off = [], 0
+        for (sid, step, pos, n), p in zip(rows, params, strict=True):
+            out.append(Row(sid, step, pos, n, x, off, p))
+            off += n
+        return out
 
     def run_rows(self, rows: list[Row], max_rows: int, max_tokens: int) -> list:
         """Run rows as batches of at most ``max_rows`` rows and ``max_tokens`` tokens (a longer
@@ -223,7 +232,7 @@ class Executor:
         total = 0.0
         start, tokens = 0, 0
         for i, row in enumerate(rows + [None]):
-            n = 0 if row is None else row.x.shape[0]
+            n = 0 if row is None else row.n
             if i > start and (row is None or i - start >= max_rows or tokens + n > max_tokens):
                 outs += self.step_batch(rows[start:i])
                 total += self.last_compute_s
@@ -252,7 +261,7 @@ class Executor:
         slow: list = []
         for k in ready:
             on_slot = self.decoder is not None and isinstance(k[2], SlotKV)
-            (fast if on_slot and k[1].x.shape[0] == 1 else slow).append(k)
+            (fast if on_slot and k[1].n == 1 else slow).append(k)
         done: dict[int, object] = {}
         for part, run in ((fast, self._decode), (slow, self._eager)):
             if part:
@@ -281,13 +290,14 @@ class Executor:
     def _decode(self, ready: list[tuple[int, Row, SlotKV]]) -> list:
         """One decode token for each row through the decoder: hidden rows, or on the last
         stage ``(token, logprob)`` (greedy from the argmax, else sampled from the logits)."""
-        xs = [r.x for _, r, _ in ready]
-        x = xs[0] if len(xs) == 1 else torch.cat(xs)
-        out = self.decoder.run(x, [c.slot for _, _, c in ready], [c.length for _, _, c in ready])
+        out = self.decoder.run(_inputs([r for _, r, _ in ready]), [c.slot for _, _, c in ready],
+                               [c.length for _, _, c in ready])
         for _, _, c in ready:
             c.advance(1)
         if not self.stage.last:
-            out = out.clone()  # the graph's output buffer is overwritten by the next replay
+            # To the host in one copy (the graph's output buffer is overwritten by the next
+            # replay); the rows are views of it.
+            out = out.to("cpu")
             return list(out.split(1)) if len(ready) > 1 else [out]
         logits, picks = out
         res = [(int(t), lp) for t, lp in picks.tolist()]
@@ -299,7 +309,7 @@ class Executor:
     def _cache_for(self, row: Row) -> KVCache:
         """A row's KV cache, checked against its position (a prefill starts a fresh one: a
         pool slot when one is free and the prompt fits it)."""
-        n = row.x.shape[0]
+        n = row.n
         if row.pos == 0:
             self.free([row.sid])
             cache = None
@@ -333,6 +343,18 @@ class Executor:
         elif x.dim() != 2 or x.shape[1] != self.spec.hidden_size or not x.is_floating_point():
             raise StepError("bad_shape", f"stage takes float hidden states [n, "
                                          f"{self.spec.hidden_size}], got {x.dtype} {list(x.shape)}")
+
+
+def _inputs(rows: list[Row]) -> torch.Tensor:
+    """The rows' inputs as one tensor: a view when they lie in order in one message's tensor
+    (the usual cohort), else a concatenation."""
+    first = rows[0]
+    end = first.off
+    for r in rows:
+        if r.src is not first.src or r.off != end:
+            return torch.cat([r.x for r in rows])
+        end += r.n
+    return first.src.narrow(0, first.off, end - first.off)
 
 
 def _sample_all(logits: list[torch.Tensor], how: list[tuple[SamplingParams, int]]) -> list:

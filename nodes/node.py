@@ -278,7 +278,7 @@ class Node:
         if not rows:
             return
         args = (rows, self.cfg.max_batch, self.cfg.max_batch_tokens)
-        decode = all(r.x.shape[0] == 1 for r in rows)
+        decode = all(r.n == 1 for r in rows)
         if decode and (self.executor.decoder is not None or self.decode_s < INLINE_S):
             # A short decode batch (a graph replay on a GPU, a small stage on a CPU) runs
             # here: the two thread hand-offs would cost more than the loop's pause.
@@ -315,7 +315,7 @@ class Node:
         first = msgs[0]
         fields = {"epoch": first["epoch"], "stage": first["stage"],
                   "compute_s": self.executor.last_compute_s,
-                  "rows": [[r.sid, r.step, r.x.shape[0]] for r, _ in done]}
+                  "rows": [[r.sid, r.step, r.n] for r, _ in done]}
         if "times" in first.header:  # direct routing: the earlier stages' times, for the broker
             fields["times"] = _times(msgs)
         if self.executor.stage.last:
@@ -343,7 +343,7 @@ class Node:
             addr = protocol.next_hop(first["route"], first["stage"])
             frames = protocol.encode(
                 "step", {"x": hidden}, epoch=first["epoch"], stage=first["stage"] + 1,
-                rows=[[r.sid, r.step, r.pos, r.x.shape[0]] for r in rows], route=first["route"],
+                rows=[[r.sid, r.step, r.pos, r.n] for r in rows], route=first["route"],
                 times=[*_times(msgs), [self.cfg.name, round(self.executor.last_compute_s, 6)]],
                 sampling=[sampling.get(r.sid, {}) for r in rows])
             self._push(addr).send_multipart(frames, zmq.NOBLOCK, copy=False)

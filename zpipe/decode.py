@@ -91,12 +91,19 @@ class Decoder:
         self._graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, object]] = {}
         if self.graphs_on:
             b = self.max_batch
-            shape = (b,) if stage.first else (b, spec.hidden_size)
-            dtype = torch.int64 if stage.first else stage.dtype
-            self._x = torch.zeros(shape, dtype=dtype, device=self.device)
-            # Slots (row 0) and positions (row 1) of a step: one copy from the host per step.
-            self._idx = torch.zeros(2, b, dtype=torch.int64, device=self.device)
+            # A step's slots (row 0), positions (row 1) and, on the first stage, token ids (row
+            # 2) go to the GPU in one asynchronous copy from pinned memory; hidden states in a
+            # second. The host does not wait for them: the replay queues behind them.
+            rows = 3 if stage.first else 2
+            self._idx = torch.zeros(rows, b, dtype=torch.int64, device=self.device)
+            self._host_idx = torch.zeros(rows, b, dtype=torch.int64).pin_memory()
+            self._host_idx_np = self._host_idx.numpy()
             self._slots, self._pos = self._idx[0], self._idx[1]
+            if stage.first:
+                self._x = self._idx[2]
+            else:
+                self._x = torch.zeros(b, spec.hidden_size, dtype=stage.dtype, device=self.device)
+                self._host_x = torch.zeros(b, spec.hidden_size, dtype=stage.dtype).pin_memory()
             self._mempool = torch.cuda.graph_pool_handle()
         self.captures = 0
         self.capture_s = 0.0
@@ -181,11 +188,17 @@ class Decoder:
         graph = self._graphs.get((b, length))
         if graph is None:
             graph = self._capture(b, length)
-        self._x[:n].copy_(x)
         # Padding rows (scratch slot, position 0) in the same copy: rows left from a bigger
-        # batch must not write into their sessions.
-        pad = b - n
-        self._idx[:, :b].copy_(torch.tensor([slots + [self.pool.scratch] * pad, pos + [0] * pad]))
+        # batch must not write into their sessions. The pinned buffers are free again: every
+        # step ends waiting for its output, after these copies.
+        h = self._host_idx_np
+        h[0, :n], h[0, n:b], h[1, :n], h[1, n:b] = slots, self.pool.scratch, pos, 0
+        if self.stage.first:
+            h[2, :n] = x.numpy()
+        else:
+            self._host_x[:n].copy_(x)
+            self._x[:n].copy_(self._host_x[:n], non_blocking=True)
+        self._idx.copy_(self._host_idx, non_blocking=True)
         graph[0].replay()
         out = graph[1]
         return tuple(t[:n] for t in out) if isinstance(out, tuple) else out[:n]
