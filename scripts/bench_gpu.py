@@ -95,6 +95,12 @@ async def _zpipe(rc, prompt: list[int], new_tokens: int, concurrency: int) -> di
                                       for _ in range(concurrency)])
         wall = time.perf_counter() - t0
     decode = sorted(one.latencies_s[1:])
+    gaps = sorted(g for m in many for g in m.latencies_s[1:])  # client-side, between tokens
+    ttfts = sorted(m.ttft_s for m in many)
+    # The first token's step (the prefill): the nodes' compute and the rest (queueing, hops).
+    first = [m.timings[0]["stages"] for m in many if m.timings]
+    prefill = sorted(sum(c for _, c, _ in st) for st in first)
+    prefill_rest = sorted(sum(h for _, _, h in st) for st in first)
     from zpipe.bench import _decode_breakdown
 
     return {
@@ -105,6 +111,13 @@ async def _zpipe(rc, prompt: list[int], new_tokens: int, concurrency: int) -> di
         "b1_p50_ms": decode[len(decode) // 2] * 1000,
         "b1_ttft_ms": one.ttft_s * 1000,
         f"c{concurrency}_tok_s": sum(len(g.token_ids) for g in many) / wall,
+        "c_wall_s": wall,
+        "c_ttft_ms_p50_max": [ttfts[len(ttfts) // 2] * 1000, ttfts[-1] * 1000],
+        "c_prefill_compute_ms_p50_max": [prefill[len(prefill) // 2] * 1000, prefill[-1] * 1000],
+        "c_prefill_hops_ms_p50_max": [prefill_rest[len(prefill_rest) // 2] * 1000,
+                                      prefill_rest[-1] * 1000],
+        "c_gap_ms_mean_p50_p99": [sum(gaps) / len(gaps) * 1000, gaps[len(gaps) // 2] * 1000,
+                                  gaps[int(len(gaps) * 0.99)] * 1000],
         "tokens_match": all(g.token_ids == one.token_ids for g in many),
         "sessions_matching_b1": sum(g.token_ids == one.token_ids for g in many),
     }

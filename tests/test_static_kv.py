@@ -244,3 +244,43 @@ def test_triton_add_rms_matches_eager() -> None:
     torch.testing.assert_close(x, _rms_norm(h + r, w, 1e-5), atol=0, rtol=1e-2)
     _, x1 = triton_kernels.add_rms(h, None, w, 1e-5)
     torch.testing.assert_close(x1, _rms_norm(h, w, 1e-5), atol=0, rtol=1e-2)
+
+
+@pytest.mark.parametrize("pooled", [False, True])
+def test_prefills_attended_together_match_alone(tiny_model: Path, pooled: bool) -> None:
+    """GPU nodes run a burst of fresh prefills through one attention call per layer
+    (``PrefillRun``); forced on here on the CPU, it gives what each row gives alone: the same
+    logits (to float32 rounding) and the same greedy tokens, and the same K/V in the caches."""
+    prompts = [[1, 5, 9, 33, 7], [2, 8, 3, 3, 1], [4, 4, 4, 19], [7, 7], [9] * 6, [3, 1, 4] * 5]
+
+    def run(group: bool) -> tuple[list, list]:
+        st = Stage(tiny_model, 0, 6)
+        st.group_prefills = group
+        spec = st.spec
+        pool = SlotPool(range(6), spec.num_kv_heads, spec.head_dim, 16, 64, st.dtype, "cpu")
+        new = pool.session if pooled else st.new_cache
+        old = new()
+        st.forward_batch([(old, torch.tensor([5, 6, 7]), 0)])  # a session already under way
+        caches = [new() for _ in prompts]
+        items = [(c, torch.tensor(p), 0) for c, p in zip(caches, prompts, strict=True)]
+        # A decode row splits the fresh prefills into two runs; the long last one pads 3x and
+        # goes alone.
+        items.insert(2, (old, torch.tensor([8]), 3))
+        if group:
+            runs = st._prefill_runs(items, [len(x) for _, x, _ in items])
+            assert {i: len(r.caches) for i, r in runs.items()} == {0: 2, 3: 3}
+        outs = st.forward_batch(items)
+        kv = [(la, c.k[la][:, :c.length].clone(), c.v[la][:, :c.length].clone())
+              for c, _, _ in items for la in range(6)]
+        return outs, kv
+
+    alone, kv_alone = run(False)
+    together, kv_together = run(True)
+    for a, b in zip(alone, together, strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+        assert int(a.argmax()) == int(b.argmax())
+    for (la, ka, va), (_, kb, vb) in zip(kv_alone, kv_together, strict=True):
+        if la == 0:  # the first layer's K/V come from the same numbers: written exactly
+            assert torch.equal(ka, kb) and torch.equal(va, vb)
+        torch.testing.assert_close(kb, ka, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(vb, va, rtol=1e-5, atol=1e-5)
