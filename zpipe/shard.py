@@ -116,9 +116,9 @@ class PrefillRun:
         row = torch.repeat_interleave(torch.arange(len(lens)), torch.tensor(lens))
         off = torch.cat([torch.arange(n) for n in lens])
         self.row, self.off = row.to(device), off.to(device)
-        pools = {id(getattr(c, "pool", None)) for c in caches}
-        self.pool = caches[0].pool if len(pools) == 1 and isinstance(caches[0], SlotKV) \
-            else None
+        first = caches[0]
+        shared = all(isinstance(c, SlotKV) and c.pool is first.pool for c in caches)
+        self.pool = first.pool if shared else None
         if self.pool is not None:
             self.slot = torch.tensor([c.slot for c in caches])[row].to(device)
 
@@ -385,8 +385,9 @@ class Stage:
 
     def _prefill_runs(self, items: list, lens: list[int]) -> dict[int, PrefillRun]:
         """Runs of consecutive fresh prefills (position 0) that share one attention call, by
-        their first item. Each row alone costs an SDPA call and two K/V copies per layer:
-        ~30 us of launches on a GPU, so 32 prompts spent ~50 ms of a node's prefill there."""
+        their first item. Each row alone costs an SDPA call and two K/V copies per layer,
+        ~30 us of launches on a GPU: 32 prompts of 32 tokens took 79 ms of an H100 node's
+        compute that way, 21 ms in one run."""
         runs: dict[int, PrefillRun] = {}
         if not self.group_prefills:
             return runs
