@@ -88,8 +88,12 @@ async def _zpipe(rc, prompt: list[int], new_tokens: int, concurrency: int) -> di
         kw = {"max_new_tokens": new_tokens, "ignore_eos": True}
         await client.generate(prompt_ids=prompt, **kw)  # warm-up
         one = await client.generate(prompt_ids=prompt, **kw)
-        await asyncio.gather(*[client.generate(prompt_ids=prompt, max_new_tokens=8,
-                                               ignore_eos=True) for _ in range(concurrency)])
+        # Concurrent warm-up, twice: a burst does not always form the same cohorts, and a
+        # batch shape a node meets for the first time loads its kernels then (CUDA loads
+        # lazily), which would land in the measured round's prefill.
+        for _ in range(2):
+            await asyncio.gather(*[client.generate(prompt_ids=prompt, max_new_tokens=8,
+                                                   ignore_eos=True) for _ in range(concurrency)])
         t0 = time.perf_counter()
         many = await asyncio.gather(*[client.generate(prompt_ids=prompt, **kw)
                                       for _ in range(concurrency)])
