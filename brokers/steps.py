@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+from itertools import repeat
 
 import torch
 
@@ -102,11 +103,12 @@ class StepScheduler:
         known = {st.node for st in placement.stages}
         upstream = sum(c for _, c in earlier)
         entries: dict[float, list] = {}  # a cohort's rows share one hop_t0: one entry for all
+        decoding = sum(s.step > 0 for _, s in live)  # one compute figure per decode token
+        if decoding:
+            for name, c in (*earlier, (node.name, compute)):
+                if name in known:
+                    self.measured[name].extend(repeat(c, decoding))
         for _, s in live:
-            if s.step > 0:
-                for name, c in (*earlier, (node.name, compute)):
-                    if name in known:
-                        self.measured[name].append(c)
             entry = entries.get(s.hop_t0)
             if entry is None:  # the time no stage computed counts as this stage's hop
                 entry = entries[s.hop_t0] = [[name, round(c, 6), 0.0] for name, c in earlier] + [
@@ -165,15 +167,23 @@ class StepScheduler:
             await self._start_steps(nxt)
         # One message per client for all its sessions' tokens: a send costs more than its bytes.
         by_client: dict[bytes, list[dict]] = {}
+        # Rows of one cohort share their step time and stage entries: recorded once for all.
+        cohorts: dict[tuple, tuple[list, list[str]]] = {}
         for s, index, token, logprob, step_s, stage_times, _ in emitted:
             first = s.first_token_s is None
             if first:
                 s.first_token_s = now - s.created
-            self.metrics.record_token(s.sid, step_s, stage_times, first)
+            key = (step_s, first, *map(id, stage_times))
+            group = cohorts.get(key)
+            if group is None:
+                group = cohorts[key] = (stage_times, [])
+            group[1].append(s.sid)
             by_client.setdefault(s.client, []).append({
                 "rid": s.rid, "index": index, "token_id": token, "logprob": logprob,
                 "text": s.detok.add(token),
                 "timing": {"step_s": round(step_s, 6), "stages": stage_times}})
+        for (step_s, first, *_), (stage_times, sids) in cohorts.items():
+            self.metrics.record_tokens(sids, step_s, stage_times, first)
         for client, items in by_client.items():
             await self._send(client, protocol.encode("tokens", items=items))
         for s, *_, end in emitted:

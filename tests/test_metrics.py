@@ -182,3 +182,37 @@ def test_breakdown_of_client_timings() -> None:
     assert b["overhead"]["p50"] == pytest.approx(0.001)
     empty = breakdown([])
     assert empty["tokens"] == 0 and empty["prefill"] is None and empty["nodes"] == {}
+
+
+def test_a_cohort_recorded_at_once_equals_its_rows_one_by_one() -> None:
+    """The broker records a cohort's tokens with one ``record_tokens`` call: every figure is
+    what recording each row alone gives."""
+    clock = Clock()
+    alone, together = Metrics(clock=clock), Metrics(clock=clock)
+    sids = ["s1", "s2", "s3"]
+    for m in (alone, together):
+        for sid in sids:
+            m.session_started(sid, "r" + sid, 4)
+    clock.t += 0.5
+    stages = [["a", 0.2, 0.05], ["b", 0.15, 0.04]]
+    for sid in sids:
+        alone.record_token(sid, 0.5, stages, first=True)
+    together.record_tokens(sids, 0.5, stages, first=True)
+    for step in range(1, 4):
+        clock.t += 0.01
+        step_stages = [["a", 0.004 * step, 0.001], ["b", 0.003, 0.002]]
+        for sid in sids:
+            alone.record_token(sid, 0.01 * step, step_stages, first=False)
+        together.record_tokens(sids, 0.01 * step, step_stages, first=False)
+    assert together.overall() == alone.overall()
+    assert together.overall()["tokens_total"] == 12
+    for name in ("a", "b"):
+        assert together.node_summary(name) == alone.node_summary(name)
+    for sid in sids:
+        assert together.session_summary(sid) == alone.session_summary(sid)
+    # Lifetime sums: v * k where one by one added v k times (the last bits may differ).
+    got, want = parse_prometheus(together.prometheus()), parse_prometheus(alone.prometheus())
+    assert got.keys() == want.keys()
+    for name, samples in want.items():
+        assert [lab for lab, _ in got[name]] == [lab for lab, _ in samples]
+        assert [v for _, v in got[name]] == pytest.approx([v for _, v in samples], rel=1e-12)

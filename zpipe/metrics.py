@@ -17,6 +17,7 @@ import re
 import time
 from collections import Counter, OrderedDict, deque
 from collections.abc import Callable, Iterable, Sequence
+from itertools import repeat
 
 from zpipe.stats import summary
 
@@ -43,10 +44,13 @@ class _Series:
         self.count = 0
         self.sum = 0.0
 
-    def add(self, v: float) -> None:
-        self.window.append(v)
-        self.count += 1
-        self.sum += v
+    def add(self, v: float, times: int = 1) -> None:
+        if times == 1:
+            self.window.append(v)
+        else:
+            self.window.extend(repeat(v, times))
+        self.count += times
+        self.sum += v * times
 
 
 class _NodeStats:
@@ -111,31 +115,39 @@ class Metrics:
         self.step_rows += rows
 
     def record_token(self, sid: str, step_s: float, stages: list[list], first: bool) -> None:
+        self.record_tokens([sid], step_s, stages, first)
+
+    def record_tokens(self, sids: list[str], step_s: float, stages: list[list],
+                      first: bool) -> None:
+        """One token for each of ``sids``, whose step took the same time through the same
+        stages (a cohort): the shared figures are recorded once, ``len(sids)`` times over."""
+        k = len(sids)
         now = self.clock()
-        self.tokens_total += 1
-        self.token_times.append(now)
-        (self.prefill if first else self.step).add(step_s)
+        self.tokens_total += k
+        self.token_times.extend(repeat(now, k))
+        (self.prefill if first else self.step).add(step_s, k)
         staged = 0.0
         for name, compute, hop in stages:
             node = self.nodes.get(name)
             if node is None:
                 node = self.nodes[name] = _NodeStats(self.window)
-            node.tokens += 1
-            (node.prefill_compute if first else node.compute).add(compute)
-            (node.prefill_hop if first else node.hop).add(hop)
+            node.tokens += k
+            (node.prefill_compute if first else node.compute).add(compute, k)
+            (node.prefill_hop if first else node.hop).add(hop, k)
             staged += compute + hop
-        self.overhead.add(step_s - staged)
-        s = self.sessions.get(sid)
-        if s is None:  # a session the broker did not announce: count it all the same
-            s = self.sessions[sid] = _SessionStats("", 0, now - step_s)
-        s.tokens += 1
-        s.last_at = now
-        if first or s.first_at is None:
-            s.first_at = now
-            s.ttft_s = now - s.started
-            self.ttft.add(s.ttft_s)
-        if not first:
-            s.steps.append(step_s)
+        self.overhead.add(step_s - staged, k)
+        for sid in sids:
+            s = self.sessions.get(sid)
+            if s is None:  # a session the broker did not announce: count it all the same
+                s = self.sessions[sid] = _SessionStats("", 0, now - step_s)
+            s.tokens += 1
+            s.last_at = now
+            if first or s.first_at is None:
+                s.first_at = now
+                s.ttft_s = now - s.started
+                self.ttft.add(s.ttft_s)
+            if not first:
+                s.steps.append(step_s)
 
     # ------------------------------------------------------------ reading
     def tokens_per_s(self) -> float:

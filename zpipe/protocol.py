@@ -358,12 +358,15 @@ def result_rows(rows: list) -> list[tuple[str, int, int]]:
 
 
 def _rows(rows: list, kind: str, width: int) -> list[tuple]:
+    """Rows of ``width`` 3 or 4: a sid then ints (msgpack gives exact lists, strs and ints).
+    Checked field by field, not with a generator: this runs for every row of every step."""
     if not 1 <= len(rows) <= MAX_ROWS:
         raise ProtocolError(f"{kind}: 1..{MAX_ROWS} rows, got {len(rows)}", "bad_value")
     out, seen = [], set()
     for row in rows:
-        if not (isinstance(row, list) and len(row) == width and isinstance(row[0], str)
-                and 0 < len(row[0]) <= MAX_SID and all(type(v) is int for v in row[1:])):
+        if not (type(row) is list and len(row) == width and type(row[0]) is str
+                and 0 < len(row[0]) <= MAX_SID and type(row[1]) is int and type(row[2]) is int
+                and (width == 3 or type(row[3]) is int)):
             raise ProtocolError(f"{kind}: a row must be [sid, {width - 1} ints], got {row!r:.80}")
         if row[0] in seen:
             raise ProtocolError(f"{kind}: session {row[0]!r} appears twice", "bad_value")
