@@ -58,6 +58,7 @@ class Broker(StepScheduler):
         # Prefills of requests that arrived in one burst, sent together as one cohort once the
         # burst is handled (``_flush_prefills``).
         self.prefills: list[Session] = []
+        # Holds the pending flush task: the event loop keeps only a weak reference to a task.
         self.flusher: asyncio.Task | None = None
         # decode compute seconds per token per node since the placement last changed
         window = max(512, cfg.rebalance.min_tokens)
