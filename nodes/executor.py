@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -36,6 +37,26 @@ class Row:
     @property
     def x(self) -> torch.Tensor:
         return self.src.narrow(0, self.off, self.n)
+
+
+class RowState(NamedTuple):
+    """A decode row's output hidden state: row ``i`` of its batch's ``block`` (a view per row
+    costs ~3 µs; a batch usually goes on whole, see ``join_hidden``)."""
+
+    block: torch.Tensor
+    i: int
+
+
+def join_hidden(outs: list) -> torch.Tensor:
+    """The rows' hidden states (``RowState`` or tensors of the eager path), in order, as one
+    tensor: the decode block itself when the rows are all of it in order, else a copy."""
+    first = outs[0]
+    if isinstance(first, RowState) and len(outs) == first.block.shape[0] and all(
+            type(o) is RowState and o.block is first.block and o.i == j
+            for j, o in enumerate(outs)):
+        return first.block
+    parts = [o.block[o.i:o.i + 1] if isinstance(o, RowState) else o for o in outs]
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 class StepError(Exception):
@@ -241,9 +262,10 @@ class Executor:
         self.last_compute_s = total
         return outs
 
-    def step_batch(self, rows: list[Row]) -> list[torch.Tensor | tuple | StepError]:
+    def step_batch(self, rows: list[Row]) -> list[torch.Tensor | RowState | tuple | StepError]:
         """Run rows (of one or more step messages) as one batch. Per row: its output (a hidden
-        state tensor, or ``(token, logprob)`` on the last stage) or its refusal."""
+        state tensor or ``RowState``, joined by ``join_hidden``; on the last stage ``(token,
+        logprob)``) or its refusal."""
         results: list = [None] * len(rows)
         ready: list[tuple[int, Row, KVCache]] = []
         for i, row in enumerate(rows):
@@ -296,9 +318,9 @@ class Executor:
             c.advance(1)
         if not self.stage.last:
             # To the host in one copy (the graph's output buffer is overwritten by the next
-            # replay); the rows are views of it.
+            # replay); the rows are rows of it.
             out = out.to("cpu")
-            return list(out.split(1)) if len(ready) > 1 else [out]
+            return [RowState(out, j) for j in range(len(ready))]
         logits, picks = out
         res = [(int(t), lp) for t, lp in picks.tolist()]
         for j, (_, r, _) in enumerate(ready):

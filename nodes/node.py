@@ -15,7 +15,7 @@ import torch
 import zmq
 
 from nodes import profile
-from nodes.executor import DTYPES, Executor, StepError
+from nodes.executor import DTYPES, Executor, StepError, join_hidden
 from zpipe import aio, protocol, sysinfo
 from zpipe.config import NodeConfig
 from zpipe.models import resolve_model
@@ -322,7 +322,7 @@ class Node:
             await self.send(protocol.encode(
                 "result", tokens=[[t, lp] for _, (t, lp) in done], **fields))
             return
-        hidden = torch.cat([h for _, h in done]) if len(done) > 1 else done[0][1]
+        hidden = join_hidden([h for _, h in done])
         if "route" in first.header:
             await self._forward(msgs, done, hidden)
         else:
