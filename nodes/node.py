@@ -70,7 +70,7 @@ class Node:
         loop = asyncio.get_running_loop()
         self.gflops = await loop.run_in_executor(
             self.pool, sysinfo.matmul_gflops, cfg.device, DTYPES[cfg.dtype])
-        gc.freeze()  # torch and transformers' long-lived objects: out of the collector's way
+        settle_gc()  # torch and transformers' long-lived objects: out of the collector's way
         worker = asyncio.create_task(self._work())
         peers = asyncio.create_task(self._peer_serve()) if self._bind_peer() else None
         backoff = self.heartbeat_s
@@ -392,6 +392,7 @@ class Node:
                                             nbytes=nbytes))
         elif msg.kind == "commit":
             await run(self.pool, ex.commit, msg["epoch"])
+            settle_gc()  # the new stage's decoder: before steps resume
             held = f"layers {ex.stage.start}-{ex.stage.end - 1}" if ex.stage else "nothing"
             log.info("epoch %d committed: holding %s", msg["epoch"], held)
             await self.send(protocol.encode("committed", rid=msg["rid"], epoch=msg["epoch"]))
@@ -412,9 +413,19 @@ class Node:
         nbytes = await asyncio.get_running_loop().run_in_executor(
             self.pool, self.executor.load, start, end, epoch)
         dt = time.perf_counter() - t0
+        settle_gc()  # before the broker hears "loaded" and sends steps
         log.info("loaded layers %d-%d: %.1f MB in %.2f s", start, end - 1, nbytes / 1e6, dt)
         await self.send(protocol.encode("loaded", epoch=epoch, start=start, end=end,
                                         weight_bytes=nbytes, load_s=dt))
+
+
+def settle_gc() -> None:
+    """Collect once, then put every surviving object out of the collector's reach. Loading a
+    GPU stage makes ~300k long-lived Python objects (``torch.compile``'s graphs and guards);
+    left tracked, every later full collection walks them all and stalls the step under way by
+    100-200 ms (measured: 166-192 ms on this 2-core host for 312k objects)."""
+    gc.collect()
+    gc.freeze()
 
 
 def _size(msg: Message) -> tuple[int, int]:
