@@ -70,7 +70,7 @@ class Node:
         loop = asyncio.get_running_loop()
         self.gflops = await loop.run_in_executor(
             self.pool, sysinfo.matmul_gflops, cfg.device, DTYPES[cfg.dtype])
-        settle_gc()  # torch and transformers' long-lived objects: out of the collector's way
+        gc.freeze()  # torch and transformers' long-lived objects: out of the collector's way
         worker = asyncio.create_task(self._work())
         peers = asyncio.create_task(self._peer_serve()) if self._bind_peer() else None
         backoff = self.heartbeat_s
@@ -420,12 +420,12 @@ class Node:
 
 
 def settle_gc() -> None:
-    """Collect everything once (what an earlier stage left behind too), then put every
-    surviving object out of the collector's reach. Loading a GPU stage makes ~300k
-    long-lived Python objects (``torch.compile``'s graphs and guards); left tracked, every
-    later full collection walks them all, stalling the step under way (166-192 ms for 312k
-    such objects on a 2-core CPU; 20-280 ms per collection in GPU nodes while they load)."""
-    gc.unfreeze()
+    """Collect what is new since the last freeze, then put the survivors out of the
+    collector's reach. Loading a GPU stage makes ~300k long-lived Python objects
+    (``torch.compile``'s graphs and guards); left tracked, every later full collection walks
+    them all, stalling the step under way (166-192 ms for 312k such objects on a 2-core CPU;
+    20-280 ms per collection in GPU nodes while they load). A replaced stage and its decoder
+    hold no reference cycles: refcounting frees them although they were frozen."""
     gc.collect()
     gc.freeze()
 

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import gc
+import weakref
 from pathlib import Path
 
 import pytest
@@ -59,6 +61,21 @@ def test_batched_decode_on_slots_gives_the_eager_tokens(tiny_model, reference) -
     assert ex.decoder is not None and ex.pool is not None
     assert _generate(ex, 24) == reference
 
+
+def test_a_replaced_stage_is_freed_without_the_collector(tiny_model) -> None:
+    """Nodes freeze the collector's view after a load (``settle_gc``), so a stage and its
+    decoder must not sit in reference cycles: refcounting alone frees them when a load
+    replaces them, or their memory would stay after every move."""
+    ex = _static(tiny_model)
+    n = ex.spec.num_layers
+    ex.load(0, n - 1, epoch=1)
+    stage, decoder, pool = weakref.ref(ex.stage), weakref.ref(ex.decoder), weakref.ref(ex.pool)
+    gc.disable()
+    try:
+        ex.load(1, n, epoch=2)
+        assert stage() is None and decoder() is None and pool() is None
+    finally:
+        gc.enable()
 
 def test_decode_rows_go_on_as_one_block(tiny_model) -> None:
     """An inner stage's decode rows come back as rows of one hidden block, which goes on
