@@ -60,6 +60,7 @@ def test_batched_decode_on_slots_gives_the_eager_tokens(tiny_model, reference) -
     ex = _static(tiny_model)
     assert ex.decoder is not None and ex.pool is not None
     assert _generate(ex, 24) == reference
+    assert all(isinstance(c, SlotKV) for c in ex.caches.values())
 
 
 def test_a_replaced_stage_is_freed_without_the_collector(tiny_model) -> None:
@@ -76,6 +77,7 @@ def test_a_replaced_stage_is_freed_without_the_collector(tiny_model) -> None:
         assert stage() is None and decoder() is None and pool() is None
     finally:
         gc.enable()
+
 
 def test_decode_rows_go_on_as_one_block(tiny_model) -> None:
     """An inner stage's decode rows come back as rows of one hidden block, which goes on
@@ -98,7 +100,6 @@ def test_decode_rows_go_on_as_one_block(tiny_model) -> None:
     assert torch.equal(join_hidden([outs[2]]), block[2:])
     mixed = join_hidden([outs[1], prefill["b"], outs[0]])
     assert torch.equal(mixed, torch.cat([block[1:2], prefill["b"], block[:1]]))
-    assert all(isinstance(c, SlotKV) for c in ex.caches.values())
 
 
 def test_sessions_beyond_the_slots_or_their_length_fall_back_to_eager(tiny_model,
