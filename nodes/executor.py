@@ -40,23 +40,38 @@ class Row:
 
 
 class RowState(NamedTuple):
-    """A decode row's output hidden state: row ``i`` of its batch's ``block`` (a view per row
-    costs ~3 µs; a batch usually goes on whole, see ``join_hidden``)."""
+    """A decode row's output hidden state: row ``off`` of its batch's output ``src`` (a view
+    per row costs ~3 µs; a batch usually goes on whole, see ``join_rows``)."""
 
-    block: torch.Tensor
-    i: int
+    src: torch.Tensor
+    off: int
+
+    @property
+    def n(self) -> int:
+        return 1
+
+    @property
+    def x(self) -> torch.Tensor:
+        return self.src.narrow(0, self.off, 1)
 
 
-def join_hidden(outs: list) -> torch.Tensor:
-    """The rows' hidden states (``RowState`` or tensors of the eager path), in order, as one
-    tensor: the decode block itself when the rows are all of it in order, else a copy."""
-    first = outs[0]
-    if isinstance(first, RowState) and len(outs) == first.block.shape[0] and all(
-            type(o) is RowState and o.block is first.block and o.i == j
-            for j, o in enumerate(outs)):
-        return first.block
-    parts = [o.block[o.i:o.i + 1] if isinstance(o, RowState) else o for o in outs]
-    return parts[0] if len(parts) == 1 else torch.cat(parts)
+def join_rows(parts: list) -> torch.Tensor:
+    """Rows' tensors in order (``Row`` inputs, ``RowState`` outputs, or the eager path's
+    plain tensors) as one tensor: their source, or a view of it, when they lie in order in
+    one tensor (the usual cohort), else a concatenation."""
+    first = parts[0]
+    if isinstance(first, (Row, RowState)):
+        src, end = first.src, first.off
+        for p in parts:
+            if not isinstance(p, (Row, RowState)) or p.src is not src or p.off != end:
+                break
+            end += p.n
+        else:
+            if first.off == 0 and end == src.shape[0]:
+                return src
+            return src.narrow(0, first.off, end - first.off)
+    xs = [p.x if isinstance(p, (Row, RowState)) else p for p in parts]
+    return xs[0] if len(xs) == 1 else torch.cat(xs)
 
 
 class StepError(Exception):
@@ -264,7 +279,7 @@ class Executor:
 
     def step_batch(self, rows: list[Row]) -> list[torch.Tensor | RowState | tuple | StepError]:
         """Run rows (of one or more step messages) as one batch. Per row: its output (a hidden
-        state tensor or ``RowState``, joined by ``join_hidden``; on the last stage ``(token,
+        state tensor or ``RowState``, joined by ``join_rows``; on the last stage ``(token,
         logprob)``) or its refusal."""
         results: list = [None] * len(rows)
         ready: list[tuple[int, Row, KVCache]] = []
@@ -312,7 +327,7 @@ class Executor:
     def _decode(self, ready: list[tuple[int, Row, SlotKV]]) -> list:
         """One decode token for each row through the decoder: hidden rows, or on the last
         stage ``(token, logprob)`` (greedy from the argmax, else sampled from the logits)."""
-        out = self.decoder.run(_inputs([r for _, r, _ in ready]), [c.slot for _, _, c in ready],
+        out = self.decoder.run(join_rows([r for _, r, _ in ready]), [c.slot for _, _, c in ready],
                                [c.length for _, _, c in ready])
         for _, _, c in ready:
             c.advance(1)
@@ -365,18 +380,6 @@ class Executor:
         elif x.dim() != 2 or x.shape[1] != self.spec.hidden_size or not x.is_floating_point():
             raise StepError("bad_shape", f"stage takes float hidden states [n, "
                                          f"{self.spec.hidden_size}], got {x.dtype} {list(x.shape)}")
-
-
-def _inputs(rows: list[Row]) -> torch.Tensor:
-    """The rows' inputs as one tensor: a view when they lie in order in one message's tensor
-    (the usual cohort), else a concatenation."""
-    first = rows[0]
-    end = first.off
-    for r in rows:
-        if r.src is not first.src or r.off != end:
-            return torch.cat([r.x for r in rows])
-        end += r.n
-    return first.src.narrow(0, first.off, end - first.off)
 
 
 def _sample_all(logits: list[torch.Tensor], how: list[tuple[SamplingParams, int]]) -> list:

@@ -15,7 +15,7 @@ import torch
 import zmq
 
 from nodes import profile
-from nodes.executor import DTYPES, Executor, StepError, join_hidden
+from nodes.executor import DTYPES, Executor, StepError, join_rows
 from zpipe import aio, protocol, sysinfo
 from zpipe.config import NodeConfig
 from zpipe.models import resolve_model
@@ -322,7 +322,7 @@ class Node:
             await self.send(protocol.encode(
                 "result", tokens=[[t, lp] for _, (t, lp) in done], **fields))
             return
-        hidden = join_hidden([h for _, h in done])
+        hidden = join_rows([h for _, h in done])
         if "route" in first.header:
             await self._forward(msgs, done, hidden)
         else:

@@ -11,7 +11,7 @@ import pytest
 import torch
 import zmq
 
-from nodes.executor import Executor, RowState, join_hidden
+from nodes.executor import Executor, RowState, join_rows
 from zpipe import protocol, triton_kernels
 from zpipe.config import StaticKV
 from zpipe.decode import Decoder, bucket
@@ -88,17 +88,17 @@ def test_decode_rows_go_on_as_one_block(tiny_model) -> None:
     ex.load(0, n - 1, epoch=1)
     prefill = {}
     for sid, p in PROMPTS.items():
-        prefill[sid] = join_hidden(ex.step_batch(ex.rows_of(_step(sid, 0, 0, p))))
+        prefill[sid] = join_rows(ex.step_batch(ex.rows_of(_step(sid, 0, 0, p))))
         assert prefill[sid].shape[0] == len(p)
     rows = [r for sid, p in PROMPTS.items() for r in ex.rows_of(_step(sid, 1, len(p), [3]))]
     outs = ex.step_batch(rows)
-    assert [type(o) for o in outs] == [RowState] * 3 and [o.i for o in outs] == [0, 1, 2]
-    block = join_hidden(outs)
-    assert block is outs[0].block and block.shape == (3, ex.spec.hidden_size)
-    assert torch.equal(join_hidden(outs[::-1]), block.flip(0))
-    assert torch.equal(join_hidden(outs[1:]), block[1:])
-    assert torch.equal(join_hidden([outs[2]]), block[2:])
-    mixed = join_hidden([outs[1], prefill["b"], outs[0]])
+    assert [type(o) for o in outs] == [RowState] * 3 and [o.off for o in outs] == [0, 1, 2]
+    block = join_rows(outs)
+    assert block is outs[0].src and block.shape == (3, ex.spec.hidden_size)
+    assert torch.equal(join_rows(outs[::-1]), block.flip(0))
+    assert torch.equal(join_rows(outs[1:]), block[1:])
+    assert torch.equal(join_rows([outs[2]]), block[2:])
+    mixed = join_rows([outs[1], prefill["b"], outs[0]])
     assert torch.equal(mixed, torch.cat([block[1:2], prefill["b"], block[:1]]))
 
 
@@ -175,7 +175,7 @@ def test_a_move_keeps_slot_sessions_exact(tiny_model, reference) -> None:
     toks: dict[str, list[int]] = {}
 
     def step(sid: str, s: int, pos: int, ids: list[int]) -> int:
-        h = join_hidden(a.step_batch(a.rows_of(_step(sid, s, pos, ids, a.epoch))))
+        h = join_rows(a.step_batch(a.rows_of(_step(sid, s, pos, ids, a.epoch))))
         msg = protocol.decode([zmq.Frame(bytes(f)) for f in protocol.encode(
             "step", {"x": h}, epoch=b.epoch, stage=1, rows=[[sid, s, pos, len(ids)]],
             sampling=[{}])])
@@ -229,7 +229,7 @@ def test_cuda_graphs_replay_what_the_step_computes(tiny_model) -> None:
                 outs = ex.step_batch(ex.rows_of(
                     protocol.decode([zmq.Frame(bytes(f)) for f in frames])))
                 if i < len(exs) - 1:
-                    x = join_hidden(outs)
+                    x = join_rows(outs)
             return [o[0] for o in outs]
 
         toks = {sid: step([[sid, 0, 0, len(p)]], torch.tensor(p)) for sid, p in PROMPTS.items()}
