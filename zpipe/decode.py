@@ -206,10 +206,7 @@ class Decoder:
             raw = x.to(self.stage.dtype).reshape(-1).view(torch.uint8).numpy()
             self._host_np[end:end + raw.size] = raw
             end += raw.size
-        if end == self._host.shape[0]:  # the first stage (or a full batch): no slicing
-            self._dev.copy_(self._host, non_blocking=True)
-        else:
-            self._dev[:end].copy_(self._host[:end], non_blocking=True)
+        self._dev[:end].copy_(self._host[:end], non_blocking=True)
         graph[0].replay()
         out = graph[1]
         return tuple(t[:n] for t in out) if isinstance(out, tuple) else out[:n]
