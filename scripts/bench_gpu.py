@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import gc
 import json
 import subprocess
 import sys
@@ -31,6 +30,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from conftest import start_cluster  # noqa: E402
+
+from nodes.node import settle_gc  # noqa: E402
 
 # Layout modes (NxG:MODE+MODE): node settings to compare against the defaults.
 MODES = {"eager": {"enabled": False}, "nocompile": {"compile": False},
@@ -152,9 +153,8 @@ def main() -> None:
         result.update(hf_runs(model, prompt, args.new_tokens, args.concurrency))
         result["bound_b1_tok_s"] = result["copy_bandwidth_GB_s"] * 1e9 / result["weight_bytes"]
     # torch.compile left ~300k objects here; a full collection over them would stall the
-    # client that times zpipe below by 100-200 ms (the nodes do the same after a load).
-    gc.collect()
-    gc.freeze()
+    # client that times zpipe below by 100-200 ms (as nodes do after a load).
+    settle_gc()
     print(json.dumps(result, indent=1), flush=True)
     for i, layout in enumerate(args.layouts):
         # a layout given twice is measured twice: "2x0", "2x0#2"
@@ -194,7 +194,7 @@ def main() -> None:
         finally:
             if mps:
                 subprocess.run(["nvidia-cuda-mps-control"], input=b"quit\n", check=False)
-        print(key[6:], json.dumps(result[key]), flush=True)
+        print(key.removeprefix("zpipe_"), json.dumps(result[key]), flush=True)
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=1))
 
