@@ -287,6 +287,25 @@ def test_triton_add_rms_matches_eager() -> None:
     torch.testing.assert_close(x1, _rms_norm(h, w, 1e-5), atol=0, rtol=1e-2)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_prefills_stay_off_cudnn_attention(tiny_model: Path) -> None:
+    """cuDNN's attention plans every new shape (50-100 ms on an H100 for each new prefill batch
+    size): a GPU stage's prefills, alone and attended together, use another backend, and the
+    process-wide backend flags are as they were afterwards."""
+    from torch.profiler import ProfilerActivity, profile
+
+    st = Stage(tiny_model, 0, 6, dtype=torch.bfloat16, device="cuda:0")
+    before = torch.backends.cuda.cudnn_sdp_enabled()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        st.forward_batch([(st.new_cache(), torch.tensor([1, 5, 9, 33, 7]), 0)])
+        st.forward_batch([(st.new_cache(), torch.tensor(p), 0) for p in ([2, 8, 3], [4, 4, 4])])
+        torch.cuda.synchronize()
+    ops = {e.key for e in prof.key_averages()}
+    assert "aten::scaled_dot_product_attention" in ops
+    assert not [op for op in ops if "cudnn_attention" in op]
+    assert torch.backends.cuda.cudnn_sdp_enabled() == before
+
+
 @pytest.mark.parametrize("pooled", [False, True])
 def test_prefills_attended_together_match_alone(tiny_model: Path, pooled: bool) -> None:
     """GPU nodes run a burst of fresh prefills through one attention call per layer
