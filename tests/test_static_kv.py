@@ -16,7 +16,7 @@ from zpipe import protocol, triton_kernels
 from zpipe.config import StaticKV
 from zpipe.decode import Decoder, bucket
 from zpipe.kvcache import KVCache
-from zpipe.shard import Stage
+from zpipe.shard import Stage, padded_rows
 from zpipe.slots import KVFull, SlotKV, SlotPool
 
 PROMPTS = {"a": [1, 5, 9, 33, 7], "b": [2, 8], "c": [4, 4, 4, 19, 20, 21]}
@@ -342,5 +342,65 @@ def test_prefills_attended_together_match_alone(tiny_model: Path, pooled: bool) 
     for (la, ka, va), (_, kb, vb) in zip(kv_alone, kv_together, strict=True):
         if la == 0:  # the first layer's K/V come from the same numbers: written exactly
             assert torch.equal(ka, kb) and torch.equal(va, vb)
+        torch.testing.assert_close(kb, ka, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(vb, va, rtol=1e-5, atol=1e-5)
+
+
+def test_padded_rows_bucket_token_counts() -> None:
+    assert [padded_rows(n) for n in (1, 2, 3, 5, 33, 64, 65, 128, 129, 1000, 1024)] == \
+        [1, 2, 4, 8, 64, 64, 128, 128, 192, 1024, 1024]
+    # few shapes: every count up to 8,192 runs as one of 7 powers of two or 127 multiples of 64
+    assert len({padded_rows(n) for n in range(1, 8193)}) == 134
+
+
+@pytest.mark.parametrize("last", [False, True])
+def test_padded_batches_give_what_unpadded_give(tiny_model: Path, last: bool) -> None:
+    """GPU stages run a batch as ``padded_rows`` rows (``pad_rows``); forced on here on the CPU,
+    a batch of a decode row and prefills (grouped and alone) gives the same outputs (to float32
+    rounding), the same greedy tokens and the same K/V as unpadded, and the padding reaches
+    no cache."""
+    layers = (3, 6) if last else (0, 3)
+    prompts = [[1, 5, 9, 33, 7], [2, 8, 3, 3, 1, 6], [4, 4, 4, 19]]
+
+    rows: dict[bool, set[int]] = {False: set(), True: set()}
+
+    def run(pad: bool) -> tuple[list, list]:
+        torch.manual_seed(0)
+        st = Stage(tiny_model, *layers)
+        st.group_prefills, st.pad_rows = True, pad
+        layer = st._layer
+
+        def seen(i, w, h, *args):
+            rows[pad].add(h.shape[0])
+            return layer(i, w, h, *args)
+
+        st._layer = seen
+
+        def x(n: int) -> torch.Tensor:
+            return (torch.randint(0, 100, (n,)) if st.first
+                    else torch.randn(n, st.spec.hidden_size))
+
+        old = st.new_cache()
+        st.forward_batch([(old, x(3), 0)])
+        caches = [st.new_cache() for _ in prompts]
+        items = [(old, x(1), 3)] + [(c, x(len(p)), 0) for c, p in zip(caches, prompts,
+                                                                       strict=True)]
+        outs = st.forward_batch(items)  # 16 tokens: no padding
+        caches.append(st.new_cache())
+        outs += st.forward_batch([(caches[-1], x(5), 0), (old, x(1), 4)])  # 6 run as 8
+        kv = [(c.length, c.k[la][:, :c.length].clone(), c.v[la][:, :c.length].clone())
+              for c in [old, *caches] for la in range(*layers)]
+        return outs, kv
+
+    plain, kv_plain = run(False)
+    padded, kv_padded = run(True)
+    assert rows == {False: {3, 16, 6}, True: {4, 16, 8}}
+    for a, b in zip(plain, padded, strict=True):
+        assert a.shape == b.shape
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+        if last:
+            assert int(a.argmax()) == int(b.argmax())
+    for (na, ka, va), (nb, kb, vb) in zip(kv_plain, kv_padded, strict=True):
+        assert na == nb and ka.shape == kb.shape
         torch.testing.assert_close(kb, ka, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(vb, va, rtol=1e-5, atol=1e-5)
