@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +18,8 @@ from zpipe.protocol import Message, ProtocolError
 from zpipe.sampling import SamplingParams, sample
 from zpipe.shard import ModelSpec, Stage
 from zpipe.slots import SlotKV, SlotPool
+
+log = logging.getLogger("zpipe.node")
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -114,11 +117,19 @@ class Executor:
             self.stage = self.decoder = self.pool = None  # free the old before the new
             self.caches.clear()
             self.stage = Stage(self.model_dir, start, end, dtype=self.dtype, device=self.device)
+            self._warm(self.stage)
             self._static(self.stage)
             if self.decoder is not None:
                 self.decoder.warm()
         self.epoch = epoch
         return self.stage.weight_bytes()
+
+    def _warm(self, stage: Stage) -> None:
+        """GPU stages: meet every matmul shape of a batch now, not during the first prefills."""
+        if stage.pad_rows:
+            took = stage.warm_matmuls(self.max_step_tokens, self.max_batch)
+            log.info("warmed layers %d-%d's matmul shapes in %.2f s", stage.start,
+                     stage.end - 1, took)
 
     def _static(self, stage: Stage | None) -> None:
         """Set up (or, after a move, re-aim) the KV pool and the decoder for ``stage``."""
@@ -150,6 +161,7 @@ class Executor:
             raise StepError("bad_range", f"layers {start}-{end - 1} are outside the model")
         stage = Stage(self.model_dir, start, end, dtype=self.dtype, device=self.device,
                       reuse=self.stage)
+        self._warm(stage)  # shapes met before are cached process-wide: only new ones cost
         self.pending = (epoch, stage)
         return stage.weight_bytes()
 

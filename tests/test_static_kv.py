@@ -16,7 +16,7 @@ from zpipe import protocol, triton_kernels
 from zpipe.config import StaticKV
 from zpipe.decode import Decoder, bucket
 from zpipe.kvcache import KVCache
-from zpipe.shard import Stage, padded_rows
+from zpipe.shard import Stage, padded_counts, padded_rows
 from zpipe.slots import KVFull, SlotKV, SlotPool
 
 PROMPTS = {"a": [1, 5, 9, 33, 7], "b": [2, 8], "c": [4, 4, 4, 19, 20, 21]}
@@ -404,3 +404,14 @@ def test_padded_batches_give_what_unpadded_give(tiny_model: Path, last: bool) ->
         assert na == nb and ka.shape == kb.shape
         torch.testing.assert_close(kb, ka, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(vb, va, rtol=1e-5, atol=1e-5)
+
+
+def test_warmed_counts_cover_every_padded_batch(tiny_model: Path) -> None:
+    """``warm_matmuls`` meets the shape of every batch a GPU stage can run: each token count
+    up to the limit pads to a warmed count; on the CPU (no padding) nodes skip it."""
+    for limit in (1, 7, 64, 65, 1000, 8192):
+        counts = padded_counts(limit)
+        assert counts == sorted(set(counts))
+        assert {padded_rows(n) for n in range(1, limit + 1)} == set(counts)
+    st = Stage(tiny_model, 3, 6)
+    assert st.warm_matmuls(130, 4) >= 0 and not st.pad_rows

@@ -118,6 +118,12 @@ def padded_rows(n: int) -> int:
     return 1 << (n - 1).bit_length() if n <= 64 else -(-n // 64) * 64
 
 
+def padded_counts(max_tokens: int) -> list[int]:
+    """Every ``padded_rows`` value of a batch of 1..``max_tokens`` tokens, in order."""
+    top = padded_rows(max_tokens)
+    return [m for m in (1, 2, 4, 8, 16, 32, 64) if m <= top] + list(range(128, top + 1, 64))
+
+
 class PrefillRun:
     """Fresh prefills of several sessions attended in one call: their tokens scattered into
     ``[rows, heads, longest, hd]`` (right padding, which causal attention never lets a real
@@ -236,6 +242,24 @@ class Stage:
     def new_cache(self, chunk: int = 256) -> KVCache:
         return KVCache(range(self.start, self.end), self.spec.num_kv_heads, self.spec.head_dim,
                        self.dtype, self.device, chunk=chunk)
+
+    @torch.inference_mode()
+    def warm_matmuls(self, max_tokens: int, max_rows: int) -> float:
+        """Run once every matmul shape a padded batch of up to ``max_tokens`` tokens meets, and
+        ``lm_head`` for 1..``max_rows`` rows; returns the seconds taken. For GPUs: cuBLAS
+        chooses a kernel the first time it meets a shape (~2-3 ms each on an H100), which
+        would otherwise land on the first live prefills of each size."""
+        t0 = time.perf_counter()
+        weights = {tuple(w.shape): w for layer in self.layers for w in layer if w.dim() == 2}
+        for m in padded_counts(max_tokens):
+            for w in weights.values():
+                F.linear(w.new_zeros(m, w.shape[1]), w)
+        if self.last:
+            for m in range(1, max_rows + 1):
+                F.linear(self.lm_head.new_zeros(m, self.lm_head.shape[1]), self.lm_head)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter() - t0
 
     def weight_bytes(self) -> int:
         tensors = {id(t): t for layer in self.layers for t in layer}
