@@ -23,8 +23,8 @@ from zpipe.kvcache import KVCache
 from zpipe.slots import SlotKV
 
 # Attention backends for a GPU stage's eager steps (prefills): all but cuDNN's, which builds a
-# plan for every new shape: on an H100, 55 ms of the 60-160 ms that a prefill batch of a size
-# not met before took, against 6-20 ms warm; without it the first time is 22-33 ms.
+# plan for every new shape. On an H100 an 8-layer stage's first prefill of a new batch size took
+# 70-180 ms (55 ms of it in cuDNN) against 6-20 ms warm; 12-52 ms without cuDNN.
 _GPU_SDPA = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 _LAYER_PARTS = (
@@ -247,8 +247,8 @@ class Stage:
     def warm_matmuls(self, max_tokens: int, max_rows: int) -> float:
         """Run once every matmul shape a padded batch of up to ``max_tokens`` tokens meets, and
         ``lm_head`` for 1..``max_rows`` rows; returns the seconds taken. For GPUs: cuBLAS
-        chooses a kernel the first time it meets a shape (~2-3 ms each on an H100), which
-        would otherwise land on the first live prefills of each size."""
+        chooses a kernel the first time it meets a shape (~14 ms for an 8-layer stage's shapes
+        of one batch size on an H100), which would otherwise land on live prefills."""
         t0 = time.perf_counter()
         weights = {tuple(w.shape): w for layer in self.layers for w in layer if w.dim() == 2}
         for m in padded_counts(max_tokens):
