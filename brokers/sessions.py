@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 from tokenizers.decoders import DecodeStream
@@ -127,7 +127,7 @@ def build_session(msg: Message, client: bytes, tokenizer: Any, limits: Limits, v
         raise RequestError(str(e), e.code) from None
     stop_ids = frozenset(stop) | (frozenset() if msg.get("ignore_eos", False) else eos_ids)
     return Session(sid=uuid.uuid4().hex, rid=msg["rid"], client=client, prompt_ids=ids,
-                   max_new_tokens=max_new, sampling=asdict(sampling), stop_ids=stop_ids,
+                   max_new_tokens=max_new, sampling=sampling.to_dict(), stop_ids=stop_ids,
                    detok=Detokenizer(tokenizer, ids))
 
 

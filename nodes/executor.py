@@ -21,6 +21,8 @@ from zpipe.slots import SlotKV, SlotPool
 
 log = logging.getLogger("zpipe.node")
 
+_DEFAULT_SAMPLING = SamplingParams()
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -261,11 +263,13 @@ class Executor:
             if sampling is not None and len(sampling) != len(rows):
                 raise StepError("bad_message", f"{len(sampling)} sampling entries for "
                                                f"{len(rows)} rows")
-            try:
-                params = [SamplingParams.cached(sampling[i] if sampling else {})
-                          for i in range(len(rows))]
-            except (ValueError, TypeError, AttributeError) as e:
-                raise StepError("bad_sampling", str(e)) from None
+            if sampling is None or sampling.count({}) == len(sampling):
+                params = [_DEFAULT_SAMPLING] * len(rows)  # all default (greedy): one check
+            else:
+                try:
+                    params = [SamplingParams.cached(d) for d in sampling]
+                except (ValueError, TypeError, AttributeError) as e:
+                    raise StepError("bad_sampling", str(e)) from None
         out, off = [], 0
         for (sid, step, pos, n), p in zip(rows, params, strict=True):
             out.append(Row(sid, step, pos, n, x, off, p))

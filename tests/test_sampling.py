@@ -139,3 +139,11 @@ def test_cached_remembers_and_refuses_non_dicts():
         SamplingParams.cached([("temperature", 1.0)])
     with pytest.raises(ValueError):
         SamplingParams.cached({"temperature": [1]})  # unhashable: checked, not cached
+
+
+def test_to_dict_sends_only_what_differs_from_the_defaults():
+    assert SamplingParams().to_dict() == {}
+    for p in (SamplingParams(temperature=0.7), SamplingParams(top_k=5, seed=9),
+              SamplingParams(temperature=1.0, top_k=3, top_p=0.9, seed=1)):
+        assert SamplingParams.from_dict(p.to_dict()) == p
+    assert SamplingParams(temperature=0.5, seed=2).to_dict() == {"temperature": 0.5, "seed": 2}

@@ -15,6 +15,7 @@ from nodes.node import Node
 from zpipe import protocol
 from zpipe.config import NodeConfig
 from zpipe.protocol import ProtocolError, result_rows, step_rows
+from zpipe.sampling import SamplingParams
 
 
 def _msg(kind: str, tensors: dict | None = None, **fields) -> protocol.Message:
@@ -82,12 +83,29 @@ def test_one_refused_row_does_not_stop_the_others(executor: Executor) -> None:
     (lambda: _step([["a", 0, 0, 1]], torch.tensor([1]), sampling=[{}, {}]), "bad_message"),
     (lambda: _step([["a", 0, 0, 1]], torch.tensor([1]), sampling=[{"temperature": -1}]),
      "bad_sampling"),
+    (lambda: _step([["a", 0, 0, 1], ["b", 0, 0, 1]], torch.tensor([1, 2]),
+                   sampling=[{}, {"temperature": -1}]), "bad_sampling"),
+    (lambda: _step([["a", 0, 0, 1], ["b", 0, 0, 1]], torch.tensor([1, 2]), sampling=[{}, 5]),
+     "bad_sampling"),
     (lambda: _step([["a", 0, 0, 2]], torch.zeros(2, 3)), "bad_shape"),
 ])
 def test_rows_of_refuses_a_bad_message(executor: Executor, make, code: str) -> None:
     with pytest.raises(StepError) as e:
         executor.rows_of(make())
     assert e.value.code == code
+
+
+def test_rows_take_their_sampling_params(executor: Executor) -> None:
+    """Rows whose entries are all ``{}`` (the defaults, greedy) share the default params;
+    otherwise each row gets its own."""
+    ids = torch.tensor([1, 2])
+    rows = [["a", 0, 0, 1], ["b", 0, 0, 1]]
+    for sampling in (None, [{}, {}]):
+        got = executor.rows_of(_step(rows, ids, **({"sampling": sampling} if sampling else {})))
+        assert [r.params for r in got] == [SamplingParams()] * 2
+    got = executor.rows_of(_step(rows, ids, sampling=[{}, {"temperature": 0.5, "seed": 3}]))
+    assert [r.params for r in got] == [SamplingParams(),
+                                       SamplingParams(temperature=0.5, seed=3)]
 
 
 def test_node_merges_waiting_step_messages_up_to_max_batch(tiny_model: Path) -> None:

@@ -57,6 +57,12 @@ class SamplingParams:
             raise ValueError(f"{unknown[0]}: unknown sampling parameter")
         return cls(**d)
 
+    def to_dict(self) -> dict:
+        """The fields that differ from the defaults (greedy: ``{}``): what every step
+        message carries for the session, so the common case costs nothing to send or check."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                if getattr(self, f.name) != f.default}
+
     @classmethod
     def cached(cls, d: dict) -> SamplingParams:
         """``from_dict``, remembered: a session sends the same params with every step, and
