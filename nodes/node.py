@@ -247,8 +247,7 @@ class Node:
                 elif msg.kind == "free":
                     self.executor.free([s for s in msg["sids"] if isinstance(s, str)])
                 elif msg.kind == "profile":
-                    data = await asyncio.get_running_loop().run_in_executor(
-                        self.pool, profile.run, self.executor, msg.get("tokens", 16))
+                    data = await self._in_pool(profile.run, self.executor, msg.get("tokens", 16))
                     await self.send(protocol.encode("profile_reply", rid=msg["rid"], **data))
                 else:
                     await self._reallocate(msg)
@@ -284,8 +283,7 @@ class Node:
             # here: the two thread hand-offs would cost more than the loop's pause.
             outs = self.executor.run_rows(*args)
         else:
-            outs = await asyncio.get_running_loop().run_in_executor(
-                self.pool, self.executor.run_rows, *args)
+            outs = await self._in_pool(self.executor.run_rows, *args)
         if decode:
             self.decode_s = self.executor.last_compute_s
         done = []
@@ -368,12 +366,26 @@ class Node:
             ids = {"rid": msg["rid"]} if "rid" in msg.header else {}
             await self.send(protocol.error(err.code, text, **ids))
 
+    async def _in_pool(self, fn, *args):
+        """``fn(*args)`` on the compute thread. Meanwhile the sockets do not busy-poll: a
+        spinning event loop holds the GIL that the compute thread needs for every torch call
+        (on the 2-core machine, torch work in a pool thread ran 2-3.5x slower beside a loop
+        turning ``asyncio.sleep(0)``); the loop sleeps in its poller instead."""
+        socks = [s for s in (self.sock, self.peer) if s is not None]
+        for s in socks:
+            s.busy_poll_s = 0.0
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
+        finally:
+            for s in socks:
+                s.busy_poll_s = self.cfg.busy_poll_ms / 1000
+
     async def _reallocate(self, msg: Message) -> None:
         """The node's side of a move (brokers/mover.py): prepare, KV out/in, commit/abort."""
-        ex, run = self.executor, asyncio.get_running_loop().run_in_executor
+        ex = self.executor
         if msg.kind == "prepare":
             t0 = time.perf_counter()
-            nbytes = await run(self.pool, ex.prepare, msg["start"], msg["end"], msg["epoch"])
+            nbytes = await self._in_pool(ex.prepare, msg["start"], msg["end"], msg["epoch"])
             log.info("prepared layers %d-%d for epoch %d (%.1f MB)", msg["start"],
                      msg["end"] - 1, msg["epoch"], nbytes / 1e6)
             await self.send(protocol.encode("prepared", rid=msg["rid"], epoch=msg["epoch"],
@@ -387,11 +399,11 @@ class Node:
                 await self.send(protocol.encode("kv_data", tensors, rid=msg["rid"], sid=sid,
                                                 length=length))
         elif msg.kind == "kv_import":
-            nbytes = await run(self.pool, ex.import_kv, msg["sid"], msg["length"], msg.tensors)
+            nbytes = await self._in_pool(ex.import_kv, msg["sid"], msg["length"], msg.tensors)
             await self.send(protocol.encode("kv_imported", rid=msg["rid"], sid=msg["sid"],
                                             nbytes=nbytes))
         elif msg.kind == "commit":
-            await run(self.pool, ex.commit, msg["epoch"])
+            await self._in_pool(ex.commit, msg["epoch"])
             settle_gc()  # the new stage's decoder: before steps resume
             held = f"layers {ex.stage.start}-{ex.stage.end - 1}" if ex.stage else "nothing"
             log.info("epoch %d committed: holding %s", msg["epoch"], held)
@@ -410,8 +422,7 @@ class Node:
         start, end, epoch = msg["start"], msg["end"], msg["epoch"]
         log.info("loading layers %d-%d (epoch %d) from %s", start, end - 1, epoch, self.model_dir)
         t0 = time.perf_counter()
-        nbytes = await asyncio.get_running_loop().run_in_executor(
-            self.pool, self.executor.load, start, end, epoch)
+        nbytes = await self._in_pool(self.executor.load, start, end, epoch)
         dt = time.perf_counter() - t0
         settle_gc()  # before the broker hears "loaded" and sends steps
         log.info("loaded layers %d-%d: %.1f MB in %.2f s", start, end - 1, nbytes / 1e6, dt)

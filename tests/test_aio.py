@@ -130,3 +130,26 @@ async def test_busy_poll_delivers_keeps_other_tasks_running_and_times_out(pair) 
     other.cancel()
     router.close()
     dealer.close()
+
+
+async def test_busy_poll_turned_off_mid_poll_sleeps_in_the_poller(pair) -> None:
+    """A node sets ``busy_poll_s`` to 0 while its compute thread runs (a turning loop holds
+    the GIL that thread needs): a recv already polling stops and waits in the poller, and
+    still gets the next message."""
+    r, d = pair
+    router, dealer = aio.Socket(r, busy_poll_s=60.0), aio.Socket(d)
+    got = asyncio.create_task(router.recv(30))
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert router.waiter is None  # polling: turning the loop, no future to wait on
+    router.busy_poll_s = 0.0
+    for _ in range(50):
+        if router.waiter is not None:
+            break
+        await asyncio.sleep(0.001)
+    assert router.waiter is not None and not got.done()  # asleep in the poller
+    dealer.send([b"hi"])
+    frames = await asyncio.wait_for(got, 5)
+    assert frames is not None and frames[-1].bytes == b"hi"
+    router.close()
+    dealer.close()

@@ -80,8 +80,11 @@ class Socket:
         return self.inbox.popleft()
 
     async def _poll(self, seconds: float) -> None:
+        """Turn the loop until a message comes, ``seconds`` pass, or ``busy_poll_s`` is set
+        to 0 (the owner stops the polling while another thread needs the GIL)."""
         end = time.perf_counter() + seconds
-        while not self.inbox and not self.closed and time.perf_counter() < end:
+        while (not self.inbox and not self.closed and self.busy_poll_s > 0
+               and time.perf_counter() < end):
             await asyncio.sleep(0)  # one turn of the loop: its poller is asked not to wait
             if not self.inbox:
                 self._drain()
