@@ -326,7 +326,7 @@ class Stage:
             h = F.pad(h, (0, 0, 0, pad))
         pos_ids = torch.cat([torch.arange(p, p + n) for (_, _, p), n in zip(items, lens,
                                                                              strict=True)]
-                            + [torch.zeros(pad, dtype=torch.int64)])
+                            + ([torch.zeros(pad, dtype=torch.int64)] if pad else []))
         cos, sin = self.rotary(h, pos_ids.to(self.device)[None])  # [1, T, head_dim]
         masks = [self._mask(p, n) for (_, _, p), n in zip(items, lens, strict=True)]
         caches = [c for c, _, _ in items]
