@@ -156,10 +156,10 @@ def main() -> None:
     # client that times zpipe below by 100-200 ms (as nodes do after a load).
     settle_gc()
     print(json.dumps(result, indent=1), flush=True)
-    for i, layout in enumerate(args.layouts):
+    for done, layout in enumerate(args.layouts):
         # a layout given twice is measured twice: "2x0", "2x0#2"
-        key = f"zpipe_{layout}" + (f"#{args.layouts[:i].count(layout) + 1}"
-                                   if layout in args.layouts[:i] else "")
+        seen = args.layouts[:done].count(layout)
+        key = f"zpipe_{layout}" + (f"#{seen + 1}" if seen else "")
         shape, _, mode = layout.partition(":")
         n, gpus = shape.split("x")
         devices = [f"cuda:{gpus[i % len(gpus)]}" for i in range(int(n))]
