@@ -14,7 +14,7 @@ import zmq
 from nodes.executor import Executor, RowState, join_rows
 from zpipe import protocol, triton_kernels
 from zpipe.config import StaticKV
-from zpipe.decode import Decoder, bucket
+from zpipe.decode import Decoder, _pick, bucket
 from zpipe.kvcache import KVCache
 from zpipe.shard import Stage, padded_counts, padded_rows
 from zpipe.slots import KVFull, SlotKV, SlotPool
@@ -204,6 +204,31 @@ def test_bucket() -> None:
     assert [bucket(n, 64) for n in (1, 2, 3, 5, 33, 64, 65)] == [1, 2, 4, 8, 64, 64, 64]
     assert bucket(1, 2048, 256) == 256 and bucket(300, 2048, 256) == 512
     assert bucket(3000, 2048, 256) == 2048
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_pick_is_the_argmax_and_its_log_softmax(dtype: torch.dtype) -> None:
+    torch.manual_seed(0)
+    logits = (torch.randn(5, 1000) * 4).to(dtype)
+    logits[2, 10] = logits[2, 700] = logits[2].max() + 1  # a tie: the first index wins
+    picks = _pick(logits)
+    x = logits.float()
+    assert picks.dtype == torch.float64 and picks.shape == (5, 2)
+    assert picks[:, 0].long().tolist() == x.argmax(dim=-1).tolist()
+    assert picks[2, 0] == 10
+    want = torch.log_softmax(x, dim=-1).gather(1, x.argmax(dim=-1)[:, None])[:, 0]
+    torch.testing.assert_close(picks[:, 1].float(), want, rtol=0, atol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_compiled_pick_on_the_gpu_matches_eager() -> None:
+    torch.manual_seed(0)
+    compiled = torch.compile(_pick, dynamic=True)
+    for b in (1, 3, 32):  # one compiled kernel for every batch size
+        logits = (torch.randn(b, 128256, device="cuda:0") * 4).to(torch.bfloat16)
+        got, want = compiled(logits).cpu(), _pick(logits.cpu())
+        assert got[:, 0].tolist() == want[:, 0].tolist()
+        torch.testing.assert_close(got[:, 1], want[:, 1], rtol=0, atol=1e-4)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
