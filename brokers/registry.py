@@ -6,7 +6,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 
-from zpipe.protocol import Message, is_peer_address
+from zpipe.protocol import MAX_ROWS, Message, is_peer_address
 
 log = logging.getLogger("zpipe.broker")
 
@@ -23,6 +23,7 @@ class NodeInfo:
     mem_free: int
     gflops: float
     peer: str = ""  # where other nodes send it steps under direct routing ("": nowhere)
+    max_batch: int = 0  # the most rows it runs as one batch (0: it did not say)
     state: str = "registered"  # registered → loading → ready; dead when silent too long
     start: int = 0
     end: int = 0
@@ -42,6 +43,7 @@ class NodeInfo:
             "heartbeat_age_s": round(time.monotonic() - self.last_seen, 3),
             "rss": self.stats.get("rss", 0), "kv_bytes": self.stats.get("kv_bytes", 0),
             "sessions": self.stats.get("sessions", 0), "peer": self.peer,
+            "max_batch": self.max_batch,
         }
 
 
@@ -60,10 +62,14 @@ class Registry:
             log.warning("node %s registered a malformed peer address %.80r: ignored",
                         msg["name"], peer)
             peer = ""
+        max_batch = msg.get("max_batch", 0)
+        if not 0 <= max_batch <= MAX_ROWS:
+            log.warning("node %s registered max_batch %d: ignored", msg["name"], max_batch)
+            max_batch = 0
         info = NodeInfo(ident=ident, name=msg["name"], pid=msg["pid"], host=msg["host"],
                         device=msg["device"], dtype=msg["dtype"], mem_total=msg["mem_total"],
                         mem_free=msg["mem_free"], gflops=float(msg["gflops"]),
-                        peer=peer)
+                        peer=peer, max_batch=max_batch)
         self.by_name[info.name] = info
         self.by_ident[ident] = info
         return old

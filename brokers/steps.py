@@ -24,10 +24,25 @@ log = logging.getLogger("zpipe.broker")
 
 class StepScheduler:
     async def _start_steps(self, sessions: list[Session]) -> None:
-        """Send the sessions' next step to stage 0 as one message: one cohort."""
+        """Send the sessions' next step to stage 0: one message per cohort of at most the
+        placement's smallest ``max_batch``. A node would run a bigger cohort as several
+        batches one after another; as separate cohorts they keep different stages busy at
+        once (pipeline parallelism)."""
         if self.paused:  # a reallocation is under way: wait at this token boundary
             self.parked.extend(sessions)
             return
+        cap = self._cohort_cap() or len(sessions)
+        for i in range(0, len(sessions), cap):
+            await self._start_cohort(sessions[i:i + cap])
+
+    def _cohort_cap(self) -> int:
+        """The smallest ``max_batch`` the placement's nodes registered (0: none said)."""
+        names = self.placement.nodes() if self.placement is not None else []
+        caps = [n.max_batch for n in map(self.registry.by_name.get, names)
+                if n is not None and n.max_batch > 0]
+        return min(caps, default=0)
+
+    async def _start_cohort(self, sessions: list[Session]) -> None:
         # One tensor for the cohort, built from plain ints: a tensor per session costs ~5 us.
         ids = torch.tensor(sessions[0].step_input() if len(sessions) == 1 else
                            [t for s in sessions for t in s.step_input()], dtype=torch.int64)

@@ -156,7 +156,8 @@ class Node:
             "register", name=cfg.name, pid=os.getpid(), host=socket.gethostname(),
             device=cfg.device, dtype=cfg.dtype, model=str(self.model_dir),
             num_layers=self.executor.spec.num_layers, mem_total=total, mem_free=free,
-            gflops=round(self.gflops, 2), **({"peer": self.peer_addr} if self.peer_addr else {})))
+            gflops=round(self.gflops, 2), max_batch=cfg.max_batch,
+            **({"peer": self.peer_addr} if self.peer_addr else {})))
         log.info("node %s registering with %s (%s, %s, %.1f GFLOP/s)", cfg.name, cfg.broker,
                  cfg.device, cfg.dtype, self.gflops)
 

@@ -40,35 +40,48 @@ async def _pump(broker: Broker, until, limit: int = 200) -> None:
     raise AssertionError("the broker never got there")
 
 
+async def _serving(tiny_model: Path, **register) -> tuple[Broker, zmq.Socket, zmq.Socket]:
+    """A broker on a real ROUTER socket with one node ("a", every layer) loaded and ready,
+    and a client; the node's and client's DEALER sockets speak the protocol by hand."""
+    addr = f"tcp://127.0.0.1:{free_port()}"
+    broker = Broker(BrokerConfig(model=str(tiny_model), bind=addr, placement={
+        "strategy": "custom", "stages": [{"node": "a", "layers": "0-5"}]}))
+    ctx = zmq.Context.instance()
+    router = ctx.socket(zmq.ROUTER)
+    router.setsockopt(zmq.LINGER, 0)
+    router.setsockopt(zmq.ROUTER_MANDATORY, 1)
+    router.bind(addr)
+    broker.sock = aio.Socket(router)
+    node, client = ctx.socket(zmq.DEALER), ctx.socket(zmq.DEALER)
+    client.setsockopt(zmq.IDENTITY, b"client-1")
+    for s in (node, client):
+        s.setsockopt(zmq.LINGER, 0)
+        s.connect(addr)
+    await broker._place()
+    node.send_multipart(protocol.encode(
+        "register", name="a", pid=os.getpid(), host="test", device="cpu",
+        dtype="float32", model=str(tiny_model), num_layers=6, mem_total=1 << 34,
+        mem_free=1 << 33, gflops=10.0, **register))
+    await _pump(broker, lambda: broker.placement is not None)
+    assert (await _recv(node)).kind == "welcome"
+    load = await _recv(node)
+    assert load.kind == "load"
+    node.send_multipart(protocol.encode("loaded", epoch=load["epoch"], start=0, end=6,
+                                        weight_bytes=1, load_s=0.1))
+    await _pump(broker, lambda: broker.ready)
+    return broker, node, client
+
+
+def _close(broker: Broker, *socks: zmq.Socket) -> None:
+    for s in socks:
+        s.close(0)
+    broker.sock.close()
+
+
 def test_a_burst_of_requests_starts_as_one_cohort(tiny_model: Path) -> None:
     async def run() -> None:
-        addr = f"tcp://127.0.0.1:{free_port()}"
-        broker = Broker(BrokerConfig(model=str(tiny_model), bind=addr, placement={
-            "strategy": "custom", "stages": [{"node": "a", "layers": "0-5"}]}))
-        ctx = zmq.Context.instance()
-        router = ctx.socket(zmq.ROUTER)
-        router.setsockopt(zmq.LINGER, 0)
-        router.setsockopt(zmq.ROUTER_MANDATORY, 1)
-        router.bind(addr)
-        broker.sock = aio.Socket(router)
-        node, client = ctx.socket(zmq.DEALER), ctx.socket(zmq.DEALER)
-        client.setsockopt(zmq.IDENTITY, b"client-1")
-        for s in (node, client):
-            s.setsockopt(zmq.LINGER, 0)
-            s.connect(addr)
+        broker, node, client = await _serving(tiny_model)
         try:
-            await broker._place()
-            node.send_multipart(protocol.encode(
-                "register", name="a", pid=os.getpid(), host="test", device="cpu",
-                dtype="float32", model=str(tiny_model), num_layers=6, mem_total=1 << 34,
-                mem_free=1 << 33, gflops=10.0))
-            await _pump(broker, lambda: broker.placement is not None)
-            assert (await _recv(node)).kind == "welcome"
-            load = await _recv(node)
-            assert load.kind == "load"
-            node.send_multipart(protocol.encode("loaded", epoch=load["epoch"], start=0, end=6,
-                                                weight_bytes=1, load_s=0.1))
-            await _pump(broker, lambda: broker.ready)
             # Three requests handled back to back (one burst), a fourth cancelled in it.
             prompts = {"r1": [5, 6, 7], "r2": [8, 9], "r3": [10, 11, 12, 13], "r4": [14]}
             for rid, ids in prompts.items():
@@ -93,8 +106,46 @@ def test_a_burst_of_requests_starts_as_one_cohort(tiny_model: Path) -> None:
             assert [r[:3] for r in nxt["rows"]] == [[r[0], 1, r[3]] for r in step["rows"]]
             assert nxt.tensors["x"].tolist() == [42, 42, 42]
         finally:
-            for s in (node, client):
-                s.close(0)
-            broker.sock.close()
+            _close(broker, node, client)
+
+    asyncio.run(run())
+
+
+def test_cohorts_are_no_bigger_than_the_nodes_max_batch(tiny_model: Path) -> None:
+    """A node that runs at most 2 rows a batch: a burst of 5 starts as cohorts of 2, 2 and 1,
+    and their next steps go on as those cohorts."""
+    async def run() -> None:
+        broker, node, client = await _serving(tiny_model, max_batch=2)
+        try:
+            assert broker.registry.by_name["a"].max_batch == 2
+            for i in range(5):
+                await broker._handle(_frames(protocol.encode(
+                    "generate", rid=f"r{i}", prompt_ids=[5 + i, 6], max_new_tokens=4)))
+            await asyncio.sleep(0)
+            steps = [await _recv(node) for _ in range(3)]
+            assert [len(m["rows"]) for m in steps] == [2, 2, 1]
+            assert [t for m in steps for t in m.tensors["x"].tolist()] == [
+                v for i in range(5) for v in (5 + i, 6)]
+            node.send_multipart(protocol.encode(
+                "result", epoch=steps[1]["epoch"], stage=0, compute_s=0.001,
+                rows=[[sid, 0, n] for sid, _, _, n in steps[1]["rows"]],
+                tokens=[[42, -0.1]] * 2))
+            await _pump(broker, lambda: broker.metrics.steps_started == 4)
+            nxt = await _recv(node)
+            assert [r[0] for r in nxt["rows"]] == [r[0] for r in steps[1]["rows"]]
+        finally:
+            _close(broker, node, client)
+
+    asyncio.run(run())
+
+
+def test_a_bad_max_batch_is_ignored(tiny_model: Path) -> None:
+    async def run() -> None:
+        broker, node, client = await _serving(tiny_model, max_batch=-3)
+        try:
+            assert broker.registry.by_name["a"].max_batch == 0
+            assert broker._cohort_cap() == 0
+        finally:
+            _close(broker, node, client)
 
     asyncio.run(run())

@@ -55,6 +55,7 @@ SCHEMAS: dict[str, dict[str, str]] = {
         "name": _STR, "pid": _INT, "host": _STR, "device": _STR, "dtype": _STR,
         "model": _STR, "num_layers": _INT, "mem_total": _INT, "mem_free": _INT, "gflops": _NUM,
         "peer?": _STR,  # where other nodes send it activations directly (NodeConfig.peer_bind)
+        "max_batch?": _INT,  # the most rows it runs as one batch: the broker's cohort cap
     },
     "loaded": {"epoch": _INT, "start": _INT, "end": _INT, "weight_bytes": _INT, "load_s": _NUM},
     # A stage's answer to a step, for the rows it ran: "rows" [sid, step, n] in the step's
