@@ -115,6 +115,10 @@ async def _zpipe(rc, prompt: list[int], new_tokens: int, concurrency: int) -> di
         "b1_tok_s": new_tokens / one.total_s,
         "b1_decode_tok_s": one.tokens_per_s,
         "b1_p50_ms": decode[len(decode) // 2] * 1000,
+        # the slow tokens' share: a mean well above the median is jitter, not the step
+        "b1_gap_ms_mean_p90_p99_max": [sum(decode) / len(decode) * 1000,
+                                       decode[int(len(decode) * 0.9)] * 1000,
+                                       decode[int(len(decode) * 0.99)] * 1000, decode[-1] * 1000],
         "b1_ttft_ms": one.ttft_s * 1000,
         f"c{concurrency}_tok_s": sum(len(g.token_ids) for g in many) / wall,
         "c_wall_s": wall,

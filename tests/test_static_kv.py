@@ -296,6 +296,12 @@ def test_triton_slot_attention_matches_sdpa() -> None:
             q[i:i + 1].float(), kp[s:s + 1, :, :p + 1].float(), vp[s:s + 1, :, :p + 1].float(),
             scale=0.125)
         torch.testing.assert_close(out[i:i + 1].float(), ref, atol=2e-2, rtol=2e-2)
+    # q as rows of a wider tensor (the roped q and k heads side by side), not copied first
+    qk = torch.cat([q.reshape(4, -1), torch.randn(4, 128, device=dev, dtype=dt)], dim=1)
+    kp2, vp2 = kp.clone(), vp.clone()
+    sliced = triton_kernels.slot_attention(qk[:, :384].view(4, 2, 3, 64), k, v, kp2, vp2,
+                                           slots, pos, 0.125)
+    assert sliced.is_contiguous() and torch.equal(sliced, out)
 
 
 @needs_triton

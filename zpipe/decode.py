@@ -34,8 +34,10 @@ def _add_rms(h: Tensor, r: Tensor | None, w: Tensor, eps: float) -> tuple[Tensor
     return h, _rms_norm(h, w, eps)
 
 
-def _rope(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
-    return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+def _rope(qk: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """RoPE over the query and key heads together (``[B, heads + kv_heads, hd]``): one
+    kernel where two tensors would take two."""
+    return qk * cos + _rotate_half(qk) * sin
 
 
 def _silu_mul(gu: Tensor) -> Tensor:
@@ -168,8 +170,8 @@ class Decoder:
         for layer, (ln1, wqkv, wo, ln2, wgu, wd) in enumerate(self.layers, st.start):
             h, xn = self.add_rms(h, r, ln1, st.eps)
             qkv = F.linear(xn, wqkv)
-            q, k = self.rope(qkv[:, :qd].view(b, -1, hd), qkv[:, qd:qd + kd].view(b, n_kv, hd),
-                             cos, sin)
+            qk = self.rope(qkv[:, :qd + kd].view(b, -1, hd), cos, sin)
+            q, k = qk[:, :self.n_heads], qk[:, self.n_heads:]
             v = qkv[:, qd + kd:].view(b, n_kv, hd)
             kc, vc = pool.k[layer], pool.v[layer]
             # Query heads grouped per KV head ([B, n_kv, heads/n_kv, hd]): GQA with no repeat.

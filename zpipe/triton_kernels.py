@@ -32,8 +32,8 @@ def available(device: torch.device) -> bool:
 
 if triton is not None:
     @triton.jit
-    def _attn_kernel(q_ptr, k_new, v_new, k_stride, v_stride, k_ptr, v_ptr, slots_ptr, pos_ptr, out_ptr,
-                     stride_slot, stride_head, stride_tok, scale, N_KV: tl.constexpr,
+    def _attn_kernel(q_ptr, q_stride, k_new, v_new, k_stride, v_stride, k_ptr, v_ptr, slots_ptr,
+                     pos_ptr, out_ptr, stride_slot, stride_head, stride_tok, scale, N_KV: tl.constexpr,
                      G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr):
         b = tl.program_id(0)
         h = tl.program_id(1)
@@ -47,8 +47,8 @@ if triton is not None:
         vn = tl.load(v_new + b * v_stride + h * D + d)
         tl.store(k_ptr + base + pos.to(tl.int64) * stride_tok + d, kn)
         tl.store(v_ptr + base + pos.to(tl.int64) * stride_tok + d, vn)
-        q_off = ((b * N_KV + h) * G + g[:, None]) * D + d[None, :]
-        q = tl.load(q_ptr + q_off, mask=g[:, None] < G, other=0.0)
+        head_off = (h * G + g[:, None]) * D + d[None, :]
+        q = tl.load(q_ptr + b * q_stride + head_off, mask=g[:, None] < G, other=0.0)
         m = tl.sum(q.to(tl.float32) * kn.to(tl.float32)[None, :], axis=1) * scale  # [GP]
         l_sum = tl.full([GP], 1.0, tl.float32)
         acc = tl.zeros([GP, D], tl.float32) + vn.to(tl.float32)[None, :]
@@ -67,24 +67,27 @@ if triton is not None:
             l_sum = l_sum * alpha + tl.sum(p, axis=1)
             m = m_new
         out = acc / l_sum[:, None]
-        tl.store(out_ptr + q_off, out.to(out_ptr.dtype.element_ty), mask=g[:, None] < G)
+        tl.store(out_ptr + b * (N_KV * G * D) + head_off, out.to(out_ptr.dtype.element_ty),
+                 mask=g[:, None] < G)
 
 
 def slot_attention(q: Tensor, k: Tensor, v: Tensor, k_pool: Tensor, v_pool: Tensor,
                    slots: Tensor, pos: Tensor, scale: float) -> Tensor:
     """Store each row's new ``k, v [B, n_kv, hd]`` at ``pos`` of pool slot ``slots[row]``
     (pools ``[S, n_kv, max_len, hd]``, contiguous), and attend ``q [B, n_kv, G, hd]`` (query
-    heads grouped by KV head) to that slot's first ``pos + 1`` keys. ``k`` and ``v`` may be row
-    slices of a wider tensor (the fused qkv projection). Returns ``[B, n_kv, G, hd]``."""
+    heads grouped by KV head) to that slot's first ``pos + 1`` keys. ``q``, ``k`` and ``v`` may
+    be row slices of a wider tensor (the fused qkv projection). Returns ``[B, n_kv, G, hd]``,
+    contiguous."""
     b, n_kv, g, hd = q.shape
     if hd & (hd - 1) or hd < 16 or not k_pool.is_contiguous() or not v_pool.is_contiguous():
         raise ValueError("slot_attention needs a power-of-two head_dim >= 16 and contiguous "
                          "pools")
     if k.stride()[1:] != (hd, 1) or v.stride()[1:] != (hd, 1):
         raise ValueError("k and v need contiguous heads")
-    q = q.contiguous()
-    out = torch.empty_like(q)
-    _attn_kernel[(b, n_kv)](q, k, v, k.stride(0), v.stride(0), k_pool, v_pool, slots, pos, out,
+    if q.stride()[1:] != (g * hd, hd, 1):
+        q = q.contiguous()
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    _attn_kernel[(b, n_kv)](q, q.stride(0), k, v, k.stride(0), v.stride(0), k_pool, v_pool, slots, pos, out,
                             k_pool.stride(0), k_pool.stride(1), k_pool.stride(2), scale,
                             N_KV=n_kv, G=g, GP=max(16, triton.next_power_of_2(g)), D=hd,
                             BLOCK=64, num_warps=4)
