@@ -119,6 +119,7 @@ async def _zpipe(rc, prompt: list[int], new_tokens: int, concurrency: int) -> di
         "b1_gap_ms_mean_p90_p99_max": [sum(decode) / len(decode) * 1000,
                                        decode[int(len(decode) * 0.9)] * 1000,
                                        decode[int(len(decode) * 0.99)] * 1000, decode[-1] * 1000],
+        "b1_gaps_ms": [round(g * 1000, 3) for g in one.latencies_s[1:]],  # in token order
         "b1_ttft_ms": one.ttft_s * 1000,
         f"c{concurrency}_tok_s": sum(len(g.token_ids) for g in many) / wall,
         "c_wall_s": wall,
