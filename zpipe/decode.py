@@ -48,11 +48,16 @@ def _silu_mul(gu: Tensor) -> Tensor:
 def _pick(logits: Tensor) -> Tensor:
     """Per row (argmax id, its logprob) as float64 ``[B, 2]`` (one transfer brings both back;
     float64 holds every token id exactly). The logprob of the argmax is ``-log(sum(exp(x -
-    max)))``: one pass over the logits, no float32 copy of them nor a full log-softmax."""
+    max)))``: no float32 copy of the logits nor a full log-softmax. The argmax is the first
+    index holding the max, found with ``amin``: compiled, plain min/max/sum reductions split
+    a 128k-long row across the GPU, where an argmax runs it in one program (31 µs)."""
     x = logits.float()
+    vocab = x.shape[-1]
     top = x.amax(dim=-1, keepdim=True)
+    index = torch.arange(vocab, device=x.device)
+    ids = torch.where(x == top, index, vocab).amin(dim=-1).clamp(max=vocab - 1)  # NaN: last id
     lp = -torch.log(torch.exp(x - top).sum(dim=-1))
-    return torch.stack([x.argmax(dim=-1).double(), lp.double()], dim=1)
+    return torch.stack([ids.double(), lp.double()], dim=1)
 
 
 def bucket(n: int, limit: int, smallest: int = 1) -> int:
