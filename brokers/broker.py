@@ -68,6 +68,9 @@ class Broker(StepScheduler):
 
     # ------------------------------------------------------------------ loop
     async def run(self, started: asyncio.Event | None = None) -> None:
+        if self.cfg.cpu is not None:
+            aio.pin(zmq.Context.instance(), self.cfg.cpu)
+            log.info("broker: event loop and ZeroMQ I/O pinned to CPU %d", self.cfg.cpu)
         sock = zmq.Context.instance().socket(zmq.ROUTER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # unroutable sends raise, not vanish

@@ -70,6 +70,9 @@ class Node:
         loop = asyncio.get_running_loop()
         self.gflops = await loop.run_in_executor(
             self.pool, sysinfo.matmul_gflops, cfg.device, DTYPES[cfg.dtype])
+        if cfg.cpu is not None:  # after the compute thread and torch's threads exist: unpinned
+            aio.pin(self.ctx, cfg.cpu)
+            log.info("node %s: event loop and ZeroMQ I/O pinned to CPU %d", cfg.name, cfg.cpu)
         gc.freeze()  # torch and transformers' long-lived objects: out of the collector's way
         worker = asyncio.create_task(self._work())
         peers = asyncio.create_task(self._peer_serve()) if self._bind_peer() else None

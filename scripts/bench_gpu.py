@@ -141,7 +141,8 @@ def main() -> None:
                     help="NODESxGPUS[:MODE]: 1x0 one node on cuda:0; 2x0 two on cuda:0; 2x01 one "
                          "each; MODE: eager (no static KV), nocompile, nographs, sdpa (no Triton "
                          "attention), mbN (max_batch N), pollN (busy-poll N ms), direct "
-                         "(activations node to node) or mps (nodes under CUDA MPS), joined by +")
+                         "(activations node to node), mps (nodes under CUDA MPS) or pin (each process's "
+                         "event loop and ZeroMQ I/O on a CPU of its own), joined by +")
     ap.add_argument("--prompt-len", type=int, default=32)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--concurrency", type=int, default=32)
@@ -170,12 +171,15 @@ def main() -> None:
         devices = [f"cuda:{gpus[i % len(gpus)]}" for i in range(int(n))]
         node: dict = {"dtype": "bfloat16", "static_kv": {}}
         broker: dict = {}
-        mps = False
+        mps = pinned = False
         for m in filter(None, mode.split("+")):
             if m == "mps":
                 mps = True
             elif m.startswith("mb"):
                 node["max_batch"] = int(m[2:])
+            elif m == "pin":  # broker on CPU 2, node i on CPU 4 + 2i (zpipe.aio.pin)
+                broker["cpu"] = 2
+                pinned = True
             elif m == "direct":  # activations node to node, not through the broker
                 broker["direct"] = True
             elif m.startswith("poll"):  # poll5: broker and nodes busy-poll 5 ms
@@ -187,7 +191,8 @@ def main() -> None:
                 subprocess.run(["nvidia-cuda-mps-control", "-d"], check=True)
             with tempfile.TemporaryDirectory() as tmp:
                 rc = start_cluster(model, Path(tmp), [
-                    {"name": f"n{i}", "device": d, **node} for i, d in enumerate(devices)],
+                    {"name": f"n{i}", "device": d, **node, **({"cpu": 4 + 2 * i} if pinned else {})}
+                    for i, d in enumerate(devices)],
                     timeout=600, **broker)
                 try:
                     result[key] = asyncio.run(

@@ -153,3 +153,46 @@ async def test_busy_poll_turned_off_mid_poll_sleeps_in_the_poller(pair) -> None:
     assert frames is not None and frames[-1].bytes == b"hi"
     router.close()
     dealer.close()
+
+
+def test_pin_binds_the_calling_thread_and_the_io_thread() -> None:
+    """In a thread of its own (pinning the test's thread would pin everything after it); the
+    context's I/O thread, started by its first socket, is found by name in /proc."""
+    import os
+    import threading
+    from pathlib import Path
+
+    cpu = max(os.sched_getaffinity(0))
+    seen: dict = {}
+
+    def io_threads() -> dict[int, set[int]]:
+        tasks = Path("/proc/self/task").iterdir()
+        return {int(t.name): os.sched_getaffinity(int(t.name)) for t in tasks
+                if (t / "comm").read_text().startswith("ZMQbg/IO")}
+
+    def body() -> None:
+        before = set(io_threads())
+        ctx = zmq.Context()
+        try:
+            aio.pin(ctx, cpu)
+            seen["thread"] = os.sched_getaffinity(0)
+            sock = ctx.socket(zmq.PAIR)  # starts the I/O thread, which names itself soon after
+            for _ in range(200):
+                seen["io"] = [a for tid, a in io_threads().items() if tid not in before]
+                if seen["io"]:
+                    break
+                time.sleep(0.01)
+            sock.close(0)
+            try:
+                aio.pin(ctx, 4095)
+            except ValueError as e:
+                seen["error"] = str(e)
+        finally:
+            ctx.term()
+
+    t = threading.Thread(target=body)
+    t.start()
+    t.join(10)
+    assert seen["thread"] == {cpu}
+    assert seen["io"] == [{cpu}]
+    assert "cannot pin to CPU 4095" in seen["error"]

@@ -333,3 +333,14 @@ def test_static_kv_and_busy_poll_reach_the_nodes() -> None:
         validate({"name": "x", "static_kv": {"slots": 0}}, NodeConfig)
     with pytest.raises(ConfigError, match="busy_poll_ms"):
         validate({"name": "x", "busy_poll_ms": -1}, NodeConfig)
+
+
+def test_cpu_pinning_reaches_the_broker_and_nodes() -> None:
+    cfg = validate({"broker": {"cpu": 2}, "nodes": [{"name": "a", "cpu": 4}, {"name": "b"}]},
+                   ClusterConfig)
+    assert cfg.broker_config().cpu == 2
+    assert [n.cpu for n in cfg.node_configs()] == [4, None]
+    with pytest.raises(ConfigError, match="cpu"):
+        validate({"name": "x", "cpu": -1}, NodeConfig)
+    with pytest.raises(ConfigError, match="cpu"):
+        validate({"cpu": "all"}, BrokerConfig)

@@ -4,11 +4,24 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import os
 import time
 from collections.abc import Coroutine
 from typing import Any
 
 import zmq
+
+
+def pin(ctx: zmq.Context, cpu: int) -> None:
+    """Pin the calling thread (the event loop's) and ``ctx``'s I/O thread to ``cpu``. Call it
+    before ``ctx`` makes its first socket (that starts the I/O thread) and after the threads
+    that must not be pinned exist (a new thread inherits its creator's CPUs)."""
+    try:
+        os.sched_setaffinity(0, {cpu})  # pid 0: this thread only
+    except OSError as e:
+        raise ValueError(f"cannot pin to CPU {cpu} (this process may use "
+                         f"{sorted(os.sched_getaffinity(0))}): {e}") from None
+    ctx.set(zmq.THREAD_AFFINITY_CPU_ADD, cpu)
 
 
 def run(coro: Coroutine[Any, Any, Any]) -> Any:
