@@ -11,6 +11,8 @@ from typing import Any
 
 import zmq
 
+from zpipe.config import ConfigError
+
 
 def pin(ctx: zmq.Context, cpu: int) -> None:
     """Pin the calling thread (the event loop's) and ``ctx``'s I/O thread to ``cpu``. Call it
@@ -18,9 +20,9 @@ def pin(ctx: zmq.Context, cpu: int) -> None:
     that must not be pinned exist (a new thread inherits its creator's CPUs)."""
     try:
         os.sched_setaffinity(0, {cpu})  # pid 0: this thread only
-    except OSError as e:
-        raise ValueError(f"cannot pin to CPU {cpu} (this process may use "
-                         f"{sorted(os.sched_getaffinity(0))}): {e}") from None
+    except OSError as e:  # the CLI reports a ConfigError without a traceback
+        raise ConfigError(f"cpu: cannot pin to CPU {cpu} (this process may use "
+                          f"{sorted(os.sched_getaffinity(0))}): {e}") from None
     ctx.set(zmq.THREAD_AFFINITY_CPU_ADD, cpu)
 
 
