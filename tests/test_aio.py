@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import threading
 import time
+from pathlib import Path
 
 import pytest
 import zmq
@@ -158,17 +161,18 @@ async def test_busy_poll_turned_off_mid_poll_sleeps_in_the_poller(pair) -> None:
 def test_pin_binds_the_calling_thread_and_the_io_thread() -> None:
     """In a thread of its own (pinning the test's thread would pin everything after it); the
     context's I/O thread, started by its first socket, is found by name in /proc."""
-    import os
-    import threading
-    from pathlib import Path
-
     cpu = max(os.sched_getaffinity(0))
     seen: dict = {}
 
     def io_threads() -> dict[int, set[int]]:
-        tasks = Path("/proc/self/task").iterdir()
-        return {int(t.name): os.sched_getaffinity(int(t.name)) for t in tasks
-                if (t / "comm").read_text().startswith("ZMQbg/IO")}
+        found = {}
+        for task in Path("/proc/self/task").iterdir():
+            try:  # another test's thread may end meanwhile
+                if (task / "comm").read_text().startswith("ZMQbg/IO"):
+                    found[int(task.name)] = os.sched_getaffinity(int(task.name))
+            except (FileNotFoundError, ProcessLookupError):
+                pass
+        return found
 
     def body() -> None:
         before = set(io_threads())
