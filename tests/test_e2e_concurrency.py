@@ -5,9 +5,10 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-from conftest import free_port
+from conftest import free_port, start_cluster
 from transformers import AutoTokenizer
 
+from zpipe.cli.admin import AdminClient
 from zpipe.cli.up import Cluster
 from zpipe.client import Client, ZpipeError
 from zpipe.config import ClusterConfig, validate
@@ -129,3 +130,31 @@ def test_no_placement_error_names_what_is_missing(tiny_model: Path, tmp_path: Pa
         assert "x" in err.message
     finally:
         cluster.stop()
+
+
+def test_cohorts_split_at_the_nodes_max_batch_keep_every_token(tiny_model: Path,
+                                                               tmp_path: Path) -> None:
+    """3 nodes with ``max_batch`` 2 and a burst of 5 sessions: no step message carries more
+    than 2 sessions (the stages work on several cohorts at once), and every session gives the
+    tokens it gives alone."""
+    rc = start_cluster(tiny_model, tmp_path, [{"name": f"m{i}", "max_batch": 2}
+                                              for i in range(3)])
+    prompts = [[5 + i, 6, 7 + i] for i in range(5)]
+    try:
+        async def run() -> tuple[list, list]:
+            async with rc.client() as client:
+                alone = [(await client.generate(prompt_ids=p, max_new_tokens=12,
+                                                ignore_eos=True)).token_ids for p in prompts]
+                together = await asyncio.gather(*[
+                    client.generate(prompt_ids=p, max_new_tokens=12, ignore_eos=True)
+                    for p in prompts])
+            return alone, [g.token_ids for g in together]
+
+        alone, together = asyncio.run(run())
+        with AdminClient(rc.address, timeout=30) as admin:
+            overall = admin.request("metrics", {})["overall"]
+        assert together == alone
+        assert overall["max_rows_per_step"] == 2
+        assert overall["rows_per_step"] <= 2
+    finally:
+        rc.cluster.stop()

@@ -91,6 +91,7 @@ class Metrics:
         self.tokens_total = 0
         self.steps_started = 0  # step messages sent to stage 0: one per cohort per token
         self.step_rows = 0      # the sessions those messages carried
+        self.max_step_rows = 0  # the biggest cohort so far
         self.sessions_started = 0
         self.sessions_finished: Counter[str] = Counter()
 
@@ -113,6 +114,8 @@ class Metrics:
         """A step of ``rows`` sessions together was sent to stage 0."""
         self.steps_started += 1
         self.step_rows += rows
+        if rows > self.max_step_rows:
+            self.max_step_rows = rows
 
     def record_token(self, sid: str, step_s: float, stages: list[list], first: bool) -> None:
         self.record_tokens([sid], step_s, stages, first)
@@ -187,6 +190,7 @@ class Metrics:
                 "overhead": stats(self.overhead.window), "ttft": stats(self.ttft.window),
                 "steps_started": self.steps_started,
                 "rows_per_step": round(self.step_rows / max(1, self.steps_started), 3),
+                "max_rows_per_step": self.max_step_rows,
                 "sessions_started": self.sessions_started,
                 "sessions_running": len(self.sessions),
                 "sessions_finished": dict(self.sessions_finished)}
@@ -208,6 +212,8 @@ class Metrics:
         out.add("zpipe_step_rows_total", "counter",
                 "Sessions those step messages carried (rows / steps = the mean cohort).", {},
                 self.step_rows)
+        out.add("zpipe_step_rows_max", "gauge", "The biggest cohort so far (rows of one step "
+                "message to stage 0).", {}, self.max_step_rows)
         out.add("zpipe_sessions_started_total", "counter", "Sessions started.", {},
                 self.sessions_started)
         h = "Sessions finished, by reason."
