@@ -375,6 +375,8 @@ class Broker(StepScheduler):
     # ------------------------------------------------------------- endings
     async def _release(self, s: Session, reason: str) -> None:
         self.sessions.pop(s.sid, None)
+        if s.cohort is not None:  # its cohort's answers are checked row by row from now on
+            s.cohort.intact = False
         self.metrics.session_ended(s.sid, reason)
         self.by_rid.pop((s.client, s.rid), None)
         if self.placement is None:

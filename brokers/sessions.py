@@ -82,6 +82,7 @@ class Session:
     stage_times: list = field(default_factory=list)  # [node, compute_s, hop_s] per stage
     first_token_s: float | None = None
     in_flight: bool = False  # a step of this session is at some node right now
+    cohort: Any = None  # the brokers.steps.Cohort its last step was started in
 
     def step_input(self) -> list[int]:
         """The token ids the in-flight step feeds stage 0: the prompt, then the last token."""

@@ -22,6 +22,28 @@ from zpipe.protocol import Message, ProtocolError
 log = logging.getLogger("zpipe.broker")
 
 
+class Cohort:
+    """Sessions whose step travels as one message from stage to stage (a batch, see
+    ``_start_steps``). While none of them has ended and the cohort has moved only as a whole
+    (``intact``), a stage's answer for exactly its rows is recognised with one list comparison,
+    and its rows, sampling and stage times are built once per step, not once per stage and
+    session."""
+
+    __slots__ = ("sessions", "rows", "answer_rows", "sampling", "n_tokens", "stage_times",
+                 "stage", "intact")
+
+    def __init__(self, sessions: list[Session]) -> None:
+        self.sessions = sessions
+        self.rows = [[s.sid, s.step, s.pos, s.step_input_len()] for s in sessions]
+        self.answer_rows = [[sid, step, n] for sid, step, _, n in self.rows]  # as nodes say
+        self.sampling = [s.sampling for s in sessions]
+        self.n_tokens = sum(r[3] for r in self.rows)
+        # [node, compute_s, hop_s] per stage passed: one list for the whole cohort
+        self.stage_times: list = []
+        self.stage = 0  # the stage whose answer is awaited; -1 once the step is done
+        self.intact = True
+
+
 class StepScheduler:
     async def _start_steps(self, sessions: list[Session]) -> None:
         """Send the sessions' next step to stage 0: one message per cohort of at most the
@@ -47,17 +69,20 @@ class StepScheduler:
         ids = torch.tensor(sessions[0].step_input() if len(sessions) == 1 else
                            [t for s in sessions for t in s.step_input()], dtype=torch.int64)
         self.metrics.record_cohort(len(sessions))
+        cohort = Cohort(sessions)
         now = time.perf_counter()
         for s in sessions:
             s.in_flight = True
-            s.stage_times = []
+            s.cohort = cohort
+            s.stage_times = cohort.stage_times
             s.step_t0 = now
         route = self._direct_route()
-        fields = self._step_fields(sessions, 0, direct=route is not None)
+        fields = self._cohort_fields(cohort, 0, direct=route is not None)
         if route is not None:
             fields["route"], fields["times"] = route, []
         await self._send_stage(sessions, 0, protocol.encode("step", {"x": ids}, **fields),
-                               answer=len(self.placement.stages) - 1 if route else 0)
+                               answer=len(self.placement.stages) - 1 if route else 0,
+                               cohort=cohort)
 
     def _direct_route(self) -> list[str] | None:
         """The peer addresses of stages 1..last when steps go node to node (``direct``)."""
@@ -67,46 +92,54 @@ class StepScheduler:
         route = [self.registry.by_name[st.node].peer for st in stages[1:]]
         return route if all(route) else None
 
-    def _step_fields(self, sessions: list[Session], stage: int, direct: bool = False) -> dict:
+    def _step_fields(self, sessions: list[Session], stage: int) -> dict:
+        """A step's fields for sessions that no longer travel as their cohort."""
         fields = {"epoch": self.placement.epoch, "stage": stage,
                   "rows": [[s.sid, s.step, s.pos, s.step_input_len()] for s in sessions]}
-        if direct or stage == len(self.placement.stages) - 1:
+        if stage == len(self.placement.stages) - 1:
             fields["sampling"] = [s.sampling for s in sessions]
         return fields
 
+    def _cohort_fields(self, cohort: Cohort, stage: int, direct: bool = False) -> dict:
+        fields = {"epoch": self.placement.epoch, "stage": stage, "rows": cohort.rows}
+        if direct or stage == len(self.placement.stages) - 1:
+            fields["sampling"] = cohort.sampling
+        return fields
+
     async def _send_stage(self, sessions: list[Session], stage: int, frames: list,
-                          answer: int | None = None) -> None:
+                          answer: int | None = None, cohort: Cohort | None = None) -> None:
         """Send a step to ``stage``; the sessions then wait for stage ``answer`` (the last one
-        under direct routing, else ``stage`` itself)."""
+        under direct routing, else ``stage`` itself). ``cohort``: they are that whole cohort."""
         node = self.registry.by_name[self.placement.stages[stage].node]
         now = time.perf_counter()
         answer = stage if answer is None else answer
         for s in sessions:
             s.stage, s.hop_t0 = answer, now
+        if cohort is not None:
+            cohort.stage = answer
         if not await self._send(node.ident, frames):
             for s in sessions:
                 await self._finish_error(s, "node_lost", f"node {node.name} is unreachable")
 
     async def _on_result(self, node: NodeInfo, msg: Message) -> None:
-        try:
-            rows = protocol.result_rows(msg["rows"])
-        except ProtocolError as e:
-            log.warning("node %s sent a bad result: %s", node.name, e)
-            return
         stage, placement = msg["stage"], self.placement
         if (placement is None or msg["epoch"] != placement.epoch
                 or not 0 <= stage < len(placement.stages)
                 or placement.stages[stage].node != node.name):
             return  # a late answer from a placement that has since changed
-        live: list[tuple[int, Session]] = []
-        for i, (sid, step, n) in enumerate(rows):
-            s = self.sessions.get(sid)
-            # Rows of finished, cancelled or re-routed steps are late answers: dropped.
-            if s is not None and s.step == step and s.stage == stage and s.in_flight \
-                    and n == s.step_input_len():
-                live.append((i, s))
-        if not live:
-            return
+        cohort = self._answering_cohort(msg["rows"], stage)
+        if cohort is not None:  # exactly the rows sent, all live: no check per row
+            rows = cohort.answer_rows
+            live = list(enumerate(cohort.sessions))
+        else:
+            try:
+                rows = protocol.result_rows(msg["rows"])
+            except ProtocolError as e:
+                log.warning("node %s sent a bad result: %s", node.name, e)
+                return
+            live = self._live_rows(rows, stage)
+            if not live:
+                return
         now = time.perf_counter()
         compute = float(msg["compute_s"])
         earlier: list[tuple[str, float]] = []
@@ -117,42 +150,76 @@ class StepScheduler:
                 log.warning("node %s sent bad stage times: %s", node.name, e)
         known = {st.node for st in placement.stages}
         upstream = sum(c for _, c in earlier)
-        entries: dict[float, list] = {}  # a cohort's rows share one hop_t0: one entry for all
         decoding = sum(s.step > 0 for _, s in live)  # one compute figure per decode token
         if decoding:
             for name, c in (*earlier, (node.name, compute)):
                 if name in known:
                     self.measured[name].extend(repeat(c, decoding))
+        # Sessions sent together share one hop_t0 and one stage_times list: one entry each.
+        # The time no stage computed counts as this stage's hop.
+        done: set[int] = set()
         for _, s in live:
-            entry = entries.get(s.hop_t0)
-            if entry is None:  # the time no stage computed counts as this stage's hop
-                entry = entries[s.hop_t0] = [[name, round(c, 6), 0.0] for name, c in earlier] + [
-                    [node.name, round(compute, 6), round(now - s.hop_t0 - upstream - compute, 6)]]
-            s.stage_times.extend(entry)
+            if id(s.stage_times) not in done:
+                done.add(id(s.stage_times))
+                s.stage_times.extend([[name, round(c, 6), 0.0] for name, c in earlier] + [
+                    [node.name, round(compute, 6),
+                     round(now - s.hop_t0 - upstream - compute, 6)]])
         if stage < len(placement.stages) - 1:
-            await self._forward(node, msg, rows, live)
+            await self._forward(node, msg, rows, live, cohort)
         else:
+            if cohort is not None:
+                cohort.stage = -1
             await self._tokens(node, msg, live, now)
 
-    async def _forward(self, node: NodeInfo, msg: Message, rows: list, live: list) -> None:
+    def _answering_cohort(self, rows: object, stage: int) -> Cohort | None:
+        """The intact cohort awaited at ``stage`` whose rows ``rows`` (untrusted) are, exactly."""
+        if not (type(rows) is list and rows and type(rows[0]) is list and rows[0]
+                and type(rows[0][0]) is str):
+            return None
+        s = self.sessions.get(rows[0][0])
+        cohort = s.cohort if s is not None else None
+        if cohort is None or not cohort.intact or cohort.stage != stage \
+                or rows != cohort.answer_rows:
+            return None
+        return cohort
+
+    def _live_rows(self, rows: list, stage: int) -> list[tuple[int, Session]]:
+        """The rows (checked) whose sessions await this answer; the cohorts of all the rows'
+        sessions travel apart from now on (intact no more)."""
+        live: list[tuple[int, Session]] = []
+        for i, (sid, step, n) in enumerate(rows):
+            s = self.sessions.get(sid)
+            # Rows of finished, cancelled or re-routed steps are late answers: dropped.
+            if s is not None and s.step == step and s.stage == stage and s.in_flight \
+                    and n == s.step_input_len():
+                live.append((i, s))
+                if s.cohort is not None:
+                    s.cohort.intact = False
+        return live
+
+    async def _forward(self, node: NodeInfo, msg: Message, rows: list, live: list,
+                       cohort: Cohort | None) -> None:
         """Send an inner stage's hidden states on to the next stage: the received frames
         untouched when every row is still live, else only the live rows' states."""
-        sessions = [s for _, s in live]
+        sessions = [s for _, s in live] if cohort is None else cohort.sessions
         meta = msg["t"]
+        n_tokens = cohort.n_tokens if cohort is not None else sum(n for _, _, n in rows)
         if (len(meta) != 1 or meta[0][0] != "hidden" or len(meta[0][2]) != 2
-                or meta[0][2][0] != sum(n for _, _, n in rows)):
-            for s in sessions:
+                or meta[0][2][0] != n_tokens):
+            for s in list(sessions):
                 await self._finish_error(s, "bad_result",
                                          f"node {node.name} sent no matching hidden state")
             return
-        fields = self._step_fields(sessions, sessions[0].stage + 1)
+        stage = sessions[0].stage + 1
+        fields = (self._cohort_fields(cohort, stage) if cohort is not None
+                  else self._step_fields(sessions, stage))
         if len(live) == len(rows):
             frames = protocol.encode_forward("step", msg.frames, [["x", *meta[0][1:]]], **fields)
         else:
             parts = msg.tensors["hidden"].split([n for _, _, n in rows])
             frames = protocol.encode("step", {"x": torch.cat([parts[i] for i, _ in live])},
                                      **fields)
-        await self._send_stage(sessions, sessions[0].stage + 1, frames)
+        await self._send_stage(sessions, stage, frames, cohort=cohort)
 
     async def _tokens(self, node: NodeInfo, msg: Message, live: list, now: float) -> None:
         """The last stage's tokens: start the next step of every session that goes on (together,
@@ -183,22 +250,21 @@ class StepScheduler:
         # One message per client for all its sessions' tokens: a send costs more than its bytes.
         by_client: dict[bytes, list[dict]] = {}
         # Rows of one cohort share their step time and stage entries: recorded once for all.
-        cohorts: dict[tuple, tuple[list, list[str]]] = {}
+        cohorts: dict[tuple, tuple[dict, list[str]]] = {}
         for s, index, token, logprob, step_s, stage_times, _ in emitted:
             first = s.first_token_s is None
             if first:
                 s.first_token_s = now - s.created
-            key = (step_s, first, *map(id, stage_times))
+            key = (step_s, first, id(stage_times))
             group = cohorts.get(key)
             if group is None:
-                group = cohorts[key] = (stage_times, [])
+                group = cohorts[key] = ({"step_s": round(step_s, 6), "stages": stage_times}, [])
             group[1].append(s.sid)
             by_client.setdefault(s.client, []).append({
                 "rid": s.rid, "index": index, "token_id": token, "logprob": logprob,
-                "text": s.detok.add(token),
-                "timing": {"step_s": round(step_s, 6), "stages": stage_times}})
-        for (step_s, first, *_), (stage_times, sids) in cohorts.items():
-            self.metrics.record_tokens(sids, step_s, stage_times, first)
+                "text": s.detok.add(token), "timing": group[0]})
+        for (step_s, first, _), (timing, sids) in cohorts.items():
+            self.metrics.record_tokens(sids, step_s, timing["stages"], first)
         for client, items in by_client.items():
             await self._send(client, protocol.encode("tokens", items=items))
         for s, *_, end in emitted:

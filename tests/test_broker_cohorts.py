@@ -7,6 +7,8 @@ import asyncio
 import os
 from pathlib import Path
 
+import pytest
+import torch
 import zmq
 from conftest import free_port
 
@@ -43,33 +45,45 @@ async def _pump(broker: Broker, until, limit: int = 200) -> None:
 async def _serving(tiny_model: Path, **register) -> tuple[Broker, zmq.Socket, zmq.Socket]:
     """A broker on a real ROUTER socket with one node ("a", every layer) loaded and ready,
     and a client; the node's and client's DEALER sockets speak the protocol by hand."""
+    broker, nodes, client = await _serving_stages(tiny_model, {"a": (0, 6)}, **register)
+    return broker, nodes[0], client
+
+
+async def _serving_stages(tiny_model: Path, stages: dict[str, tuple[int, int]],
+                          **register) -> tuple[Broker, list[zmq.Socket], zmq.Socket]:
+    """As ``_serving``, with one node per entry of ``stages`` (name: layers [start, end))."""
     addr = f"tcp://127.0.0.1:{free_port()}"
     broker = Broker(BrokerConfig(model=str(tiny_model), bind=addr, placement={
-        "strategy": "custom", "stages": [{"node": "a", "layers": "0-5"}]}))
+        "strategy": "custom",
+        "stages": [{"node": n, "layers": f"{a}-{b - 1}"} for n, (a, b) in stages.items()]}))
     ctx = zmq.Context.instance()
     router = ctx.socket(zmq.ROUTER)
     router.setsockopt(zmq.LINGER, 0)
     router.setsockopt(zmq.ROUTER_MANDATORY, 1)
     router.bind(addr)
     broker.sock = aio.Socket(router)
-    node, client = ctx.socket(zmq.DEALER), ctx.socket(zmq.DEALER)
+    nodes = [ctx.socket(zmq.DEALER) for _ in stages]
+    client = ctx.socket(zmq.DEALER)
     client.setsockopt(zmq.IDENTITY, b"client-1")
-    for s in (node, client):
+    for s in (*nodes, client):
         s.setsockopt(zmq.LINGER, 0)
         s.connect(addr)
     await broker._place()
-    node.send_multipart(protocol.encode(
-        "register", name="a", pid=os.getpid(), host="test", device="cpu",
-        dtype="float32", model=str(tiny_model), num_layers=6, mem_total=1 << 34,
-        mem_free=1 << 33, gflops=10.0, **register))
+    for name, node in zip(stages, nodes, strict=True):
+        node.send_multipart(protocol.encode(
+            "register", name=name, pid=os.getpid(), host="test", device="cpu",
+            dtype="float32", model=str(tiny_model), num_layers=6, mem_total=1 << 34,
+            mem_free=1 << 33, gflops=10.0, **register))
+        await _pump(broker, lambda n=name: n in broker.registry.by_name)
     await _pump(broker, lambda: broker.placement is not None)
-    assert (await _recv(node)).kind == "welcome"
-    load = await _recv(node)
-    assert load.kind == "load"
-    node.send_multipart(protocol.encode("loaded", epoch=load["epoch"], start=0, end=6,
-                                        weight_bytes=1, load_s=0.1))
+    for node in nodes:
+        assert (await _recv(node)).kind == "welcome"
+        load = await _recv(node)
+        assert load.kind == "load"
+        node.send_multipart(protocol.encode("loaded", epoch=load["epoch"], start=load["start"],
+                                            end=load["end"], weight_bytes=1, load_s=0.1))
     await _pump(broker, lambda: broker.ready)
-    return broker, node, client
+    return broker, nodes, client
 
 
 def _close(broker: Broker, *socks: zmq.Socket) -> None:
@@ -147,5 +161,116 @@ def test_a_bad_max_batch_is_ignored(tiny_model: Path) -> None:
             assert broker._cohort_cap() == 0
         finally:
             _close(broker, node, client)
+
+    asyncio.run(run())
+
+
+async def _next(sock: zmq.Socket, kind: str) -> protocol.Message:
+    for _ in range(20):
+        msg = await _recv(sock)
+        if msg.kind == kind:
+            return msg
+    raise AssertionError(f"no {kind!r} message")
+
+
+def _hidden_result(step: protocol.Message, hidden: torch.Tensor, rows: list | None = None) -> list:
+    rows = rows if rows is not None else [[sid, st, n] for sid, st, _, n in step["rows"]]
+    return protocol.encode("result", {"hidden": hidden}, epoch=step["epoch"], stage=0,
+                           compute_s=0.001, rows=rows)
+
+
+def _tokens_result(step: protocol.Message, token: int = 42) -> list:
+    return protocol.encode("result", epoch=step["epoch"], stage=1, compute_s=0.001,
+                           rows=[[sid, st, n] for sid, st, _, n in step["rows"]],
+                           tokens=[[token, -0.1]] * len(step["rows"]))
+
+
+def test_a_cohort_goes_on_whole_and_drops_a_row_cancelled_mid_step(tiny_model: Path) -> None:
+    """Two stages. A cohort's answers for exactly its rows go on untouched (one comparison,
+    no check per row); a session cancelled while its cohort is at stage 0 is dropped from
+    what goes to stage 1: its row of the hidden state is cut out, the others' go on."""
+    async def run() -> None:
+        broker, (a, b), client = await _serving_stages(tiny_model, {"a": (0, 3), "b": (3, 6)})
+        hidden_size = broker.spec.hidden_size
+        try:
+            for rid, ids in {"r1": [5, 6, 7], "r2": [8, 9], "r3": [10]}.items():
+                await broker._handle(_frames(protocol.encode(
+                    "generate", rid=rid, prompt_ids=ids, max_new_tokens=4)))
+            await asyncio.sleep(0)
+            step = await _next(a, "step")
+            sids = [r[0] for r in step["rows"]]
+            cohort = broker.sessions[sids[0]].cohort
+            assert [broker.sessions[s].cohort for s in sids] == [cohort] * 3
+            hidden = torch.arange(6 * hidden_size, dtype=torch.float32).view(6, hidden_size)
+            a.send_multipart(_hidden_result(step, hidden))
+            await _pump(broker, lambda: cohort.stage == 1)
+            on = await _next(b, "step")
+            assert on["stage"] == 1 and on["rows"] == step["rows"]
+            assert on["sampling"] == [{}, {}, {}]
+            assert torch.equal(on.tensors["x"], hidden) and cohort.intact
+            b.send_multipart(_tokens_result(on))
+            await _pump(broker, lambda: broker.metrics.steps_started == 2)
+            tokens = await _next(client, "tokens")
+            # one entry per stage: the cohort's shared stage times are not repeated per row
+            assert [[e[0] for e in it["timing"]["stages"]] for it in tokens["items"]] == [
+                ["a", "b"]] * 3
+            step = await _next(a, "step")  # step 1 of all three, one cohort again
+            assert [r[:2] for r in step["rows"]] == [[s, 1] for s in sids]
+            cohort = broker.sessions[sids[0]].cohort
+            await broker._handle(_frames(protocol.encode("cancel", rid="r2")))
+            assert not cohort.intact
+            hidden = torch.arange(3 * hidden_size, dtype=torch.float32).view(3, hidden_size)
+            a.send_multipart(_hidden_result(step, hidden))  # still answers the cancelled row
+            await _pump(broker, lambda: broker.sessions[sids[0]].stage == 1)
+            on = await _next(b, "step")
+            assert [r[0] for r in on["rows"]] == [sids[0], sids[2]]
+            assert torch.equal(on.tensors["x"], hidden[[0, 2]])
+            b.send_multipart(_tokens_result(on))
+            await _pump(broker, lambda: broker.metrics.steps_started == 3)
+            step = await _next(a, "step")
+            assert [r[0] for r in step["rows"]] == [sids[0], sids[2]]
+            assert broker.sessions[sids[0]].cohort.intact
+        finally:
+            _close(broker, a, b, client)
+
+    asyncio.run(run())
+
+
+def test_an_altered_or_repeated_answer_is_not_taken_for_the_cohort(tiny_model: Path) -> None:
+    """Rows that differ from the cohort's (here one row's step) are checked row by row: the
+    rows not awaited are dropped, the others go on, and the cohort travels apart from then on.
+    An answer repeated after its rows went on is dropped whole."""
+    async def run() -> None:
+        broker, (a, b), client = await _serving_stages(tiny_model, {"a": (0, 3), "b": (3, 6)})
+        size = broker.spec.hidden_size
+        hidden = torch.arange(3 * size, dtype=torch.float32).view(3, size)
+        try:
+            for rid, ids in {"r1": [5, 6], "r2": [8]}.items():
+                await broker._handle(_frames(protocol.encode(
+                    "generate", rid=rid, prompt_ids=ids, max_new_tokens=4)))
+            await asyncio.sleep(0)
+            step = await _next(a, "step")
+            (s1, _, _, n1), (s2, _, _, n2) = step["rows"]
+            cohort = broker.sessions[s1].cohort
+            a.send_multipart(_hidden_result(step, hidden, [[s1, 1, n1], [s2, 0, n2]]))
+            await _pump(broker, lambda: broker.sessions[s2].stage == 1)
+            on = await _next(b, "step")
+            assert [r[0] for r in on["rows"]] == [s2] and not cohort.intact
+            assert torch.equal(on.tensors["x"], hidden[2:])
+            a.send_multipart(_hidden_result(step, hidden))  # the true answer: s1 goes on
+            await _pump(broker, lambda: broker.sessions[s1].stage == 1)
+            on = await _next(b, "step")
+            assert [r[0] for r in on["rows"]] == [s1]
+            assert torch.equal(on.tensors["x"], hidden[:2])
+            a.send_multipart(_hidden_result(step, hidden))  # and again: nobody awaits it
+            for _ in range(5):
+                frames = await broker.sock.recv(timeout=0.02)
+                if frames is not None:
+                    await broker._handle(frames)
+            with pytest.raises(AssertionError):
+                await _recv(b, timeout_s=0.2)
+            assert set(broker.sessions) == {s1, s2}
+        finally:
+            _close(broker, a, b, client)
 
     asyncio.run(run())

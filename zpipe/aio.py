@@ -13,6 +13,12 @@ import zmq
 
 from zpipe.config import ConfigError
 
+# pyzmq's Cython send, under its Python layers (routing ids, groups, per-call type checks,
+# flag enums): those cost several µs per frame, and every step message has 3-5 frames.
+_send_frame = zmq.backend.Socket.send
+_MORE = int(zmq.NOBLOCK | zmq.SNDMORE)
+_LAST = int(zmq.NOBLOCK)
+
 
 def pin(ctx: zmq.Context, cpu: int) -> None:
     """Pin the calling thread (the event loop's) and ``ctx``'s I/O thread to ``cpu``. Call it
@@ -112,7 +118,7 @@ class Socket:
 
     def send(self, frames: list) -> None:
         """Queue a message without waiting; raises zmq.ZMQError (zmq.Again when full)."""
-        self.sock.send_multipart(frames, zmq.NOBLOCK, copy=False)
+        send(self.sock, frames)
         if self.waiter is not None:  # a send can swallow the FD's edge: look again
             self.loop.call_soon(self._drain)
 
@@ -124,6 +130,14 @@ class Socket:
             w = self.waiter
             if w is not None and not w.done():
                 w.set_result(False)
+
+
+def send(sock: zmq.Socket, frames: list) -> None:
+    """``sock.send_multipart(frames, zmq.NOBLOCK, copy=False)``, leaner. ZeroMQ queues a
+    multipart atomically: a full queue or an unroutable peer fails its first frame."""
+    for f in frames[:-1]:
+        _send_frame(sock, f, _MORE, copy=False)
+    _send_frame(sock, frames[-1], _LAST, copy=False)
 
 
 def _set(fut: asyncio.Future, value: bool) -> None:
