@@ -348,7 +348,7 @@ class Node:
                 rows=[[r.sid, r.step, r.pos, r.n] for r in rows], route=first["route"],
                 times=[*_times(msgs), [self.cfg.name, round(self.executor.last_compute_s, 6)]],
                 sampling=[sampling.get(r.sid, {}) for r in rows])
-            self._push(addr).send_multipart(frames, zmq.NOBLOCK, copy=False)
+            aio.send(self._push(addr), frames)
         except (ProtocolError, zmq.ZMQError) as e:  # the broker ends exactly these sessions
             code = e.code if isinstance(e, ProtocolError) else "peer_unreachable"
             for r in rows:

@@ -13,11 +13,16 @@ import zmq
 
 from zpipe.config import ConfigError
 
-# pyzmq's Cython send, under its Python layers (routing ids, groups, per-call type checks,
-# flag enums): those cost several µs per frame, and every step message has 3-5 frames.
+# pyzmq's Cython calls, under its Python layers (routing ids, groups, per-call type checks,
+# IntFlag arithmetic): those cost several µs per frame and option, and every step message has
+# 3-5 frames. A 3-frame send and receive took 34 µs this way, 66 µs through the sugar.
 _send_frame = zmq.backend.Socket.send
+_recv_frame = zmq.backend.Socket.recv
+_get = zmq.backend.Socket.get
 _MORE = int(zmq.NOBLOCK | zmq.SNDMORE)
 _LAST = int(zmq.NOBLOCK)
+_EVENTS = int(zmq.EVENTS)
+_POLLIN = int(zmq.POLLIN)
 
 
 def pin(ctx: zmq.Context, cpu: int) -> None:
@@ -70,8 +75,8 @@ class Socket:
         if self.closed:
             return
         sock = self.sock
-        while sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
-            self.inbox.append(sock.recv_multipart(zmq.NOBLOCK, copy=False))
+        while _get(sock, _EVENTS) & _POLLIN:
+            self.inbox.append(recv(sock))
         w = self.waiter
         if self.inbox and w is not None and not w.done():
             w.set_result(True)
@@ -130,6 +135,15 @@ class Socket:
             w = self.waiter
             if w is not None and not w.done():
                 w.set_result(False)
+
+
+def recv(sock: zmq.Socket) -> list:
+    """``sock.recv_multipart(zmq.NOBLOCK, copy=False)``, leaner (a message is here: its
+    parts come together)."""
+    parts = [_recv_frame(sock, _LAST, copy=False)]
+    while parts[-1].more:
+        parts.append(_recv_frame(sock, _LAST, copy=False))
+    return parts
 
 
 def send(sock: zmq.Socket, frames: list) -> None:
