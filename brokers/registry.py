@@ -31,7 +31,7 @@ class NodeInfo:
     weight_bytes: int = 0
     registered_at: float = field(default_factory=time.time)
     last_seen: float = field(default_factory=time.monotonic)
-    stats: dict = field(default_factory=dict)  # the latest heartbeat's rss, kv_bytes, sessions
+    stats: dict = field(default_factory=dict)  # the latest heartbeat's figures
 
     def to_dict(self) -> dict:
         return {
@@ -43,6 +43,7 @@ class NodeInfo:
             "heartbeat_age_s": round(time.monotonic() - self.last_seen, 3),
             "rss": self.stats.get("rss", 0), "kv_bytes": self.stats.get("kv_bytes", 0),
             "sessions": self.stats.get("sessions", 0), "peer": self.peer,
+            "steps": self.stats.get("steps", 0), "known_steps": self.stats.get("known_steps", 0),
             "max_batch": self.max_batch,
         }
 

@@ -87,6 +87,26 @@ class StepError(Exception):
         self.code = code
 
 
+@dataclass
+class KnownCohort:
+    """The step a node expects next from the rows it just ran together on pool slots: the
+    same sessions, one token further. A step message with exactly these rows (one list
+    comparison) runs through the decoder without per-row checks or objects; everything
+    per row here is built after the answer went out, while other stages compute."""
+
+    rows: list  # [sid, step, pos, 1] per session, as the broker sends them
+    answer: list  # [sid, step, 1] per session, as the result says them
+    sampling: list | None  # the step message's sampling entries, as received
+    params: list[SamplingParams | None]
+    caches: list[SlotKV]
+
+    def after(self) -> KnownCohort:
+        """The step after this one (once it ran)."""
+        rows = [[sid, step + 1, pos + 1, 1] for sid, step, pos, _ in self.rows]
+        return KnownCohort(rows, [[sid, step, 1] for sid, step, _, _ in rows], self.sampling,
+                           self.params, self.caches)
+
+
 class Executor:
     def __init__(self, model_dir: Path, dtype: str, device: str, max_step_tokens: int = 8192,
                  static_kv: StaticKV | None = None, max_batch: int = 64):
@@ -109,12 +129,17 @@ class Executor:
         self.pending_caches: dict[str, KVCache] = {}
         self.slow_factor = 1.0  # > 1 slows compute on purpose (tests, demos)
         self.last_compute_s = 0.0
+        # The cohort expected next (``step_known``); anything else that touches the caches
+        # forgets it. Step batches run, and of those the known cohorts':
+        self.known: KnownCohort | None = None
+        self.steps = self.known_steps = 0
 
     def load(self, start: int, end: int, epoch: int) -> int:
         """Load layers [start, end); returns the weight bytes now held."""
         if not 0 <= start < end <= self.spec.num_layers:
             raise StepError("bad_range", f"layers {start}-{end - 1} are outside the model's "
                                          f"{self.spec.num_layers} layers")
+        self.known = None
         if self.stage is None or (self.stage.start, self.stage.end) != (start, end):
             self.stage = self.decoder = self.pool = None  # free the old before the new
             self.caches.clear()
@@ -201,6 +226,7 @@ class Executor:
         if self.pending is None or self.pending[0] != epoch:
             raise StepError("not_prepared", f"nothing prepared for epoch {epoch}")
         _, stage = self.pending
+        self.known = None
         if stage is None:
             self.free(list(self.caches))
             self._static(None)
@@ -233,6 +259,7 @@ class Executor:
             self.pending, self.pending_caches = None, {}
 
     def free(self, sids: list[str]) -> None:
+        self.known = None
         for sid in sids:
             cache = self.caches.pop(sid, None)
             if isinstance(cache, SlotKV):
@@ -297,6 +324,8 @@ class Executor:
         """Run rows (of one or more step messages) as one batch. Per row: its output (a hidden
         state tensor or ``RowState``, joined by ``join_rows``; on the last stage ``(token,
         logprob)``) or its refusal."""
+        self.known = None  # these rows' caches move on: expect again after this batch
+        self.steps += 1
         results: list = [None] * len(rows)
         ready: list[tuple[int, Row, KVCache]] = []
         for i, row in enumerate(rows):
@@ -345,21 +374,73 @@ class Executor:
     def _decode(self, ready: list[tuple[int, Row, SlotKV]]) -> list:
         """One decode token for each row through the decoder: hidden rows, or on the last
         stage ``(token, logprob)`` (greedy from the argmax, else sampled from the logits)."""
-        out = self.decoder.run(join_rows([r for _, r, _ in ready]), [c.slot for _, _, c in ready],
-                               [c.length for _, _, c in ready])
-        for _, _, c in ready:
+        out = self._decode_block(join_rows([r for _, r, _ in ready]), [c for _, _, c in ready])
+        if not self.stage.last:
+            return [RowState(out, j) for j in range(len(ready))]
+        return _picked(out, [(r.params, r.step) for _, r, _ in ready])
+
+    def _decode_block(self, x: torch.Tensor, caches: list[SlotKV]):
+        """The decoder's step for rows ``x`` on ``caches``' slots: an inner stage's hidden
+        rows on the host, or the last stage's ``(logits, picks)``."""
+        out = self.decoder.run(x, [c.slot for c in caches], [c.length for c in caches])
+        for c in caches:
             c.advance(1)
         if not self.stage.last:
             # To the host in one copy (the graph's output buffer is overwritten by the next
             # replay); the rows are rows of it.
-            out = out.to("cpu")
-            return [RowState(out, j) for j in range(len(ready))]
-        logits, picks = out
-        res = [(int(t), lp) for t, lp in picks.tolist()]
-        for j, (_, r, _) in enumerate(ready):
-            if not r.params.greedy:
-                res[j] = sample(logits[j], r.params, r.step)
-        return res
+            return out.to("cpu")
+        return out
+
+    # ------------------------------------------------------------ known cohorts
+    def expect(self, msg: Message, rows: list[Row]) -> None:
+        """After ``rows`` (all of step message ``msg``) ran and were answered: expect their
+        next step as a known cohort when it can run on the decoder as it stands."""
+        pool = self.pool
+        if self.decoder is None or pool is None or not rows or len(rows) > self.max_batch \
+                or "route" in msg.header:
+            return
+        caches = [self.caches.get(r.sid) for r in rows]
+        if not all(isinstance(c, SlotKV) and c.length < pool.max_len for c in caches):
+            return
+        nxt = [[r.sid, r.step + 1, c.length, 1] for r, c in zip(rows, caches, strict=True)]
+        self.known = KnownCohort(nxt, [[sid, step, 1] for sid, step, _, _ in nxt],
+                                 msg.get("sampling"), [r.params for r in rows], caches)
+
+    def step_known(self, msg: Message) -> tuple[KnownCohort, object] | None:
+        """Run ``msg`` if it is the known cohort's next step, exactly: ``(that cohort, hidden
+        block or [[token, logprob], ...] in its rows' order)``; None (nothing done) for any
+        other message, which then takes the per-row path and its checks."""
+        k = self.known
+        if (k is None or msg["rows"] != k.rows or msg["epoch"] != self.epoch
+                or msg.get("sampling") != k.sampling or "route" in msg.header
+                or len(msg.frames) != 1):
+            return None
+        x = msg.tensors.get("x")
+        try:
+            self._check_input(self.stage, x, len(k.rows))
+        except StepError:
+            return None
+        self.known = None
+        t0 = time.perf_counter()
+        out = self._decode_block(x, k.caches)
+        if self.stage.last:
+            out = _picked(out, [(p, r[1]) for p, r in zip(k.params, k.rows, strict=True)])
+        compute = time.perf_counter() - t0
+        if self.slow_factor > 1:
+            time.sleep(compute * (self.slow_factor - 1))
+            compute *= self.slow_factor
+        self.last_compute_s = compute
+        self.steps += 1
+        self.known_steps += 1
+        return k, out
+
+    def expect_after(self, k: KnownCohort) -> None:
+        """After ``step_known`` ran ``k`` and its answer went out: expect the step after it,
+        unless something touched the caches since or a slot is full."""
+        if self.pool is not None and max(c.length for c in k.caches) < self.pool.max_len \
+                and all(self.caches.get(r[0]) is c for r, c in zip(k.rows, k.caches,
+                                                                    strict=True)):
+            self.known = k.after()
 
     def _cache_for(self, row: Row) -> KVCache:
         """A row's KV cache, checked against its position (a prefill starts a fresh one: a
@@ -398,6 +479,17 @@ class Executor:
         elif x.dim() != 2 or x.shape[1] != self.spec.hidden_size or not x.is_floating_point():
             raise StepError("bad_shape", f"stage takes float hidden states [n, "
                                          f"{self.spec.hidden_size}], got {x.dtype} {list(x.shape)}")
+
+
+def _picked(out: tuple, how: list[tuple[SamplingParams, int]]) -> list[tuple]:
+    """The decoder's last-stage output as (token, logprob) per row: its greedy picks, or a
+    sample from the row's logits."""
+    logits, picks = out
+    res = [(int(t), lp) for t, lp in picks.tolist()]
+    for j, (p, step) in enumerate(how):
+        if not p.greedy:
+            res[j] = sample(logits[j], p, step)
+    return res
 
 
 def _sample_all(logits: list[torch.Tensor], how: list[tuple[SamplingParams, int]]) -> list:

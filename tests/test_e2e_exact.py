@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from functools import cache
 from pathlib import Path
 
@@ -89,18 +90,40 @@ def test_tiny_three_stages_matches_transformers(tiny_model: Path, clusters, dtyp
 
 def test_static_kv_pool_matches_transformers(tiny_model: Path, tmp_path: Path) -> None:
     """Nodes with the static KV pool and batched decoder (a GPU node's path, here without
-    graphs): still transformers' tokens, also for sessions that outgrow their 80-token slot
-    mid-generation and go on in a plain cache."""
+    graphs): still transformers' tokens, one session at a time and all at once (a cohort the
+    nodes step as a known block from its second decode step on), also for sessions that
+    outgrow their 80-token slot mid-generation and go on in a plain cache."""
     from conftest import start_cluster
 
-    static = {"enabled": True, "slots": 2, "max_len": 80}
+    static = {"enabled": True, "slots": len(PROMPTS), "max_len": 80}
     rc = start_cluster(tiny_model, tmp_path, [{"name": f"n{i}", "static_kv": static}
                                               for i in range(2)])
+    refs = [reference(str(tiny_model), prompt) for prompt in PROMPTS]
+
+    async def together() -> list[list[int]]:
+        async with rc.client() as client:
+            gens = await asyncio.gather(*[client.generate(prompt_ids=ids,
+                                                          max_new_tokens=NEW_TOKENS)
+                                          for ids, _ in refs])
+        return [g.token_ids for g in gens]
+
     try:
-        for prompt in PROMPTS:
-            prompt_ids, want = reference(str(tiny_model), prompt)
+        assert max(len(ids) for ids, _ in refs) + NEW_TOKENS > 80  # some outgrow the slot
+        for prompt, (prompt_ids, want) in zip(PROMPTS, refs, strict=True):
             got = asyncio.run(_generate_ids(rc, prompt_ids, ignore_eos=False))
             assert got == want, prompt
+        assert asyncio.run(together()) == [want for _, want in refs]
+        # Both nodes ran that cohort's steps as known blocks (heartbeats carry the count).
+        from zpipe.cli.admin import AdminClient
+
+        for _ in range(60):
+            with AdminClient(rc.address, timeout=30) as admin:
+                nodes = admin.request("nodes", {})["nodes"]
+            if all(n["known_steps"] > 0 for n in nodes):
+                break
+            time.sleep(0.1)
+        assert [n["known_steps"] > NEW_TOKENS // 2 for n in nodes] == [True, True], nodes
+        assert all(n["steps"] > n["known_steps"] for n in nodes)
     finally:
         rc.cluster.stop()
 

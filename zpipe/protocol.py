@@ -95,7 +95,8 @@ SCHEMAS: dict[str, dict[str, str]] = {
     },
     # --- liveness: nodes and broker send heartbeats both ways; clients ping, the broker pongs
     "welcome": {"heartbeat_s": _NUM, "liveness": _INT},
-    "heartbeat": {"rss?": _INT, "kv_bytes?": _INT, "sessions?": _INT},
+    "heartbeat": {"rss?": _INT, "kv_bytes?": _INT, "sessions?": _INT, "steps?": _INT,
+                  "known_steps?": _INT},
     "ping": {"rid?": _STR},
     "pong": {"rid?": _STR},
     # --- admin: a client asks the broker (op: status, nodes, sessions, metrics, profile)
