@@ -24,6 +24,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from statistics import median, median_low
 
 import torch
 
@@ -52,7 +53,8 @@ def copy_bandwidth(device: str = "cuda:0", nbytes: int = 2 << 30) -> float:
     return 2 * nbytes * 10 / (time.perf_counter() - t0)
 
 
-def hf_runs(model_dir: Path, prompt: list[int], new_tokens: int, batch: int) -> dict:
+def hf_runs(model_dir: Path, prompt: list[int], new_tokens: int, batch: int,
+            rounds: int = 1) -> dict:
     from transformers import LlamaForCausalLM
 
     model = LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).to("cuda:0").eval()
@@ -69,15 +71,19 @@ def hf_runs(model_dir: Path, prompt: list[int], new_tokens: int, batch: int) -> 
         return time.perf_counter() - t0
 
     timed(ids)  # warm-up
-    out = {"weight_bytes": weight_bytes, "hf_eager_b1_tok_s": new_tokens / timed(ids)}
+    eager = [new_tokens / timed(ids) for _ in range(rounds)]
+    out = {"weight_bytes": weight_bytes, "hf_eager_b1_tok_s": median(eager),
+           "hf_eager_b1_tok_s_rounds": eager}
     # A static cache makes generate compile the decode step itself (transformers' own path).
     batch_ids = ids.repeat(batch, 1)
     for b, inp in ((1, ids), (batch, batch_ids)):
         try:
             for _ in range(2):  # compile and capture
                 timed(inp, cache_implementation="static")
-            out[f"hf_static_compiled_b{b}_tok_s"] = b * new_tokens / timed(
-                inp, cache_implementation="static")
+            got = [b * new_tokens / timed(inp, cache_implementation="static")
+                   for _ in range(rounds)]
+            out[f"hf_static_compiled_b{b}_tok_s"] = median(got)
+            out[f"hf_static_compiled_b{b}_tok_s_rounds"] = got
         except Exception as e:  # report, and still measure zpipe
             out[f"hf_static_compiled_b{b}_error"] = repr(e)[:300]
     model = None  # free the GPU memory for the zpipe nodes
@@ -85,21 +91,30 @@ def hf_runs(model_dir: Path, prompt: list[int], new_tokens: int, batch: int) -> 
     return out
 
 
-async def _zpipe(rc, prompt: list[int], new_tokens: int, concurrency: int) -> dict:
+async def _zpipe(rc, prompt: list[int], new_tokens: int, concurrency: int,
+                 rounds: int = 1) -> dict:
     async with rc.client() as client:
         kw = {"max_new_tokens": new_tokens, "ignore_eos": True}
         await client.generate(prompt_ids=prompt, **kw)  # warm-up
-        one = await client.generate(prompt_ids=prompt, **kw)
         # Concurrent warm-up, twice: a burst does not always form the same cohorts, and a
         # batch shape a node meets for the first time loads its kernels then (CUDA loads
         # lazily), which would land in the measured round's prefill.
         for _ in range(2):
             await asyncio.gather(*[client.generate(prompt_ids=prompt, max_new_tokens=8,
                                                    ignore_eos=True) for _ in range(concurrency)])
-        t0 = time.perf_counter()
-        many = await asyncio.gather(*[client.generate(prompt_ids=prompt, **kw)
-                                      for _ in range(concurrency)])
-        wall = time.perf_counter() - t0
+        ones, manys, walls = [], [], []
+        for _ in range(rounds):  # batch 1 then the burst, in turns
+            ones.append(await client.generate(prompt_ids=prompt, **kw))
+            t0 = time.perf_counter()
+            manys.append(await asyncio.gather(*[client.generate(prompt_ids=prompt, **kw)
+                                                for _ in range(concurrency)]))
+            walls.append(time.perf_counter() - t0)
+    b1 = [new_tokens / o.total_s for o in ones]
+    cs = [sum(len(g.token_ids) for g in m) / w for m, w in zip(manys, walls, strict=True)]
+    # The figures below describe the median round of each kind (the lower of two middles).
+    one = ones[b1.index(median_low(b1))]
+    i = cs.index(median_low(cs))
+    many, wall = manys[i], walls[i]
     decode = sorted(one.latencies_s[1:])
     gaps = sorted(g for m in many for g in m.latencies_s[1:])  # client-side, between tokens
     ttfts = sorted(m.ttft_s for m in many)
@@ -112,7 +127,8 @@ async def _zpipe(rc, prompt: list[int], new_tokens: int, concurrency: int) -> di
     return {
         "b1_breakdown": _decode_breakdown([one]),
         "c_breakdown": _decode_breakdown(many),
-        "b1_tok_s": new_tokens / one.total_s,
+        "b1_tok_s": median(b1),
+        "b1_tok_s_rounds": b1,
         "b1_decode_tok_s": one.tokens_per_s,
         "b1_p50_ms": decode[len(decode) // 2] * 1000,
         # the slow tokens' share: a mean well above the median is jitter, not the step
@@ -121,7 +137,8 @@ async def _zpipe(rc, prompt: list[int], new_tokens: int, concurrency: int) -> di
                                        decode[int(len(decode) * 0.99)] * 1000, decode[-1] * 1000],
         "b1_gaps_ms": [round(g * 1000, 3) for g in one.latencies_s[1:]],  # in token order
         "b1_ttft_ms": one.ttft_s * 1000,
-        f"c{concurrency}_tok_s": sum(len(g.token_ids) for g in many) / wall,
+        f"c{concurrency}_tok_s": median(cs),
+        f"c{concurrency}_tok_s_rounds": cs,
         "c_wall_s": wall,
         "c_ttft_ms_p50_max": [ttfts[len(ttfts) // 2] * 1000, ttfts[-1] * 1000],
         "c_prefill_compute_ms_p50_max": [prefill[len(prefill) // 2] * 1000, prefill[-1] * 1000],
@@ -129,7 +146,8 @@ async def _zpipe(rc, prompt: list[int], new_tokens: int, concurrency: int) -> di
                                       prefill_rest[-1] * 1000],
         "c_gap_ms_mean_p50_p99": [sum(gaps) / len(gaps) * 1000, gaps[len(gaps) // 2] * 1000,
                                   gaps[int(len(gaps) * 0.99)] * 1000],
-        "tokens_match": all(g.token_ids == one.token_ids for g in many),
+        "tokens_match": all(g.token_ids == o.token_ids
+                            for o, m in zip(ones, manys, strict=True) for g in m),
         "sessions_matching_b1": sum(g.token_ids == one.token_ids for g in many),
     }
 
@@ -146,6 +164,9 @@ def main() -> None:
     ap.add_argument("--prompt-len", type=int, default=32)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--concurrency", type=int, default=32)
+    ap.add_argument("--rounds", type=int, default=3,
+                    help="measurements of each figure (batch 1 and the burst in turns); the "
+                         "medians are reported, every round's figure beside them")
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--out")
     args = ap.parse_args()
@@ -156,7 +177,7 @@ def main() -> None:
                     "torch": torch.__version__, "args": vars(args)}
     result["copy_bandwidth_GB_s"] = copy_bandwidth() / 1e9
     if not args.skip_hf:
-        result.update(hf_runs(model, prompt, args.new_tokens, args.concurrency))
+        result.update(hf_runs(model, prompt, args.new_tokens, args.concurrency, args.rounds))
         result["bound_b1_tok_s"] = result["copy_bandwidth_GB_s"] * 1e9 / result["weight_bytes"]
     # torch.compile left ~300k objects here; a full collection over them would stall the
     # client that times zpipe below by 100-200 ms (as nodes do after a load).
@@ -196,7 +217,7 @@ def main() -> None:
                     timeout=600, **broker)
                 try:
                     result[key] = asyncio.run(
-                        _zpipe(rc, prompt, args.new_tokens, args.concurrency))
+                        _zpipe(rc, prompt, args.new_tokens, args.concurrency, args.rounds))
                 finally:
                     rc.cluster.stop()
         except Exception as e:  # one layout's failure still leaves the others' figures
