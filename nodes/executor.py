@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
+from itertools import accumulate
 from pathlib import Path
 from typing import NamedTuple
 
@@ -45,19 +46,17 @@ class Row:
 
 
 class RowState(NamedTuple):
-    """A decode row's output hidden state: row ``off`` of its batch's output ``src`` (a view
-    per row costs ~3 µs; a batch usually goes on whole, see ``join_rows``)."""
+    """A row's output hidden states from the decoder: rows ``off`` .. ``off + n`` of its
+    batch's output ``src`` (a view per row costs ~3 µs; a batch usually goes on whole, see
+    ``join_rows``)."""
 
     src: torch.Tensor
     off: int
-
-    @property
-    def n(self) -> int:
-        return 1
+    n: int = 1
 
     @property
     def x(self) -> torch.Tensor:
-        return self.src.narrow(0, self.off, 1)
+        return self.src.narrow(0, self.off, self.n)
 
 
 def join_rows(parts: list) -> torch.Tensor:
@@ -338,14 +337,20 @@ class Executor:
             return results
         stage = self.stage
         t0 = time.perf_counter()
-        # Decode rows on pool slots go through the decoder together; the rest run eagerly.
+        # Rows on pool slots go through the decoder together (decode steps; prompts too where
+        # it prefills); the rest run eagerly.
         fast: list = []
+        prompts: list = []
         slow: list = []
         for k in ready:
-            on_slot = self.decoder is not None and isinstance(k[2], SlotKV)
-            (fast if on_slot and k[1].n == 1 else slow).append(k)
+            if self.decoder is None or not isinstance(k[2], SlotKV):
+                slow.append(k)
+            elif k[1].n == 1:
+                fast.append(k)
+            else:
+                (prompts if self.decoder.prefills else slow).append(k)
         done: dict[int, object] = {}
-        for part, run in ((fast, self._decode), (slow, self._eager)):
+        for part, run in ((fast, self._decode), (prompts, self._prefill), (slow, self._eager)):
             if part:
                 done.update(zip([i for i, _, _ in part], run(part), strict=True))
         if slow and not stage.last and stage.device.type == "cuda":
@@ -390,6 +395,47 @@ class Executor:
             # replay); the rows are rows of it.
             return out.to("cpu")
         return out
+
+    def _prefill(self, ready: list[tuple[int, Row, SlotKV]]) -> list:
+        """Rows of several tokens (prompts) on pool slots through the decoder: a row's tokens
+        are decoder rows of its slot at consecutive positions, written before any attends
+        (``Decoder.step(prefill=True)``), in chunks of the decoder's largest batch bucket, in
+        order (a chunk's keys are in the pool before the next chunk reads them). One graph
+        replay per chunk where an eager prefill launches every kernel of every layer."""
+        x = join_rows([r for _, r, _ in ready])
+        slots: list[int] = []
+        pos: list[int] = []
+        for _, r, c in ready:
+            slots += [c.slot] * r.n
+            pos += range(c.length, c.length + r.n)
+        chunk = self.decoder.max_batch
+        # the decoder row of each prompt's last token: its pick is the row's next token
+        lasts = [e - 1 for e in accumulate(r.n for _, r, _ in ready)]
+        hidden, res, j = [], [], 0
+        for i in range(0, len(pos), chunk):
+            out = self.decoder.run(x[i:i + chunk], slots[i:i + chunk], pos[i:i + chunk],
+                                   prefill=True)
+            if not self.stage.last:
+                hidden.append(out.to("cpu"))  # before the next replay overwrites it
+                continue
+            logits, picks = out
+            rows = None
+            while j < len(lasts) and lasts[j] < i + chunk:
+                r = ready[j][1]
+                if r.params.greedy:
+                    rows = rows or picks.tolist()
+                    t, lp = rows[lasts[j] - i]
+                    res.append((int(t), lp))
+                else:
+                    res.append(sample(logits[lasts[j] - i], r.params, r.step))
+                j += 1
+        for _, r, c in ready:
+            c.advance(r.n)
+        if self.stage.last:
+            return res
+        out = hidden[0] if len(hidden) == 1 else torch.cat(hidden)
+        return [RowState(out, e + 1 - r.n, r.n) for e, (_, r, _) in zip(lasts, ready,
+                                                                          strict=True)]
 
     # ------------------------------------------------------------ known cohorts
     def expect(self, msg: Message, rows: list[Row]) -> None:

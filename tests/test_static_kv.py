@@ -235,7 +235,8 @@ def test_compiled_pick_on_the_gpu_matches_eager() -> None:
 def test_cuda_graphs_replay_what_the_step_computes(tiny_model) -> None:
     """Graph replays (with padded, shrinking and growing batches) give exactly the tokens of
     the same decoder run without graphs, on one node and on two chained ones (hidden states
-    handed on from the host), and never touch other sessions' slots."""
+    handed on from the host), and never touch other sessions' slots. Prompts go through the
+    decoder both ways (in chunks of 4 rows: the prompts have 5, 2 and 6 tokens)."""
     n_layers = Executor(tiny_model, "float32", "cpu").spec.num_layers
 
     def run(graphs: bool, split: bool) -> dict[str, list[int]]:
@@ -245,6 +246,8 @@ def test_cuda_graphs_replay_what_the_step_computes(tiny_model) -> None:
             ex = Executor(tiny_model, "bfloat16", "cuda:0", max_batch=4,
                           static_kv=StaticKV(cuda_graphs=graphs))
             ex.load(start, end, epoch=1)
+            assert ex.decoder.prefills == graphs  # on by default with graphs
+            ex.decoder.prefills = True
             exs.append(ex)
 
         def step(rows: list[list], x: torch.Tensor) -> list:
@@ -539,3 +542,40 @@ def test_a_known_cohort_ends_where_a_slot_is_full(tiny_model) -> None:
             t.append(out[0])
     assert paths[:2] == [False, True] and paths[-1] is False
     assert not isinstance(ex.caches["c"], SlotKV)
+
+
+@pytest.mark.parametrize("max_batch", [64, 2])  # 2: a prompt runs as several chunks
+def test_prompts_through_the_decoder_give_the_eager_tokens(tiny_model, reference,
+                                                           max_batch: int) -> None:
+    """Prefill through the decoder (on by default where CUDA graphs are): a prompt's tokens
+    are decoder rows of one slot, causal because every row's K/V is written before any row
+    attends. One prompt a message, and all three in one batch."""
+    ex = Executor(tiny_model, "float32", "cpu", static_kv=StaticKV(enabled=True),
+                  max_batch=max_batch)
+    ex.load(0, ex.spec.num_layers, epoch=1)
+    assert not ex.decoder.prefills  # the CPU's default: eager prompts, bit-exact
+    ex.decoder.prefills = True
+    assert _generate(ex, 24) == reference
+    ex.free(list(PROMPTS))
+    rows = [r for sid, p in PROMPTS.items() for r in ex.rows_of(_step(sid, 0, 0, p))]
+    firsts = [out[0] for out in ex.step_batch(rows)]
+    assert firsts == [t[0] for t in reference.values()]
+    assert all(ex.caches[sid].length == len(p) for sid, p in PROMPTS.items())
+
+
+def test_an_inner_stage_prompt_through_the_decoder_gives_the_eager_states(tiny_model) -> None:
+    n = Executor(tiny_model, "float32", "cpu").spec.num_layers
+    eager = Executor(tiny_model, "float32", "cpu")
+    eager.load(0, n - 1, epoch=1)
+    ex = Executor(tiny_model, "float32", "cpu", static_kv=StaticKV(enabled=True), max_batch=4)
+    ex.load(0, n - 1, epoch=1)
+    ex.decoder.prefills = True
+    rows = [r for sid, p in PROMPTS.items() for r in ex.rows_of(_step(sid, 0, 0, p))]
+    outs = ex.step_batch(rows)
+    assert [type(o) for o in outs] == [RowState] * 3
+    assert [o.n for o in outs] == [len(p) for p in PROMPTS.values()]
+    block = join_rows(outs)
+    assert block is outs[0].src and block.shape[0] == sum(map(len, PROMPTS.values()))
+    for (sid, p), out in zip(PROMPTS.items(), outs, strict=True):
+        (want,) = eager.step_batch(eager.rows_of(_step(sid, 0, 0, p)))
+        torch.testing.assert_close(out.x, want, rtol=1e-4, atol=1e-4)

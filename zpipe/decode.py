@@ -108,7 +108,10 @@ class Decoder:
                 log.warning("torch.compile unavailable (%s); decoding without it", e)
         if triton_kernels.available(self.device):
             self.add_rms = triton_kernels.add_rms
-        self._graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, object]] = {}
+        # Prompts through the decoder's graphs too (``run(prefill=True)``): on by default
+        # where graphs are (an eager prefill launches every kernel from Python).
+        self.prefills = self.graphs_on
+        self._graphs: dict[tuple[int, int, bool], tuple[torch.cuda.CUDAGraph, object]] = {}
         if self.graphs_on:
             b = self.max_batch
             # A step's slots (row 0), positions (row 1) and, on the first stage, token ids (row
@@ -157,19 +160,28 @@ class Decoder:
             return 0
         return bucket(longest, self.pool.max_len, MIN_LEN_BUCKET)
 
+    def prefill_length(self, longest: int) -> int:
+        """The key length a prefill step is shaped for (it always takes the portable path)."""
+        return bucket(longest, self.pool.max_len, MIN_LEN_BUCKET)
+
     @torch.inference_mode()
-    def step(self, x: Tensor, slots: Tensor, pos: Tensor, length: int):
+    def step(self, x: Tensor, slots: Tensor, pos: Tensor, length: int, prefill: bool = False):
         """One token per row: ``x`` ids ``[B]`` (first stage) or hidden ``[B, hidden]``,
         ``slots``/``pos`` ``[B]`` on the device, every ``pos < length`` (unless 0: the Triton
         kernel). Writes each row's K/V at ``pos`` of its slot. Returns hidden ``[B, hidden]``,
         or on the last stage
         ``(logits [B, vocab] in the stage's dtype, [B, 2] float64 of (argmax id, its
-        logprob))``."""
+        logprob))``.
+
+        ``prefill``: rows may share a slot (a prompt's tokens at consecutive positions). Every
+        row's K/V is written before any row attends (the portable path), so each token sees
+        the prompt up to itself: causal. The Triton kernel writes and reads in one launch."""
         st, pool = self.stage, self.pool
         b, hd, n_kv = slots.shape[0], self.hd, self.n_kv
+        in_place = self.triton_attention and not prefill
         h = F.embedding(x, st.embed) if st.first else x
         cos, sin = self.cos[pos][:, None], self.sin[pos][:, None]  # [B, 1, hd]
-        if not self.triton_attention:
+        if not in_place:
             mask = (self.key_pos[:length][None] <= pos[:, None])[:, None, None]  # [B, 1, 1, L]
         qd, kd = self.n_heads * hd, n_kv * hd
         r = None
@@ -181,7 +193,7 @@ class Decoder:
             v = qkv[:, qd + kd:].view(b, n_kv, hd)
             kc, vc = pool.k[layer], pool.v[layer]
             # Query heads grouped per KV head ([B, n_kv, heads/n_kv, hd]): GQA with no repeat.
-            if self.triton_attention:
+            if in_place:
                 a = triton_kernels.slot_attention(q.reshape(b, n_kv, -1, hd), k, v, kc, vc,
                                                   slots, pos, st.scale)
             else:
@@ -199,18 +211,18 @@ class Decoder:
         logits = F.linear(_rms_norm(h, st.norm, st.eps), st.lm_head)
         return logits, self.pick(logits)  # sampled rows take their logits to float32
 
-    def run(self, x: Tensor, slots: list[int], pos: list[int]):
+    def run(self, x: Tensor, slots: list[int], pos: list[int], prefill: bool = False):
         """``step`` for ``len(slots)`` rows given on the host; on CUDA through a graph of the
         next batch bucket (padding rows go to the scratch slot). Outputs cover the real rows."""
         n = len(slots)
-        length = self.length_bucket(max(pos) + 1)
+        length = (self.prefill_length if prefill else self.length_bucket)(max(pos) + 1)
         if not self.graphs_on or n > self.max_batch:
             idx = torch.tensor([slots, pos], dtype=torch.int64).to(self.device)
-            return self.step(x.to(self.device), idx[0], idx[1], length)
+            return self.step(x.to(self.device), idx[0], idx[1], length, prefill)
         b = bucket(n, self.max_batch)
-        graph = self._graphs.get((b, length))
+        graph = self._graphs.get((b, length, prefill))
         if graph is None:
-            graph = self._capture(b, length)
+            graph = self._capture(b, length, prefill)
         # Padding rows (scratch slot, position 0) in the same copy: rows left from a bigger
         # batch must not write into their sessions. The pinned buffers are free again: every
         # step ends waiting for its output, after these copies.
@@ -229,24 +241,30 @@ class Decoder:
         return tuple(t[:n] for t in out) if isinstance(out, tuple) else out[:n]
 
     def warm(self) -> None:
-        """Capture every batch bucket at the shortest length now, not during the first steps."""
+        """Capture every batch bucket at the shortest length now, not during the first steps
+        (decode steps, and prefills where they take the graphs)."""
         if self.graphs_on:
-            b, length = 1, self.length_bucket(1)
-            while b <= self.max_batch:
-                if (b, length) not in self._graphs:
-                    self._capture(b, length)
-                b *= 2
+            kinds = [(False, self.length_bucket(1))]
+            if self.prefills:
+                kinds.append((True, self.prefill_length(1)))
+            for prefill, length in kinds:
+                b = 1
+                while b <= self.max_batch:
+                    if (b, length, prefill) not in self._graphs:
+                        self._capture(b, length, prefill)
+                    b *= 2
 
     def _pad(self, start: int, stop: int) -> None:
         self._slots[start:stop].fill_(self.pool.scratch)
         self._pos[start:stop].zero_()
 
-    def _capture(self, b: int, length: int) -> tuple:
-        """Record ``step`` for bucket (b, length). The buffers hold padding (scratch slot,
-        position 0) meanwhile, so the warm-up runs write only to the scratch slot."""
+    def _capture(self, b: int, length: int, prefill: bool = False) -> tuple:
+        """Record ``step`` for bucket (b, length) (a prefill's or a decode step's). The buffers
+        hold padding (scratch slot, position 0) meanwhile, so the warm-up runs write only to
+        the scratch slot."""
         t0 = time.perf_counter()
         self._pad(0, b)
-        args = (self._x[:b], self._slots[:b], self._pos[:b], length)
+        args = (self._x[:b], self._slots[:b], self._pos[:b], length, prefill)
         with torch.cuda.device(self.device):
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
@@ -257,9 +275,9 @@ class Decoder:
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=self._mempool):
                 out = self.step(*args)
-        self._graphs[(b, length)] = (graph, out)
+        self._graphs[(b, length, prefill)] = (graph, out)
         self.captures += 1
         self.capture_s += time.perf_counter() - t0
-        log.info("captured the decode graph for batch %d, length %d in %.2f s", b, length,
-                 time.perf_counter() - t0)
+        log.info("captured the %s graph for batch %d, length %d in %.2f s",
+                 "prefill" if prefill else "decode", b, length, time.perf_counter() - t0)
         return graph, out
