@@ -236,14 +236,14 @@ def test_cuda_graphs_replay_what_the_step_computes(tiny_model) -> None:
     """Graph replays (with padded, shrinking and growing batches) give exactly the tokens of
     the same decoder run without graphs, on one node and on two chained ones (hidden states
     handed on from the host), and never touch other sessions' slots. Prompts go through the
-    decoder both ways (in chunks of 4 rows: the prompts have 5, 2 and 6 tokens)."""
+    decoder both ways (bucket 8 for 5 and 6 tokens: padded; 2: exact)."""
     n_layers = Executor(tiny_model, "float32", "cpu").spec.num_layers
 
     def run(graphs: bool, split: bool) -> dict[str, list[int]]:
         ranges = [(0, n_layers // 2), (n_layers // 2, n_layers)] if split else [(0, n_layers)]
         exs = []
         for start, end in ranges:
-            ex = Executor(tiny_model, "bfloat16", "cuda:0", max_batch=4,
+            ex = Executor(tiny_model, "bfloat16", "cuda:0", max_batch=8,
                           static_kv=StaticKV(cuda_graphs=graphs))
             ex.load(start, end, epoch=1)
             assert ex.decoder.prefills == graphs  # on by default with graphs
@@ -544,30 +544,35 @@ def test_a_known_cohort_ends_where_a_slot_is_full(tiny_model) -> None:
     assert not isinstance(ex.caches["c"], SlotKV)
 
 
-@pytest.mark.parametrize("max_batch", [64, 2])  # 2: a prompt runs as several chunks
-def test_prompts_through_the_decoder_give_the_eager_tokens(tiny_model, reference,
-                                                           max_batch: int) -> None:
+def test_prompts_through_the_decoder_give_the_eager_tokens(tiny_model, reference) -> None:
     """Prefill through the decoder (on by default where CUDA graphs are): a prompt's tokens
     are decoder rows of one slot, causal because every row's K/V is written before any row
-    attends. One prompt a message, and all three in one batch."""
-    ex = Executor(tiny_model, "float32", "cpu", static_kv=StaticKV(enabled=True),
-                  max_batch=max_batch)
+    attends. One prompt a message, and all three in one batch; more prompt tokens than the
+    decoder's largest batch run eagerly."""
+    ex = Executor(tiny_model, "float32", "cpu", static_kv=StaticKV(enabled=True))
     ex.load(0, ex.spec.num_layers, epoch=1)
     assert not ex.decoder.prefills  # the CPU's default: eager prompts, bit-exact
     ex.decoder.prefills = True
+    through = []
+    real = ex._prefill
+    ex._prefill = lambda ready: through.append(len(ready)) or real(ready)
     assert _generate(ex, 24) == reference
-    ex.free(list(PROMPTS))
-    rows = [r for sid, p in PROMPTS.items() for r in ex.rows_of(_step(sid, 0, 0, p))]
-    firsts = [out[0] for out in ex.step_batch(rows)]
-    assert firsts == [t[0] for t in reference.values()]
-    assert all(ex.caches[sid].length == len(p) for sid, p in PROMPTS.items())
+    assert through == [1, 1, 1]
+    for max_batch, expect in ((64, [3]), (8, [])):  # 13 prompt tokens in all
+        ex.free(list(PROMPTS))
+        ex.decoder.max_batch = max_batch
+        through.clear()
+        rows = [r for sid, p in PROMPTS.items() for r in ex.rows_of(_step(sid, 0, 0, p))]
+        firsts = [out[0] for out in ex.step_batch(rows)]
+        assert firsts == [t[0] for t in reference.values()] and through == expect
+        assert all(ex.caches[sid].length == len(p) for sid, p in PROMPTS.items())
 
 
 def test_an_inner_stage_prompt_through_the_decoder_gives_the_eager_states(tiny_model) -> None:
     n = Executor(tiny_model, "float32", "cpu").spec.num_layers
     eager = Executor(tiny_model, "float32", "cpu")
     eager.load(0, n - 1, epoch=1)
-    ex = Executor(tiny_model, "float32", "cpu", static_kv=StaticKV(enabled=True), max_batch=4)
+    ex = Executor(tiny_model, "float32", "cpu", static_kv=StaticKV(enabled=True))
     ex.load(0, n - 1, epoch=1)
     ex.decoder.prefills = True
     rows = [r for sid, p in PROMPTS.items() for r in ex.rows_of(_step(sid, 0, 0, p))]
