@@ -75,7 +75,11 @@ def join_rows(parts: list) -> torch.Tensor:
                 return src
             return src.narrow(0, first.off, end - first.off)
     xs = [p.x if isinstance(p, (Row, RowState)) else p for p in parts]
-    return xs[0] if len(xs) == 1 else torch.cat(xs)
+    if len(xs) == 1:
+        return xs[0]
+    if len({x.device for x in xs}) > 1:  # decoder rows come back on the host, eager ones not
+        xs = [x.cpu() for x in xs]
+    return torch.cat(xs)
 
 
 class StepError(Exception):

@@ -277,6 +277,17 @@ def test_cuda_graphs_replay_what_the_step_computes(tiny_model) -> None:
     assert run(True, True) == run(False, True)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_decoder_rows_and_eager_rows_join_across_devices() -> None:
+    """An inner GPU stage's batch can hold decoder rows (on the host) beside eager rows (on
+    the GPU), e.g. a decode cohort and prompts that do not fit a replay: joined on the host."""
+    host = torch.arange(6.0).view(3, 2)
+    gpu = torch.arange(6.0, 10.0).view(2, 2).to("cuda:0")
+    joined = join_rows([RowState(host, 1), gpu, RowState(host, 0, 1)])
+    assert joined.device.type == "cpu"
+    assert joined.tolist() == [[2.0, 3.0], [6.0, 7.0], [8.0, 9.0], [0.0, 1.0]]
+
+
 needs_triton = pytest.mark.skipif(not torch.cuda.is_available()
                                   or not triton_kernels.available(torch.device("cuda")),
                                   reason="needs Triton and a CUDA device")
