@@ -437,8 +437,7 @@ class Executor:
         """After ``rows`` (all of step message ``msg``) ran and were answered: expect their
         next step as a known cohort when it can run on the decoder as it stands."""
         pool = self.pool
-        if self.decoder is None or pool is None or not rows or len(rows) > self.max_batch \
-                or "route" in msg.header:
+        if self.decoder is None or pool is None or not rows or len(rows) > self.max_batch:
             return
         caches = [self.caches.get(r.sid) for r in rows]
         if not all(isinstance(c, SlotKV) and c.length < pool.max_len for c in caches):
@@ -453,8 +452,7 @@ class Executor:
         other message, which then takes the per-row path and its checks."""
         k = self.known
         if (k is None or msg["rows"] != k.rows or msg["epoch"] != self.epoch
-                or msg.get("sampling") != k.sampling or "route" in msg.header
-                or len(msg.frames) != 1):
+                or msg.get("sampling") != k.sampling or len(msg.frames) != 1):
             return None
         x = msg.tensors.get("x")
         try:

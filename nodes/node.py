@@ -273,7 +273,11 @@ class Node:
         if len(batch) == 1 and (known := self.executor.step_known(batch[0])) is not None:
             cohort, out = known
             self.decode_s = self.executor.last_compute_s
-            await self._result(batch, cohort.answer, out)
+            if "route" in batch[0].header and not self.executor.stage.last:
+                # direct routing: the message's rows and sampling go on as they came
+                await self._pass_on(batch, batch[0]["rows"], batch[0].get("sampling"), out)
+            else:
+                await self._result(batch, cohort.answer, out)
             self.executor.expect_after(cohort)
             return
         rows, msgs, owner = [], [], []
@@ -319,6 +323,8 @@ class Node:
         for part in groups.values():
             await self._answer([msgs[k] for k in sorted({k for *_, k in part})],
                                [(r, o) for r, o, _ in part])
+        if len(msgs) == 1 and len(done) == len(rows):
+            self.executor.expect(msgs[0], rows)
 
     async def _answer(self, msgs: list[Message], done: list) -> None:
         """Send the rows' outputs on: tokens or hidden states to the broker, or (direct
@@ -351,26 +357,32 @@ class Node:
         """Direct routing: the rows' hidden states go straight to the next stage's node (the
         messages share one route), with their sampling and this stage's compute time; the
         broker hears from the last stage."""
-        first = msgs[0]
         rows = [r for r, _ in done]
         sampling = {}
         for m in msgs:  # rows_of checked each message's rows
             given = m.get("sampling")
             if isinstance(given, list) and len(given) == len(m["rows"]):
                 sampling.update(zip((r[0] for r in m["rows"]), given, strict=True))
+        await self._pass_on(msgs, [[r.sid, r.step, r.pos, r.n] for r in rows],
+                            [sampling.get(r.sid, {}) for r in rows], hidden)
+
+    async def _pass_on(self, msgs: list[Message], rows: list, sampling: list | None,
+                       hidden: torch.Tensor) -> None:
+        """The step of ``rows`` ([sid, step, pos, n], as received) to the next stage's node."""
+        first = msgs[0]
         try:
             addr = protocol.next_hop(first["route"], first["stage"])
             frames = protocol.encode(
                 "step", {"x": hidden}, epoch=first["epoch"], stage=first["stage"] + 1,
-                rows=[[r.sid, r.step, r.pos, r.n] for r in rows], route=first["route"],
+                rows=rows, route=first["route"],
                 times=[*_times(msgs), [self.cfg.name, round(self.executor.last_compute_s, 6)]],
-                sampling=[sampling.get(r.sid, {}) for r in rows])
+                **({"sampling": sampling} if sampling is not None else {}))
             aio.send(self._push(addr), frames)
         except (ProtocolError, zmq.ZMQError) as e:  # the broker ends exactly these sessions
             code = e.code if isinstance(e, ProtocolError) else "peer_unreachable"
             for r in rows:
                 await self.send(protocol.error(code, f"{self.cfg.name}: cannot pass the step "
-                                               f"on: {e}", sid=r.sid, step=r.step))
+                                               f"on: {e}", sid=r[0], step=r[1]))
 
     async def _refuse(self, msg: Message, err: StepError) -> None:
         """Error replies for a message this node will not run: one per row when it has rows,

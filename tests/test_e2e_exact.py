@@ -88,16 +88,19 @@ def test_tiny_three_stages_matches_transformers(tiny_model: Path, clusters, dtyp
         assert got == want, f"tiny {dtype}, prompt {prompt!r}"
 
 
-def test_static_kv_pool_matches_transformers(tiny_model: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("direct", [False, True])
+def test_static_kv_pool_matches_transformers(tiny_model: Path, tmp_path: Path,
+                                             direct: bool) -> None:
     """Nodes with the static KV pool and batched decoder (a GPU node's path, here without
     graphs): still transformers' tokens, one session at a time and all at once (a cohort the
     nodes step as a known block from its second decode step on), also for sessions that
-    outgrow their 80-token slot mid-generation and go on in a plain cache."""
+    outgrow their 80-token slot mid-generation and go on in a plain cache; through the broker
+    and with activations going node to node (``direct``)."""
     from conftest import start_cluster
 
     static = {"enabled": True, "slots": len(PROMPTS), "max_len": 80}
     rc = start_cluster(tiny_model, tmp_path, [{"name": f"n{i}", "static_kv": static}
-                                              for i in range(2)])
+                                              for i in range(2)], direct=direct)
     refs = [reference(str(tiny_model), prompt) for prompt in PROMPTS]
 
     async def together() -> list[list[int]]:
