@@ -55,6 +55,9 @@ class Broker(StepScheduler):
         self.rebalancer = Rebalancer(cfg.rebalance)
         self.paused = False  # steps wait at token boundaries while layers move
         self.parked: list[Session] = []
+        # Sessions whose next step waits for the cohorts in flight to join it (one shared GPU,
+        # ``StepScheduler._go_on``).
+        self.held: list[Session] = []
         # Prefills of requests that arrived in one burst, sent together as one cohort once the
         # burst is handled (``_flush_prefills``).
         self.prefills: list[Session] = []
@@ -386,6 +389,8 @@ class Broker(StepScheduler):
             node = self.registry.by_name.get(name)
             if node is not None:
                 await self._send(node.ident, frames)
+        if self.held and s.in_flight:  # held sessions may have waited for this one's step
+            await self._go_on([])
 
     async def _finish(self, s: Session, reason: str) -> None:
         await self._release(s, reason)

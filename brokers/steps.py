@@ -57,6 +57,29 @@ class StepScheduler:
         for i in range(0, len(sessions), cap):
             await self._start_cohort(sessions[i:i + cap])
 
+    async def _go_on(self, sessions: list[Session]) -> None:
+        """Start the next step of ``sessions`` (their step just ended), or hold them until the
+        steps in flight end too, where every stage shares one GPU: there the cohorts take
+        turns and each reads every weight, so one cohort of 32 went ~1.5x faster than the same
+        sessions split in two (a burst that reached the broker in two parts). New sessions run
+        their prefill at once and join the running cohort at its next step."""
+        held = self.held
+        if self._one_gpu():
+            flying = sum(s.in_flight for s in self.sessions.values())
+            if flying and flying + len(held) + len(sessions) <= (self._cohort_cap() or 1 << 30):
+                held.extend(sessions)
+                return
+        self.held = []
+        go = [s for s in held if s.sid in self.sessions] + sessions
+        if go:
+            await self._start_steps(go)
+
+    def _one_gpu(self) -> bool:
+        """Every stage of the placement on one GPU (one host, one CUDA device)."""
+        nodes = [self.registry.by_name.get(n) for n in self.placement.nodes()]
+        return (all(n is not None and n.device.startswith("cuda") for n in nodes)
+                and len({(n.host, n.device) for n in nodes}) == 1)
+
     def _cohort_cap(self) -> int:
         """The smallest ``max_batch`` the placement's nodes registered (0: none said)."""
         names = self.placement.nodes() if self.placement is not None else []
@@ -245,8 +268,8 @@ class StepScheduler:
             if end is None:
                 s.step += 1
                 nxt.append(s)
-        if nxt:
-            await self._start_steps(nxt)
+        if nxt or self.held:
+            await self._go_on(nxt)
         # One message per client for all its sessions' tokens: a send costs more than its bytes.
         by_client: dict[bytes, list[dict]] = {}
         # Rows of one cohort share their step time and stage entries: recorded once for all.

@@ -102,9 +102,11 @@ async def _zpipe(rc, prompt: list[int], new_tokens: int, concurrency: int,
         for _ in range(2):
             await asyncio.gather(*[client.generate(prompt_ids=prompt, max_new_tokens=8,
                                                    ignore_eos=True) for _ in range(concurrency)])
-        ones, manys, walls = [], [], []
+        ones, manys, walls, starts = [], [], [], []
         for _ in range(rounds):  # batch 1 then the burst, in turns
+            starts.append(time.time())  # to line rounds up with other logs (nvidia-smi)
             ones.append(await client.generate(prompt_ids=prompt, **kw))
+            starts.append(time.time())
             t0 = time.perf_counter()
             manys.append(await asyncio.gather(*[client.generate(prompt_ids=prompt, **kw)
                                                 for _ in range(concurrency)]))
@@ -139,6 +141,7 @@ async def _zpipe(rc, prompt: list[int], new_tokens: int, concurrency: int,
         "b1_ttft_ms": one.ttft_s * 1000,
         f"c{concurrency}_tok_s": median(cs),
         f"c{concurrency}_tok_s_rounds": cs,
+        "round_starts_unix_s": starts,  # batch 1, burst, batch 1, ...
         "c_wall_s": wall,
         "c_ttft_ms_p50_max": [ttfts[len(ttfts) // 2] * 1000, ttfts[-1] * 1000],
         "c_prefill_compute_ms_p50_max": [prefill[len(prefill) // 2] * 1000, prefill[-1] * 1000],

@@ -70,10 +70,10 @@ async def _serving_stages(tiny_model: Path, stages: dict[str, tuple[int, int]],
         s.connect(addr)
     await broker._place()
     for name, node in zip(stages, nodes, strict=True):
-        node.send_multipart(protocol.encode(
-            "register", name=name, pid=os.getpid(), host="test", device="cpu",
-            dtype="float32", model=str(tiny_model), num_layers=6, mem_total=1 << 34,
-            mem_free=1 << 33, gflops=10.0, **register))
+        node.send_multipart(protocol.encode("register", **{
+            "name": name, "pid": os.getpid(), "host": "test", "device": "cpu",
+            "dtype": "float32", "model": str(tiny_model), "num_layers": 6,
+            "mem_total": 1 << 34, "mem_free": 1 << 33, "gflops": 10.0, **register}))
         await _pump(broker, lambda n=name: n in broker.registry.by_name)
     await _pump(broker, lambda: broker.placement is not None)
     for node in nodes:
@@ -270,6 +270,85 @@ def test_an_altered_or_repeated_answer_is_not_taken_for_the_cohort(tiny_model: P
             with pytest.raises(AssertionError):
                 await _recv(b, timeout_s=0.2)
             assert set(broker.sessions) == {s1, s2}
+        finally:
+            _close(broker, a, b, client)
+
+    asyncio.run(run())
+
+
+async def _through(broker: Broker, a: zmq.Socket, b: zmq.Socket,
+                   step: protocol.Message) -> None:
+    """Answer a two-stage step as its nodes would: stage 0's hidden states, then tokens."""
+    n = sum(r[3] for r in step["rows"])
+    a.send_multipart(_hidden_result(step, torch.zeros(n, broker.spec.hidden_size)))
+    sid = step["rows"][0][0]
+    await _pump(broker, lambda: broker.sessions[sid].stage == 1)
+    b.send_multipart(_tokens_result(await _next(b, "step")))
+
+
+def test_on_one_gpu_a_cohort_waits_for_the_one_in_flight_and_they_go_on_as_one(
+        tiny_model: Path) -> None:
+    """Both stages on one GPU: cohorts there take turns, each reading every weight. A cohort
+    whose step ends while another is in flight is held, and both start their next step as one
+    cohort when that one's step ends; a cancel of the one in flight lets the held one go."""
+    async def run() -> None:
+        broker, (a, b), client = await _serving_stages(
+            tiny_model, {"a": (0, 3), "b": (3, 6)}, device="cuda:0")
+        try:
+            assert broker._one_gpu()
+            steps = []
+            for rid in ("r1", "r2"):  # two bursts: two cohorts
+                await broker._handle(_frames(protocol.encode(
+                    "generate", rid=rid, prompt_ids=[5, 6], max_new_tokens=8)))
+                await asyncio.sleep(0)
+                steps.append(await _next(a, "step"))
+            s1, s2 = (st["rows"][0][0] for st in steps)
+            await _through(broker, a, b, steps[0])
+            await _pump(broker, lambda: broker.held)
+            assert [s.sid for s in broker.held] == [s1]  # r2's prefill is still in flight
+            await _through(broker, a, b, steps[1])
+            await _pump(broker, lambda: not broker.held)
+            together = await _next(a, "step")
+            assert [r[0] for r in together["rows"]] == [s1, s2]
+            assert broker.metrics.steps_started == 3
+            # r3's prefill goes at once; its next step waits for r1 and r2's step in flight,
+            # and goes when r1 and r2 are cancelled instead.
+            await broker._handle(_frames(protocol.encode(
+                "generate", rid="r3", prompt_ids=[7, 8], max_new_tokens=8)))
+            await asyncio.sleep(0)
+            prefill = await _next(a, "step")
+            s3 = prefill["rows"][0][0]
+            await _through(broker, a, b, prefill)
+            await _pump(broker, lambda: broker.held)
+            for rid in ("r1", "r2"):
+                await broker._handle(_frames(protocol.encode("cancel", rid=rid)))
+            assert not broker.held
+            alone = await _next(a, "step")
+            assert [r[0] for r in alone["rows"]] == [s3]
+        finally:
+            _close(broker, a, b, client)
+
+    asyncio.run(run())
+
+
+def test_stages_on_different_devices_keep_their_cohorts_apart(tiny_model: Path) -> None:
+    """Stages on CPUs (or on GPUs of their own) work on different cohorts at once: a cohort's
+    next step starts as soon as its step ends."""
+    async def run() -> None:
+        broker, (a, b), client = await _serving_stages(tiny_model, {"a": (0, 3), "b": (3, 6)})
+        try:
+            assert not broker._one_gpu()
+            steps = []
+            for rid in ("r1", "r2"):
+                await broker._handle(_frames(protocol.encode(
+                    "generate", rid=rid, prompt_ids=[5, 6], max_new_tokens=8)))
+                await asyncio.sleep(0)
+                steps.append(await _next(a, "step"))
+            await _through(broker, a, b, steps[0])
+            await _pump(broker, lambda: broker.metrics.steps_started == 3)
+            nxt = await _next(a, "step")
+            assert [r[0] for r in nxt["rows"]] == [steps[0]["rows"][0][0]]
+            assert not broker.held
         finally:
             _close(broker, a, b, client)
 
