@@ -406,6 +406,7 @@ class Broker(StepScheduler):
         await self._send(s.client, protocol.error(code, message, rid=s.rid))
 
     async def _fail_sessions(self, message: str, code: str) -> None:
+        self.held = []  # they end here too: none of them may start a step meanwhile
         for s in list(self.sessions.values()):
             await self._finish_error(s, code, message)
 

@@ -455,6 +455,8 @@ class Executor:
                 or msg.get("sampling") != k.sampling or len(msg.frames) != 1):
             return None
         x = msg.tensors.get("x")
+        if x is None:
+            return None
         try:
             self._check_input(self.stage, x, len(k.rows))
         except StepError:

@@ -528,6 +528,10 @@ def test_what_breaks_a_known_cohort(tiny_model) -> None:
     assert ex.step_known(_cohort_step(2, toks, pos_shift=1)) is None  # a position off
     assert ex.step_known(_cohort_step(2, toks, epoch=2)) is None
     assert ex.step_known(_cohort_step(3, toks)) is None  # a step ahead
+    misnamed = _cohort_step(2, toks)
+    misnamed.specs = [("y", *misnamed.specs[0][1:])]
+    misnamed._tensors = None
+    assert ex.step_known(misnamed) is None  # its one tensor is not 'x'
     assert ex.known is not None and ex.known_steps == 0  # none of them ran
     ex.free(["b"])
     assert ex.known is None and ex.step_known(_cohort_step(2, toks)) is None
