@@ -52,7 +52,7 @@ def measure(ex: Executor, b: int, context: int, iters: int, bandwidth: float) ->
         pos += 1
     wall = (time.perf_counter() - t0) / iters
     dec = ex.decoder
-    graph = dec._graphs[(b, dec.length_bucket(pos))][0]
+    graph = dec._graphs[(b, dec.length_bucket(pos), False)][0]  # (batch, length, prefill)
     e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     e0.record()
     for _ in range(iters):
