@@ -91,6 +91,10 @@ class Session:
     def step_input_len(self) -> int:
         return len(self.prompt_ids) if self.step == 0 else 1
 
+    def step_row(self) -> list:
+        """This session's row of its step message: ``[sid, step, pos, n]``."""
+        return [self.sid, self.step, self.pos, self.step_input_len()]
+
 
 def build_session(msg: Message, client: bytes, tokenizer: Any, limits: Limits, vocab: int,
                   max_positions: int, eos_ids: frozenset[int]) -> Session:

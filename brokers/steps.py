@@ -34,7 +34,7 @@ class Cohort:
 
     def __init__(self, sessions: list[Session]) -> None:
         self.sessions = sessions
-        self.rows = [[s.sid, s.step, s.pos, s.step_input_len()] for s in sessions]
+        self.rows = [s.step_row() for s in sessions]
         self.answer_rows = [[sid, step, n] for sid, step, _, n in self.rows]  # as nodes say
         self.sampling = [s.sampling for s in sessions]
         self.n_tokens = sum(r[3] for r in self.rows)
@@ -100,7 +100,7 @@ class StepScheduler:
             s.stage_times = cohort.stage_times
             s.step_t0 = now
         route = self._direct_route()
-        fields = self._cohort_fields(cohort, 0, direct=route is not None)
+        fields = self._step_fields(0, cohort.rows, cohort.sampling, direct=route is not None)
         if route is not None:
             fields["route"], fields["times"] = route, []
         await self._send_stage(sessions, 0, protocol.encode("step", {"x": ids}, **fields),
@@ -115,18 +115,12 @@ class StepScheduler:
         route = [self.registry.by_name[st.node].peer for st in stages[1:]]
         return route if all(route) else None
 
-    def _step_fields(self, sessions: list[Session], stage: int) -> dict:
-        """A step's fields for sessions that no longer travel as their cohort."""
-        fields = {"epoch": self.placement.epoch, "stage": stage,
-                  "rows": [[s.sid, s.step, s.pos, s.step_input_len()] for s in sessions]}
-        if stage == len(self.placement.stages) - 1:
-            fields["sampling"] = [s.sampling for s in sessions]
-        return fields
-
-    def _cohort_fields(self, cohort: Cohort, stage: int, direct: bool = False) -> dict:
-        fields = {"epoch": self.placement.epoch, "stage": stage, "rows": cohort.rows}
+    def _step_fields(self, stage: int, rows: list, sampling: list, direct: bool = False) -> dict:
+        """A step message's fields; the sampling entries go to the last stage (all stages
+        pass them on under direct routing)."""
+        fields = {"epoch": self.placement.epoch, "stage": stage, "rows": rows}
         if direct or stage == len(self.placement.stages) - 1:
-            fields["sampling"] = cohort.sampling
+            fields["sampling"] = sampling
         return fields
 
     async def _send_stage(self, sessions: list[Session], stage: int, frames: list,
@@ -234,8 +228,11 @@ class StepScheduler:
                                          f"node {node.name} sent no matching hidden state")
             return
         stage = sessions[0].stage + 1
-        fields = (self._cohort_fields(cohort, stage) if cohort is not None
-                  else self._step_fields(sessions, stage))
+        if cohort is not None:
+            fields = self._step_fields(stage, cohort.rows, cohort.sampling)
+        else:  # sessions that no longer travel as their cohort
+            fields = self._step_fields(stage, [s.step_row() for s in sessions],
+                                       [s.sampling for s in sessions])
         if len(live) == len(rows):
             frames = protocol.encode_forward("step", msg.frames, [["x", *meta[0][1:]]], **fields)
         else:

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import accumulate
 from pathlib import Path
-from typing import NamedTuple
 
 import torch
 
+from nodes.rows import Row, RowState, join_rows
 from zpipe import protocol
 from zpipe.config import StaticKV
 from zpipe.decode import Decoder
@@ -25,61 +25,6 @@ log = logging.getLogger("zpipe.node")
 _DEFAULT_SAMPLING = SamplingParams()
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-@dataclass
-class Row:
-    """One session's part of a step message: ``n`` tokens at ``off`` in the message's tensor
-    ``src`` (no per-row tensor is made unless the eager path asks for ``x``)."""
-
-    sid: str
-    step: int
-    pos: int
-    n: int
-    src: torch.Tensor
-    off: int
-    params: SamplingParams | None  # last stage only
-
-    @property
-    def x(self) -> torch.Tensor:
-        return self.src.narrow(0, self.off, self.n)
-
-
-class RowState(NamedTuple):
-    """A row's output hidden states from the decoder: rows ``off`` .. ``off + n`` of its
-    batch's output ``src`` (a view per row costs ~3 µs; a batch usually goes on whole, see
-    ``join_rows``)."""
-
-    src: torch.Tensor
-    off: int
-    n: int = 1
-
-    @property
-    def x(self) -> torch.Tensor:
-        return self.src.narrow(0, self.off, self.n)
-
-
-def join_rows(parts: list) -> torch.Tensor:
-    """Rows' tensors in order (``Row`` inputs, ``RowState`` outputs, or the eager path's
-    plain tensors) as one tensor: their source, or a view of it, when they lie in order in
-    one tensor (the usual cohort), else a concatenation."""
-    first = parts[0]
-    if isinstance(first, (Row, RowState)):
-        src, end = first.src, first.off
-        for p in parts:
-            if not isinstance(p, (Row, RowState)) or p.src is not src or p.off != end:
-                break
-            end += p.n
-        else:
-            if first.off == 0 and end == src.shape[0]:
-                return src
-            return src.narrow(0, first.off, end - first.off)
-    xs = [p.x if isinstance(p, (Row, RowState)) else p for p in parts]
-    if len(xs) == 1:
-        return xs[0]
-    if len({x.device for x in xs}) > 1:  # decoder rows come back on the host, eager ones not
-        xs = [x.cpu() for x in xs]
-    return torch.cat(xs)
 
 
 class StepError(Exception):
@@ -98,16 +43,18 @@ class KnownCohort:
     per row here is built after the answer went out, while other stages compute."""
 
     rows: list  # [sid, step, pos, 1] per session, as the broker sends them
-    answer: list  # [sid, step, 1] per session, as the result says them
     sampling: list | None  # the step message's sampling entries, as received
     params: list[SamplingParams | None]
     caches: list[SlotKV]
+    answer: list = field(init=False)  # [sid, step, 1] per session, as the result says them
+
+    def __post_init__(self) -> None:
+        self.answer = [[sid, step, 1] for sid, step, _, _ in self.rows]
 
     def after(self) -> KnownCohort:
         """The step after this one (once it ran)."""
-        rows = [[sid, step + 1, pos + 1, 1] for sid, step, pos, _ in self.rows]
-        return KnownCohort(rows, [[sid, step, 1] for sid, step, _, _ in rows], self.sampling,
-                           self.params, self.caches)
+        return KnownCohort([[sid, step + 1, pos + 1, 1] for sid, step, pos, _ in self.rows],
+                           self.sampling, self.params, self.caches)
 
 
 class Executor:
@@ -367,14 +314,18 @@ class Executor:
             # compute_s covers the GPU's work. Decode rows came back to the host in one
             # blocking copy already; a device-wide sync after it cost ~40 µs a step (traced).
             torch.cuda.synchronize(stage.device)
+        self._computed(t0)
+        for i, out in done.items():
+            results[i] = out
+        return results
+
+    def _computed(self, t0: float) -> None:
+        """``last_compute_s``: the time since ``t0``, stretched by ``slow_factor``."""
         compute = time.perf_counter() - t0
         if self.slow_factor > 1:
             time.sleep(compute * (self.slow_factor - 1))
             compute *= self.slow_factor
         self.last_compute_s = compute
-        for i, out in done.items():
-            results[i] = out
-        return results
 
     def _eager(self, ready: list[tuple[int, Row, KVCache]]) -> list:
         """``Stage.forward_batch`` for the rows; on the last stage their ``(token, logprob)``."""
@@ -442,9 +393,9 @@ class Executor:
         caches = [self.caches.get(r.sid) for r in rows]
         if not all(isinstance(c, SlotKV) and c.length < pool.max_len for c in caches):
             return
-        nxt = [[r.sid, r.step + 1, c.length, 1] for r, c in zip(rows, caches, strict=True)]
-        self.known = KnownCohort(nxt, [[sid, step, 1] for sid, step, _, _ in nxt],
-                                 msg.get("sampling"), [r.params for r in rows], caches)
+        self.known = KnownCohort(
+            [[r.sid, r.step + 1, c.length, 1] for r, c in zip(rows, caches, strict=True)],
+            msg.get("sampling"), [r.params for r in rows], caches)
 
     def step_known(self, msg: Message) -> tuple[KnownCohort, object] | None:
         """Run ``msg`` if it is the known cohort's next step, exactly: ``(that cohort, hidden
@@ -466,11 +417,7 @@ class Executor:
         out = self._decode_block(x, k.caches)
         if self.stage.last:
             out = _picked(out, [(p, r[1]) for p, r in zip(k.params, k.rows, strict=True)])
-        compute = time.perf_counter() - t0
-        if self.slow_factor > 1:
-            time.sleep(compute * (self.slow_factor - 1))
-            compute *= self.slow_factor
-        self.last_compute_s = compute
+        self._computed(t0)
         self.steps += 1
         self.known_steps += 1
         return k, out

@@ -15,7 +15,8 @@ import torch
 import zmq
 
 from nodes import profile
-from nodes.executor import DTYPES, Executor, StepError, join_rows
+from nodes.executor import DTYPES, Executor, StepError
+from nodes.rows import join_rows
 from zpipe import aio, protocol, sysinfo
 from zpipe.config import NodeConfig
 from zpipe.models import resolve_model
@@ -312,17 +313,15 @@ class Node:
         if "route" not in msgs[0].header:  # the star: one answer for the whole batch
             if done:
                 await self._answer(msgs, [(r, o) for r, o, _ in done])
-            if len(msgs) == 1 and len(done) == len(rows):
-                self.executor.expect(msgs[0], rows)
-            return
-        # Direct routing: rows go on together per route (a batch of several messages stays
-        # one cohort); a message with a malformed route goes alone.
-        groups: dict = {}
-        for r, o, k in done:
-            groups.setdefault(_route_key(msgs[k]), []).append((r, o, k))
-        for part in groups.values():
-            await self._answer([msgs[k] for k in sorted({k for *_, k in part})],
-                               [(r, o) for r, o, _ in part])
+        else:
+            # Direct routing: rows go on together per route (a batch of several messages
+            # stays one cohort); a message with a malformed route goes alone.
+            groups: dict = {}
+            for r, o, k in done:
+                groups.setdefault(_route_key(msgs[k]), []).append((r, o, k))
+            for part in groups.values():
+                await self._answer([msgs[k] for k in sorted({k for *_, k in part})],
+                                   [(r, o) for r, o, _ in part])
         if len(msgs) == 1 and len(done) == len(rows):
             self.executor.expect(msgs[0], rows)
 

@@ -153,15 +153,12 @@ class Decoder:
             fused.append((ln1, wqkv, wo, ln2, wgu, wd))
         return fused
 
-    def length_bucket(self, longest: int) -> int:
+    def length_bucket(self, longest: int, prefill: bool = False) -> int:
         """The key length a step is shaped for; 0 with the Triton kernel, which reads each
-        row's true length on the device (one graph per batch bucket then)."""
-        if self.triton_attention:
+        row's true length on the device (one graph per batch bucket then). Prefills always
+        take the portable path."""
+        if self.triton_attention and not prefill:
             return 0
-        return bucket(longest, self.pool.max_len, MIN_LEN_BUCKET)
-
-    def prefill_length(self, longest: int) -> int:
-        """The key length a prefill step is shaped for (it always takes the portable path)."""
         return bucket(longest, self.pool.max_len, MIN_LEN_BUCKET)
 
     @torch.inference_mode()
@@ -215,7 +212,7 @@ class Decoder:
         """``step`` for ``len(slots)`` rows given on the host; on CUDA through a graph of the
         next batch bucket (padding rows go to the scratch slot). Outputs cover the real rows."""
         n = len(slots)
-        length = (self.prefill_length if prefill else self.length_bucket)(max(pos) + 1)
+        length = self.length_bucket(max(pos) + 1, prefill)
         if not self.graphs_on or n > self.max_batch:
             idx = torch.tensor([slots, pos], dtype=torch.int64).to(self.device)
             return self.step(x.to(self.device), idx[0], idx[1], length, prefill)
@@ -244,11 +241,8 @@ class Decoder:
         """Capture every batch bucket at the shortest length now, not during the first steps
         (decode steps, and prefills where they take the graphs)."""
         if self.graphs_on:
-            kinds = [(False, self.length_bucket(1))]
-            if self.prefills:
-                kinds.append((True, self.prefill_length(1)))
-            for prefill, length in kinds:
-                b = 1
+            for prefill in (False, True) if self.prefills else (False,):
+                length, b = self.length_bucket(1, prefill), 1
                 while b <= self.max_batch:
                     if (b, length, prefill) not in self._graphs:
                         self._capture(b, length, prefill)
