@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import re
 import subprocess
 import sys
 import tempfile
@@ -155,6 +156,24 @@ async def _zpipe(rc, prompt: list[int], new_tokens: int, concurrency: int,
     }
 
 
+LOADED = re.compile(r"loaded layers \S+: [\d.]+ MB in ([\d.]+) s")
+CAPTURED = re.compile(r"captured the (decode|prefill) graph for batch \d+, length \d+ in ([\d.]+) s")
+
+
+def load_times(log_dir: Path) -> dict:
+    """Per node, from its log: the whole load (weights, warm-up, graph captures) and the
+    seconds its decode and prefill graph captures took within it."""
+    out = {}
+    for path in sorted(log_dir.glob("node-*.log")):
+        text = path.read_text(errors="replace")
+        node = {"load_s": sum(float(t) for t in LOADED.findall(text))}
+        for kind, took in CAPTURED.findall(text):
+            node[f"{kind}_graphs"] = node.get(f"{kind}_graphs", 0) + 1
+            node[f"{kind}_graphs_s"] = round(node.get(f"{kind}_graphs_s", 0) + float(took), 3)
+        out[path.stem.removeprefix("node-")] = node
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", required=True)
@@ -219,8 +238,10 @@ def main() -> None:
                     for i, d in enumerate(devices)],
                     timeout=600, **broker)
                 try:
+                    load = load_times(Path(tmp))
                     result[key] = asyncio.run(
                         _zpipe(rc, prompt, args.new_tokens, args.concurrency, args.rounds))
+                    result[key]["load"] = load
                 finally:
                     rc.cluster.stop()
         except Exception as e:  # one layout's failure still leaves the others' figures
