@@ -16,6 +16,7 @@ import zmq
 
 from nodes import profile
 from nodes.executor import DTYPES, Executor, StepError
+from nodes.peers import Peers
 from nodes.rows import join_rows
 from zpipe import aio, protocol, sysinfo
 from zpipe.config import NodeConfig
@@ -25,7 +26,6 @@ from zpipe.protocol import Message, ProtocolError
 log = logging.getLogger("zpipe.node")
 
 MAX_BACKOFF_S = 8.0
-MAX_PEERS = 64  # open sockets to other nodes (direct routing); the oldest closes beyond that
 # Decode batches that took less than this last time run on the event loop's thread: a thread
 # hand-off each way costs ~0.1 ms, and a pause this short delays no heartbeat.
 INLINE_S = 0.005
@@ -55,10 +55,7 @@ class Node:
         self.decode_s = float("inf")  # the last decode batch's compute: short ones run inline
         self.heard = False  # the broker answered this connection
         self.last_recv = 0.0
-        # Direct routing: steps from other nodes arrive on ``peer``; ``pushes`` send to theirs.
-        self.peer: aio.Socket | None = None
-        self.peer_addr = ""
-        self.pushes: dict[str, zmq.Socket] = {}
+        self.peers = Peers(self.ctx, self.queue)  # direct routing's sockets
 
     async def send(self, frames: list) -> None:
         try:
@@ -76,7 +73,11 @@ class Node:
             log.info("node %s: event loop and ZeroMQ I/O pinned to CPU %d", cfg.name, cfg.cpu)
         gc.freeze()  # torch and transformers' long-lived objects: out of the collector's way
         worker = asyncio.create_task(self._work())
-        peers = asyncio.create_task(self._peer_serve()) if self._bind_peer() else None
+        peers = None
+        if cfg.peer_bind:
+            self.peers.bind(cfg.peer_bind, cfg.busy_poll_ms / 1000)
+            log.info("node %s takes steps from other nodes at %s", cfg.name, self.peers.addr)
+            peers = asyncio.create_task(self.peers.serve())
         backoff = self.heartbeat_s
         try:
             while True:
@@ -91,57 +92,10 @@ class Node:
             worker.cancel()
             if peers is not None:
                 peers.cancel()
-                self.peer.close()
-            for push in self.pushes.values():
-                push.close(0)
+            self.peers.close()
             if self.sock is not None:
                 self.sock.close()
             self.pool.shutdown(wait=False, cancel_futures=True)
-
-    def _bind_peer(self) -> bool:
-        """Bind the socket other nodes send steps to (``peer_bind``); False if not configured."""
-        if not self.cfg.peer_bind:
-            return False
-        sock = self.ctx.socket(zmq.PULL)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.bind(self.cfg.peer_bind)
-        # The address a ':0' bind got; a wildcard host is reached by this host's name.
-        addr = sock.getsockopt_string(zmq.LAST_ENDPOINT)
-        host = addr.removeprefix("tcp://").rpartition(":")[0]
-        if host in ("0.0.0.0", "*", "[::]"):
-            addr = addr.replace(host, socket.gethostname(), 1)
-        self.peer_addr = addr
-        self.peer = aio.Socket(sock, busy_poll_s=self.cfg.busy_poll_ms / 1000)
-        log.info("node %s takes steps from other nodes at %s", self.cfg.name, addr)
-        return True
-
-    async def _peer_serve(self) -> None:
-        while True:
-            frames = await self.peer.recv()
-            if frames is not None:  # None: ``_pump`` took what woke us
-                self._take_peer(frames)
-
-    def _take_peer(self, frames: list) -> None:
-        """A message from another node: only steps are taken, checked like the broker's."""
-        try:
-            msg = protocol.decode(frames)
-        except ProtocolError as e:
-            log.warning("dropped a bad message from a peer: %s", e)
-            return
-        if msg.kind != "step":
-            log.warning("ignored a %r message from a peer", msg.kind)
-            return
-        self.queue.put_nowait(msg)
-
-    def _push(self, addr: str) -> zmq.Socket:
-        sock = self.pushes.get(addr)
-        if sock is None:
-            if len(self.pushes) >= MAX_PEERS:
-                self.pushes.pop(next(iter(self.pushes))).close(0)
-            sock = self.pushes[addr] = self.ctx.socket(zmq.PUSH)
-            sock.setsockopt(zmq.LINGER, 0)
-            sock.connect(addr)
-        return sock
 
     async def _connect(self) -> None:
         """A fresh socket (a fresh identity: the broker may have restarted) and a registration."""
@@ -161,7 +115,7 @@ class Node:
             device=cfg.device, dtype=cfg.dtype, model=str(self.model_dir),
             num_layers=self.executor.spec.num_layers, mem_total=total, mem_free=free,
             gflops=round(self.gflops, 2), max_batch=cfg.max_batch,
-            **({"peer": self.peer_addr} if self.peer_addr else {})))
+            **({"peer": self.peers.addr} if self.peers.addr else {})))
         log.info("node %s registering with %s (%s, %s, %.1f GFLOP/s)", cfg.name, cfg.broker,
                  cfg.device, cfg.dtype, self.gflops)
 
@@ -191,8 +145,7 @@ class Node:
         join the next batch."""
         while (frames := self.sock.recv_nowait()) is not None:
             await self._dispatch(frames)
-        while self.peer is not None and (frames := self.peer.recv_nowait()) is not None:
-            self._take_peer(frames)
+        self.peers.pump()
 
     async def _dispatch(self, frames: list) -> None:
         self.last_recv = time.monotonic()
@@ -376,7 +329,7 @@ class Node:
                 rows=rows, route=first["route"],
                 times=[*_times(msgs), [self.cfg.name, round(self.executor.last_compute_s, 6)]],
                 **({"sampling": sampling} if sampling is not None else {}))
-            aio.send(self._push(addr), frames)
+            self.peers.send(addr, frames)
         except (ProtocolError, zmq.ZMQError) as e:  # the broker ends exactly these sessions
             code = e.code if isinstance(e, ProtocolError) else "peer_unreachable"
             for r in rows:
@@ -403,7 +356,7 @@ class Node:
         spinning event loop holds the GIL that the compute thread needs for every torch call
         (on the 2-core machine, torch work in a pool thread ran 2-3.5x slower beside a loop
         turning ``asyncio.sleep(0)``); the loop sleeps in its poller instead."""
-        socks = [s for s in (self.sock, self.peer) if s is not None]
+        socks = [s for s in (self.sock, self.peers.sock) if s is not None]
         for s in socks:
             s.busy_poll_s = 0.0
         try:
