@@ -220,8 +220,7 @@ def main() -> None:
                 mps = True
             elif m.startswith("mb"):
                 node["max_batch"] = int(m[2:])
-            elif m == "pin":  # broker on CPU 2, node i on CPU 4 + 2i (zpipe.aio.pin)
-                broker["cpu"] = 2
+            elif m == "pin":  # broker on CPU 2, node i on CPU 4 + 2i (the cluster's pin_cpus)
                 pinned = True
             elif m == "direct":  # activations node to node, not through the broker
                 broker["direct"] = True
@@ -234,9 +233,8 @@ def main() -> None:
                 subprocess.run(["nvidia-cuda-mps-control", "-d"], check=True)
             with tempfile.TemporaryDirectory() as tmp:
                 rc = start_cluster(model, Path(tmp), [
-                    {"name": f"n{i}", "device": d, **node, **({"cpu": 4 + 2 * i} if pinned else {})}
-                    for i, d in enumerate(devices)],
-                    timeout=600, **broker)
+                    {"name": f"n{i}", "device": d, **node} for i, d in enumerate(devices)],
+                    timeout=600, pin_cpus=pinned, **broker)
                 try:
                     load = load_times(Path(tmp))
                     result[key] = asyncio.run(

@@ -55,11 +55,11 @@ class RunningCluster:
 
 
 def start_cluster(model: Path, log_dir: Path, nodes: list[dict], timeout: float = 180.0,
-                  **broker: object) -> RunningCluster:
+                  pin_cpus: bool = False, **broker: object) -> RunningCluster:
     """Start a broker and ``nodes`` (ClusterNode dicts) and wait until they are ready."""
     address = f"tcp://127.0.0.1:{free_port()}"
-    cfg = validate({"model": str(model), "broker": {"bind": address, **broker}, "nodes": nodes},
-                   ClusterConfig)
+    cfg = validate({"model": str(model), "broker": {"bind": address, **broker}, "nodes": nodes,
+                    "pin_cpus": pin_cpus}, ClusterConfig)
     cluster = Cluster(cfg, log_dir)
     cluster.start()
 

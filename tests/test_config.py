@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -344,3 +345,20 @@ def test_cpu_pinning_reaches_the_broker_and_nodes() -> None:
         validate({"name": "x", "cpu": -1}, NodeConfig)
     with pytest.raises(ConfigError, match="cpu"):
         validate({"cpu": "all"}, BrokerConfig)
+
+
+def test_pin_cpus_gives_each_process_a_cpu_of_its_own(monkeypatch) -> None:
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)))
+    three = [{"name": "a"}, {"name": "b"}, {"name": "c"}]
+    cfg = validate({"pin_cpus": True, "nodes": three}, ClusterConfig)
+    assert cfg.broker_config().cpu == 2
+    assert [n.cpu for n in cfg.node_configs()] == [4, 6, 8]
+    # a process's own cpu wins, and the others take the CPUs left
+    cfg = validate({"pin_cpus": True, "broker": {"cpu": 4}, "nodes": [
+        {"name": "a"}, {"name": "b", "cpu": 15}, {"name": "c"}]}, ClusterConfig)
+    assert (cfg.broker_config().cpu, [n.cpu for n in cfg.node_configs()]) == (4, [2, 15, 6])
+    assert [n.cpu for n in validate({"nodes": three}, ClusterConfig).node_configs()] == [None] * 3
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3, 4, 5})
+    with pytest.raises(ConfigError, match=r"pin_cpus: 4 processes need a CPU of their own, but "
+                                          r"this machine has 2 to give"):
+        validate({"pin_cpus": True, "nodes": three}, ClusterConfig)
