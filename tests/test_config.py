@@ -322,9 +322,11 @@ def test_dump_load_round_trip_uniform_names(tmp_path: Path) -> None:
     assert again == cfg and again.placement.nodes == ["b", "a"]
 
 
-def test_static_kv_and_busy_poll_reach_the_nodes() -> None:
+def test_static_kv_and_busy_poll_reach_the_nodes(monkeypatch) -> None:
     cfg = load(CONFIGS / "gpu-2.yaml", ClusterConfig)
-    assert cfg.broker_config().busy_poll_ms == 5
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(32)))  # a GPU host
+    assert (cfg.broker_config().busy_poll_ms, cfg.broker_config().cpu) == (5, 2)
+    assert [n.cpu for n in cfg.node_configs()] == [4, 6]
     for node in cfg.node_configs():
         assert node.static_kv.on(node.device) and node.busy_poll_ms == 5
         assert (node.static_kv.slots, node.static_kv.max_len, node.max_batch) == (64, 2048, 16)
@@ -359,6 +361,22 @@ def test_pin_cpus_gives_each_process_a_cpu_of_its_own(monkeypatch) -> None:
     assert (cfg.broker_config().cpu, [n.cpu for n in cfg.node_configs()]) == (4, [2, 15, 6])
     assert [n.cpu for n in validate({"nodes": three}, ClusterConfig).node_configs()] == [None] * 3
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3, 4, 5})
+    cfg = validate({"pin_cpus": True, "nodes": three}, ClusterConfig)  # checked at start
     with pytest.raises(ConfigError, match=r"pin_cpus: 4 processes need a CPU of their own, but "
                                           r"this machine has 2 to give"):
-        validate({"pin_cpus": True, "nodes": three}, ClusterConfig)
+        cfg.node_configs()
+
+
+def test_up_says_when_pin_cpus_cannot_be_met(tmp_path: Path, tiny_model: Path, monkeypatch,
+                                             capsys) -> None:
+    from zpipe.cli.main import main
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"model": str(tiny_model), "pin_cpus": True,
+                                    "nodes": [{"name": "a"}]}))
+    with pytest.raises(SystemExit) as e:  # before any process starts
+        main(["up", str(path), "--logs", str(tmp_path / "logs")])
+    assert e.value.code == 2
+    assert (f"{path}: pin_cpus: 2 processes need a CPU of their own, but this machine has 0 "
+            "to give" in capsys.readouterr().err)
+    assert not (tmp_path / "logs").exists()

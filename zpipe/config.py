@@ -253,13 +253,13 @@ class ClusterConfig(_Strict):
                 raise ValueError(f"layers must be contiguous from 0; node {n.name!r} "
                                  f"starts at {n.layers[0]}, expected {expect}")
             expect = n.layers[1]
-        self.pinned_cpus()  # enough CPUs to give: said when the file is read
         return self
 
     def pinned_cpus(self) -> tuple[int | None, list[int | None]]:
         """The CPUs of the broker and of each node: its ``cpu`` key, or with ``pin_cpus`` the
         allowed CPUs 2, 4, 6, ... in that order (the first two left to the OS and the client,
-        every other one in case neighbours are one core's two threads)."""
+        every other one in case neighbours are one core's two threads). Checked when the
+        cluster starts, on the machine it runs on: a file read elsewhere may name more."""
         broker, nodes = self.broker.cpu, [n.cpu for n in self.nodes]
         if not self.pin_cpus:
             return broker, nodes

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from zpipe import aio
 from zpipe.client import Client, ZpipeError
-from zpipe.config import ClusterConfig, dump, load, local_address
+from zpipe.config import ClusterConfig, ConfigError, dump, load, local_address
 from zpipe.models import resolve_model
 
 
@@ -105,6 +105,10 @@ async def _answer(address: str, args: argparse.Namespace) -> None:
 def run_up(args: argparse.Namespace) -> int:
     cfg = load(args.file, ClusterConfig)
     resolve_model(cfg.model)  # fail here, clearly, rather than in every child
+    try:
+        cfg.pinned_cpus()  # enough CPUs here for pin_cpus
+    except ConfigError as e:
+        raise ConfigError(f"{args.file}: {e}") from None
     log_dir = Path(args.logs) if args.logs else Path(tempfile.mkdtemp(prefix="zpipe-up-"))
     address = local_address(cfg.broker.bind)
     cluster = Cluster(cfg, log_dir)
