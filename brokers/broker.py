@@ -54,7 +54,12 @@ class Broker(StepScheduler):
         self.mover = Mover(self)
         self.rebalancer = Rebalancer(cfg.rebalance)
         self.paused = False  # steps wait at token boundaries while layers move
+        # Sessions waiting at a token boundary: for a move to end, or for a placement to be
+        # ready again after a node died (``recovering``).
         self.parked: list[Session] = []
+        # After a node of the placement died: (why, error code, deadline) until the sessions
+        # it left can go on (``_lose_placement``).
+        self.recovering: tuple[str, str, float] | None = None
         # Sessions whose next step waits for the cohorts in flight to join it (one shared GPU,
         # ``StepScheduler._go_on``).
         self.held: list[Session] = []
@@ -168,15 +173,29 @@ class Broker(StepScheduler):
                  msg["device"], msg["dtype"], msg["gflops"])
         if old is not None and self.placement and old.name in self.placement.nodes():
             # The same name again: that process restarted and its KV caches are gone.
-            await self._drop_placement(f"node {old.name} restarted", "node_lost")
+            await self._lose_placement(f"node {old.name} restarted", "node_lost")
         await self._place()
 
-    async def _drop_placement(self, reason: str, code: str) -> None:
-        """The placement lost a node: its sessions end with ``reason``; wait for a new one."""
-        await self._fail_sessions(reason, code)
+    async def _lose_placement(self, reason: str, code: str) -> None:
+        """The placement lost a node, and with it the KV of every session. With recovery on,
+        the sessions wait at their last token for a new placement and then replay their tokens
+        (``Session.replay``); else, or once ``recovery.timeout_s`` passed, they end with
+        ``code``."""
         self.placement = None
         self.ready = False
         self.waiting_for = reason
+        if not self.cfg.recovery.enabled:
+            await self._fail_sessions(reason, code)
+            return
+        self.held, self.prefills = [], []  # all of them wait in ``parked`` now
+        self.parked = list(self.sessions.values())
+        for s in self.parked:
+            s.replay()
+        if self.parked:
+            self.recovering = (reason, code, time.monotonic() + self.cfg.recovery.timeout_s)
+            self.waiting_for = f"{reason}; {len(self.parked)} sessions wait to go on"
+            log.warning("%s: %d sessions wait for a new placement (at most %.0f s)", reason,
+                        len(self.parked), self.cfg.recovery.timeout_s)
 
     # ------------------------------------------------------------- reallocation hooks
     def next_epoch(self) -> int:
@@ -191,6 +210,8 @@ class Broker(StepScheduler):
 
     async def resume(self) -> None:
         self.paused = False
+        if not self.ready:  # a node died meanwhile: they go on once a placement is ready
+            return
         parked, self.parked = self.parked, []
         alive = [s for s in parked if s.sid in self.sessions]
         if alive:
@@ -272,7 +293,7 @@ class Broker(StepScheduler):
         self.mover.node_lost(node.name)
         log.warning("node %s is dead: no message for %.1f s", node.name, silent)
         if self.placement and node.name in self.placement.nodes():
-            await self._drop_placement(
+            await self._lose_placement(
                 f"node {node.name} is dead (no heartbeat for {silent:.1f} s)", "node_dead")
             for other in self.registry.all():
                 if other.state != "dead":
@@ -287,10 +308,11 @@ class Broker(StepScheduler):
             if self.cfg.placement.strategy not in ("uniform", "custom") and self.registry.all():
                 cost = rebalance.model_cost(self)  # capability-driven strategies need figures
                 caps = rebalance.capabilities(self, cost)
-            stages = choose(self.cfg.placement, self.registry.names(), self.spec.num_layers,
-                            caps=caps, cost=cost)
+            stages = self._choose(caps, cost)
         except PlacementError as e:
             self.waiting_for = str(e)
+            if self.recovering:
+                self.waiting_for += f"; {len(self.parked)} sessions wait to go on"
             log.info("no placement yet: %s", e)
             return
         self.epoch += 1
@@ -304,6 +326,26 @@ class Broker(StepScheduler):
         log.info("placement epoch %d: %s", self.epoch,
                  ", ".join(f"{s.node}[{s.start}-{s.end - 1}]" for s in stages))
 
+    def _choose(self, caps, cost) -> list:
+        """The configured placement; while sessions wait to recover, else the configured
+        strategy (uniform for custom stages) over every node still alive, configured ones first
+        and in their order."""
+        cfg, alive = self.cfg.placement, self.registry.names()
+        try:
+            return choose(cfg, alive, self.spec.num_layers, caps=caps, cost=cost)
+        except PlacementError as e:
+            if not self.recovering or not alive:
+                raise
+            listed = ([st.node for st in cfg.stages] if cfg.strategy == "custom"
+                      else cfg.nodes if isinstance(cfg.nodes, list) else [])
+            names = [n for n in listed if n in alive] + sorted(set(alive) - set(listed))
+            survivors = cfg.model_copy(update={
+                "strategy": "uniform" if cfg.strategy == "custom" else cfg.strategy,
+                "nodes": names, "stages": []})
+            stages = choose(survivors, alive, self.spec.num_layers, caps=caps, cost=cost)
+            log.warning("%s; placing over the nodes alive instead: %s", e, ", ".join(names))
+            return stages
+
     async def _on_loaded(self, node: NodeInfo, msg: Message) -> None:
         if self.placement is None or msg["epoch"] != self.placement.epoch:
             return  # an answer to a placement that has since been replaced
@@ -314,6 +356,10 @@ class Broker(StepScheduler):
             self.ready = True
             self.waiting_for = ""
             log.info("ready: %d stages, epoch %d", len(self.placement.stages), self.epoch)
+            if self.recovering:
+                self.recovering = None
+                if not self.paused:
+                    await self.resume()
 
     async def _on_node_error(self, node: NodeInfo, msg: Message) -> None:
         sid = msg.get("sid")
@@ -414,6 +460,14 @@ class Broker(StepScheduler):
         limit = self.cfg.step_timeout_s
         while True:
             await asyncio.sleep(min(1.0, limit / 4))
+            if self.recovering and time.monotonic() > self.recovering[2]:
+                reason, code, _ = self.recovering
+                self.recovering = None
+                parked, self.parked = self.parked, []
+                for s in parked:
+                    await self._finish_error(s, code, f"{reason}; no placement within "
+                                             f"{self.cfg.recovery.timeout_s:g} s: "
+                                             f"{self.waiting_for.split('; ')[0]}")
             now = time.perf_counter()
             for s in list(self.sessions.values()):
                 if s.in_flight and now - s.hop_t0 > limit and self.placement:

@@ -83,10 +83,27 @@ class Session:
     first_token_s: float | None = None
     in_flight: bool = False  # a step of this session is at some node right now
     cohort: Any = None  # the brokers.steps.Cohort its last step was started in
+    replayed: int = 0  # tokens replayed after recoveries (``replay``)
+    replay_diff: int = 0  # of those, the ones whose step picked another token this time
 
     def step_input(self) -> list[int]:
-        """The token ids the in-flight step feeds stage 0: the prompt, then the last token."""
-        return self.prompt_ids if self.step == 0 else self.tokens[-1:]
+        """The token ids the in-flight step feeds stage 0: the prompt, then each token in
+        turn (the last one, except while replaying)."""
+        return self.prompt_ids if self.step == 0 else self.tokens[self.step - 1:self.step]
+
+    def replaying(self) -> bool:
+        """The in-flight step's token is known already: it rebuilds KV lost with a node."""
+        return self.step < len(self.tokens)
+
+    def replay(self) -> None:
+        """Start again from the prompt, its tokens kept: the nodes' KV for it was lost. Its
+        steps feed the known tokens one by one (the same shapes as the first time, so the same
+        KV) until it is back where it was."""
+        self.replayed += len(self.tokens)
+        self.step = self.pos = self.stage = 0
+        self.in_flight = False
+        self.cohort = None
+        self.stage_times = []
 
     def step_input_len(self) -> int:
         return len(self.prompt_ids) if self.step == 0 else 1

@@ -50,8 +50,8 @@ class StepScheduler:
         placement's smallest ``max_batch``. A node would run a bigger cohort as several
         batches one after another; as separate cohorts they keep different stages busy at
         once (pipeline parallelism)."""
-        if self.paused:  # a reallocation is under way: wait at this token boundary
-            self.parked.extend(sessions)
+        if self.paused or not self.ready:  # a move, or a new placement after a node died:
+            self.parked.extend(sessions)    # wait at this token boundary
             return
         cap = self._cohort_cap() or len(sessions)
         for i in range(0, len(sessions), cap):
@@ -188,6 +188,16 @@ class StepScheduler:
                 cohort.stage = -1
             await self._tokens(node, msg, live, now)
 
+    @staticmethod
+    def _replayed(s: Session) -> None:
+        """A session is back where it was when its KV was lost."""
+        if s.replay_diff:  # bf16 batches round differently: the known tokens stood
+            log.warning("session %s resumed after replaying %d tokens; %d of them came out "
+                        "differently this time (kept as sent)", s.sid[:8], len(s.tokens),
+                        s.replay_diff)
+        else:
+            log.info("session %s resumed after replaying %d tokens", s.sid[:8], len(s.tokens))
+
     def _answering_cohort(self, rows: object, stage: int) -> Cohort | None:
         """The intact cohort awaited at ``stage`` whose rows ``rows`` (untrusted) are, exactly."""
         if not (type(rows) is list and rows and type(rows[0]) is list and rows[0]
@@ -257,6 +267,13 @@ class StepScheduler:
             token = entry[0]
             s.in_flight = False
             s.pos += s.step_input_len()
+            if s.replaying():  # its KV rebuilt one token further; the client has the token
+                s.replay_diff += token != s.tokens[s.step]
+                s.step += 1
+                if not s.replaying():
+                    self._replayed(s)
+                nxt.append(s)
+                continue
             s.tokens.append(token)
             end = ("stop" if token in s.stop_ids
                    else "length" if len(s.tokens) >= s.max_new_tokens else None)

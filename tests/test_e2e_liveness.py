@@ -58,6 +58,7 @@ def _state(info: dict, name: str) -> str:
 
 
 async def _interrupt_and_recover(rc: RunningCluster, freeze: bool) -> None:
+    """Recovery off: the running session ends with node_dead, the broker waits for the node."""
     victim = _proc(rc, "node-b")
     async with rc.client() as client:
         reference = await client.generate(max_new_tokens=30, **GEN)
@@ -84,8 +85,54 @@ async def _interrupt_and_recover(rc: RunningCluster, freeze: bool) -> None:
         assert again.token_ids == reference.token_ids
 
 
-def test_frozen_node_is_declared_dead_then_serves_again(tiny_model: Path, tmp_path: Path) -> None:
+async def _lose_b_and_go_on(rc: RunningCluster, freeze: bool) -> None:
+    """Recovery on (the default): the session waits, the survivors take b's layers, it replays
+    its tokens and ends with exactly the tokens of a run that lost no node."""
+    victim = _proc(rc, "node-b")
+    async with rc.client() as client:
+        reference = await client.generate(max_new_tokens=400, **GEN)
+        long = asyncio.create_task(client.generate(max_new_tokens=400, **GEN))
+        await asyncio.sleep(0.3)
+        assert not long.done()
+        t0 = time.monotonic()
+        victim.send_signal(signal.SIGSTOP if freeze else signal.SIGKILL)
+        await _wait(client, lambda i: _state(i, "b") == "dead", timeout=10)
+        assert time.monotonic() - t0 < DEAD_AFTER + INTERVAL + MARGIN
+        got = await asyncio.wait_for(long, 60)
+        assert got.token_ids == reference.token_ids
+        info = await client.info()
+        assert info["ready"] and [st["node"] for st in info["placement"]] == ["a", "c"]
+        if freeze:
+            victim.send_signal(signal.SIGCONT)  # it hears it was declared dead and re-registers
+        else:
+            _respawn(rc, "node-b", "node")
+        await _wait(client, lambda i: _state(i, "b") == "registered")  # a spare now
+        again = await client.generate(max_new_tokens=30, **GEN)
+        assert again.token_ids == reference.token_ids[:30]
+
+
+def test_frozen_node_is_declared_dead_and_its_sessions_go_on(tiny_model: Path,
+                                                           tmp_path: Path) -> None:
     rc = _start(tiny_model, tmp_path, ["a", "b", "c"])
+    try:
+        asyncio.run(_lose_b_and_go_on(rc, freeze=True))
+    finally:
+        os.kill(_proc(rc, "node-b").pid, signal.SIGCONT)
+        rc.cluster.stop()
+
+
+def test_killed_node_is_declared_dead_and_its_sessions_go_on(tiny_model: Path,
+                                                           tmp_path: Path) -> None:
+    rc = _start(tiny_model, tmp_path, ["a", "b", "c"])
+    try:
+        asyncio.run(_lose_b_and_go_on(rc, freeze=False))
+    finally:
+        rc.cluster.stop()
+
+
+def test_without_recovery_a_frozen_node_ends_its_sessions(tiny_model: Path,
+                                                          tmp_path: Path) -> None:
+    rc = _start(tiny_model, tmp_path, ["a", "b", "c"], recovery={"enabled": False})
     try:
         asyncio.run(_interrupt_and_recover(rc, freeze=True))
     finally:
@@ -93,10 +140,54 @@ def test_frozen_node_is_declared_dead_then_serves_again(tiny_model: Path, tmp_pa
         rc.cluster.stop()
 
 
-def test_killed_node_is_declared_dead_then_restarted(tiny_model: Path, tmp_path: Path) -> None:
-    rc = _start(tiny_model, tmp_path, ["a", "b", "c"])
+def test_without_recovery_a_killed_node_ends_its_sessions(tiny_model: Path,
+                                                          tmp_path: Path) -> None:
+    rc = _start(tiny_model, tmp_path, ["a", "b", "c"], recovery={"enabled": False})
     try:
         asyncio.run(_interrupt_and_recover(rc, freeze=False))
+    finally:
+        rc.cluster.stop()
+
+
+def test_the_only_node_restarted_resumes_its_sessions(tiny_model: Path, tmp_path: Path) -> None:
+    """No node is left to take over: the sessions wait for the node to come back, then replay."""
+    rc = _start(tiny_model, tmp_path, ["a"])
+    try:
+        async def run() -> None:
+            async with rc.client() as client:
+                reference = await client.generate(max_new_tokens=600, **GEN)
+                sessions = [asyncio.create_task(client.generate(max_new_tokens=600, **GEN))
+                            for _ in range(2)]
+                await asyncio.sleep(0.3)
+                _proc(rc, "node-a").kill()
+                info = await _wait(client, lambda i: _state(i, "a") == "dead", timeout=10)
+                assert "2 sessions wait to go on" in info["waiting_for"]
+                _respawn(rc, "node-a", "node")
+                for task in sessions:
+                    assert (await asyncio.wait_for(task, 60)).token_ids == reference.token_ids
+
+        asyncio.run(run())
+    finally:
+        rc.cluster.stop()
+
+
+def test_sessions_end_when_no_placement_comes_in_time(tiny_model: Path, tmp_path: Path) -> None:
+    rc = _start(tiny_model, tmp_path, ["a"], recovery={"timeout_s": 2.0})
+    try:
+        async def run() -> None:
+            async with rc.client() as client:
+                long = asyncio.create_task(client.generate(max_new_tokens=1500, **GEN))
+                await asyncio.sleep(0.3)
+                _proc(rc, "node-a").kill()
+                t0 = time.monotonic()
+                with pytest.raises(ZpipeError) as err:
+                    await asyncio.wait_for(long, 30)
+                assert err.value.code == "node_dead"
+                assert err.value.message.startswith("node a is dead (no heartbeat for ")
+                assert "no placement within 2 s: waiting for node(s) a" in err.value.message
+                assert 2.0 <= time.monotonic() - t0 < 2.0 + DEAD_AFTER + 1.0 + MARGIN
+
+        asyncio.run(run())
     finally:
         rc.cluster.stop()
 

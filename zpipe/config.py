@@ -138,6 +138,17 @@ class Heartbeat(_Strict):
     liveness: int = Field(3, ge=1, le=100)
 
 
+class Recovery(_Strict):
+    """What happens to running sessions when a node of the placement dies or restarts."""
+
+    # On: they wait at their last token, the broker places the model again (over the nodes
+    # still alive if the configured placement cannot be met) and they replay their tokens to
+    # rebuild the lost KV, then go on. Off: they end with node_dead / node_lost.
+    enabled: bool = True
+    # Sessions that find no new placement within this long end after all.
+    timeout_s: float = Field(60.0, gt=0, le=86400)
+
+
 # Pin the process's event loop and ZeroMQ's I/O thread to this CPU (``zpipe.aio.pin``): a
 # message then crosses no CPUs on its way in or out (a loopback round trip on a GPU host: 95 ->
 # 62 µs). For hosts with cores to spare: give each process its own. Unset: no pinning.
@@ -151,6 +162,7 @@ class _BrokerKnobs(_Strict):
     limits: Limits = Limits()
     heartbeat: Heartbeat = Heartbeat()
     rebalance: Rebalance = Rebalance()
+    recovery: Recovery = Recovery()
     # A step that gets no answer in this long fails its session instead of hanging it.
     step_timeout_s: float = Field(120.0, gt=0)
     # A reallocation (load + KV transfer) that takes longer is rolled back.
