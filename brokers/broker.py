@@ -193,9 +193,9 @@ class Broker(StepScheduler):
             s.replay()
         if self.parked:
             self.recovering = (reason, code, time.monotonic() + self.cfg.recovery.timeout_s)
-            self.waiting_for = f"{reason}; {len(self.parked)} sessions wait to go on"
-            log.warning("%s: %d sessions wait for a new placement (at most %.0f s)", reason,
-                        len(self.parked), self.cfg.recovery.timeout_s)
+            self.waiting_for = f"{reason}; {_sessions(len(self.parked))} wait to go on"
+            log.warning("%s: %s wait for a new placement (at most %g s)", reason,
+                        _sessions(len(self.parked)), self.cfg.recovery.timeout_s)
 
     # ------------------------------------------------------------- reallocation hooks
     def next_epoch(self) -> int:
@@ -312,7 +312,7 @@ class Broker(StepScheduler):
         except PlacementError as e:
             self.waiting_for = str(e)
             if self.recovering:
-                self.waiting_for += f"; {len(self.parked)} sessions wait to go on"
+                self.waiting_for += f"; {_sessions(len(self.parked))} wait to go on"
             log.info("no placement yet: %s", e)
             return
         self.epoch += 1
@@ -474,6 +474,10 @@ class Broker(StepScheduler):
                     node = self.placement.stages[s.stage].node
                     await self._finish_error(s, "timeout", f"step {s.step} got no answer from "
                                              f"node {node} in {limit:.1f} s")
+
+
+def _sessions(n: int) -> str:
+    return f"{n} session" if n == 1 else f"{n} sessions"
 
 
 def _rid(msg: Message) -> dict:

@@ -353,3 +353,53 @@ def test_stages_on_different_devices_keep_their_cohorts_apart(tiny_model: Path) 
             _close(broker, a, b, client)
 
     asyncio.run(run())
+
+
+def test_sessions_replay_their_tokens_after_the_placement_is_lost(tiny_model: Path) -> None:
+    """The node's KV is lost mid-generation: the session waits, and once a placement is ready
+    again its steps feed the prompt and then its known tokens one by one (nothing goes to the
+    client, a token that comes out differently is counted), then it goes on as before."""
+    async def run() -> None:
+        broker, node, client = await _serving(tiny_model)
+        try:
+            await broker._handle(_frames(protocol.encode(
+                "generate", rid="r1", prompt_ids=[5, 6, 7], max_new_tokens=5)))
+            await asyncio.sleep(0)
+            for token in (42, 43):
+                step = await _next(node, "step")
+                node.send_multipart(protocol.encode(
+                    "result", epoch=step["epoch"], stage=0, compute_s=0.001,
+                    rows=[[sid, st, n] for sid, st, _, n in step["rows"]],
+                    tokens=[[token, -0.1]]))
+                await _pump(broker, lambda t=token: t in next(iter(broker.sessions.values())).tokens)
+            (s,) = broker.sessions.values()
+            await _next(node, "step")  # step 2, feeding 43: lost with the node's KV
+            await broker._lose_placement("node a is dead (a test)", "node_dead")
+            assert broker.parked == [s] and (s.step, s.pos, s.in_flight) == (0, 0, False)
+            assert broker.waiting_for == "node a is dead (a test); 1 session wait to go on"
+            await broker._place()
+            load = await _next(node, "load")
+            node.send_multipart(protocol.encode("loaded", epoch=load["epoch"], start=0, end=6,
+                                                weight_bytes=1, load_s=0.1))
+            await _pump(broker, lambda: broker.ready)
+            sent: list = []
+            for answer in (99, 43, 44):  # the replayed prefill picks 99 this time, not 42
+                step = await _next(node, "step")
+                assert step["epoch"] == load["epoch"]
+                sent.append((step["rows"][0][1:], step.tensors["x"].tolist()))
+                node.send_multipart(protocol.encode(
+                    "result", epoch=step["epoch"], stage=0, compute_s=0.001,
+                    rows=[[sid, st, n] for sid, st, _, n in step["rows"]],
+                    tokens=[[answer, -0.1]]))
+                await _pump(broker, lambda: s.step >= len(sent))
+            assert sent == [([0, 0, 3], [5, 6, 7]), ([1, 3, 1], [42]), ([2, 4, 1], [43])]
+            assert s.tokens == [42, 43, 44] and s.replay_diff == 1 and s.replayed == 2
+            items = []
+            while len(items) < 3:
+                msg = await _next(client, "tokens")
+                items += msg["items"]
+            assert [(i["index"], i["token_id"]) for i in items] == [(0, 42), (1, 43), (2, 44)]
+        finally:
+            _close(broker, node, client)
+
+    asyncio.run(run())

@@ -242,3 +242,34 @@ def test_broker_restart_nodes_register_again(tiny_model: Path, tmp_path: Path) -
         asyncio.run(run())
     finally:
         rc.cluster.stop()
+
+
+def test_smollm2_sessions_lose_a_node_and_keep_their_tokens(smollm2: Path, tmp_path: Path) -> None:
+    """The real model, 4 sessions at once, activations node to node (``direct``): node b is
+    killed mid-generation; a and c take its layers, the sessions replay and every one ends
+    with exactly the tokens of the run that lost nothing."""
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(smollm2)
+    prompts = [tok(p).input_ids for p in ("Water boils at", "The three laws of motion are",
+                                          "In 1492, Columbus", "A good breakfast includes")]
+    rc = _start(smollm2, tmp_path, ["a", "b", "c"], direct=True)
+    try:
+        async def run() -> None:
+            async with rc.client() as client:
+                def gens(on_token=None) -> list:
+                    return [asyncio.create_task(client.generate(
+                        prompt_ids=p, max_new_tokens=48, ignore_eos=True,
+                        on_token=on_token if i == 0 else None)) for i, p in enumerate(prompts)]
+                reference = [g.token_ids for g in await asyncio.gather(*gens())]
+                halfway = asyncio.Event()
+                tasks = gens(lambda chunk: chunk.index >= 16 and halfway.set())
+                await asyncio.wait_for(halfway.wait(), 120)
+                _proc(rc, "node-b").kill()
+                got = await asyncio.wait_for(asyncio.gather(*tasks), 300)
+                assert [g.token_ids for g in got] == reference
+                info = await client.info()
+                assert [st["node"] for st in info["placement"]] == ["a", "c"]
+
+        asyncio.run(run())
+    finally:
+        rc.cluster.stop()
