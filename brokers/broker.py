@@ -181,9 +181,15 @@ class Broker(StepScheduler):
         the sessions wait at their last token for a new placement and then replay their tokens
         (``Session.replay``); else, or once ``recovery.timeout_s`` passed, they end with
         ``code``."""
-        self.placement = None
+        old, self.placement = self.placement, None
         self.ready = False
         self.waiting_for = reason
+        if old is not None and self.sessions:  # the survivors' KV is of no use now: free it
+            frames = protocol.encode("free", sids=list(self.sessions))
+            for name in old.nodes():
+                node = self.registry.by_name.get(name)
+                if node is not None and node.state != "dead":
+                    await self._send(node.ident, frames)
         if not self.cfg.recovery.enabled:
             await self._fail_sessions(reason, code)
             return
