@@ -13,6 +13,7 @@ import logging
 import statistics
 import time
 from collections import defaultdict, deque
+from dataclasses import dataclass
 
 import zmq
 from transformers import AutoTokenizer
@@ -34,6 +35,17 @@ from zpipe.shard import ModelSpec
 log = logging.getLogger("zpipe.broker")
 
 NODE_KINDS = {"register", "loaded", "result", "heartbeat", "profile_reply"} | REPLY_KINDS
+
+
+@dataclass
+class Recovering:
+    """Sessions that lost their KV with a node, waiting for a placement (``_lose_placement``)."""
+
+    reason: str
+    code: str  # their error if no placement comes by ``deadline`` (time.monotonic)
+    deadline: float
+    t0: float
+    record: dict  # for the reallocation history (admin status)
 
 
 class Broker(StepScheduler):
@@ -59,7 +71,7 @@ class Broker(StepScheduler):
         self.parked: list[Session] = []
         # After a node of the placement died: (why, error code, deadline) until the sessions
         # it left can go on (``_lose_placement``).
-        self.recovering: tuple[str, str, float] | None = None
+        self.recovering: Recovering | None = None
         # Sessions whose next step waits for the cohorts in flight to join it (one shared GPU,
         # ``StepScheduler._go_on``).
         self.held: list[Session] = []
@@ -198,7 +210,16 @@ class Broker(StepScheduler):
         for s in self.parked:
             s.replay()
         if self.parked:
-            self.recovering = (reason, code, time.monotonic() + self.cfg.recovery.timeout_s)
+            if self.recovering is None:  # else a second loss before the first was mended
+                now = time.monotonic()
+                record = {"time": time.time(), "reason": f"recovery: {reason}",
+                          "before": old.to_list() if old else [],
+                          "epoch_before": old.epoch if old else 0,
+                          "sessions": len(self.parked),
+                          "replay_tokens": sum(len(s.tokens) for s in self.parked),
+                          "kv_bytes": 0, "pause_s": 0.0, "ok": False, "error": None}
+                self.recovering = Recovering(reason, code, now + self.cfg.recovery.timeout_s,
+                                             now, record)
             self.waiting_for = f"{reason}; {_sessions(len(self.parked))} wait to go on"
             log.warning("%s: %s wait for a new placement (at most %g s)", reason,
                         _sessions(len(self.parked)), self.cfg.recovery.timeout_s)
@@ -363,7 +384,11 @@ class Broker(StepScheduler):
             self.waiting_for = ""
             log.info("ready: %d stages, epoch %d", len(self.placement.stages), self.epoch)
             if self.recovering:
-                self.recovering = None
+                done, self.recovering = self.recovering, None
+                # pause_s: until the new placement was loaded; the replay comes after
+                done.record.update(after=self.placement.to_list(), epoch_after=self.epoch,
+                                   ok=True, pause_s=round(time.monotonic() - done.t0, 6))
+                self.mover.history.append(done.record)
                 if not self.paused:
                     await self.resume()
 
@@ -466,14 +491,15 @@ class Broker(StepScheduler):
         limit = self.cfg.step_timeout_s
         while True:
             await asyncio.sleep(min(1.0, limit / 4))
-            if self.recovering and time.monotonic() > self.recovering[2]:
-                reason, code, _ = self.recovering
-                self.recovering = None
+            if self.recovering and time.monotonic() > self.recovering.deadline:
+                lost, self.recovering = self.recovering, None
+                error = (f"{lost.reason}; no placement within {self.cfg.recovery.timeout_s:g} "
+                         f"s: {self.waiting_for.split('; ')[0]}")
+                lost.record.update(error=error, pause_s=round(time.monotonic() - lost.t0, 6))
+                self.mover.history.append(lost.record)
                 parked, self.parked = self.parked, []
                 for s in parked:
-                    await self._finish_error(s, code, f"{reason}; no placement within "
-                                             f"{self.cfg.recovery.timeout_s:g} s: "
-                                             f"{self.waiting_for.split('; ')[0]}")
+                    await self._finish_error(s, lost.code, error)
             now = time.perf_counter()
             for s in list(self.sessions.values()):
                 if s.in_flight and now - s.hop_t0 > limit and self.placement:

@@ -365,14 +365,15 @@ def test_sessions_replay_their_tokens_after_the_placement_is_lost(tiny_model: Pa
             await broker._handle(_frames(protocol.encode(
                 "generate", rid="r1", prompt_ids=[5, 6, 7], max_new_tokens=5)))
             await asyncio.sleep(0)
+            await _pump(broker, lambda: len(broker.sessions) == 1)
+            (s,) = broker.sessions.values()
             for token in (42, 43):
                 step = await _next(node, "step")
                 node.send_multipart(protocol.encode(
                     "result", epoch=step["epoch"], stage=0, compute_s=0.001,
                     rows=[[sid, st, n] for sid, st, _, n in step["rows"]],
                     tokens=[[token, -0.1]]))
-                await _pump(broker, lambda t=token: t in next(iter(broker.sessions.values())).tokens)
-            (s,) = broker.sessions.values()
+                await _pump(broker, lambda t=token: t in s.tokens)
             await _next(node, "step")  # step 2, feeding 43: lost with the node's KV
             await broker._lose_placement("node a is dead (a test)", "node_dead")
             assert broker.parked == [s] and (s.step, s.pos, s.in_flight) == (0, 0, False)
@@ -396,6 +397,10 @@ def test_sessions_replay_their_tokens_after_the_placement_is_lost(tiny_model: Pa
                 await _pump(broker, lambda: s.step >= len(sent))
             assert sent == [([0, 0, 3], [5, 6, 7]), ([1, 3, 1], [42]), ([2, 4, 1], [43])]
             assert s.tokens == [42, 43, 44] and s.replay_diff == 1 and s.replayed == 2
+            (record,) = broker.mover.history  # shown by admin status
+            assert record["reason"] == "recovery: node a is dead (a test)" and record["ok"]
+            assert (record["sessions"], record["replay_tokens"]) == (1, 2)
+            assert record["before"] == record["after"] and record["epoch_after"] == load["epoch"]
             items = []
             while len(items) < 3:
                 msg = await _next(client, "tokens")

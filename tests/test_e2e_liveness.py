@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 from conftest import RunningCluster, start_cluster
 
+from zpipe.cli.admin import AdminClient
 from zpipe.client import Client, ZpipeError
 
 INTERVAL, LIVENESS = 0.2, 3
@@ -51,6 +52,11 @@ async def _wait(client: Client, pred, timeout: float = 60.0) -> dict:
             pass
         await asyncio.sleep(0.05)
     raise AssertionError(f"condition not met in {timeout} s")
+
+
+def _status(rc: RunningCluster) -> dict:
+    with AdminClient(rc.address, timeout=10) as admin:
+        return admin.request("status", {})
 
 
 def _state(info: dict, name: str) -> str:
@@ -102,6 +108,9 @@ async def _lose_b_and_go_on(rc: RunningCluster, freeze: bool) -> None:
         assert got.token_ids == reference.token_ids
         info = await client.info()
         assert info["ready"] and [st["node"] for st in info["placement"]] == ["a", "c"]
+        record = _status(rc)["reallocations"][-1]
+        assert record["ok"] and record["reason"].startswith("recovery: node b is dead")
+        assert record["sessions"] == 1 and record["replay_tokens"] > 0
         if freeze:
             victim.send_signal(signal.SIGCONT)  # it hears it was declared dead and re-registers
         else:
@@ -186,6 +195,8 @@ def test_sessions_end_when_no_placement_comes_in_time(tiny_model: Path, tmp_path
                 assert err.value.message.startswith("node a is dead (no heartbeat for ")
                 assert "no placement within 2 s: waiting for node(s) a" in err.value.message
                 assert 2.0 <= time.monotonic() - t0 < 2.0 + DEAD_AFTER + 1.0 + MARGIN
+                record = _status(rc)["reallocations"][-1]
+                assert not record["ok"] and record["error"] == err.value.message
 
         asyncio.run(run())
     finally:
