@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import RunningCluster, start_cluster
 
 from zpipe.cli.admin import AdminClient
@@ -280,6 +281,35 @@ def test_smollm2_sessions_lose_a_node_and_keep_their_tokens(smollm2: Path, tmp_p
                 assert [g.token_ids for g in got] == reference
                 info = await client.info()
                 assert [st["node"] for st in info["placement"]] == ["a", "c"]
+
+        asyncio.run(run())
+    finally:
+        rc.cluster.stop()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_sessions_lose_a_node_and_go_on(tiny_model: Path, tmp_path: Path) -> None:
+    """GPU nodes (static KV pool slots, CUDA graphs): node b dies mid-generation, the sessions
+    replay on a and c and finish. Batched bf16/fp32 GPU decode rounds by batch shape, so a
+    replayed token may come out differently; the tokens the client has stand either way."""
+    rc = start_cluster(tiny_model, tmp_path, [
+        {"name": n, "device": "cuda:0", "dtype": "bfloat16"} for n in ("a", "b", "c")],
+        heartbeat={"interval_s": INTERVAL, "liveness": LIVENESS})
+    try:
+        async def run() -> None:
+            async with rc.client() as client:
+                halfway = asyncio.Event()
+                tasks = [asyncio.create_task(client.generate(
+                    prompt_ids=[4 + i, 5, 6], max_new_tokens=300, ignore_eos=True,
+                    on_token=(lambda c: c.index >= 100 and halfway.set()) if i == 0 else None))
+                    for i in range(4)]
+                await asyncio.wait_for(halfway.wait(), 120)
+                _proc(rc, "node-b").kill()
+                got = await asyncio.wait_for(asyncio.gather(*tasks), 300)
+                assert all(len(g.token_ids) == 300 for g in got)
+                record = _status(rc)["reallocations"][-1]
+                assert record["ok"] and record["sessions"] == 4
+                assert [st["node"] for st in (await client.info())["placement"]] == ["a", "c"]
 
         asyncio.run(run())
     finally:
