@@ -72,6 +72,9 @@ class Broker(StepScheduler):
         # After a node of the placement died: (why, error code, deadline) until the sessions
         # it left can go on (``_lose_placement``).
         self.recovering: Recovering | None = None
+        # A node of the placement was lost (recovery on): until a placement is ready again,
+        # the nodes alive may do if the configured placement cannot be met (``_choose``).
+        self.survivors_ok = False
         # Sessions whose next step waits for the cohorts in flight to join it (one shared GPU,
         # ``StepScheduler._go_on``).
         self.held: list[Session] = []
@@ -205,6 +208,7 @@ class Broker(StepScheduler):
         if not self.cfg.recovery.enabled:
             await self._fail_sessions(reason, code)
             return
+        self.survivors_ok = True
         self.held, self.prefills = [], []  # all of them wait in ``parked`` now
         self.parked = list(self.sessions.values())
         for s in self.parked:
@@ -354,14 +358,14 @@ class Broker(StepScheduler):
                  ", ".join(f"{s.node}[{s.start}-{s.end - 1}]" for s in stages))
 
     def _choose(self, caps, cost) -> list:
-        """The configured placement; while sessions wait to recover, else the configured
-        strategy (uniform for custom stages) over every node still alive, configured ones first
-        and in their order."""
+        """The configured placement; after a node of the placement was lost, if that cannot be
+        met, the configured strategy (uniform for custom stages) over every node still alive,
+        configured ones first and in their order."""
         cfg, alive = self.cfg.placement, self.registry.names()
         try:
             return choose(cfg, alive, self.spec.num_layers, caps=caps, cost=cost)
         except PlacementError as e:
-            if not self.recovering or not alive:
+            if not self.survivors_ok or not alive:
                 raise
             listed = ([st.node for st in cfg.stages] if cfg.strategy == "custom"
                       else cfg.nodes if isinstance(cfg.nodes, list) else [])
@@ -383,6 +387,7 @@ class Broker(StepScheduler):
             self.ready = True
             self.waiting_for = ""
             log.info("ready: %d stages, epoch %d", len(self.placement.stages), self.epoch)
+            self.survivors_ok = False
             if self.recovering:
                 done, self.recovering = self.recovering, None
                 # pause_s: until the new placement was loaded; the replay comes after

@@ -140,6 +140,26 @@ def test_killed_node_is_declared_dead_and_its_sessions_go_on(tiny_model: Path,
         rc.cluster.stop()
 
 
+def test_an_idle_pipeline_that_loses_a_node_serves_on(tiny_model: Path, tmp_path: Path) -> None:
+    """No session runs: the nodes alive still take the dead node's layers, so new requests
+    are served instead of refused until it comes back."""
+    rc = _start(tiny_model, tmp_path, ["a", "b", "c"])
+    try:
+        async def run() -> None:
+            async with rc.client() as client:
+                reference = await client.generate(max_new_tokens=20, **GEN)
+                _proc(rc, "node-c").kill()
+                await _wait(client, lambda i: _state(i, "c") == "dead" and i["ready"])
+                info = await client.info()
+                assert [st["node"] for st in info["placement"]] == ["a", "b"]
+                assert (await client.generate(max_new_tokens=20, **GEN)).token_ids == \
+                    reference.token_ids
+
+        asyncio.run(run())
+    finally:
+        rc.cluster.stop()
+
+
 def test_without_recovery_a_frozen_node_ends_its_sessions(tiny_model: Path,
                                                           tmp_path: Path) -> None:
     rc = _start(tiny_model, tmp_path, ["a", "b", "c"], recovery={"enabled": False})
