@@ -64,7 +64,7 @@ def _state(info: dict, name: str) -> str:
     return next(n["state"] for n in info["nodes"] if n["name"] == name)
 
 
-async def _interrupt_and_recover(rc: RunningCluster, freeze: bool) -> None:
+async def _interrupt_and_recover(rc: RunningCluster) -> None:
     """Recovery off: the running session ends with node_dead, the broker waits for the node."""
     victim = _proc(rc, "node-b")
     async with rc.client() as client:
@@ -72,7 +72,7 @@ async def _interrupt_and_recover(rc: RunningCluster, freeze: bool) -> None:
         long = asyncio.create_task(client.generate(max_new_tokens=1500, **GEN))
         await asyncio.sleep(0.3)
         t0 = time.monotonic()
-        victim.send_signal(signal.SIGSTOP if freeze else signal.SIGKILL)
+        victim.kill()
         with pytest.raises(ZpipeError) as err:
             await long
         took = time.monotonic() - t0
@@ -83,10 +83,7 @@ async def _interrupt_and_recover(rc: RunningCluster, freeze: bool) -> None:
         with pytest.raises(ZpipeError) as refused:
             await client.generate(max_new_tokens=4, **GEN)
         assert refused.value.code == "no_placement" and "b" in refused.value.message
-        if freeze:
-            victim.send_signal(signal.SIGCONT)  # it hears it was declared dead and re-registers
-        else:
-            _respawn(rc, "node-b", "node")
+        _respawn(rc, "node-b", "node")
         await _wait(client, lambda i: i["ready"])
         again = await client.generate(max_new_tokens=30, **GEN)
         assert again.token_ids == reference.token_ids
@@ -97,8 +94,8 @@ async def _lose_b_and_go_on(rc: RunningCluster, freeze: bool) -> None:
     its tokens and ends with exactly the tokens of a run that lost no node."""
     victim = _proc(rc, "node-b")
     async with rc.client() as client:
-        reference = await client.generate(max_new_tokens=400, **GEN)
-        long = asyncio.create_task(client.generate(max_new_tokens=400, **GEN))
+        reference = await client.generate(max_new_tokens=250, **GEN)
+        long = asyncio.create_task(client.generate(max_new_tokens=250, **GEN))
         await asyncio.sleep(0.3)
         assert not long.done()
         t0 = time.monotonic()
@@ -160,21 +157,11 @@ def test_an_idle_pipeline_that_loses_a_node_serves_on(tiny_model: Path, tmp_path
         rc.cluster.stop()
 
 
-def test_without_recovery_a_frozen_node_ends_its_sessions(tiny_model: Path,
-                                                          tmp_path: Path) -> None:
-    rc = _start(tiny_model, tmp_path, ["a", "b", "c"], recovery={"enabled": False})
-    try:
-        asyncio.run(_interrupt_and_recover(rc, freeze=True))
-    finally:
-        os.kill(_proc(rc, "node-b").pid, signal.SIGCONT)
-        rc.cluster.stop()
-
-
 def test_without_recovery_a_killed_node_ends_its_sessions(tiny_model: Path,
                                                           tmp_path: Path) -> None:
     rc = _start(tiny_model, tmp_path, ["a", "b", "c"], recovery={"enabled": False})
     try:
-        asyncio.run(_interrupt_and_recover(rc, freeze=False))
+        asyncio.run(_interrupt_and_recover(rc))
     finally:
         rc.cluster.stop()
 
