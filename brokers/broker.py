@@ -72,9 +72,10 @@ class Broker(StepScheduler):
         # After a node of the placement died: (why, error code, deadline) until the sessions
         # it left can go on (``_lose_placement``).
         self.recovering: Recovering | None = None
-        # A node of the placement was lost (recovery on): until a placement is ready again,
-        # the nodes alive may do if the configured placement cannot be met (``_choose``).
+        # ``recovery.wait_s`` after a node of the placement was lost, until a placement is ready
+        # again: the nodes alive may do if the configured placement cannot be met (``_choose``).
         self.survivors_ok = False
+        self.placer: asyncio.Task | None = None  # sets it after the wait, and places
         # Sessions whose next step waits for the cohorts in flight to join it (one shared GPU,
         # ``StepScheduler._go_on``).
         self.held: list[Session] = []
@@ -208,7 +209,11 @@ class Broker(StepScheduler):
         if not self.cfg.recovery.enabled:
             await self._fail_sessions(reason, code)
             return
-        self.survivors_ok = True
+        self.survivors_ok = False
+        if self.placer is not None:
+            self.placer.cancel()
+        self.placer = asyncio.get_running_loop().create_task(
+            self._place_over_survivors(self.cfg.recovery.wait_s))
         self.held, self.prefills = [], []  # all of them wait in ``parked`` now
         self.parked = list(self.sessions.values())
         for s in self.parked:
@@ -357,10 +362,15 @@ class Broker(StepScheduler):
         log.info("placement epoch %d: %s", self.epoch,
                  ", ".join(f"{s.node}[{s.start}-{s.end - 1}]" for s in stages))
 
+    async def _place_over_survivors(self, delay: float) -> None:
+        await asyncio.sleep(delay)
+        self.survivors_ok = True
+        await self._place()
+
     def _choose(self, caps, cost) -> list:
-        """The configured placement; after a node of the placement was lost, if that cannot be
-        met, the configured strategy (uniform for custom stages) over every node still alive,
-        configured ones first and in their order."""
+        """The configured placement; if that cannot be met ``recovery.wait_s`` after a node of
+        the placement was lost, the configured strategy (uniform for custom stages) over every
+        node still alive, configured ones first and in their order."""
         cfg, alive = self.cfg.placement, self.registry.names()
         try:
             return choose(cfg, alive, self.spec.num_layers, caps=caps, cost=cost)
@@ -388,6 +398,9 @@ class Broker(StepScheduler):
             self.waiting_for = ""
             log.info("ready: %d stages, epoch %d", len(self.placement.stages), self.epoch)
             self.survivors_ok = False
+            if self.placer is not None:  # the configured placement came back in time
+                self.placer.cancel()
+                self.placer = None
             if self.recovering:
                 done, self.recovering = self.recovering, None
                 # pause_s: until the new placement was loaded; the replay comes after

@@ -145,6 +145,9 @@ class Recovery(_Strict):
     # still alive if the configured placement cannot be met) and they replay their tokens to
     # rebuild the lost KV, then go on. Off: they end with node_dead / node_lost.
     enabled: bool = True
+    # How long the configured placement may take to be met again (a node that restarts or
+    # was declared dead on a hiccup registers again) before the nodes alive take it all.
+    wait_s: float = Field(2.0, ge=0, le=3600)
     # Sessions that find no new placement within this long end after all.
     timeout_s: float = Field(60.0, gt=0, le=86400)
 
