@@ -50,12 +50,14 @@ async def _serving(tiny_model: Path, **register) -> tuple[Broker, zmq.Socket, zm
 
 
 async def _serving_stages(tiny_model: Path, stages: dict[str, tuple[int, int]],
+                          recovery: dict | None = None,
                           **register) -> tuple[Broker, list[zmq.Socket], zmq.Socket]:
     """As ``_serving``, with one node per entry of ``stages`` (name: layers [start, end))."""
     addr = f"tcp://127.0.0.1:{free_port()}"
-    broker = Broker(BrokerConfig(model=str(tiny_model), bind=addr, placement={
-        "strategy": "custom",
-        "stages": [{"node": n, "layers": f"{a}-{b - 1}"} for n, (a, b) in stages.items()]}))
+    broker = Broker(BrokerConfig(model=str(tiny_model), bind=addr, recovery=recovery or {},
+                                 placement={"strategy": "custom", "stages": [
+                                     {"node": n, "layers": f"{a}-{b - 1}"}
+                                     for n, (a, b) in stages.items()]}))
     ctx = zmq.Context.instance()
     router = ctx.socket(zmq.ROUTER)
     router.setsockopt(zmq.LINGER, 0)
@@ -408,5 +410,36 @@ def test_sessions_replay_their_tokens_after_the_placement_is_lost(tiny_model: Pa
             assert [(i["index"], i["token_id"]) for i in items] == [(0, 42), (1, 43), (2, 44)]
         finally:
             _close(broker, node, client)
+
+    asyncio.run(run())
+
+
+@pytest.mark.parametrize("back_in_time", [True, False])
+def test_a_lost_node_keeps_its_layers_if_it_is_back_within_wait_s(tiny_model: Path,
+                                                                 back_in_time: bool) -> None:
+    """Node b is declared dead. Registering again within ``recovery.wait_s`` it gets its layers
+    back (a hiccup); otherwise, after the wait, node a takes every layer."""
+    async def run() -> None:
+        broker, (a, b), client = await _serving_stages(
+            tiny_model, {"a": (0, 3), "b": (3, 6)}, recovery={"wait_s": 0.5})
+        try:
+            await broker._on_dead(broker.registry.by_name["b"], 1.0)
+            assert broker.placement is None and "waiting for node(s) b" in broker.waiting_for
+            if back_in_time:
+                b.send_multipart(protocol.encode("register", **{
+                    "name": "b", "pid": os.getpid(), "host": "test", "device": "cpu",
+                    "dtype": "float32", "model": str(tiny_model), "num_layers": 6,
+                    "mem_total": 1 << 34, "mem_free": 1 << 33, "gflops": 10.0}))
+                await _pump(broker, lambda: broker.placement is not None)
+                assert [(st.node, st.start, st.end) for st in broker.placement.stages] == [
+                    ("a", 0, 3), ("b", 3, 6)]
+            else:
+                await asyncio.sleep(0.3)
+                assert broker.placement is None  # still waiting for b
+                await asyncio.sleep(0.4)
+                assert [(st.node, st.start, st.end) for st in broker.placement.stages] == [
+                    ("a", 0, 6)]
+        finally:
+            _close(broker, a, b, client)
 
     asyncio.run(run())
