@@ -229,8 +229,8 @@ class Broker(StepScheduler):
                           "kv_bytes": 0, "pause_s": 0.0, "ok": False, "error": None}
                 self.recovering = Recovering(reason, code, now + self.cfg.recovery.timeout_s,
                                              now, record)
-            self.waiting_for = f"{reason}; {_sessions(len(self.parked))} wait to go on"
-            log.warning("%s: %s wait for a new placement (at most %g s)", reason,
+            self.waiting_for = f"{reason}; {_waiting(len(self.parked))}"
+            log.warning("%s: a new placement for %s (waiting at most %g s)", reason,
                         _sessions(len(self.parked)), self.cfg.recovery.timeout_s)
 
     # ------------------------------------------------------------- reallocation hooks
@@ -348,7 +348,7 @@ class Broker(StepScheduler):
         except PlacementError as e:
             self.waiting_for = str(e)
             if self.recovering:
-                self.waiting_for += f"; {_sessions(len(self.parked))} wait to go on"
+                self.waiting_for += f"; {_waiting(len(self.parked))}"
             log.info("no placement yet: %s", e)
             return
         self.epoch += 1
@@ -528,6 +528,10 @@ class Broker(StepScheduler):
 
 def _sessions(n: int) -> str:
     return f"{n} session" if n == 1 else f"{n} sessions"
+
+
+def _waiting(n: int) -> str:
+    return "1 session waits to go on" if n == 1 else f"{n} sessions wait to go on"
 
 
 def _rid(msg: Message) -> dict:

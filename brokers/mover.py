@@ -134,6 +134,8 @@ class Mover:
             t_pause = time.perf_counter()
             try:
                 await asyncio.wait_for(b.quiesce(), b.cfg.move_timeout_s)
+                if b.placement is not old:  # a node of it died meanwhile: sessions recover
+                    raise MoveError(f"the placement was lost meanwhile ({b.waiting_for})")
                 t_quiet = time.perf_counter()
                 await asyncio.wait_for(self._run(old, stages, epoch, involved, record),
                                        b.cfg.move_timeout_s)
@@ -237,6 +239,8 @@ class Mover:
         self._routes.clear()
 
     async def _send(self, node: NodeInfo, frames: list) -> None:
+        if node.state == "dead":  # its answer would never come
+            raise MoveError(f"node {node.name} is dead")
         if not await self.broker._send(node.ident, frames):
             raise MoveError(f"node {node.name} is unreachable")
 

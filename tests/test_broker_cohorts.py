@@ -379,7 +379,7 @@ def test_sessions_replay_their_tokens_after_the_placement_is_lost(tiny_model: Pa
             await _next(node, "step")  # step 2, feeding 43: lost with the node's KV
             await broker._lose_placement("node a is dead (a test)", "node_dead")
             assert broker.parked == [s] and (s.step, s.pos, s.in_flight) == (0, 0, False)
-            assert broker.waiting_for == "node a is dead (a test); 1 session wait to go on"
+            assert broker.waiting_for == "node a is dead (a test); 1 session waits to go on"
             free = await _next(node, "free")  # its KV at the nodes still alive: of no use now
             assert free["sids"] == [s.sid]
             await broker._place()

@@ -14,7 +14,7 @@ import pytest
 import torch
 from conftest import RunningCluster, start_cluster
 
-from zpipe.cli.admin import AdminClient
+from zpipe.cli.admin import AdminClient, AdminError
 from zpipe.client import Client, ZpipeError
 
 INTERVAL, LIVENESS = 0.2, 3
@@ -154,6 +154,39 @@ def test_an_idle_pipeline_that_loses_a_node_serves_on(tiny_model: Path, tmp_path
 
         asyncio.run(run())
     finally:
+        rc.cluster.stop()
+
+
+def test_a_node_that_dies_during_a_move_rolls_it_back_and_sessions_go_on(
+        tiny_model: Path, tmp_path: Path) -> None:
+    """Node b freezes as its layers are being moved to c: the move rolls back, b is declared
+    dead, a and c take its layers and the running session replays and ends exactly."""
+    rc = _start(tiny_model, tmp_path, ["a", "b", "c"])
+    try:
+        def move() -> dict:
+            with AdminClient(rc.address, timeout=60) as admin:
+                return admin.request("move", {"layers": "2-3", "to": "c"})
+
+        async def run() -> None:
+            async with rc.client() as client:
+                reference = await client.generate(max_new_tokens=250, **GEN)
+                long = asyncio.create_task(client.generate(max_new_tokens=250, **GEN))
+                await asyncio.sleep(0.3)
+                _proc(rc, "node-b").send_signal(signal.SIGSTOP)
+                t0 = time.monotonic()
+                with pytest.raises(AdminError) as err:
+                    await asyncio.to_thread(move)
+                assert "rolled back" in str(err.value)
+                assert time.monotonic() - t0 < DEAD_AFTER + INTERVAL + MARGIN
+                assert (await asyncio.wait_for(long, 60)).token_ids == reference.token_ids
+                info = await client.info()
+                assert [st["node"] for st in info["placement"]] == ["a", "c"]
+                reasons = [r["reason"] for r in _status(rc)["reallocations"]]
+                assert reasons[-2].startswith("admin") and reasons[-1].startswith("recovery")
+
+        asyncio.run(run())
+    finally:
+        os.kill(_proc(rc, "node-b").pid, signal.SIGCONT)
         rc.cluster.stop()
 
 
