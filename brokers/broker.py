@@ -69,8 +69,8 @@ class Broker(StepScheduler):
         # Sessions waiting at a token boundary: for a move to end, or for a placement to be
         # ready again after a node died (``recovering``).
         self.parked: list[Session] = []
-        # After a node of the placement died: (why, error code, deadline) until the sessions
-        # it left can go on (``_lose_placement``).
+        # After a node of the placement died, until the sessions it left can go on
+        # (``_lose_placement``).
         self.recovering: Recovering | None = None
         # ``recovery.wait_s`` after a node of the placement was lost, until a placement is ready
         # again: the nodes alive may do if the configured placement cannot be met (``_choose``).
