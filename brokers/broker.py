@@ -416,6 +416,10 @@ class Broker(StepScheduler):
         if self.mover.moving and msg.get("rid"):
             self.mover.on_error(msg["message"])
             return
+        if session is not None and _late(msg, session, self.placement):
+            log.info("node %s: %s about an earlier step of session %s, ignored: %s", node.name,
+                     msg["code"], session.sid[:8], msg["message"])
+            return
         if session is None:
             log.error("node %s: %s: %s", node.name, msg["code"], msg["message"])
             if node.state == "loading":  # say why instead of waiting forever
@@ -524,6 +528,15 @@ class Broker(StepScheduler):
                     node = self.placement.stages[s.stage].node
                     await self._finish_error(s, "timeout", f"step {s.step} got no answer from "
                                              f"node {node} in {limit:.1f} s")
+
+
+def _late(msg: Message, s: Session, placement: Placement | None) -> bool:
+    """An error about a step that is no longer the session's: one of an earlier placement (a
+    step that was still passing from node to node when a node died, say), or while the session
+    has no step in flight (it waits to replay)."""
+    epoch, step = msg.get("epoch"), msg.get("step")
+    return (not s.in_flight or (type(step) is int and step != s.step)
+            or (type(epoch) is int and (placement is None or epoch != placement.epoch)))
 
 
 def _sessions(n: int) -> str:

@@ -260,7 +260,7 @@ class Node:
         for row, out, k in zip(rows, outs, owner, strict=True):
             if isinstance(out, StepError):
                 await self.send(protocol.error(out.code, f"{self.cfg.name}: {out}",
-                                               sid=row.sid, step=row.step))
+                                               sid=row.sid, step=row.step, **_epoch(msgs[k])))
             else:
                 done.append((row, out, k))
         if "route" not in msgs[0].header:  # the star: one answer for the whole batch
@@ -334,7 +334,7 @@ class Node:
             code = e.code if isinstance(e, ProtocolError) else "peer_unreachable"
             for r in rows:
                 await self.send(protocol.error(code, f"{self.cfg.name}: cannot pass the step "
-                                               f"on: {e}", sid=r[0], step=r[1]))
+                                               f"on: {e}", sid=r[0], step=r[1], **_epoch(first)))
 
     async def _refuse(self, msg: Message, err: StepError) -> None:
         """Error replies for a message this node will not run: one per row when it has rows,
@@ -346,7 +346,7 @@ class Node:
         except ProtocolError:
             parsed = []
         for sid, step, _, _ in parsed:
-            await self.send(protocol.error(err.code, text, sid=sid, step=step))
+            await self.send(protocol.error(err.code, text, sid=sid, step=step, **_epoch(msg)))
         if not parsed:
             ids = {"rid": msg["rid"]} if "rid" in msg.header else {}
             await self.send(protocol.error(err.code, text, **ids))
@@ -432,6 +432,12 @@ def _size(msg: Message) -> tuple[int, int]:
     x = msg.tensors.get("x")
     n_rows = len(rows) if isinstance(rows, list) else 1
     return n_rows, int(x.shape[0]) if x is not None and x.dim() >= 1 else 1
+
+
+def _epoch(msg: Message) -> dict:
+    """The step's epoch for an error about it (the broker drops those of earlier placements)."""
+    epoch = msg.get("epoch")
+    return {"epoch": epoch} if type(epoch) is int else {}
 
 
 def _route(msg: Message) -> tuple:

@@ -387,6 +387,15 @@ def test_sessions_replay_their_tokens_after_the_placement_is_lost(tiny_model: Pa
             node.send_multipart(protocol.encode("loaded", epoch=load["epoch"], start=0, end=6,
                                                 weight_bytes=1, load_s=0.1))
             await _pump(broker, lambda: broker.ready)
+            # An earlier placement's step, refused late (it was passing node to node): dropped.
+            node.send_multipart(protocol.error("stale_epoch", "a: step for epoch 1, node is at 2",
+                                               sid=s.sid, step=0, epoch=load["epoch"] - 1))
+            await _pump(broker, lambda: broker.metrics.steps_started >= 4)
+            await asyncio.sleep(0.05)
+            frames = await broker.sock.recv(timeout=0.5)
+            if frames is not None:
+                await broker._handle(frames)
+            assert s.sid in broker.sessions
             sent: list = []
             for answer in (99, 43, 44):  # the replayed prefill picks 99 this time, not 42
                 step = await _next(node, "step")

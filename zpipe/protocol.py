@@ -120,7 +120,8 @@ SCHEMAS: dict[str, dict[str, str]] = {
     "abort": {"rid": _STR, "epoch": _INT},
     "set_slow": {"factor": _NUM},
     # --- any direction
-    "error": {"code": _STR, "message": _STR, "rid?": _STR, "sid?": _STR, "step?": _INT},
+    "error": {"code": _STR, "message": _STR, "rid?": _STR, "sid?": _STR, "step?": _INT,
+              "epoch?": _INT},
 }
 
 
