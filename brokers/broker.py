@@ -13,7 +13,6 @@ import logging
 import statistics
 import time
 from collections import defaultdict, deque
-from dataclasses import dataclass
 
 import zmq
 from transformers import AutoTokenizer
@@ -21,6 +20,7 @@ from transformers import AutoTokenizer
 from brokers import admin, rebalance
 from brokers.mover import REPLY_KINDS, MoveError, Mover
 from brokers.rebalance import Rebalancer
+from brokers.recovery import Recovering, Recovery, late, waiting
 from brokers.registry import NodeInfo, Registry
 from brokers.sessions import RequestError, Session, build_session
 from brokers.steps import StepScheduler
@@ -28,7 +28,7 @@ from zpipe import aio, protocol
 from zpipe.config import BrokerConfig
 from zpipe.metrics import Metrics
 from zpipe.models import resolve_model
-from zpipe.placement import Placement, PlacementError, PlanResult, choose
+from zpipe.placement import Placement, PlacementError, PlanResult
 from zpipe.protocol import Message, ProtocolError
 from zpipe.shard import ModelSpec
 
@@ -37,18 +37,7 @@ log = logging.getLogger("zpipe.broker")
 NODE_KINDS = {"register", "loaded", "result", "heartbeat", "profile_reply"} | REPLY_KINDS
 
 
-@dataclass
-class Recovering:
-    """Sessions that lost their KV with a node, waiting for a placement (``_lose_placement``)."""
-
-    reason: str
-    code: str  # their error if no placement comes by ``deadline`` (time.monotonic)
-    deadline: float
-    t0: float
-    record: dict  # for the reallocation history (admin status)
-
-
-class Broker(StepScheduler):
+class Broker(StepScheduler, Recovery):
     def __init__(self, cfg: BrokerConfig) -> None:
         self.cfg = cfg
         self.model_dir = resolve_model(cfg.model)
@@ -70,7 +59,7 @@ class Broker(StepScheduler):
         # ready again after a node died (``recovering``).
         self.parked: list[Session] = []
         # After a node of the placement died, until the sessions it left can go on
-        # (``_lose_placement``).
+        # (``brokers.recovery``).
         self.recovering: Recovering | None = None
         # ``recovery.wait_s`` after a node of the placement was lost, until a placement is ready
         # again: the nodes alive may do if the configured placement cannot be met (``_choose``).
@@ -192,47 +181,6 @@ class Broker(StepScheduler):
             await self._lose_placement(f"node {old.name} restarted", "node_lost")
         await self._place()
 
-    async def _lose_placement(self, reason: str, code: str) -> None:
-        """The placement lost a node, and with it the KV of every session. With recovery on,
-        the sessions wait at their last token for a new placement and then replay their tokens
-        (``Session.replay``); else, or once ``recovery.timeout_s`` passed, they end with
-        ``code``."""
-        old, self.placement = self.placement, None
-        self.ready = False
-        self.waiting_for = reason
-        if old is not None and self.sessions:  # the survivors' KV is of no use now: free it
-            frames = protocol.encode("free", sids=list(self.sessions))
-            for name in old.nodes():
-                node = self.registry.by_name.get(name)
-                if node is not None and node.state != "dead":
-                    await self._send(node.ident, frames)
-        if not self.cfg.recovery.enabled:
-            await self._fail_sessions(reason, code)
-            return
-        self.survivors_ok = False
-        if self.placer is not None:
-            self.placer.cancel()
-        self.placer = asyncio.get_running_loop().create_task(
-            self._place_over_survivors(self.cfg.recovery.wait_s))
-        self.held, self.prefills = [], []  # all of them wait in ``parked`` now
-        self.parked = list(self.sessions.values())
-        for s in self.parked:
-            s.replay()
-        if self.parked:
-            if self.recovering is None:  # else a second loss before the first was mended
-                now = time.monotonic()
-                record = {"time": time.time(), "reason": f"recovery: {reason}",
-                          "before": old.to_list() if old else [],
-                          "epoch_before": old.epoch if old else 0,
-                          "sessions": len(self.parked),
-                          "replay_tokens": sum(len(s.tokens) for s in self.parked),
-                          "kv_bytes": 0, "pause_s": 0.0, "ok": False, "error": None}
-                self.recovering = Recovering(reason, code, now + self.cfg.recovery.timeout_s,
-                                             now, record)
-            self.waiting_for = f"{reason}; {_waiting(len(self.parked))}"
-            log.warning("%s: a new placement for %s (waiting at most %g s)", reason,
-                        _sessions(len(self.parked)), self.cfg.recovery.timeout_s)
-
     # ------------------------------------------------------------- reallocation hooks
     def next_epoch(self) -> int:
         self.epoch += 1
@@ -348,7 +296,7 @@ class Broker(StepScheduler):
         except PlacementError as e:
             self.waiting_for = str(e)
             if self.recovering:
-                self.waiting_for += f"; {_waiting(len(self.parked))}"
+                self.waiting_for += f"; {waiting(len(self.parked))}"
             log.info("no placement yet: %s", e)
             return
         self.epoch += 1
@@ -362,31 +310,6 @@ class Broker(StepScheduler):
         log.info("placement epoch %d: %s", self.epoch,
                  ", ".join(f"{s.node}[{s.start}-{s.end - 1}]" for s in stages))
 
-    async def _place_over_survivors(self, delay: float) -> None:
-        await asyncio.sleep(delay)
-        self.survivors_ok = True
-        await self._place()
-
-    def _choose(self, caps, cost) -> list:
-        """The configured placement; if that cannot be met ``recovery.wait_s`` after a node of
-        the placement was lost, the configured strategy (uniform for custom stages) over every
-        node still alive, configured ones first and in their order."""
-        cfg, alive = self.cfg.placement, self.registry.names()
-        try:
-            return choose(cfg, alive, self.spec.num_layers, caps=caps, cost=cost)
-        except PlacementError as e:
-            if not self.survivors_ok or not alive:
-                raise
-            listed = ([st.node for st in cfg.stages] if cfg.strategy == "custom"
-                      else cfg.nodes if isinstance(cfg.nodes, list) else [])
-            names = [n for n in listed if n in alive] + sorted(set(alive) - set(listed))
-            survivors = cfg.model_copy(update={
-                "strategy": "uniform" if cfg.strategy == "custom" else cfg.strategy,
-                "nodes": names, "stages": []})
-            stages = choose(survivors, alive, self.spec.num_layers, caps=caps, cost=cost)
-            log.warning("%s; placing over the nodes alive instead: %s", e, ", ".join(names))
-            return stages
-
     async def _on_loaded(self, node: NodeInfo, msg: Message) -> None:
         if self.placement is None or msg["epoch"] != self.placement.epoch:
             return  # an answer to a placement that has since been replaced
@@ -397,18 +320,7 @@ class Broker(StepScheduler):
             self.ready = True
             self.waiting_for = ""
             log.info("ready: %d stages, epoch %d", len(self.placement.stages), self.epoch)
-            self.survivors_ok = False
-            if self.placer is not None:  # the configured placement came back in time
-                self.placer.cancel()
-                self.placer = None
-            if self.recovering:
-                done, self.recovering = self.recovering, None
-                # pause_s: until the new placement was loaded; the replay comes after
-                done.record.update(after=self.placement.to_list(), epoch_after=self.epoch,
-                                   ok=True, pause_s=round(time.monotonic() - done.t0, 6))
-                self.mover.history.append(done.record)
-                if not self.paused:
-                    await self.resume()
+            await self._recovered()
 
     async def _on_node_error(self, node: NodeInfo, msg: Message) -> None:
         sid = msg.get("sid")
@@ -416,7 +328,7 @@ class Broker(StepScheduler):
         if self.mover.moving and msg.get("rid"):
             self.mover.on_error(msg["message"])
             return
-        if session is not None and _late(msg, session, self.placement):
+        if session is not None and late(msg, session, self.placement):
             log.info("node %s: %s about an earlier step of session %s, ignored: %s", node.name,
                      msg["code"], session.sid[:8], msg["message"])
             return
@@ -513,38 +425,13 @@ class Broker(StepScheduler):
         limit = self.cfg.step_timeout_s
         while True:
             await asyncio.sleep(min(1.0, limit / 4))
-            if self.recovering and time.monotonic() > self.recovering.deadline:
-                lost, self.recovering = self.recovering, None
-                error = (f"{lost.reason}; no placement within {self.cfg.recovery.timeout_s:g} "
-                         f"s: {self.waiting_for.split('; ')[0]}")
-                lost.record.update(error=error, pause_s=round(time.monotonic() - lost.t0, 6))
-                self.mover.history.append(lost.record)
-                parked, self.parked = self.parked, []
-                for s in parked:
-                    await self._finish_error(s, lost.code, error)
+            await self._give_up_recovery()
             now = time.perf_counter()
             for s in list(self.sessions.values()):
                 if s.in_flight and now - s.hop_t0 > limit and self.placement:
                     node = self.placement.stages[s.stage].node
                     await self._finish_error(s, "timeout", f"step {s.step} got no answer from "
                                              f"node {node} in {limit:.1f} s")
-
-
-def _late(msg: Message, s: Session, placement: Placement | None) -> bool:
-    """An error about a step that is no longer the session's: one of an earlier placement (a
-    step that was still passing from node to node when a node died, say), or while the session
-    has no step in flight (it waits to replay)."""
-    epoch, step = msg.get("epoch"), msg.get("step")
-    return (not s.in_flight or (type(step) is int and step != s.step)
-            or (type(epoch) is int and (placement is None or epoch != placement.epoch)))
-
-
-def _sessions(n: int) -> str:
-    return f"{n} session" if n == 1 else f"{n} sessions"
-
-
-def _waiting(n: int) -> str:
-    return "1 session waits to go on" if n == 1 else f"{n} sessions wait to go on"
 
 
 def _rid(msg: Message) -> dict:

@@ -1,0 +1,140 @@
+"""Recovery from a lost node: sessions wait, the model is placed again, and they replay.
+
+``Recovery`` is mixed into ``brokers.broker.Broker``, whose state it uses (placement, registry,
+sessions, parked, mover) and whose ``_place``, ``_send``, ``resume`` and ``_finish_error`` it
+calls. A node of the placement that dies or restarts takes every session's KV with it; the
+sessions wait at their last token (``Session.replay``), and once a placement is ready again
+their steps feed the prompt and then their known tokens one by one before they go on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+
+from brokers.sessions import Session
+from zpipe import protocol
+from zpipe.placement import Placement, PlacementError, choose
+from zpipe.protocol import Message
+
+log = logging.getLogger("zpipe.broker")
+
+
+@dataclass
+class Recovering:
+    """Sessions that lost their KV with a node, waiting for a placement."""
+
+    reason: str
+    code: str  # their error if no placement comes within ``recovery.timeout_s``
+    t0: float  # time.monotonic() of the loss
+    record: dict  # for the reallocation history (admin status)
+
+
+class Recovery:
+    async def _lose_placement(self, reason: str, code: str) -> None:
+        """The placement lost a node, and with it the KV of every session. With recovery on,
+        the sessions wait at their last token for a new placement and then replay their tokens
+        (``Session.replay``); else, or once ``recovery.timeout_s`` passed, they end with
+        ``code``."""
+        old, self.placement = self.placement, None
+        self.ready = False
+        self.waiting_for = reason
+        if old is not None and self.sessions:  # the survivors' KV is of no use now: free it
+            frames = protocol.encode("free", sids=list(self.sessions))
+            for name in old.nodes():
+                node = self.registry.by_name.get(name)
+                if node is not None and node.state != "dead":
+                    await self._send(node.ident, frames)
+        if not self.cfg.recovery.enabled:
+            await self._fail_sessions(reason, code)
+            return
+        self.survivors_ok = False
+        if self.placer is not None:
+            self.placer.cancel()
+        self.placer = asyncio.get_running_loop().create_task(
+            self._place_over_survivors(self.cfg.recovery.wait_s))
+        self.held, self.prefills = [], []  # all of them wait in ``parked`` now
+        self.parked = list(self.sessions.values())
+        for s in self.parked:
+            s.replay()
+        if not self.parked:
+            return
+        if self.recovering is None:  # else a second loss before the first was mended
+            self.recovering = Recovering(reason, code, time.monotonic(), {
+                "time": time.time(), "reason": f"recovery: {reason}",
+                "before": old.to_list() if old else [], "epoch_before": old.epoch if old else 0,
+                "sessions": len(self.parked),
+                "replay_tokens": sum(len(s.tokens) for s in self.parked),
+                "kv_bytes": 0, "pause_s": 0.0, "ok": False, "error": None})
+        self.waiting_for = f"{reason}; {waiting(len(self.parked))}"
+        log.warning("%s (a new placement within %g s)", self.waiting_for,
+                    self.cfg.recovery.timeout_s)
+
+    async def _place_over_survivors(self, delay: float) -> None:
+        await asyncio.sleep(delay)
+        self.survivors_ok = True
+        await self._place()
+
+    def _choose(self, caps, cost) -> list:
+        """The configured placement; if that cannot be met ``recovery.wait_s`` after a node of
+        the placement was lost, the configured strategy (uniform for custom stages) over every
+        node still alive, configured ones first and in their order."""
+        cfg, alive = self.cfg.placement, self.registry.names()
+        try:
+            return choose(cfg, alive, self.spec.num_layers, caps=caps, cost=cost)
+        except PlacementError as e:
+            if not self.survivors_ok or not alive:
+                raise
+            listed = ([st.node for st in cfg.stages] if cfg.strategy == "custom"
+                      else cfg.nodes if isinstance(cfg.nodes, list) else [])
+            names = [n for n in listed if n in alive] + sorted(set(alive) - set(listed))
+            survivors = cfg.model_copy(update={
+                "strategy": "uniform" if cfg.strategy == "custom" else cfg.strategy,
+                "nodes": names, "stages": []})
+            stages = choose(survivors, alive, self.spec.num_layers, caps=caps, cost=cost)
+            log.warning("%s; placing over the nodes alive instead: %s", e, ", ".join(names))
+            return stages
+
+    async def _recovered(self) -> None:
+        """A placement is ready: the waiting sessions go on (once no move holds them)."""
+        self.survivors_ok = False
+        if self.placer is not None:  # the configured placement came back in time
+            self.placer.cancel()
+            self.placer = None
+        if self.recovering:
+            done, self.recovering = self.recovering, None
+            # pause_s: until the new placement was loaded; the replay comes after
+            done.record.update(after=self.placement.to_list(), epoch_after=self.epoch,
+                               ok=True, pause_s=round(time.monotonic() - done.t0, 6))
+            self.mover.history.append(done.record)
+            if not self.paused:
+                await self.resume()
+
+    async def _give_up_recovery(self) -> None:
+        """End the waiting sessions once ``recovery.timeout_s`` passed without a placement."""
+        lost = self.recovering
+        limit = self.cfg.recovery.timeout_s
+        if lost is None or time.monotonic() - lost.t0 <= limit:
+            return
+        self.recovering = None
+        error = f"{lost.reason}; no placement within {limit:g} s: {self.waiting_for.split('; ')[0]}"
+        lost.record.update(error=error, pause_s=round(time.monotonic() - lost.t0, 6))
+        self.mover.history.append(lost.record)
+        parked, self.parked = self.parked, []
+        for s in parked:
+            await self._finish_error(s, lost.code, error)
+
+
+def late(msg: Message, s: Session, placement: Placement | None) -> bool:
+    """A node's error about a step that is no longer the session's: one of an earlier
+    placement (a step that was still passing from node to node when a node died, say), or
+    while the session has no step in flight (it waits to replay)."""
+    epoch, step = msg.get("epoch"), msg.get("step")
+    return (not s.in_flight or (type(step) is int and step != s.step)
+            or (type(epoch) is int and (placement is None or epoch != placement.epoch)))
+
+
+def waiting(n: int) -> str:
+    return "1 session waits to go on" if n == 1 else f"{n} sessions wait to go on"
