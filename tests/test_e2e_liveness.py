@@ -118,22 +118,14 @@ async def _lose_b_and_go_on(rc: RunningCluster, freeze: bool) -> None:
         assert again.token_ids == reference.token_ids[:30]
 
 
-def test_frozen_node_is_declared_dead_and_its_sessions_go_on(tiny_model: Path,
-                                                           tmp_path: Path) -> None:
+@pytest.mark.parametrize("freeze", [True, False], ids=["frozen", "killed"])
+def test_a_dead_node_s_sessions_go_on(tiny_model: Path, tmp_path: Path, freeze: bool) -> None:
     rc = _start(tiny_model, tmp_path, ["a", "b", "c"])
     try:
-        asyncio.run(_lose_b_and_go_on(rc, freeze=True))
+        asyncio.run(_lose_b_and_go_on(rc, freeze))
     finally:
-        os.kill(_proc(rc, "node-b").pid, signal.SIGCONT)
-        rc.cluster.stop()
-
-
-def test_killed_node_is_declared_dead_and_its_sessions_go_on(tiny_model: Path,
-                                                           tmp_path: Path) -> None:
-    rc = _start(tiny_model, tmp_path, ["a", "b", "c"])
-    try:
-        asyncio.run(_lose_b_and_go_on(rc, freeze=False))
-    finally:
+        if freeze:
+            os.kill(_proc(rc, "node-b").pid, signal.SIGCONT)
         rc.cluster.stop()
 
 
