@@ -29,10 +29,12 @@ from statistics import median, median_low
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]  # the checkout's bench/ and tests/conftest.py
 
 from conftest import start_cluster  # noqa: E402
 
+from bench.compare import decode_breakdown  # noqa: E402
 from nodes.node import settle_gc  # noqa: E402
 
 # Layout modes (NxG:MODE+MODE): node settings to compare against the defaults.
@@ -125,11 +127,9 @@ async def _zpipe(rc, prompt: list[int], new_tokens: int, concurrency: int,
     first = [m.timings[0]["stages"] for m in many if m.timings]
     prefill = sorted(sum(c for _, c, _ in st) for st in first)
     prefill_rest = sorted(sum(h for _, _, h in st) for st in first)
-    from zpipe.bench import _decode_breakdown
-
     return {
-        "b1_breakdown": _decode_breakdown([one]),
-        "c_breakdown": _decode_breakdown(many),
+        "b1_breakdown": decode_breakdown([one]),
+        "c_breakdown": decode_breakdown(many),
         "b1_tok_s": median(b1),
         "b1_tok_s_rounds": b1,
         "b1_decode_tok_s": one.tokens_per_s,

@@ -1,16 +1,18 @@
-"""Smoke tests of the bench library (tiny model, few tokens): structure and sanity, not speed."""
+"""Smoke tests of the benchmarks in ``bench/`` (tiny model, few tokens): structure and sanity, not
+speed."""
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 from pathlib import Path
 
 import pytest
 
-from zpipe import bench, bench_report, bench_transport
-from zpipe.cli import bench as bench_cli
+from bench import cli as bench_cli
+from bench import compare as bench
+from bench import report as bench_report
+from bench import transport as bench_transport
 
 
 def test_compare_tiny(tiny_model: Path, tmp_path: Path) -> None:
@@ -80,13 +82,12 @@ def test_transport_small() -> None:
 
 
 def test_cli_parser() -> None:
-    parser = argparse.ArgumentParser(prog="zpipe")
-    bench_cli.add_parser(parser.add_subparsers(dest="command"))
-    a = parser.parse_args(["bench", "compare", "--stages", "1,3", "--concurrency", "4",
+    parser = bench_cli.build_parser()
+    a = parser.parse_args(["compare", "--stages", "1,3", "--concurrency", "4",
                            "--threads", "2", "--json", "x.json"])
     assert (a.stages, a.concurrency, a.threads, a.json) == ([1, 3], 4, 2, "x.json")
     assert a.func is bench_cli._cmd_compare
-    a = parser.parse_args(["bench", "transport", "--sizes", "4K,16M", "--modes", "raw"])
+    a = parser.parse_args(["transport", "--sizes", "4K,16M", "--modes", "raw"])
     assert (a.sizes, a.modes) == ([4096, 16 << 20], ["raw"])
     with pytest.raises(SystemExit):
-        parser.parse_args(["bench", "compare", "--stages", "0"])
+        parser.parse_args(["compare", "--stages", "0"])

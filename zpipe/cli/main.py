@@ -99,7 +99,6 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from zpipe.cli import admin as admin_cli
-    from zpipe.cli import bench as bench_cli
     from zpipe.cli import model as model_cli
 
     parser = argparse.ArgumentParser(prog="zpipe", description=__doc__)
@@ -139,7 +138,6 @@ def build_parser() -> argparse.ArgumentParser:
 
     model_cli.add_parser(sub)
     admin_cli.add_parser(sub)
-    bench_cli.add_parser(sub)
     return parser
 
 

@@ -1,4 +1,4 @@
-"""Helpers shared by the benchmarks (``zpipe.bench`` and ``zpipe.bench_transport``)."""
+"""Helpers shared by the benchmarks (``bench.compare`` and ``bench.transport``)."""
 
 from __future__ import annotations
 
@@ -20,6 +20,10 @@ Progress = Callable[[str], None]
 
 
 # ----------------------------------------------------------------------------- helpers
+# The repository root: benchmark subprocesses run ``python -m bench.…`` from there.
+REPO = Path(__file__).resolve().parents[1]
+
+
 def now_iso() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 

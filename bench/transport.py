@@ -1,4 +1,4 @@
-"""The transport benchmark (``zpipe bench transport``).
+"""The transport benchmark (``python -m bench transport``).
 
 ``transport`` measures round trips of tensor frames between a ROUTER "broker" (this process)
 and a DEALER "node" (a child process) on loopback TCP, with the real protocol code.
@@ -19,7 +19,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from zpipe.bench_common import (
+from bench.common import (
+    REPO,
     CpuMeter,
     Progress,
     _f,
@@ -154,7 +155,7 @@ def _spawn_echo(address: str, mode: str) -> subprocess.Popen:
     env = dict(os.environ)
     env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     return subprocess.Popen(
-        [sys.executable, "-m", "zpipe.bench_transport", "echo", address, mode],
+        [sys.executable, "-m", "bench.transport", "echo", address, mode], cwd=REPO,
         env=env, start_new_session=True)
 
 
@@ -416,8 +417,8 @@ def _main(argv: list[str]) -> None:
     if argv[:1] == ["echo"] and len(argv) == 3:
         _echo_child(argv[1], argv[2])
     else:
-        sys.exit("usage: python -m zpipe.bench_transport echo ADDRESS MODE "
-                 "(internal; use `zpipe bench`)")
+        sys.exit("usage: python -m bench.transport echo ADDRESS MODE "
+                 "(internal; use `python -m bench`)")
 
 
 if __name__ == "__main__":

@@ -1,8 +1,8 @@
-"""The transformers side of ``zpipe bench compare``: ``generate`` in a process of its own.
+"""The transformers side of ``python -m bench compare``: ``generate`` in a process of its own.
 
 It is driven one JSON command per line on stdin (``one``: batch 1 of a prompt; ``batch``: a
 left-padded batch; ``peak``: peak memory) and answers one JSON line each, so the benchmark can
-interleave its runs with zpipe's. Started as ``python -m zpipe.bench_baseline SPEC_JSON``.
+interleave its runs with zpipe's. Started as ``python -m bench.baseline SPEC_JSON``.
 """
 
 from __future__ import annotations
@@ -16,10 +16,10 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from zpipe.bench_common import vm_hwm
+from bench.common import REPO, vm_hwm
 
 if TYPE_CHECKING:
-    from zpipe.bench import CompareConfig
+    from bench.compare import CompareConfig
 
 
 class Baseline:
@@ -38,7 +38,7 @@ class Baseline:
         log.parent.mkdir(parents=True, exist_ok=True)
         with open(log, "wb") as err:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "zpipe.bench_baseline", json.dumps(spec)], env=env,
+                [sys.executable, "-m", "bench.baseline", json.dumps(spec)], env=env, cwd=REPO,
                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, text=True,
                 start_new_session=True)
         self.info = self._read()
@@ -168,5 +168,5 @@ def child(spec_json: str) -> None:
 
 if __name__ == "__main__":
     if len(sys.argv) != 2:
-        sys.exit("usage: python -m zpipe.bench_baseline SPEC_JSON (internal; use `zpipe bench`)")
+        sys.exit("usage: python -m bench.baseline SPEC_JSON (internal; use `python -m bench`)")
     child(sys.argv[1])

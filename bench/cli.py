@@ -1,5 +1,5 @@
-"""``zpipe bench compare`` and ``zpipe bench transport``: the benchmarks of ``zpipe.bench``
-and ``zpipe.bench_transport``.
+"""``python -m bench compare`` and ``python -m bench transport``: the benchmarks of ``bench.compare``
+and ``bench.transport``.
 
 compare    transformers generate in one process vs zpipe with 1, 2, 3... stages, same model,
            dtype, device and threads, in one run: TTFT, per-token p50/p99, tokens/s, the ratio
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from pathlib import Path
 
@@ -50,7 +51,7 @@ def _size(s: str) -> int:
 
 
 def _progress(msg: str) -> None:
-    print(f"[zpipe bench] {msg}", file=sys.stderr, flush=True)
+    print(f"[bench] {msg}", file=sys.stderr, flush=True)
 
 
 def _write_outputs(result: dict, args: argparse.Namespace, plot) -> int:
@@ -67,40 +68,38 @@ def _write_outputs(result: dict, args: argparse.Namespace, plot) -> int:
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
-    from zpipe import bench, bench_report
+    from bench import compare, report
 
-    cfg = bench.CompareConfig(
+    cfg = compare.CompareConfig(
         model=args.model, dtype=args.dtype, device=args.device, prompt_len=args.prompt_len,
         new_tokens=args.new_tokens, concurrency=args.concurrency, stages=args.stages,
         threads=args.threads, max_batch=args.max_batch, direct=args.direct,
         baseline=not args.no_baseline, batch1_runs=args.batch1_runs,
         baseline_omp_wait_policy=(None if args.baseline_omp_wait_policy == "unset"
                                   else args.baseline_omp_wait_policy), log_dir=args.logs)
-    result = bench.compare(cfg, progress=_progress)
-    print(bench_report.format_compare(result))
-    return _write_outputs(result, args, bench_report.plot_compare)
+    result = compare.compare(cfg, progress=_progress)
+    print(report.format_compare(result))
+    return _write_outputs(result, args, report.plot_compare)
 
 
 def _cmd_transport(args: argparse.Namespace) -> int:
-    from zpipe import bench_transport
+    from bench import transport
 
-    cfg = bench_transport.TransportConfig(
+    cfg = transport.TransportConfig(
         sizes=args.sizes, activations=not args.no_activations, modes=args.modes,
         max_iters=args.max_iters, max_seconds=args.max_seconds)
-    result = bench_transport.transport(cfg, progress=_progress)
-    print(bench_transport.format_transport(result))
-    return _write_outputs(result, args, bench_transport.plot_transport)
+    result = transport.transport(cfg, progress=_progress)
+    print(transport.format_transport(result))
+    return _write_outputs(result, args, transport.plot_transport)
 
 
-def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    """Register ``zpipe bench`` (with modes ``compare`` and ``transport``)."""
-    from zpipe.bench_transport import DEFAULT_SIZES, MODES
+def build_parser() -> argparse.ArgumentParser:
+    """``python -m bench`` with its modes ``compare`` and ``transport``."""
+    from bench.transport import DEFAULT_SIZES, MODES
 
-    p = subparsers.add_parser("bench", help="benchmarks: zpipe vs transformers, transport",
-                              description=__doc__,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
-    modes = p.add_subparsers(dest="bench_mode", metavar="{compare,transport}")
-    p.set_defaults(func=lambda a: (p.print_help(), 2)[1])
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    modes = p.add_subparsers(dest="bench_mode", metavar="{compare,transport}", required=True)
 
     c = modes.add_parser("compare", help="transformers generate vs zpipe with 1..N stages")
     c.add_argument("--model", default="smollm2", help="cached model name or HF directory")
@@ -144,14 +143,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     t.add_argument("--json", metavar="PATH", help="write every figure as JSON")
     t.add_argument("--plot", metavar="PATH.png", help="draw a PNG (needs matplotlib)")
     t.set_defaults(func=_cmd_transport)
+    return p
 
 
-def main(argv: list[str] | None = None) -> None:
-    """``python -m zpipe.cli.bench ...``, the same as ``zpipe bench ...``."""
-    from zpipe.cli.main import main as zpipe_main
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
+    try:
+        return args.func(args)
+    except LookupError as e:  # a model that is not there, with what to do about it
+        print(f"bench: {e.args[0] if e.args else e}", file=sys.stderr)
+        return 2
 
-    zpipe_main(["bench", *(sys.argv[1:] if argv is None else argv)])
-
-
-if __name__ == "__main__":
-    main()

@@ -10,7 +10,7 @@
   (``asyncio.gather``), whose tokens must equal each prompt's batch-1 tokens.
 
 It returns a plain dict (what ``--json`` writes); ``format_compare`` turns it into a table.
-The transport benchmark is in ``zpipe.bench_transport``.
+The transport benchmark is in ``bench.transport``.
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from zpipe.bench_baseline import Baseline
-from zpipe.bench_common import (
+from bench.baseline import Baseline
+from bench.common import (
     CpuMeter,
     Progress,
     _free_port,
@@ -113,7 +113,7 @@ class CompareConfig:
 
 # ----------------------------------------------------------------------------- baseline
 # ----------------------------------------------------------------------------- zpipe runs
-def _decode_breakdown(gens: list[Any]) -> dict:
+def decode_breakdown(gens: list[Any]) -> dict:
     """Medians over decode tokens of the broker's per-token timings."""
     step, compute, hop, per_hop = [], [], [], []
     for g in gens:
@@ -184,7 +184,7 @@ def _summarize_zpipe(b1: list[Any], conc: tuple | None, cfg: CompareConfig) -> d
         "total_s": [g.total_s for g in b1],
         "per_token": _lat_summary([x for g in b1 for x in g.latencies_s[1:]]),
         "all_full_length": all(len(g.token_ids) == n for g in b1),
-        "breakdown": _decode_breakdown(b1),
+        "breakdown": decode_breakdown(b1),
     }, "token_ids": ref}
     if conc is not None:
         gens, wall = conc
@@ -197,7 +197,7 @@ def _summarize_zpipe(b1: list[Any], conc: tuple | None, cfg: CompareConfig) -> d
             "per_token": _lat_summary([x for g in gens for x in g.latencies_s[1:]]),
             "tokens_match": all(g.token_ids == ref[i] for i, g in enumerate(gens)),
             "mismatched_sessions": [i for i, g in enumerate(gens) if g.token_ids != ref[i]],
-            "breakdown": _decode_breakdown(gens),
+            "breakdown": decode_breakdown(gens),
         }
     return out
 

@@ -1,10 +1,10 @@
-"""Presenting ``zpipe bench compare`` results: the text table and the PNG plot."""
+"""Presenting ``python -m bench compare`` results: the text table and the PNG plot."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from zpipe.bench_common import _f, _mib, _ms
+from bench.common import _f, _mib, _ms
 
 
 def format_compare(result: dict) -> str:
