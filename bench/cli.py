@@ -1,5 +1,5 @@
-"""``python -m bench compare`` and ``python -m bench transport``: the benchmarks of ``bench.compare``
-and ``bench.transport``.
+"""``python -m bench compare`` and ``python -m bench transport``, from the repository root (the
+benchmarks are not part of the installed package).
 
 compare    transformers generate in one process vs zpipe with 1, 2, 3... stages, same model,
            dtype, device and threads, in one run: TTFT, per-token p50/p99, tokens/s, the ratio
