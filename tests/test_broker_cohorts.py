@@ -454,3 +454,38 @@ def test_a_lost_node_keeps_its_layers_if_it_is_back_within_wait_s(tiny_model: Pa
             _close(broker, a, b, client)
 
     asyncio.run(run())
+
+
+@pytest.mark.parametrize("ending", ["answer", "cancel"])
+def test_quiesce_returns_when_the_last_step_in_flight_ends(tiny_model: Path, ending: str) -> None:
+    """A move's quiesce waits while a step is in flight and returns once it ends (its answer,
+    or its session's end); a session that goes on waits at the token boundary until resume."""
+    async def run() -> None:
+        broker, node, client = await _serving(tiny_model)
+        try:
+            await broker.handle(_frames(protocol.encode(
+                "generate", rid="r1", prompt_ids=[5, 6, 7], max_new_tokens=5)))
+            step = await _next(node, "step")
+            (s,) = broker.sessions.values()
+            quiet = asyncio.create_task(broker.steps.quiesce())
+            await asyncio.sleep(0)
+            assert not quiet.done() and s.in_flight
+            if ending == "answer":
+                node.send_multipart(protocol.encode(
+                    "result", epoch=step["epoch"], stage=0, compute_s=0.001,
+                    rows=[[sid, st, n] for sid, st, _, n in step["rows"]], tokens=[[42, -0.1]]))
+                await _pump(broker, quiet.done)
+                assert broker.steps.parked == [s] and s.tokens == [42]
+                await broker.steps.resume()
+                assert not broker.steps.parked
+                nxt = await _next(node, "step")
+                assert nxt["rows"][0][:2] == [s.sid, 1] and nxt.tensors["x"].tolist() == [42]
+            else:
+                await broker.handle(_frames(protocol.encode("cancel", rid="r1")))
+                await _pump(broker, quiet.done)
+                assert not broker.sessions and not broker.steps.parked
+            await quiet
+        finally:
+            _close(broker, node, client)
+
+    asyncio.run(run())

@@ -27,8 +27,8 @@ CONFIG_FIELDS = (
     ("model_type", "model_type"), ("num_layers", "num_hidden_layers"),
     ("hidden_size", "hidden_size"), ("intermediate_size", "intermediate_size"),
     ("num_heads", "num_attention_heads"), ("num_kv_heads", "num_key_value_heads"),
-    ("head_dim", "head_dim"), ("vocab_size", "vocab_size"), ("rope_theta", "rope_theta"),
-    ("rms_norm_eps", "rms_norm_eps"), ("tie_word_embeddings", "tie_word_embeddings"),
+    ("head_dim", "head_dim"), ("vocab_size", "vocab_size"), ("rms_norm_eps", "rms_norm_eps"),
+    ("tie_word_embeddings", "tie_word_embeddings"),
 )
 
 
@@ -38,6 +38,9 @@ def model_identity(spec: ModelSpec) -> dict[str, Any]:
     out: dict[str, Any] = {key: getattr(c, attr, None) for key, attr in CONFIG_FIELDS}
     out["architecture"] = (getattr(c, "architectures", None) or [""])[0]
     out["head_dim"] = spec.head_dim  # derived when the config leaves it out
+    # newer transformers keep it in ``rope_parameters``, older ones as ``rope_theta``
+    out["rope_theta"] = (getattr(c, "rope_parameters", None) or {}).get(
+        "rope_theta", getattr(c, "rope_theta", None))
     out["weights"] = weights_hash(spec.model_dir)
     return out
 
