@@ -50,6 +50,9 @@ class Cohort:
 
 
 class StepScheduler:
+    """The broker's token steps: started (``admit``, ``start``), passed from stage to stage
+    and turned into tokens (``on_result``), held at token boundaries (``quiesce``)."""
+
     def __init__(self, core: Core) -> None:
         self.core = core
         self.paused = False  # a move holds every session at its next token boundary
@@ -81,58 +84,6 @@ class StepScheduler:
         alive = [s for s in batch if s.sid in self.core.sessions]  # not cancelled meanwhile
         if alive:
             await self.start(alive)
-
-    # ------------------------------------------------------------------ token boundaries
-    def in_flight(self) -> bool:
-        return any(s.in_flight for s in self.core.sessions.values())
-
-    async def quiesce(self) -> None:
-        """Hold every session at its next token boundary; returns when no step is in flight
-        (``_ended`` wakes it whenever steps end: their answers, a session's end, a loss)."""
-        self.paused = True
-        while self.in_flight():
-            self.steps_ended.clear()
-            await self.steps_ended.wait()
-
-    async def resume(self) -> None:
-        """After a move: the parked sessions go on (once a placement is ready, if a node died
-        meanwhile)."""
-        self.paused = False
-        if not self.core.ready:
-            return
-        parked, self.parked = self.parked, []
-        alive = [s for s in parked if s.sid in self.core.sessions]
-        if alive:
-            await self.start(alive)
-
-    def _ended(self) -> None:
-        if self.paused:
-            self.steps_ended.set()
-
-    async def released(self, s: Session) -> None:
-        """``s`` has ended (the core dropped it from the sessions)."""
-        if self.held and s.in_flight:  # held sessions may have waited for this one's step
-            await self._go_on([])
-        self._ended()
-
-    def restart_all(self) -> list[Session]:
-        """The KV of every session was lost: each waits to replay from its prompt
-        (``Session.replay``) until ``resume``. Returns them."""
-        self.held, self.prefills = [], []
-        self.parked = list(self.core.sessions.values())
-        for s in self.parked:
-            s.replay()
-        self._ended()
-        return self.parked
-
-    def unpark(self) -> list[Session]:
-        """Take every parked session (recovery gave up on them)."""
-        parked, self.parked = self.parked, []
-        return parked
-
-    def drop_held(self) -> None:
-        """Every session is about to end: none of the held ones may start a step meanwhile."""
-        self.held = []
 
     async def start(self, sessions: list[Session]) -> None:
         """Send the sessions' next step to stage 0: one message per cohort of at most the
@@ -397,3 +348,56 @@ class StepScheduler:
         for s, *_, end in emitted:
             if end is not None:
                 await self.core.finish(s, end)
+
+    # ------------------------------------------------------------------ token boundaries
+    def in_flight(self) -> bool:
+        return any(s.in_flight for s in self.core.sessions.values())
+
+    async def quiesce(self) -> None:
+        """Hold every session at its next token boundary; returns when no step is in flight
+        (``_ended`` wakes it whenever steps end: their answers, a session's end, a loss)."""
+        self.paused = True
+        while self.in_flight():
+            self.steps_ended.clear()
+            await self.steps_ended.wait()
+
+    async def resume(self) -> None:
+        """After a move: the parked sessions go on (once a placement is ready, if a node died
+        meanwhile)."""
+        self.paused = False
+        if not self.core.ready:
+            return
+        parked, self.parked = self.parked, []
+        alive = [s for s in parked if s.sid in self.core.sessions]
+        if alive:
+            await self.start(alive)
+
+    def _ended(self) -> None:
+        if self.paused:
+            self.steps_ended.set()
+
+    async def released(self, s: Session) -> None:
+        """``s`` has ended (the core dropped it from the sessions)."""
+        # held sessions may have waited for this one's step
+        if self.held and s.in_flight and self.core.placement is not None:
+            await self._go_on([])
+        self._ended()
+
+    def restart_all(self) -> list[Session]:
+        """The KV of every session was lost: each waits to replay from its prompt
+        (``Session.replay``) until ``resume``. Returns them."""
+        self.held, self.prefills = [], []
+        self.parked = list(self.core.sessions.values())
+        for s in self.parked:
+            s.replay()
+        self._ended()
+        return self.parked
+
+    def unpark(self) -> list[Session]:
+        """Take every parked session (recovery gave up on them)."""
+        parked, self.parked = self.parked, []
+        return parked
+
+    def drop_held(self) -> None:
+        """Every session is about to end: none of the held ones may start a step meanwhile."""
+        self.held = []
