@@ -6,8 +6,8 @@ Replies are ``admin_reply`` messages whose ``data`` is plain JSON-able values (s
 ``None`` where a figure is not known yet). ``profile`` asks every stage node of the placement
 for a per-part timing profile and answers once all replied or the timeout passed; it runs as
 its own task so that the broker keeps routing (the node replies come through the same loop).
-The acting ops run as tasks for the same reason: they wait on ``broker.mover`` (layer moves:
-loads and KV transfers that come back through the same loop). A failed move answers the error
+The acting ops run as tasks for the same reason: they wait on the mover (layer moves: loads
+and KV transfers that come back through the same loop). A failed move answers the error
 ``move_failed`` with the mover's message; an infeasible ``plan`` answers ``infeasible`` with the
 numbers.
 """
@@ -20,14 +20,15 @@ import logging
 import math
 import time
 import uuid
-from collections.abc import Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from typing import Any
 
 from brokers import rebalance
-from brokers.mover import MoveError
+from brokers.core import Core
+from brokers.mover import MoveError, Mover
+from brokers.registry import NodeInfo
 from zpipe import protocol
 from zpipe.config import parse_layers
-from zpipe.metrics import Metrics
 from zpipe.placement import STRATEGIES, PlacementError, PlanResult
 from zpipe.protocol import Message
 
@@ -42,64 +43,167 @@ MAX_PROFILE_TOKENS = 2048
 MAX_SLOW_FACTOR = 1000.0
 HISTORY_SHOWN = 20
 
-# rid of a profile request sent to nodes -> (node name -> future of its profile_reply header)
-_pending: dict[str, dict[str, asyncio.Future]] = {}
-_tasks: set[asyncio.Task] = set()
-
-
 class _BadRequest(ValueError):
     pass
 
 
-async def handle(broker: Any, ident: bytes, msg: Message) -> None:
-    rid, op, args = msg["rid"], msg["op"], msg.get("args") or {}
-    try:
-        if op not in OPS:
-            raise _BadRequest(f"unknown admin op {op!r}; one of {', '.join(OPS)}")
-        allowed = ARGS.get(op, ())
-        extra = sorted(k for k in args if k not in allowed)
-        if extra:
-            raise _BadRequest(f"op {op!r} takes no args, got {extra}" if not allowed else
-                              f"op {op!r} takes args {', '.join(allowed)}; got {extra}")
-        if op == "profile":
-            tokens = _int_arg(args, "tokens", 16, 1, MAX_PROFILE_TOKENS)
-            timeout = _num_arg(args, "timeout", PROFILE_TIMEOUT_S, 0.1, 120.0)
-            if broker.placement is None or not broker.ready:
-                await broker._send(ident, protocol.error(
-                    "no_placement", f"no placement to profile: {broker.waiting_for}", rid=rid))
+class Admin:
+    """The broker's admin component: given the core (``brokers.core.Core``) and the mover.
+    Its state: the profile requests waiting for node replies, and the tasks it runs."""
+
+    def __init__(self, core: Core, mover: Mover) -> None:
+        self.core = core
+        self.mover = mover
+        # rid of a profile request sent to nodes -> (node name -> future of its profile_reply)
+        self.pending: dict[str, dict[str, asyncio.Future]] = {}
+        # The running profile and acting ops: the event loop keeps only weak references.
+        self.tasks: set[asyncio.Task] = set()
+
+    async def handle(self, ident: bytes, msg: Message) -> None:
+        """An ``admin`` request: answered now, or by a task for profile and the acting ops."""
+        core = self.core
+        rid, op, args = msg["rid"], msg["op"], msg.get("args") or {}
+        try:
+            if op not in OPS:
+                raise _BadRequest(f"unknown admin op {op!r}; one of {', '.join(OPS)}")
+            allowed = ARGS.get(op, ())
+            extra = sorted(k for k in args if k not in allowed)
+            if extra:
+                raise _BadRequest(f"op {op!r} takes no args, got {extra}" if not allowed else
+                                  f"op {op!r} takes args {', '.join(allowed)}; got {extra}")
+            if op == "profile":
+                tokens = _int_arg(args, "tokens", 16, 1, MAX_PROFILE_TOKENS)
+                timeout = _num_arg(args, "timeout", PROFILE_TIMEOUT_S, 0.1, 120.0)
+                if core.placement is None or not core.ready:
+                    await core.send(ident, protocol.error(
+                        "no_placement", f"no placement to profile: {core.waiting_for}", rid=rid))
+                    return
+                self._spawn(self._profile(ident, rid, tokens, timeout))
                 return
-            _spawn(_profile(broker, ident, rid, tokens, timeout))
+            if op in ("move", "rebalance", "drain", "slow"):
+                call = self._action(op, args)
+                self._spawn(self._act(ident, rid, op, call))
+                return
+            if op == "status":
+                data = status(core, self.mover.history)
+            elif op == "nodes":
+                data = {"nodes": nodes(core)}
+            elif op == "sessions":
+                data = {"sessions": sessions(core)}
+            elif op == "metrics":
+                m = core.metrics
+                data = {"text": m.prometheus(node_gauges(core)), "overall": m.overall(),
+                        "nodes": {n: m.node_summary(n) for n in m.node_names()}}
+            else:  # plan
+                try:
+                    data = plan(core, _strategy_arg(core, args))
+                except PlacementError as e:
+                    await core.send(ident, protocol.error("infeasible", str(e), rid=rid))
+                    return
+        except _BadRequest as e:
+            await core.send(ident, protocol.error("bad_request", str(e), rid=rid))
             return
-        if op in ("move", "rebalance", "drain", "slow"):
-            call = _action(broker, op, args)
-            _spawn(_act(broker, ident, rid, op, call))
-            return
-        if op == "status":
-            data = status(broker)
-        elif op == "nodes":
-            data = {"nodes": nodes(broker)}
-        elif op == "sessions":
-            data = {"sessions": sessions(broker)}
-        elif op == "metrics":
-            m = _metrics(broker)
-            data = {"text": m.prometheus(node_gauges(broker)), "overall": m.overall(),
-                    "nodes": {n: m.node_summary(n) for n in m.node_names()}}
-        else:  # plan
+        await core.send(ident, protocol.encode("admin_reply", rid=rid, op=op, data=data))
+
+    def _spawn(self, coro: Coroutine) -> None:
+        task = asyncio.create_task(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def idle(self) -> None:
+        """Wait for the running profile and acting ops to end."""
+        while self.tasks:
+            await asyncio.gather(*self.tasks)
+
+    # ------------------------------------------------------------ acting: the mover
+    def _action(self, op: str, args: dict) -> Callable[[], Awaitable[Any]]:
+        """Validate the args of an acting op; returns a no-argument coroutine function."""
+        core, mover = self.core, self.mover
+        if op == "move":
             try:
-                data = plan(broker, _strategy_arg(broker, args))
-            except PlacementError as e:
-                await broker._send(ident, protocol.error("infeasible", str(e), rid=rid))
-                return
-    except _BadRequest as e:
-        await broker._send(ident, protocol.error("bad_request", str(e), rid=rid))
-        return
-    await broker._send(ident, protocol.encode("admin_reply", rid=rid, op=op, data=data))
+                start, end = parse_layers(args.get("layers"))
+            except ValueError as e:
+                raise _BadRequest(str(e)) from None
+            n = core.spec.num_layers
+            if end > n:
+                raise _BadRequest(f"layers {start}-{end - 1} are out of range: the model has "
+                                  f"{n} layers (0-{n - 1})")
+            to = _node_arg(core, args, "to")
+            return lambda: mover.move_layers(start, end, to, reason="admin move")
+        if op == "rebalance":
+            strategy = _strategy_arg(core, args)
+            return lambda: mover.rebalance(strategy, reason="admin rebalance")
+        if op == "drain":
+            node = _node_arg(core, args, "node")
+            return lambda: mover.drain(node, reason="admin drain")
+        node = _node_arg(core, args, "node")  # slow
+        factor = args.get("factor")
+        if (type(factor) not in (int, float) or not math.isfinite(factor)
+                or not 0 < factor <= MAX_SLOW_FACTOR):
+            raise _BadRequest(f"factor must be a number > 0 and ≤ {MAX_SLOW_FACTOR:g}, "
+                              f"got {factor!r}")
+        return lambda: self.slow(node, float(factor))
 
+    async def slow(self, name: str, factor: float) -> dict:
+        """Make node ``name`` compute ``factor`` times slower (benchmarks and tests)."""
+        node = self.core.registry.by_name.get(name)
+        if node is None or node.state == "dead":
+            raise MoveError(f"node {name} is not alive")
+        await self.core.send(node.ident, protocol.encode("set_slow", factor=float(factor)))
+        return {"node": name, "factor": factor}
 
-def _spawn(coro: Coroutine) -> None:
-    task = asyncio.create_task(coro)
-    _tasks.add(task)
-    task.add_done_callback(_tasks.discard)
+    async def _act(self, ident: bytes, rid: str, op: str,
+                   call: Callable[[], Awaitable[Any]]) -> None:
+        send = self.core.send
+        try:
+            result = await call()
+        except MoveError as e:
+            await send(ident, protocol.error("move_failed", str(e), rid=rid))
+            return
+        except Exception as e:  # answer the admin client whatever happens
+            log.exception("admin %s failed", op)
+            await send(ident, protocol.error("internal", f"{op} failed: {e!r}", rid=rid))
+            return
+        data = jsonable(result) if isinstance(result, dict) else {"result": jsonable(result)}
+        await send(ident, protocol.encode("admin_reply", rid=rid, op=op, data=data))
+
+    # ------------------------------------------------------------ profile
+    async def on_profile_reply(self, node: NodeInfo, msg: Message) -> None:
+        waiting = self.pending.get(msg["rid"], {})
+        fut = waiting.get(node.name)
+        if fut is None or fut.done():
+            log.info("late or unknown profile reply from %s", node.name)
+            return
+        fut.set_result(dict(msg.header))
+
+    async def _profile(self, ident: bytes, rid: str, tokens: int, timeout: float) -> None:
+        send = self.core.send
+        try:
+            data = await self.profile(tokens, timeout)
+        except Exception as e:  # answer the admin client whatever happens
+            log.exception("profile failed")
+            await send(ident, protocol.error("internal", f"profile failed: {e!r}", rid=rid))
+            return
+        await send(ident, protocol.encode("admin_reply", rid=rid, op="profile", data=data))
+
+    async def profile(self, tokens: int, timeout: float = PROFILE_TIMEOUT_S) -> dict:
+        """Every stage node's per-part timing profile, merged in pipeline order."""
+        core = self.core
+        stages = list(core.placement.stages)
+        prid = uuid.uuid4().hex
+        loop = asyncio.get_running_loop()
+        futs = {st.node: loop.create_future() for st in stages}
+        self.pending[prid] = futs
+        try:
+            frames = protocol.encode("profile", rid=prid, tokens=tokens)
+            for st in stages:
+                node = core.registry.by_name.get(st.node)
+                if node is None or not await core.send(node.ident, frames):
+                    futs[st.node].set_exception(ConnectionError("unreachable"))
+            await asyncio.wait(list(futs.values()), timeout=timeout)
+        finally:
+            self.pending.pop(prid, None)
+        return merge(stages, futs, tokens, timeout)
 
 
 def _int_arg(args: dict, key: str, default: int, lo: int, hi: int) -> int:
@@ -123,7 +227,7 @@ def _str_arg(args: dict, key: str) -> str:
     return v
 
 
-def _strategy_arg(broker: Any, args: dict) -> str:
+def _strategy_arg(broker: Core, args: dict) -> str:
     v = args.get("strategy")
     if v is None:
         return broker.cfg.placement.strategy
@@ -132,7 +236,7 @@ def _strategy_arg(broker: Any, args: dict) -> str:
     return v
 
 
-def _node_arg(broker: Any, args: dict, key: str) -> str:
+def _node_arg(broker: Core, args: dict, key: str) -> str:
     name = _str_arg(args, key)
     node = broker.registry.by_name.get(name)
     if node is None:
@@ -141,22 +245,15 @@ def _node_arg(broker: Any, args: dict, key: str) -> str:
     return name
 
 
-def _metrics(broker: Any) -> Metrics:
-    m = getattr(broker, "metrics", None)
-    if m is None:  # a broker without metrics wired: empty figures, not a crash
-        m = broker.metrics = Metrics()
-    return m
-
-
 # ---------------------------------------------------------------- views of broker state
-def _ordered_nodes(broker: Any) -> list:
+def _ordered_nodes(broker: Core) -> list:
     """Nodes in pipeline order first, then the others by name."""
     order = {st.node: i for i, st in enumerate(broker.placement.stages)} if broker.placement else {}
     return sorted(broker.registry.all(), key=lambda n: (order.get(n.name, len(order)), n.name))
 
 
-def nodes(broker: Any) -> list[dict]:
-    m, spec = _metrics(broker), broker.spec
+def nodes(broker: Core) -> list[dict]:
+    m, spec = broker.metrics, broker.spec
     out = []
     for n in _ordered_nodes(broker):
         d = n.to_dict()
@@ -184,8 +281,8 @@ def nodes(broker: Any) -> list[dict]:
     return out
 
 
-def sessions(broker: Any) -> list[dict]:
-    m = _metrics(broker)
+def sessions(broker: Core) -> list[dict]:
+    m = broker.metrics
     now = time.perf_counter()
     out = []
     for sid, s in list(broker.sessions.items()):
@@ -201,23 +298,22 @@ def sessions(broker: Any) -> list[dict]:
     return out
 
 
-def status(broker: Any) -> dict:
+def status(broker: Core, history: Iterable[dict]) -> dict:
     p = broker.placement
     return {
         "ready": broker.ready, "waiting_for": broker.waiting_for,
         "model": str(broker.model_dir), "num_layers": broker.spec.num_layers,
         "placement": {"epoch": p.epoch, "stages": p.to_list()} if p else None,
         "nodes": nodes(broker), "sessions": sessions(broker),
-        "overall": _metrics(broker).overall(),
-        "reallocations": reallocations(broker),
+        "overall": broker.metrics.overall(),
+        "reallocations": reallocations(history),
     }
 
 
-def reallocations(broker: Any, last: int = HISTORY_SHOWN) -> list[dict]:
-    """The mover's last records (time, reason, before, after, kv_bytes, pause_s, ok, error)."""
-    mover = getattr(broker, "mover", None)
-    history = list(getattr(mover, "history", None) or [])[-last:]
-    return [jsonable(r) for r in history]
+def reallocations(history: Iterable[dict], last: int = HISTORY_SHOWN) -> list[dict]:
+    """The last records of the reallocation history (time, reason, before, after, kv_bytes,
+    pause_s, ok, error)."""
+    return [jsonable(r) for r in list(history)[-last:]]
 
 
 def jsonable(v: Any) -> Any:
@@ -239,7 +335,7 @@ def jsonable(v: Any) -> Any:
     return str(v)
 
 
-def node_gauges(broker: Any) -> list[tuple[str, str, dict, float]]:
+def node_gauges(broker: Core) -> list[tuple[str, str, dict, float]]:
     """Per-node gauges for the Prometheus text: up, heartbeat age, memory, layers."""
     out = [("zpipe_ready", "1 when a placement is loaded and serving.", {}, int(broker.ready)),
            ("zpipe_placement_epoch", "Epoch of the current placement (0: none).", {},
@@ -265,7 +361,7 @@ def node_gauges(broker: Any) -> list[tuple[str, str, dict, float]]:
 
 
 # ---------------------------------------------------------------- plan
-def _rows(broker: Any, res: PlanResult) -> dict:
+def _rows(broker: Core, res: PlanResult) -> dict:
     d = res.to_dict()
     for row in d["stages"]:
         held = broker.registry.by_name.get(row["node"])
@@ -274,14 +370,14 @@ def _rows(broker: Any, res: PlanResult) -> dict:
     return d
 
 
-def plan_for(broker: Any, strategy: str, *, perf_weight: float | None = None,
+def plan_for(broker: Core, strategy: str, *, perf_weight: float | None = None,
              exclude: Any = ()) -> PlanResult:
     """The plan ``strategy`` gives for the alive nodes now ("current": the serving placement
     predicted); see ``brokers.rebalance.plan_for_broker``."""
     return rebalance.plan_for(broker, strategy, perf_weight=perf_weight, exclude=exclude)
 
 
-def plan(broker: Any, strategy: str) -> dict:
+def plan(broker: Core, strategy: str) -> dict:
     """The placement ``strategy`` would choose now vs the one serving, with predicted ms/token
     per stage and memory needed / budget; nothing is applied. PlacementError when infeasible."""
     current, proposed = rebalance.plan_for_broker(broker, strategy)
@@ -303,86 +399,7 @@ def plan(broker: Any, strategy: str) -> dict:
     }
 
 
-# ---------------------------------------------------------------- acting: the mover
-def _action(broker: Any, op: str, args: dict) -> Any:
-    """Validate the args of an acting op; returns a no-argument coroutine function."""
-    if op == "move":
-        try:
-            start, end = parse_layers(args.get("layers"))
-        except ValueError as e:
-            raise _BadRequest(str(e)) from None
-        n = broker.spec.num_layers
-        if end > n:
-            raise _BadRequest(f"layers {start}-{end - 1} are out of range: the model has {n} "
-                              f"layers (0-{n - 1})")
-        to = _node_arg(broker, args, "to")
-        return lambda: broker.mover.move_layers(start, end, to, reason="admin move")
-    if op == "rebalance":
-        strategy = _strategy_arg(broker, args)
-        return lambda: broker.mover.rebalance(strategy, reason="admin rebalance")
-    if op == "drain":
-        node = _node_arg(broker, args, "node")
-        return lambda: broker.mover.drain(node, reason="admin drain")
-    node = _node_arg(broker, args, "node")  # slow
-    factor = args.get("factor")
-    if (type(factor) not in (int, float) or not math.isfinite(factor)
-            or not 0 < factor <= MAX_SLOW_FACTOR):
-        raise _BadRequest(f"factor must be a number > 0 and ≤ {MAX_SLOW_FACTOR:g}, got {factor!r}")
-    return lambda: broker.set_slow(node, float(factor))
-
-
-async def _act(broker: Any, ident: bytes, rid: str, op: str, call: Any) -> None:
-    try:
-        result = await call()
-    except MoveError as e:
-        await broker._send(ident, protocol.error("move_failed", str(e), rid=rid))
-        return
-    except Exception as e:  # answer the admin client whatever happens
-        log.exception("admin %s failed", op)
-        await broker._send(ident, protocol.error("internal", f"{op} failed: {e!r}", rid=rid))
-        return
-    data = jsonable(result) if isinstance(result, dict) else {"result": jsonable(result)}
-    await broker._send(ident, protocol.encode("admin_reply", rid=rid, op=op, data=data))
-
-
 # ---------------------------------------------------------------- profile
-async def on_profile_reply(broker: Any, node: Any, msg: Message) -> None:
-    waiting = _pending.get(msg["rid"], {})
-    fut = waiting.get(node.name)
-    if fut is None or fut.done():
-        log.info("late or unknown profile reply from %s", node.name)
-        return
-    fut.set_result(dict(msg.header))
-
-
-async def _profile(broker: Any, ident: bytes, rid: str, tokens: int, timeout: float) -> None:
-    try:
-        data = await profile(broker, tokens, timeout)
-    except Exception as e:  # answer the admin client whatever happens
-        log.exception("profile failed")
-        await broker._send(ident, protocol.error("internal", f"profile failed: {e!r}", rid=rid))
-        return
-    await broker._send(ident, protocol.encode("admin_reply", rid=rid, op="profile", data=data))
-
-
-async def profile(broker: Any, tokens: int, timeout: float = PROFILE_TIMEOUT_S) -> dict:
-    stages = list(broker.placement.stages)
-    prid = uuid.uuid4().hex
-    loop = asyncio.get_running_loop()
-    futs = {st.node: loop.create_future() for st in stages}
-    _pending[prid] = futs
-    try:
-        frames = protocol.encode("profile", rid=prid, tokens=tokens)
-        for st in stages:
-            node = broker.registry.by_name.get(st.node)
-            if node is None or not await broker._send(node.ident, frames):
-                futs[st.node].set_exception(ConnectionError("unreachable"))
-        await asyncio.wait(list(futs.values()), timeout=timeout)
-    finally:
-        _pending.pop(prid, None)
-    return merge(stages, futs, tokens, timeout)
-
-
 def merge(stages: list, futs: dict[str, asyncio.Future], tokens: int, timeout: float) -> dict:
     """One table for the whole model, in pipeline order; a silent node gets an error row."""
     rows, node_rows = [], []

@@ -1,8 +1,16 @@
-"""The broker: one ROUTER socket for nodes and clients; placement, sessions and step scheduling.
+"""The broker: one ROUTER socket for nodes and clients. It keeps the nodes, the sessions and the
+placement, and hands every message to the part that deals with it.
 
 Every token step of every session goes broker → stage 0 → broker → stage 1 → ... → broker:
 the broker forwards each stage's activation frames to the next stage without copying them,
 and the last stage returns a sampled token id.
+
+Read top to bottom: ``handle`` dispatches each message; then what the broker does for nodes
+(register, loaded, errors), for clients (generate, cancel, info), when sessions end, with the
+placement, and for liveness (heartbeats, step timeouts). The rest is done by components, each
+given the broker as a ``brokers.core.Core`` (the list is there): ``steps`` (the token steps,
+brokers/steps.py), ``recovery`` (a lost node, brokers/recovery.py), ``mover`` (layer moves,
+brokers/mover.py) and ``admin`` (brokers/admin.py).
 """
 
 from __future__ import annotations
@@ -17,15 +25,18 @@ from collections import defaultdict, deque
 import zmq
 from transformers import AutoTokenizer
 
-from brokers import admin, rebalance
+from brokers import rebalance
+from brokers.admin import Admin
+from brokers.core import new_history
 from brokers.mover import REPLY_KINDS, MoveError, Mover
 from brokers.rebalance import Rebalancer
-from brokers.recovery import Recovering, Recovery, late, waiting
+from brokers.recovery import Recovery, late
 from brokers.registry import NodeInfo, Registry
 from brokers.sessions import RequestError, Session, build_session
 from brokers.steps import StepScheduler
 from zpipe import aio, protocol
 from zpipe.config import BrokerConfig
+from zpipe.identity import differences, model_identity
 from zpipe.metrics import Metrics
 from zpipe.models import resolve_model
 from zpipe.placement import Placement, PlacementError, PlanResult
@@ -37,11 +48,14 @@ log = logging.getLogger("zpipe.broker")
 NODE_KINDS = {"register", "loaded", "result", "heartbeat", "profile_reply"} | REPLY_KINDS
 
 
-class Broker(StepScheduler, Recovery):
+class Broker:
+    """The broker core (``brokers.core.Core``) and its components."""
+
     def __init__(self, cfg: BrokerConfig) -> None:
         self.cfg = cfg
         self.model_dir = resolve_model(cfg.model)
         self.spec = ModelSpec.load(self.model_dir)
+        self.identity = model_identity(self.spec)  # a joining node's must be the same
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
         self.eos_ids = frozenset(self.spec.eos_token_ids)
         self.max_positions = int(getattr(self.spec.config, "max_position_embeddings", 1 << 20))
@@ -51,32 +65,17 @@ class Broker(StepScheduler, Recovery):
         self.waiting_for = ""
         self.epoch = 0
         self.sessions: dict[str, Session] = {}
+        self.by_rid: dict[tuple[bytes, str], str] = {}  # (client, request id) -> sid
         self.metrics = Metrics()
-        self.mover = Mover(self)
-        self.rebalancer = Rebalancer(cfg.rebalance)
-        self.paused = False  # steps wait at token boundaries while layers move
-        # Sessions waiting at a token boundary: for a move to end, or for a placement to be
-        # ready again after a node died (``recovering``).
-        self.parked: list[Session] = []
-        # After a node of the placement died, until the sessions it left can go on
-        # (``brokers.recovery``).
-        self.recovering: Recovering | None = None
-        # ``recovery.wait_s`` after a node of the placement was lost, until a placement is ready
-        # again: the nodes alive may do if the configured placement cannot be met (``_choose``).
-        self.survivors_ok = False
-        self.placer: asyncio.Task | None = None  # sets it after the wait, and places
-        # Sessions whose next step waits for the cohorts in flight to join it (one shared GPU,
-        # ``StepScheduler._go_on``).
-        self.held: list[Session] = []
-        # Prefills of requests that arrived in one burst, sent together as one cohort once the
-        # burst is handled (``_flush_prefills``).
-        self.prefills: list[Session] = []
-        # Holds the pending flush task: the event loop keeps only a weak reference to a task.
-        self.flusher: asyncio.Task | None = None
         # decode compute seconds per token per node since the placement last changed
         window = max(512, cfg.rebalance.min_tokens)
         self.measured: dict[str, deque] = defaultdict(lambda: deque(maxlen=window))
-        self.by_rid: dict[tuple[bytes, str], str] = {}
+        self.rebalancer = Rebalancer(cfg.rebalance)
+        history = new_history()  # moves and recoveries, for admin status
+        self.steps = StepScheduler(self)
+        self.recovery = Recovery(self, self.steps, history)
+        self.mover = Mover(self, self.steps, history)
+        self.admin = Admin(self, self.mover)
         self.sock: aio.Socket | None = None
 
     # ------------------------------------------------------------------ loop
@@ -89,7 +88,7 @@ class Broker(StepScheduler, Recovery):
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # unroutable sends raise, not vanish
         sock.bind(self.cfg.bind)
         self.sock = aio.Socket(sock, busy_poll_s=self.cfg.busy_poll_ms / 1000)
-        await self._place()  # sets what it waits for
+        await self.place()  # sets what it waits for
         log.info("broker on %s serving %s (%d layers); %s", self.cfg.bind, self.model_dir,
                  self.spec.num_layers, self.waiting_for)
         if started:
@@ -102,13 +101,14 @@ class Broker(StepScheduler, Recovery):
                  asyncio.create_task(self._auto_rebalance())]
         try:
             while True:
-                await self._handle(await self.sock.recv())
+                await self.handle(await self.sock.recv())
         finally:
             for t in tasks:
                 t.cancel()
             self.sock.close()
 
-    async def _send(self, ident: bytes, frames: list) -> bool:
+    async def send(self, ident: bytes, frames: list) -> bool:
+        """Send to a node or a client; False if it cannot be reached."""
         try:
             self.sock.send([ident, *frames])
             return True
@@ -116,14 +116,15 @@ class Broker(StepScheduler, Recovery):
             log.warning("cannot send to %r: %s", ident, e)
             return False
 
-    async def _handle(self, frames: list) -> None:
+    async def handle(self, frames: list) -> None:
+        """One message as the ROUTER socket gives it: [sender identity, *message frames]."""
         ident = frames[0].bytes
         try:
             msg = protocol.decode(frames[1:])
         except ProtocolError as e:
             log.warning("bad message from %r: %s", ident, e)
             rid = protocol.peek_rid(frames[1:]) if len(frames) > 2 else None
-            await self._send(ident, protocol.error(e.code, str(e), **({"rid": rid} if rid else {})))
+            await self.send(ident, protocol.error(e.code, str(e), **({"rid": rid} if rid else {})))
             return
         node = self.registry.get(ident)
         try:
@@ -136,7 +137,7 @@ class Broker(StepScheduler, Recovery):
                     raise RequestError(f"{msg.kind} from a peer that is not a registered node; "
                                        "register first", "unknown_peer")
                 elif msg.kind == "result":
-                    await self._on_result(node, msg)
+                    await self.steps.on_result(node, msg)
                 elif msg.kind == "heartbeat":
                     node.stats.update(msg.header)
                 elif msg.kind in REPLY_KINDS:
@@ -144,11 +145,11 @@ class Broker(StepScheduler, Recovery):
                 elif msg.kind == "loaded":
                     await self._on_loaded(node, msg)
                 else:
-                    await admin.on_profile_reply(self, node, msg)
+                    await self.admin.on_profile_reply(node, msg)
             elif msg.kind == "ping":
-                await self._send(ident, protocol.encode("pong", **_rid(msg)))
+                await self.send(ident, protocol.encode("pong", **_rid(msg)))
             elif msg.kind == "admin":
-                await admin.handle(self, ident, msg)
+                await self.admin.handle(ident, msg)
             elif msg.kind == "error" and node is not None:
                 await self._on_node_error(node, msg)
             elif msg.kind == "generate":
@@ -156,50 +157,174 @@ class Broker(StepScheduler, Recovery):
             elif msg.kind == "cancel":
                 await self._on_cancel(ident, msg)
             elif msg.kind == "info":
-                await self._send(ident, protocol.encode("info_reply", **self.info(msg.get("rid"))))
+                await self.send(ident, protocol.encode("info_reply", **self.info(msg.get("rid"))))
             else:
                 raise RequestError(f"a {msg.kind!r} message is not something the broker takes",
                                    "unexpected_kind")
         except RequestError as e:
-            await self._send(ident, protocol.error(e.code, str(e), **_rid(msg)))
+            await self.send(ident, protocol.error(e.code, str(e), **_rid(msg)))
 
     # ------------------------------------------------------------- nodes
     async def _on_register(self, ident: bytes, msg: Message) -> None:
         if msg["num_layers"] != self.spec.num_layers:
-            await self._send(ident, protocol.error(
+            await self.send(ident, protocol.error(
                 "rejected", f"node {msg['name']!r} serves a model with {msg['num_layers']} "
                 f"layers; this broker's model has {self.spec.num_layers}"))
             return
+        differ = differences(self.identity, msg["identity"])
+        if differ:
+            await self.send(ident, protocol.error(
+                "rejected", f"node {msg['name']!r} serves another model than this broker's "
+                f"({self.model_dir.name}): {'; '.join(differ)}"))
+            return
         old = self.registry.add(ident, msg)
         hb = self.cfg.heartbeat
-        await self._send(ident, protocol.encode("welcome", heartbeat_s=hb.interval_s,
-                                                liveness=hb.liveness))
+        await self.send(ident, protocol.encode("welcome", heartbeat_s=hb.interval_s,
+                                               liveness=hb.liveness))
         log.info("node %s registered (pid %d, %s %s, %.1f GFLOP/s)", msg["name"], msg["pid"],
                  msg["device"], msg["dtype"], msg["gflops"])
         if old is not None and self.placement and old.name in self.placement.nodes():
             # The same name again: that process restarted and its KV caches are gone.
-            await self._lose_placement(f"node {old.name} restarted", "node_lost")
-        await self._place()
+            await self.recovery.lose_placement(f"node {old.name} restarted", "node_lost")
+        await self.place()
 
-    # ------------------------------------------------------------- reallocation hooks
+    async def _on_loaded(self, node: NodeInfo, msg: Message) -> None:
+        if self.placement is None or msg["epoch"] != self.placement.epoch:
+            return  # an answer to a placement that has since been replaced
+        node.state, node.epoch, node.weight_bytes = "ready", msg["epoch"], msg["weight_bytes"]
+        log.info("node %s loaded layers %d-%d in %.2f s", node.name, msg["start"],
+                 msg["end"] - 1, msg["load_s"])
+        if all(self.registry.by_name[n].state == "ready" for n in self.placement.nodes()):
+            self.ready = True
+            self.waiting_for = ""
+            log.info("ready: %d stages, epoch %d", len(self.placement.stages), self.epoch)
+            await self.recovery.recovered()
+
+    async def _on_node_error(self, node: NodeInfo, msg: Message) -> None:
+        sid = msg.get("sid")
+        session = self.sessions.get(sid) if sid else None
+        if self.mover.moving and msg.get("rid"):
+            self.mover.on_error(msg["message"])
+            return
+        if session is not None and late(msg, session, self.placement):
+            log.info("node %s: %s about an earlier step of session %s, ignored: %s", node.name,
+                     msg["code"], session.sid[:8], msg["message"])
+            return
+        if session is None:
+            log.error("node %s: %s: %s", node.name, msg["code"], msg["message"])
+            if node.state == "loading":  # say why instead of waiting forever
+                node.state = "failed"
+                self.waiting_for = f"node {node.name} failed to load: {msg['message']}"
+            return
+        await self.fail(session, msg["code"], msg["message"])
+
+    # ------------------------------------------------------------- clients
+    async def _on_generate(self, client: bytes, msg: Message) -> None:
+        if not self.ready:
+            raise RequestError(f"no placement: {self.waiting_for}", "no_placement")
+        if (client, msg["rid"]) in self.by_rid:
+            raise RequestError(f"request id {msg['rid']!r} is already running", "duplicate_rid")
+        if len(self.sessions) >= self.cfg.limits.max_sessions:
+            raise RequestError(f"{len(self.sessions)} sessions running, the limit is "
+                               f"{self.cfg.limits.max_sessions}", "busy")
+        s = build_session(msg, client, self.tokenizer, self.cfg.limits, self.spec.vocab_size,
+                          self.max_positions, self.eos_ids)
+        self.sessions[s.sid] = s
+        self.by_rid[(client, s.rid)] = s.sid
+        self.metrics.session_started(s.sid, s.rid, len(s.prompt_ids))
+        await self.send(client, protocol.encode("accepted", rid=s.rid, sid=s.sid,
+                                                prompt_ids=s.prompt_ids))
+        self.steps.admit(s)
+
+    async def _on_cancel(self, client: bytes, msg: Message) -> None:
+        sid = self.by_rid.get((client, msg["rid"]))
+        if sid is None:
+            raise RequestError(f"no running request {msg['rid']!r}", "unknown_request")
+        await self.finish(self.sessions[sid], "cancelled")
+
+    def info(self, rid: str | None = None) -> dict:
+        out = {
+            "ready": self.ready, "model": str(self.model_dir), "num_layers": self.spec.num_layers,
+            "epoch": self.placement.epoch if self.placement else 0,
+            "nodes": [n.to_dict() for n in self.registry.all()],
+            "placement": self.placement.to_list() if self.placement else [],
+            "sessions": len(self.sessions), "waiting_for": self.waiting_for,
+        }
+        if rid is not None:
+            out["rid"] = rid
+        return out
+
+    # ------------------------------------------------------------- sessions end
+    async def finish(self, s: Session, reason: str) -> None:
+        """End a session normally (stop, length, cancelled): ``done`` to its client."""
+        await self._release(s, reason)
+        text = self.tokenizer.decode(s.tokens, skip_special_tokens=True)
+        await self.send(s.client, protocol.encode(
+            "done", rid=s.rid, finish_reason=reason, n_tokens=len(s.tokens), text=text))
+
+    async def fail(self, s: Session, code: str, message: str) -> None:
+        """End a session with an error to its client (nothing if it has ended already)."""
+        if s.sid not in self.sessions:
+            return
+        log.warning("session %s failed: %s: %s", s.sid[:8], code, message)
+        await self._release(s, code)
+        await self.send(s.client, protocol.error(code, message, rid=s.rid))
+
+    async def fail_all(self, message: str, code: str) -> None:
+        self.steps.drop_held()
+        for s in list(self.sessions.values()):
+            await self.fail(s, code, message)
+
+    async def _release(self, s: Session, reason: str) -> None:
+        self.sessions.pop(s.sid, None)
+        if s.cohort is not None:  # its cohort's answers are checked row by row from now on
+            s.cohort.intact = False
+        self.metrics.session_ended(s.sid, reason)
+        self.by_rid.pop((s.client, s.rid), None)
+        if self.placement is not None:  # its KV at the nodes
+            frames = protocol.encode("free", sids=[s.sid])
+            for name in self.placement.nodes():
+                node = self.registry.by_name.get(name)
+                if node is not None:
+                    await self.send(node.ident, frames)
+        await self.steps.released(s)
+
+    # ------------------------------------------------------------- the placement
+    async def place(self) -> None:
+        """Choose and load a placement if there is none and the nodes allow one."""
+        if self.placement is not None:
+            return
+        try:
+            caps = cost = None
+            if self.cfg.placement.strategy not in ("uniform", "custom") and self.registry.all():
+                cost = rebalance.model_cost(self)  # capability-driven strategies need figures
+                caps = rebalance.capabilities(self, cost)
+            stages = self.recovery.choose(caps, cost)
+        except PlacementError as e:
+            self.waiting_for = str(e) + self.recovery.note()
+            log.info("no placement yet: %s", e)
+            return
+        self.epoch += 1
+        self.placement = Placement(self.epoch, stages)
+        self.waiting_for = "nodes loading their layers"
+        for st in stages:
+            node = self.registry.by_name[st.node]
+            node.state, node.start, node.end = "loading", st.start, st.end
+            await self.send(node.ident, protocol.encode(
+                "load", epoch=self.epoch, start=st.start, end=st.end))
+        log.info("placement epoch %d: %s", self.epoch,
+                 ", ".join(f"{s.node}[{s.start}-{s.end - 1}]" for s in stages))
+
+    def drop_placement(self, reason: str) -> Placement | None:
+        """Forget the placement (a node of it was lost): not ready; returns the one dropped."""
+        old, self.placement = self.placement, None
+        self.ready = False
+        self.waiting_for = reason
+        return old
+
     def next_epoch(self) -> int:
         self.epoch += 1
         return self.epoch
-
-    async def quiesce(self) -> None:
-        """Hold every session at its next token boundary; returns when no step is in flight."""
-        self.paused = True
-        while any(s.in_flight for s in self.sessions.values()):
-            await asyncio.sleep(0.001)
-
-    async def resume(self) -> None:
-        self.paused = False
-        if not self.ready:  # a node died meanwhile: they go on once a placement is ready
-            return
-        parked, self.parked = self.parked, []
-        alive = [s for s in parked if s.sid in self.sessions]
-        if alive:
-            await self._start_steps(alive)
 
     def switch_placement(self, placement: Placement) -> None:
         """After a committed move: route by the new placement."""
@@ -217,14 +342,7 @@ class Broker(StepScheduler, Recovery):
 
     def plan(self, strategy: str, perf_weight: float = 0.0) -> PlanResult:
         """What ``strategy`` would place on the alive nodes now (see zpipe.placement.plan)."""
-        return admin.plan_for(self, strategy, perf_weight=perf_weight)
-
-    async def set_slow(self, name: str, factor: float) -> dict:
-        node = self.registry.by_name.get(name)
-        if node is None or node.state == "dead":
-            raise MoveError(f"node {name} is not alive")
-        await self._send(node.ident, protocol.encode("set_slow", factor=float(factor)))
-        return {"node": name, "factor": factor}
+        return rebalance.plan_for(self, strategy, perf_weight=perf_weight)
 
     async def _auto_rebalance(self) -> None:
         """Performance-driven reallocation (seed 000), when the broker YAML turns it on."""
@@ -256,6 +374,7 @@ class Broker(StepScheduler, Recovery):
                 log.warning("performance-driven reallocation skipped: %s", e)
                 self.rebalancer.note_change(time.monotonic())
 
+    # ------------------------------------------------------------- liveness
     async def _heartbeats(self) -> None:
         """Send heartbeats to the nodes and declare dead those silent for interval × liveness."""
         hb = self.cfg.heartbeat
@@ -268,170 +387,35 @@ class Broker(StepScheduler, Recovery):
                     continue
                 silent = now - node.last_seen
                 if silent > hb.interval_s * hb.liveness:
-                    await self._on_dead(node, silent)
+                    await self.declare_dead(node, silent)
                 else:
-                    await self._send(node.ident, frames)
+                    await self.send(node.ident, frames)
 
-    async def _on_dead(self, node: NodeInfo, silent: float) -> None:
+    async def declare_dead(self, node: NodeInfo, silent: float) -> None:
+        """``node`` was silent for ``silent`` seconds: its layers are placed again."""
         node.state = "dead"
         self.mover.node_lost(node.name)
         log.warning("node %s is dead: no message for %.1f s", node.name, silent)
         if self.placement and node.name in self.placement.nodes():
-            await self._lose_placement(
+            await self.recovery.lose_placement(
                 f"node {node.name} is dead (no heartbeat for {silent:.1f} s)", "node_dead")
             for other in self.registry.all():
                 if other.state != "dead":
                     other.state = "registered"
-            await self._place()
-
-    async def _place(self) -> None:
-        if self.placement is not None:
-            return
-        try:
-            caps = cost = None
-            if self.cfg.placement.strategy not in ("uniform", "custom") and self.registry.all():
-                cost = rebalance.model_cost(self)  # capability-driven strategies need figures
-                caps = rebalance.capabilities(self, cost)
-            stages = self._choose(caps, cost)
-        except PlacementError as e:
-            self.waiting_for = str(e)
-            if self.recovering:
-                self.waiting_for += f"; {waiting(len(self.parked))}"
-            log.info("no placement yet: %s", e)
-            return
-        self.epoch += 1
-        self.placement = Placement(self.epoch, stages)
-        self.waiting_for = "nodes loading their layers"
-        for st in stages:
-            node = self.registry.by_name[st.node]
-            node.state, node.start, node.end = "loading", st.start, st.end
-            await self._send(node.ident, protocol.encode(
-                "load", epoch=self.epoch, start=st.start, end=st.end))
-        log.info("placement epoch %d: %s", self.epoch,
-                 ", ".join(f"{s.node}[{s.start}-{s.end - 1}]" for s in stages))
-
-    async def _on_loaded(self, node: NodeInfo, msg: Message) -> None:
-        if self.placement is None or msg["epoch"] != self.placement.epoch:
-            return  # an answer to a placement that has since been replaced
-        node.state, node.epoch, node.weight_bytes = "ready", msg["epoch"], msg["weight_bytes"]
-        log.info("node %s loaded layers %d-%d in %.2f s", node.name, msg["start"],
-                 msg["end"] - 1, msg["load_s"])
-        if all(self.registry.by_name[n].state == "ready" for n in self.placement.nodes()):
-            self.ready = True
-            self.waiting_for = ""
-            log.info("ready: %d stages, epoch %d", len(self.placement.stages), self.epoch)
-            await self._recovered()
-
-    async def _on_node_error(self, node: NodeInfo, msg: Message) -> None:
-        sid = msg.get("sid")
-        session = self.sessions.get(sid) if sid else None
-        if self.mover.moving and msg.get("rid"):
-            self.mover.on_error(msg["message"])
-            return
-        if session is not None and late(msg, session, self.placement):
-            log.info("node %s: %s about an earlier step of session %s, ignored: %s", node.name,
-                     msg["code"], session.sid[:8], msg["message"])
-            return
-        if session is None:
-            log.error("node %s: %s: %s", node.name, msg["code"], msg["message"])
-            if node.state == "loading":  # say why instead of waiting forever
-                node.state = "failed"
-                self.waiting_for = f"node {node.name} failed to load: {msg['message']}"
-            return
-        await self._finish_error(session, msg["code"], msg["message"])
-
-    # ------------------------------------------------------------- clients
-    async def _on_generate(self, client: bytes, msg: Message) -> None:
-        if not self.ready:
-            raise RequestError(f"no placement: {self.waiting_for}", "no_placement")
-        if (client, msg["rid"]) in self.by_rid:
-            raise RequestError(f"request id {msg['rid']!r} is already running", "duplicate_rid")
-        if len(self.sessions) >= self.cfg.limits.max_sessions:
-            raise RequestError(f"{len(self.sessions)} sessions running, the limit is "
-                               f"{self.cfg.limits.max_sessions}", "busy")
-        s = build_session(msg, client, self.tokenizer, self.cfg.limits, self.spec.vocab_size,
-                          self.max_positions, self.eos_ids)
-        self.sessions[s.sid] = s
-        self.by_rid[(client, s.rid)] = s.sid
-        self.metrics.session_started(s.sid, s.rid, len(s.prompt_ids))
-        await self._send(client, protocol.encode("accepted", rid=s.rid, sid=s.sid,
-                                                 prompt_ids=s.prompt_ids))
-        if not self.prefills:
-            # Runs once the loop is idle: after every message already received, so requests
-            # that came together start together (one cohort from the first step on).
-            self.flusher = asyncio.get_running_loop().create_task(self._flush_prefills())
-        self.prefills.append(s)
-
-    async def _flush_prefills(self) -> None:
-        batch, self.prefills = self.prefills, []
-        alive = [s for s in batch if s.sid in self.sessions]  # not cancelled meanwhile
-        if alive:
-            await self._start_steps(alive)
-
-    async def _on_cancel(self, client: bytes, msg: Message) -> None:
-        sid = self.by_rid.get((client, msg["rid"]))
-        if sid is None:
-            raise RequestError(f"no running request {msg['rid']!r}", "unknown_request")
-        await self._finish(self.sessions[sid], "cancelled")
-
-    def info(self, rid: str | None = None) -> dict:
-        out = {
-            "ready": self.ready, "model": str(self.model_dir), "num_layers": self.spec.num_layers,
-            "epoch": self.placement.epoch if self.placement else 0,
-            "nodes": [n.to_dict() for n in self.registry.all()],
-            "placement": self.placement.to_list() if self.placement else [],
-            "sessions": len(self.sessions), "waiting_for": self.waiting_for,
-        }
-        if rid is not None:
-            out["rid"] = rid
-        return out
-
-    # ------------------------------------------------------------- endings
-    async def _release(self, s: Session, reason: str) -> None:
-        self.sessions.pop(s.sid, None)
-        if s.cohort is not None:  # its cohort's answers are checked row by row from now on
-            s.cohort.intact = False
-        self.metrics.session_ended(s.sid, reason)
-        self.by_rid.pop((s.client, s.rid), None)
-        if self.placement is None:
-            return
-        frames = protocol.encode("free", sids=[s.sid])
-        for name in self.placement.nodes():
-            node = self.registry.by_name.get(name)
-            if node is not None:
-                await self._send(node.ident, frames)
-        if self.held and s.in_flight:  # held sessions may have waited for this one's step
-            await self._go_on([])
-
-    async def _finish(self, s: Session, reason: str) -> None:
-        await self._release(s, reason)
-        text = self.tokenizer.decode(s.tokens, skip_special_tokens=True)
-        await self._send(s.client, protocol.encode(
-            "done", rid=s.rid, finish_reason=reason, n_tokens=len(s.tokens), text=text))
-
-    async def _finish_error(self, s: Session, code: str, message: str) -> None:
-        if s.sid not in self.sessions:
-            return
-        log.warning("session %s failed: %s: %s", s.sid[:8], code, message)
-        await self._release(s, code)
-        await self._send(s.client, protocol.error(code, message, rid=s.rid))
-
-    async def _fail_sessions(self, message: str, code: str) -> None:
-        self.held = []  # they end here too: none of them may start a step meanwhile
-        for s in list(self.sessions.values()):
-            await self._finish_error(s, code, message)
+            await self.place()
 
     async def _watch_timeouts(self) -> None:
+        """Fail a step that waits too long for a node; end a recovery that waits too long."""
         limit = self.cfg.step_timeout_s
         while True:
             await asyncio.sleep(min(1.0, limit / 4))
-            await self._give_up_recovery()
+            await self.recovery.give_up_if_late()
             now = time.perf_counter()
             for s in list(self.sessions.values()):
                 if s.in_flight and now - s.hop_t0 > limit and self.placement:
                     node = self.placement.stages[s.stage].node
-                    await self._finish_error(s, "timeout", f"step {s.step} got no answer from "
-                                             f"node {node} in {limit:.1f} s")
+                    await self.fail(s, "timeout", f"step {s.step} got no answer from "
+                                    f"node {node} in {limit:.1f} s")
 
 
 def _rid(msg: Message) -> dict:

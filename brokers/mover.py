@@ -11,6 +11,10 @@ One transition from the serving placement to a new one:
 
 Any failure or timeout before the commit sends ``abort`` everywhere: the old placement, still
 intact on every node, keeps serving and no session is lost.
+
+``Mover`` is a component of the broker: it is given the core (``brokers.core.Core``), the step
+scheduler (to quiesce and resume the sessions) and the reallocation history, where each move
+is recorded.
 """
 
 from __future__ import annotations
@@ -19,15 +23,15 @@ import asyncio
 import logging
 import time
 import uuid
-from typing import TYPE_CHECKING, Any
+from collections import deque
+from typing import Any
 
+from brokers.core import Core
+from brokers.registry import NodeInfo
+from brokers.steps import StepScheduler
 from zpipe import protocol
 from zpipe.placement import Placement, PlacementError, StageAssignment
 from zpipe.protocol import Message
-
-if TYPE_CHECKING:
-    from brokers.broker import Broker
-    from brokers.registry import NodeInfo
 
 log = logging.getLogger("zpipe.mover")
 
@@ -57,10 +61,11 @@ def stages_from_owners(layer_owner: list[str]) -> list[StageAssignment]:
 
 
 class Mover:
-    def __init__(self, broker: Broker) -> None:
-        self.broker = broker
+    def __init__(self, core: Core, steps: StepScheduler, history: deque[dict]) -> None:
+        self.core = core
+        self.steps = steps
         self.lock = asyncio.Lock()
-        self.history: list[dict[str, Any]] = []
+        self.history = history  # bounded: brokers.core.HISTORY_MAX records
         self.moving = False
         self.involved: set[str] = set()
         self._waiting: dict[tuple[str, str], asyncio.Future] = {}  # (rid, key) → reply
@@ -70,7 +75,7 @@ class Mover:
     # ------------------------------------------------------------------ requests
     async def move_layers(self, start: int, end: int, to: str, reason: str) -> dict:
         """Give layers [start, end) to node ``to``."""
-        b = self.broker
+        b = self.core
         current = self._serving()
         if not 0 <= start < end <= b.spec.num_layers:
             raise MoveError(f"layers {start}-{end - 1} are outside the model's "
@@ -96,22 +101,22 @@ class Mover:
     async def rebalance(self, strategy: str, reason: str, perf_weight: float | None = None) -> dict:
         """Re-plan over every alive node (late joiners included) and move to that plan."""
         if perf_weight is None:
-            perf_weight = self.broker.cfg.rebalance.perf_weight
+            perf_weight = self.core.cfg.rebalance.perf_weight
         try:
-            stages = self.broker.plan(strategy, perf_weight=perf_weight).stages
+            stages = self.core.plan(strategy, perf_weight=perf_weight).stages
         except PlacementError as e:
             raise MoveError(f"no {strategy} plan: {e}") from None
         return await self.transition(stages, reason)
 
     def _serving(self) -> Placement:
-        b = self.broker
+        b = self.core
         if b.placement is None or not b.ready:
             raise MoveError(f"no placement is serving ({b.waiting_for})")
         return b.placement
 
     # ------------------------------------------------------------------ the transition
     async def transition(self, stages: list[StageAssignment], reason: str) -> dict:
-        b = self.broker
+        b = self.core
         async with self.lock:
             old = self._serving()
             if [s.to_dict() for s in stages] == old.to_list():
@@ -133,7 +138,7 @@ class Mover:
             self.moving = True
             t_pause = time.perf_counter()
             try:
-                await asyncio.wait_for(b.quiesce(), b.cfg.move_timeout_s)
+                await asyncio.wait_for(self.steps.quiesce(), b.cfg.move_timeout_s)
                 if b.placement is not old:  # a node of it died meanwhile: sessions recover
                     raise MoveError(f"the placement was lost meanwhile ({b.waiting_for})")
                 t_quiet = time.perf_counter()
@@ -153,7 +158,7 @@ class Mover:
                 self.moving = False
                 record["pause_s"] = round(time.perf_counter() - t_pause, 6)
                 self.history.append(record)
-                await b.resume()
+                await self.steps.resume()
             if not record["ok"]:
                 raise MoveError(f"reallocation rolled back: {record['error']}")
             log.info("reallocation done (%s): epoch %d, %d KV bytes moved, pause %.3f s",
@@ -162,7 +167,7 @@ class Mover:
 
     async def _run(self, old: Placement, stages: list[StageAssignment], epoch: int,
                    involved: list[NodeInfo], record: dict) -> None:
-        b = self.broker
+        b = self.core
         rid = self._rid
         # 2. prepare: what each node will hold (start == end: nothing)
         new_range = {s.node: (s.start, s.end) for s in stages}
@@ -212,7 +217,7 @@ class Mover:
         if dst is None:
             self.on_error(f"node {node.name} sent KV nobody asked for")
             return
-        await self._send(self.broker.registry.by_name[dst], protocol.encode_forward(
+        await self._send(self.core.registry.by_name[dst], protocol.encode_forward(
             "kv_import", msg.frames, msg["t"], rid=msg["rid"], sid=msg["sid"],
             length=msg["length"]))
 
@@ -241,12 +246,12 @@ class Mover:
     async def _send(self, node: NodeInfo, frames: list) -> None:
         if node.state == "dead":  # its answer would never come
             raise MoveError(f"node {node.name} is dead")
-        if not await self.broker._send(node.ident, frames):
+        if not await self.core.send(node.ident, frames):
             raise MoveError(f"node {node.name} is unreachable")
 
     async def _broadcast(self, nodes: list[NodeInfo], frames: list) -> None:
         for node in nodes:
-            await self.broker._send(node.ident, frames)
+            await self.core.send(node.ident, frames)
 
 
 def _transfers(old: list[str], new: list[str]) -> list[tuple[str, str, int, int]]:

@@ -1,10 +1,11 @@
 """Recovery from a lost node: sessions wait, the model is placed again, and they replay.
 
-``Recovery`` is mixed into ``brokers.broker.Broker``, whose state it uses (placement, registry,
-sessions, parked, mover) and whose ``_place``, ``_send``, ``resume`` and ``_finish_error`` it
-calls. A node of the placement that dies or restarts takes every session's KV with it; the
-sessions wait at their last token (``Session.replay``), and once a placement is ready again
-their steps feed the prompt and then their known tokens one by one before they go on.
+``Recovery`` is a component of the broker: it is given the core (``brokers.core.Core``), the
+step scheduler, whose sessions it parks and resumes, and the reallocation history, where each
+recovery is recorded. A node of the placement that dies or restarts takes every session's KV
+with it; the sessions wait at their last token (``Session.replay``), and once a placement is
+ready again their steps feed the prompt and then their known tokens one by one before they go
+on.
 """
 
 from __future__ import annotations
@@ -12,11 +13,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
 from dataclasses import dataclass
 
+from brokers.core import Core
 from brokers.sessions import Session
+from brokers.steps import StepScheduler
 from zpipe import protocol
-from zpipe.placement import Placement, PlacementError, choose
+from zpipe.placement import Placement, PlacementError, StageAssignment, choose
 from zpipe.protocol import Message
 
 log = logging.getLogger("zpipe.broker")
@@ -33,57 +37,69 @@ class Recovering:
 
 
 class Recovery:
-    async def _lose_placement(self, reason: str, code: str) -> None:
+    def __init__(self, core: Core, steps: StepScheduler, history: deque[dict]) -> None:
+        self.core = core
+        self.steps = steps
+        self.history = history
+        # After a node of the placement died, until the sessions it left can go on.
+        self.recovering: Recovering | None = None
+        # ``recovery.wait_s`` after a node of the placement was lost, until a placement is ready
+        # again: the nodes alive may do if the configured placement cannot be met (``choose``).
+        self.survivors_ok = False
+        self.placer: asyncio.Task | None = None  # sets it after the wait, and places
+
+    async def lose_placement(self, reason: str, code: str) -> None:
         """The placement lost a node, and with it the KV of every session. With recovery on,
         the sessions wait at their last token for a new placement and then replay their tokens
         (``Session.replay``); else, or once ``recovery.timeout_s`` passed, they end with
         ``code``."""
-        old, self.placement = self.placement, None
-        self.ready = False
-        self.waiting_for = reason
-        if old is not None and self.sessions:  # the survivors' KV is of no use now: free it
-            frames = protocol.encode("free", sids=list(self.sessions))
+        core = self.core
+        old = core.drop_placement(reason)
+        if old is not None and core.sessions:  # the survivors' KV is of no use now: free it
+            frames = protocol.encode("free", sids=list(core.sessions))
             for name in old.nodes():
-                node = self.registry.by_name.get(name)
+                node = core.registry.by_name.get(name)
                 if node is not None and node.state != "dead":
-                    await self._send(node.ident, frames)
-        if not self.cfg.recovery.enabled:
-            await self._fail_sessions(reason, code)
+                    await core.send(node.ident, frames)
+        if not core.cfg.recovery.enabled:
+            await core.fail_all(reason, code)
             return
         self.survivors_ok = False
         if self.placer is not None:
             self.placer.cancel()
         self.placer = asyncio.get_running_loop().create_task(
-            self._place_over_survivors(self.cfg.recovery.wait_s))
-        self.held, self.prefills = [], []  # all of them wait in ``parked`` now
-        self.parked = list(self.sessions.values())
-        for s in self.parked:
-            s.replay()
-        if not self.parked:
+            self._place_over_survivors(core.cfg.recovery.wait_s))
+        parked = self.steps.restart_all()  # all of them wait in ``steps.parked`` now
+        if not parked:
             return
         if self.recovering is None:  # else a second loss before the first was mended
             self.recovering = Recovering(reason, code, time.monotonic(), {
                 "time": time.time(), "reason": f"recovery: {reason}",
                 "before": old.to_list() if old else [], "epoch_before": old.epoch if old else 0,
-                "sessions": len(self.parked),
-                "replay_tokens": sum(len(s.tokens) for s in self.parked),
+                "sessions": len(parked),
+                "replay_tokens": sum(len(s.tokens) for s in parked),
                 "kv_bytes": 0, "pause_s": 0.0, "ok": False, "error": None})
-        self.waiting_for = f"{reason}; {waiting(len(self.parked))}"
-        log.warning("%s (a new placement within %g s)", self.waiting_for,
-                    self.cfg.recovery.timeout_s)
+        core.waiting_for = f"{reason}; {waiting(len(parked))}"
+        log.warning("%s (a new placement within %g s)", core.waiting_for,
+                    core.cfg.recovery.timeout_s)
+
+    def note(self) -> str:
+        """What the sessions are waiting for, to add to ``waiting_for`` ("" if none wait)."""
+        return f"; {waiting(len(self.steps.parked))}" if self.recovering else ""
 
     async def _place_over_survivors(self, delay: float) -> None:
         await asyncio.sleep(delay)
         self.survivors_ok = True
-        await self._place()
+        await self.core.place()
 
-    def _choose(self, caps, cost) -> list:
+    def choose(self, caps, cost) -> list[StageAssignment]:
         """The configured placement; if that cannot be met ``recovery.wait_s`` after a node of
         the placement was lost, the configured strategy (uniform for custom stages) over every
         node still alive, configured ones first and in their order."""
-        cfg, alive = self.cfg.placement, self.registry.names()
+        core = self.core
+        cfg, alive = core.cfg.placement, core.registry.names()
         try:
-            return choose(cfg, alive, self.spec.num_layers, caps=caps, cost=cost)
+            return choose(cfg, alive, core.spec.num_layers, caps=caps, cost=cost)
         except PlacementError as e:
             if not self.survivors_ok or not alive:
                 raise
@@ -93,11 +109,11 @@ class Recovery:
             survivors = cfg.model_copy(update={
                 "strategy": "uniform" if cfg.strategy == "custom" else cfg.strategy,
                 "nodes": names, "stages": []})
-            stages = choose(survivors, alive, self.spec.num_layers, caps=caps, cost=cost)
+            stages = choose(survivors, alive, core.spec.num_layers, caps=caps, cost=cost)
             log.warning("%s; placing over the nodes alive instead: %s", e, ", ".join(names))
             return stages
 
-    async def _recovered(self) -> None:
+    async def recovered(self) -> None:
         """A placement is ready: the waiting sessions go on (once no move holds them)."""
         self.survivors_ok = False
         if self.placer is not None:  # the configured placement came back in time
@@ -106,25 +122,26 @@ class Recovery:
         if self.recovering:
             done, self.recovering = self.recovering, None
             # pause_s: until the new placement was loaded; the replay comes after
-            done.record.update(after=self.placement.to_list(), epoch_after=self.epoch,
+            placement = self.core.placement
+            done.record.update(after=placement.to_list(), epoch_after=placement.epoch,
                                ok=True, pause_s=round(time.monotonic() - done.t0, 6))
-            self.mover.history.append(done.record)
-            if not self.paused:
-                await self.resume()
+            self.history.append(done.record)
+            if not self.steps.paused:
+                await self.steps.resume()
 
-    async def _give_up_recovery(self) -> None:
+    async def give_up_if_late(self) -> None:
         """End the waiting sessions once ``recovery.timeout_s`` passed without a placement."""
         lost = self.recovering
-        limit = self.cfg.recovery.timeout_s
+        limit = self.core.cfg.recovery.timeout_s
         if lost is None or time.monotonic() - lost.t0 <= limit:
             return
         self.recovering = None
-        error = f"{lost.reason}; no placement within {limit:g} s: {self.waiting_for.split('; ')[0]}"
+        error = (f"{lost.reason}; no placement within {limit:g} s: "
+                 f"{self.core.waiting_for.split('; ')[0]}")
         lost.record.update(error=error, pause_s=round(time.monotonic() - lost.t0, 6))
-        self.mover.history.append(lost.record)
-        parked, self.parked = self.parked, []
-        for s in parked:
-            await self._finish_error(s, lost.code, error)
+        self.history.append(lost.record)
+        for s in self.steps.unpark():
+            await self.core.fail(s, lost.code, error)
 
 
 def late(msg: Message, s: Session, placement: Placement | None) -> bool:

@@ -2,18 +2,23 @@
 
 A step message carries several sessions ("rows"): the sessions a node answered together go on
 together, so a batch (a cohort) stays whole from stage to stage and round to round.
-``StepScheduler`` is mixed into ``brokers.broker.Broker``, whose state it uses (placement,
-registry, sessions, metrics) and whose ``_send``, ``_finish`` and ``_finish_error`` it calls.
+
+``StepScheduler`` is a component of the broker (``brokers.core.Core``: the placement, registry,
+sessions and metrics it reads; ``send``, ``finish`` and ``fail``). It also holds sessions at a
+token boundary: while layers move (``quiesce`` / ``resume``) or no placement is ready (they are
+``parked``), and on one shared GPU until the cohorts in flight can join them (``held``).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from itertools import repeat
 
 import torch
 
+from brokers.core import Core
 from brokers.registry import NodeInfo
 from brokers.sessions import Session
 from zpipe import protocol
@@ -24,7 +29,7 @@ log = logging.getLogger("zpipe.broker")
 
 class Cohort:
     """Sessions whose step travels as one message from stage to stage (a batch, see
-    ``_start_steps``). While none of them has ended and the cohort has moved only as a whole
+    ``StepScheduler.start``). While none of them has ended and the cohort has moved only as a whole
     (``intact``), a stage's answer for exactly its rows is recognised with one list comparison,
     and its rows, sampling and stage times are built once per step, not once per stage and
     session."""
@@ -45,15 +50,50 @@ class Cohort:
 
 
 class StepScheduler:
-    async def _start_steps(self, sessions: list[Session]) -> None:
+    """The broker's token steps: started (``admit``, ``start``), passed from stage to stage
+    and turned into tokens (``on_result``), held at token boundaries (``quiesce``)."""
+
+    def __init__(self, core: Core) -> None:
+        self.core = core
+        self.paused = False  # a move holds every session at its next token boundary
+        # Sessions waiting at a token boundary: for a move to end, or for a placement to be
+        # ready again after a node died (``brokers.recovery``).
+        self.parked: list[Session] = []
+        # Sessions whose next step waits for the cohorts in flight to join it (one shared GPU,
+        # ``_go_on``).
+        self.held: list[Session] = []
+        # Prefills of requests that arrived in one burst, sent together as one cohort once the
+        # burst is handled (``admit``).
+        self.prefills: list[Session] = []
+        # Holds the pending flush task: the event loop keeps only a weak reference to a task.
+        self.flusher: asyncio.Task | None = None
+        # Set while paused whenever steps end: ``quiesce`` looks again then.
+        self.steps_ended = asyncio.Event()
+
+    # ------------------------------------------------------------------ starting steps
+    def admit(self, s: Session) -> None:
+        """A new session: its prefill starts with the others of its burst."""
+        if not self.prefills:
+            # Runs once the loop is idle: after every message already received, so requests
+            # that came together start together (one cohort from the first step on).
+            self.flusher = asyncio.get_running_loop().create_task(self._flush_prefills())
+        self.prefills.append(s)
+
+    async def _flush_prefills(self) -> None:
+        batch, self.prefills = self.prefills, []
+        alive = [s for s in batch if s.sid in self.core.sessions]  # not cancelled meanwhile
+        if alive:
+            await self.start(alive)
+
+    async def start(self, sessions: list[Session]) -> None:
         """Send the sessions' next step to stage 0: one message per cohort of at most the
         placement's smallest ``max_batch``. A node would run a bigger cohort as several
         batches one after another; as separate cohorts they keep different stages busy at
         once (pipeline parallelism)."""
-        if self.paused or not self.ready:  # a move, or a new placement after a node died:
+        if self.paused or not self.core.ready:  # a move, or a new placement after a node died:
             self.parked.extend(sessions)    # wait at this token boundary
             return
-        cap = self._cohort_cap() or len(sessions)
+        cap = self.cohort_cap() or len(sessions)
         for i in range(0, len(sessions), cap):
             await self._start_cohort(sessions[i:i + cap])
 
@@ -64,26 +104,26 @@ class StepScheduler:
         sessions split in two (a burst that reached the broker in two parts). New sessions run
         their prefill at once and join the running cohort at its next step."""
         held = self.held
-        if self._one_gpu():
-            flying = sum(s.in_flight for s in self.sessions.values())
-            if flying and flying + len(held) + len(sessions) <= (self._cohort_cap() or 1 << 30):
+        if self.one_gpu():
+            flying = sum(s.in_flight for s in self.core.sessions.values())
+            if flying and flying + len(held) + len(sessions) <= (self.cohort_cap() or 1 << 30):
                 held.extend(sessions)
                 return
         self.held = []
-        go = [s for s in held if s.sid in self.sessions] + sessions
+        go = [s for s in held if s.sid in self.core.sessions] + sessions
         if go:
-            await self._start_steps(go)
+            await self.start(go)
 
-    def _one_gpu(self) -> bool:
+    def one_gpu(self) -> bool:
         """Every stage of the placement on one GPU (one host, one CUDA device)."""
-        nodes = [self.registry.by_name.get(n) for n in self.placement.nodes()]
+        nodes = [self.core.registry.by_name.get(n) for n in self.core.placement.nodes()]
         return (all(n is not None and n.device.startswith("cuda") for n in nodes)
                 and len({(n.host, n.device) for n in nodes}) == 1)
 
-    def _cohort_cap(self) -> int:
+    def cohort_cap(self) -> int:
         """The smallest ``max_batch`` the placement's nodes registered (0: none said)."""
-        names = self.placement.nodes() if self.placement is not None else []
-        caps = [n.max_batch for n in map(self.registry.by_name.get, names)
+        names = self.core.placement.nodes() if self.core.placement is not None else []
+        caps = [n.max_batch for n in map(self.core.registry.by_name.get, names)
                 if n is not None and n.max_batch > 0]
         return min(caps, default=0)
 
@@ -91,7 +131,7 @@ class StepScheduler:
         # One tensor for the cohort, built from plain ints: a tensor per session costs ~5 us.
         ids = torch.tensor(sessions[0].step_input() if len(sessions) == 1 else
                            [t for s in sessions for t in s.step_input()], dtype=torch.int64)
-        self.metrics.record_cohort(len(sessions))
+        self.core.metrics.record_cohort(len(sessions))
         cohort = Cohort(sessions)
         now = time.perf_counter()
         for s in sessions:
@@ -104,22 +144,22 @@ class StepScheduler:
         if route is not None:
             fields["route"], fields["times"] = route, []
         await self._send_stage(sessions, 0, protocol.encode("step", {"x": ids}, **fields),
-                               answer=len(self.placement.stages) - 1 if route else 0,
+                               answer=len(self.core.placement.stages) - 1 if route else 0,
                                cohort=cohort)
 
     def _direct_route(self) -> list[str] | None:
         """The peer addresses of stages 1..last when steps go node to node (``direct``)."""
-        stages = self.placement.stages
-        if not self.cfg.direct or len(stages) < 2:
+        stages = self.core.placement.stages
+        if not self.core.cfg.direct or len(stages) < 2:
             return None
-        route = [self.registry.by_name[st.node].peer for st in stages[1:]]
+        route = [self.core.registry.by_name[st.node].peer for st in stages[1:]]
         return route if all(route) else None
 
     def _step_fields(self, stage: int, rows: list, sampling: list, direct: bool = False) -> dict:
         """A step message's fields; the sampling entries go to the last stage (all stages
         pass them on under direct routing)."""
-        fields = {"epoch": self.placement.epoch, "stage": stage, "rows": rows}
-        if direct or stage == len(self.placement.stages) - 1:
+        fields = {"epoch": self.core.placement.epoch, "stage": stage, "rows": rows}
+        if direct or stage == len(self.core.placement.stages) - 1:
             fields["sampling"] = sampling
         return fields
 
@@ -127,19 +167,19 @@ class StepScheduler:
                           answer: int | None = None, cohort: Cohort | None = None) -> None:
         """Send a step to ``stage``; the sessions then wait for stage ``answer`` (the last one
         under direct routing, else ``stage`` itself). ``cohort``: they are that whole cohort."""
-        node = self.registry.by_name[self.placement.stages[stage].node]
+        node = self.core.registry.by_name[self.core.placement.stages[stage].node]
         now = time.perf_counter()
         answer = stage if answer is None else answer
         for s in sessions:
             s.stage, s.hop_t0 = answer, now
         if cohort is not None:
             cohort.stage = answer
-        if not await self._send(node.ident, frames):
+        if not await self.core.send(node.ident, frames):
             for s in sessions:
-                await self._finish_error(s, "node_lost", f"node {node.name} is unreachable")
+                await self.core.fail(s, "node_lost", f"node {node.name} is unreachable")
 
-    async def _on_result(self, node: NodeInfo, msg: Message) -> None:
-        stage, placement = msg["stage"], self.placement
+    async def on_result(self, node: NodeInfo, msg: Message) -> None:
+        stage, placement = msg["stage"], self.core.placement
         if (placement is None or msg["epoch"] != placement.epoch
                 or not 0 <= stage < len(placement.stages)
                 or placement.stages[stage].node != node.name):
@@ -171,7 +211,7 @@ class StepScheduler:
         if decoding:
             for name, c in (*earlier, (node.name, compute)):
                 if name in known:
-                    self.measured[name].extend(repeat(c, decoding))
+                    self.core.measured[name].extend(repeat(c, decoding))
         # Sessions sent together share one hop_t0 and one stage_times list: one entry each.
         # The time no stage computed counts as this stage's hop.
         done: set[int] = set()
@@ -203,7 +243,7 @@ class StepScheduler:
         if not (type(rows) is list and rows and type(rows[0]) is list and rows[0]
                 and type(rows[0][0]) is str):
             return None
-        s = self.sessions.get(rows[0][0])
+        s = self.core.sessions.get(rows[0][0])
         cohort = s.cohort if s is not None else None
         if cohort is None or not cohort.intact or cohort.stage != stage \
                 or rows != cohort.answer_rows:
@@ -215,7 +255,7 @@ class StepScheduler:
         sessions travel apart from now on (intact no more)."""
         live: list[tuple[int, Session]] = []
         for i, (sid, step, n) in enumerate(rows):
-            s = self.sessions.get(sid)
+            s = self.core.sessions.get(sid)
             # Rows of finished, cancelled or re-routed steps are late answers: dropped.
             if s is not None and s.step == step and s.stage == stage and s.in_flight \
                     and n == s.step_input_len():
@@ -234,7 +274,7 @@ class StepScheduler:
         if (len(meta) != 1 or meta[0][0] != "hidden" or len(meta[0][2]) != 2
                 or meta[0][2][0] != n_tokens):
             for s in list(sessions):
-                await self._finish_error(s, "bad_result",
+                await self.core.fail(s, "bad_result",
                                          f"node {node.name} sent no matching hidden state")
             return
         stage = sessions[0].stage + 1
@@ -260,9 +300,9 @@ class StepScheduler:
         for i, s in live:
             entry = tokens[i] if isinstance(tokens, list) and i < len(tokens) else None
             if not (isinstance(entry, list) and len(entry) == 2 and type(entry[0]) is int
-                    and 0 <= entry[0] < self.spec.vocab_size
+                    and 0 <= entry[0] < self.core.spec.vocab_size
                     and isinstance(entry[1], (int, float))):
-                await self._finish_error(s, "bad_result", f"node {node.name} sent no valid token")
+                await self.core.fail(s, "bad_result", f"node {node.name} sent no valid token")
                 continue
             token = entry[0]
             s.in_flight = False
@@ -282,6 +322,7 @@ class StepScheduler:
             if end is None:
                 s.step += 1
                 nxt.append(s)
+        self._ended()
         if nxt or self.held:
             await self._go_on(nxt)
         # One message per client for all its sessions' tokens: a send costs more than its bytes.
@@ -301,9 +342,62 @@ class StepScheduler:
                 "rid": s.rid, "index": index, "token_id": token, "logprob": logprob,
                 "text": s.detok.add(token), "timing": group[0]})
         for (step_s, first, _), (timing, sids) in cohorts.items():
-            self.metrics.record_tokens(sids, step_s, timing["stages"], first)
+            self.core.metrics.record_tokens(sids, step_s, timing["stages"], first)
         for client, items in by_client.items():
-            await self._send(client, protocol.encode("tokens", items=items))
+            await self.core.send(client, protocol.encode("tokens", items=items))
         for s, *_, end in emitted:
             if end is not None:
-                await self._finish(s, end)
+                await self.core.finish(s, end)
+
+    # ------------------------------------------------------------------ token boundaries
+    def in_flight(self) -> bool:
+        return any(s.in_flight for s in self.core.sessions.values())
+
+    async def quiesce(self) -> None:
+        """Hold every session at its next token boundary; returns when no step is in flight
+        (``_ended`` wakes it whenever steps end: their answers, a session's end, a loss)."""
+        self.paused = True
+        while self.in_flight():
+            self.steps_ended.clear()
+            await self.steps_ended.wait()
+
+    async def resume(self) -> None:
+        """After a move: the parked sessions go on (once a placement is ready, if a node died
+        meanwhile)."""
+        self.paused = False
+        if not self.core.ready:
+            return
+        parked, self.parked = self.parked, []
+        alive = [s for s in parked if s.sid in self.core.sessions]
+        if alive:
+            await self.start(alive)
+
+    def _ended(self) -> None:
+        if self.paused:
+            self.steps_ended.set()
+
+    async def released(self, s: Session) -> None:
+        """``s`` has ended (the core dropped it from the sessions)."""
+        # held sessions may have waited for this one's step
+        if self.held and s.in_flight and self.core.placement is not None:
+            await self._go_on([])
+        self._ended()
+
+    def restart_all(self) -> list[Session]:
+        """The KV of every session was lost: each waits to replay from its prompt
+        (``Session.replay``) until ``resume``. Returns them."""
+        self.held, self.prefills = [], []
+        self.parked = list(self.core.sessions.values())
+        for s in self.parked:
+            s.replay()
+        self._ended()
+        return self.parked
+
+    def unpark(self) -> list[Session]:
+        """Take every parked session (recovery gave up on them)."""
+        parked, self.parked = self.parked, []
+        return parked
+
+    def drop_held(self) -> None:
+        """Every session is about to end: none of the held ones may start a step meanwhile."""
+        self.held = []

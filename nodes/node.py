@@ -20,6 +20,7 @@ from nodes.peers import Peers
 from nodes.rows import join_rows
 from zpipe import aio, protocol, sysinfo
 from zpipe.config import NodeConfig
+from zpipe.identity import model_identity
 from zpipe.models import resolve_model
 from zpipe.protocol import Message, ProtocolError
 
@@ -42,6 +43,7 @@ class Node:
         self.model_dir = resolve_model(cfg.model)
         self.executor = Executor(self.model_dir, cfg.dtype, cfg.device,
                                  static_kv=cfg.static_kv, max_batch=cfg.max_batch)
+        self.identity = model_identity(self.executor.spec)  # the broker compares it with its own
         # One compute thread: steps run in order, while the event loop stays free for I/O.
         self.pool = ThreadPoolExecutor(1, thread_name_prefix=f"zpipe-{cfg.name}")
         self.queue: asyncio.Queue[Message] = asyncio.Queue()
@@ -113,7 +115,8 @@ class Node:
         await self.send(protocol.encode(
             "register", name=cfg.name, pid=os.getpid(), host=socket.gethostname(),
             device=cfg.device, dtype=cfg.dtype, model=str(self.model_dir),
-            num_layers=self.executor.spec.num_layers, mem_total=total, mem_free=free,
+            num_layers=self.executor.spec.num_layers, identity=self.identity,
+            mem_total=total, mem_free=free,
             gflops=round(self.gflops, 2), max_batch=cfg.max_batch,
             **({"peer": self.peers.addr} if self.peers.addr else {})))
         log.info("node %s registering with %s (%s, %s, %.1f GFLOP/s)", cfg.name, cfg.broker,

@@ -38,7 +38,7 @@ async def _pump(broker: Broker, until, limit: int = 200) -> None:
             return
         frames = await broker.sock.recv(timeout=0.05)
         if frames is not None:
-            await broker._handle(frames)
+            await broker.handle(frames)
     raise AssertionError("the broker never got there")
 
 
@@ -70,12 +70,13 @@ async def _serving_stages(tiny_model: Path, stages: dict[str, tuple[int, int]],
     for s in (*nodes, client):
         s.setsockopt(zmq.LINGER, 0)
         s.connect(addr)
-    await broker._place()
+    await broker.place()
     for name, node in zip(stages, nodes, strict=True):
         node.send_multipart(protocol.encode("register", **{
             "name": name, "pid": os.getpid(), "host": "test", "device": "cpu",
             "dtype": "float32", "model": str(tiny_model), "num_layers": 6,
-            "mem_total": 1 << 34, "mem_free": 1 << 33, "gflops": 10.0, **register}))
+            "identity": broker.identity, "mem_total": 1 << 34, "mem_free": 1 << 33,
+            "gflops": 10.0, **register}))
         await _pump(broker, lambda n=name: n in broker.registry.by_name)
     await _pump(broker, lambda: broker.placement is not None)
     for node in nodes:
@@ -101,9 +102,9 @@ def test_a_burst_of_requests_starts_as_one_cohort(tiny_model: Path) -> None:
             # Three requests handled back to back (one burst), a fourth cancelled in it.
             prompts = {"r1": [5, 6, 7], "r2": [8, 9], "r3": [10, 11, 12, 13], "r4": [14]}
             for rid, ids in prompts.items():
-                await broker._handle(_frames(protocol.encode(
+                await broker.handle(_frames(protocol.encode(
                     "generate", rid=rid, prompt_ids=ids, max_new_tokens=4)))
-            await broker._handle(_frames(protocol.encode("cancel", rid="r4")))
+            await broker.handle(_frames(protocol.encode("cancel", rid="r4")))
             await asyncio.sleep(0)  # the loop turns: the burst's prefills go out
             free = await _recv(node)  # the cancelled session's (never started) cache
             assert free.kind == "free" and len(free["sids"]) == 1
@@ -135,7 +136,7 @@ def test_cohorts_are_no_bigger_than_the_nodes_max_batch(tiny_model: Path) -> Non
         try:
             assert broker.registry.by_name["a"].max_batch == 2
             for i in range(5):
-                await broker._handle(_frames(protocol.encode(
+                await broker.handle(_frames(protocol.encode(
                     "generate", rid=f"r{i}", prompt_ids=[5 + i, 6], max_new_tokens=4)))
             await asyncio.sleep(0)
             steps = [await _recv(node) for _ in range(3)]
@@ -160,7 +161,7 @@ def test_a_bad_max_batch_is_ignored(tiny_model: Path) -> None:
         broker, node, client = await _serving(tiny_model, max_batch=-3)
         try:
             assert broker.registry.by_name["a"].max_batch == 0
-            assert broker._cohort_cap() == 0
+            assert broker.steps.cohort_cap() == 0
         finally:
             _close(broker, node, client)
 
@@ -196,7 +197,7 @@ def test_a_cohort_goes_on_whole_and_drops_a_row_cancelled_mid_step(tiny_model: P
         hidden_size = broker.spec.hidden_size
         try:
             for rid, ids in {"r1": [5, 6, 7], "r2": [8, 9], "r3": [10]}.items():
-                await broker._handle(_frames(protocol.encode(
+                await broker.handle(_frames(protocol.encode(
                     "generate", rid=rid, prompt_ids=ids, max_new_tokens=4)))
             await asyncio.sleep(0)
             step = await _next(a, "step")
@@ -219,7 +220,7 @@ def test_a_cohort_goes_on_whole_and_drops_a_row_cancelled_mid_step(tiny_model: P
             step = await _next(a, "step")  # step 1 of all three, one cohort again
             assert [r[:2] for r in step["rows"]] == [[s, 1] for s in sids]
             cohort = broker.sessions[sids[0]].cohort
-            await broker._handle(_frames(protocol.encode("cancel", rid="r2")))
+            await broker.handle(_frames(protocol.encode("cancel", rid="r2")))
             assert not cohort.intact
             hidden = torch.arange(3 * hidden_size, dtype=torch.float32).view(3, hidden_size)
             a.send_multipart(_hidden_result(step, hidden))  # still answers the cancelled row
@@ -248,7 +249,7 @@ def test_an_altered_or_repeated_answer_is_not_taken_for_the_cohort(tiny_model: P
         hidden = torch.arange(3 * size, dtype=torch.float32).view(3, size)
         try:
             for rid, ids in {"r1": [5, 6], "r2": [8]}.items():
-                await broker._handle(_frames(protocol.encode(
+                await broker.handle(_frames(protocol.encode(
                     "generate", rid=rid, prompt_ids=ids, max_new_tokens=4)))
             await asyncio.sleep(0)
             step = await _next(a, "step")
@@ -268,7 +269,7 @@ def test_an_altered_or_repeated_answer_is_not_taken_for_the_cohort(tiny_model: P
             for _ in range(5):
                 frames = await broker.sock.recv(timeout=0.02)
                 if frames is not None:
-                    await broker._handle(frames)
+                    await broker.handle(frames)
             with pytest.raises(AssertionError):
                 await _recv(b, timeout_s=0.2)
             assert set(broker.sessions) == {s1, s2}
@@ -297,34 +298,34 @@ def test_on_one_gpu_a_cohort_waits_for_the_one_in_flight_and_they_go_on_as_one(
         broker, (a, b), client = await _serving_stages(
             tiny_model, {"a": (0, 3), "b": (3, 6)}, device="cuda:0")
         try:
-            assert broker._one_gpu()
+            assert broker.steps.one_gpu()
             steps = []
             for rid in ("r1", "r2"):  # two bursts: two cohorts
-                await broker._handle(_frames(protocol.encode(
+                await broker.handle(_frames(protocol.encode(
                     "generate", rid=rid, prompt_ids=[5, 6], max_new_tokens=8)))
                 await asyncio.sleep(0)
                 steps.append(await _next(a, "step"))
             s1, s2 = (st["rows"][0][0] for st in steps)
             await _through(broker, a, b, steps[0])
-            await _pump(broker, lambda: broker.held)
-            assert [s.sid for s in broker.held] == [s1]  # r2's prefill is still in flight
+            await _pump(broker, lambda: broker.steps.held)
+            assert [s.sid for s in broker.steps.held] == [s1]  # r2's prefill is still in flight
             await _through(broker, a, b, steps[1])
-            await _pump(broker, lambda: not broker.held)
+            await _pump(broker, lambda: not broker.steps.held)
             together = await _next(a, "step")
             assert [r[0] for r in together["rows"]] == [s1, s2]
             assert broker.metrics.steps_started == 3
             # r3's prefill goes at once; its next step waits for r1 and r2's step in flight,
             # and goes when r1 and r2 are cancelled instead.
-            await broker._handle(_frames(protocol.encode(
+            await broker.handle(_frames(protocol.encode(
                 "generate", rid="r3", prompt_ids=[7, 8], max_new_tokens=8)))
             await asyncio.sleep(0)
             prefill = await _next(a, "step")
             s3 = prefill["rows"][0][0]
             await _through(broker, a, b, prefill)
-            await _pump(broker, lambda: broker.held)
+            await _pump(broker, lambda: broker.steps.held)
             for rid in ("r1", "r2"):
-                await broker._handle(_frames(protocol.encode("cancel", rid=rid)))
-            assert not broker.held
+                await broker.handle(_frames(protocol.encode("cancel", rid=rid)))
+            assert not broker.steps.held
             alone = await _next(a, "step")
             assert [r[0] for r in alone["rows"]] == [s3]
         finally:
@@ -339,10 +340,10 @@ def test_stages_on_different_devices_keep_their_cohorts_apart(tiny_model: Path) 
     async def run() -> None:
         broker, (a, b), client = await _serving_stages(tiny_model, {"a": (0, 3), "b": (3, 6)})
         try:
-            assert not broker._one_gpu()
+            assert not broker.steps.one_gpu()
             steps = []
             for rid in ("r1", "r2"):
-                await broker._handle(_frames(protocol.encode(
+                await broker.handle(_frames(protocol.encode(
                     "generate", rid=rid, prompt_ids=[5, 6], max_new_tokens=8)))
                 await asyncio.sleep(0)
                 steps.append(await _next(a, "step"))
@@ -350,7 +351,7 @@ def test_stages_on_different_devices_keep_their_cohorts_apart(tiny_model: Path) 
             await _pump(broker, lambda: broker.metrics.steps_started == 3)
             nxt = await _next(a, "step")
             assert [r[0] for r in nxt["rows"]] == [steps[0]["rows"][0][0]]
-            assert not broker.held
+            assert not broker.steps.held
         finally:
             _close(broker, a, b, client)
 
@@ -364,7 +365,7 @@ def test_sessions_replay_their_tokens_after_the_placement_is_lost(tiny_model: Pa
     async def run() -> None:
         broker, node, client = await _serving(tiny_model)
         try:
-            await broker._handle(_frames(protocol.encode(
+            await broker.handle(_frames(protocol.encode(
                 "generate", rid="r1", prompt_ids=[5, 6, 7], max_new_tokens=5)))
             await asyncio.sleep(0)
             await _pump(broker, lambda: len(broker.sessions) == 1)
@@ -377,12 +378,12 @@ def test_sessions_replay_their_tokens_after_the_placement_is_lost(tiny_model: Pa
                     tokens=[[token, -0.1]]))
                 await _pump(broker, lambda t=token: t in s.tokens)
             await _next(node, "step")  # step 2, feeding 43: lost with the node's KV
-            await broker._lose_placement("node a is dead (a test)", "node_dead")
-            assert broker.parked == [s] and (s.step, s.pos, s.in_flight) == (0, 0, False)
+            await broker.recovery.lose_placement("node a is dead (a test)", "node_dead")
+            assert broker.steps.parked == [s] and (s.step, s.pos, s.in_flight) == (0, 0, False)
             assert broker.waiting_for == "node a is dead (a test); 1 session waits to go on"
             free = await _next(node, "free")  # its KV at the nodes still alive: of no use now
             assert free["sids"] == [s.sid]
-            await broker._place()
+            await broker.place()
             load = await _next(node, "load")
             node.send_multipart(protocol.encode("loaded", epoch=load["epoch"], start=0, end=6,
                                                 weight_bytes=1, load_s=0.1))
@@ -394,7 +395,7 @@ def test_sessions_replay_their_tokens_after_the_placement_is_lost(tiny_model: Pa
             await asyncio.sleep(0.05)
             frames = await broker.sock.recv(timeout=0.5)
             if frames is not None:
-                await broker._handle(frames)
+                await broker.handle(frames)
             assert s.sid in broker.sessions
             sent: list = []
             for answer in (99, 43, 44):  # the replayed prefill picks 99 this time, not 42
@@ -432,13 +433,14 @@ def test_a_lost_node_keeps_its_layers_if_it_is_back_within_wait_s(tiny_model: Pa
         broker, (a, b), client = await _serving_stages(
             tiny_model, {"a": (0, 3), "b": (3, 6)}, recovery={"wait_s": 0.5})
         try:
-            await broker._on_dead(broker.registry.by_name["b"], 1.0)
+            await broker.declare_dead(broker.registry.by_name["b"], 1.0)
             assert broker.placement is None and "waiting for node(s) b" in broker.waiting_for
             if back_in_time:
                 b.send_multipart(protocol.encode("register", **{
                     "name": "b", "pid": os.getpid(), "host": "test", "device": "cpu",
                     "dtype": "float32", "model": str(tiny_model), "num_layers": 6,
-                    "mem_total": 1 << 34, "mem_free": 1 << 33, "gflops": 10.0}))
+                    "identity": broker.identity, "mem_total": 1 << 34, "mem_free": 1 << 33,
+                    "gflops": 10.0}))
                 await _pump(broker, lambda: broker.placement is not None)
                 assert [(st.node, st.start, st.end) for st in broker.placement.stages] == [
                     ("a", 0, 3), ("b", 3, 6)]
@@ -450,5 +452,40 @@ def test_a_lost_node_keeps_its_layers_if_it_is_back_within_wait_s(tiny_model: Pa
                     ("a", 0, 6)]
         finally:
             _close(broker, a, b, client)
+
+    asyncio.run(run())
+
+
+@pytest.mark.parametrize("ending", ["answer", "cancel"])
+def test_quiesce_returns_when_the_last_step_in_flight_ends(tiny_model: Path, ending: str) -> None:
+    """A move's quiesce waits while a step is in flight and returns once it ends (its answer,
+    or its session's end); a session that goes on waits at the token boundary until resume."""
+    async def run() -> None:
+        broker, node, client = await _serving(tiny_model)
+        try:
+            await broker.handle(_frames(protocol.encode(
+                "generate", rid="r1", prompt_ids=[5, 6, 7], max_new_tokens=5)))
+            step = await _next(node, "step")
+            (s,) = broker.sessions.values()
+            quiet = asyncio.create_task(broker.steps.quiesce())
+            await asyncio.sleep(0)
+            assert not quiet.done() and s.in_flight
+            if ending == "answer":
+                node.send_multipart(protocol.encode(
+                    "result", epoch=step["epoch"], stage=0, compute_s=0.001,
+                    rows=[[sid, st, n] for sid, st, _, n in step["rows"]], tokens=[[42, -0.1]]))
+                await _pump(broker, quiet.done)
+                assert broker.steps.parked == [s] and s.tokens == [42]
+                await broker.steps.resume()
+                assert not broker.steps.parked
+                nxt = await _next(node, "step")
+                assert nxt["rows"][0][:2] == [s.sid, 1] and nxt.tensors["x"].tolist() == [42]
+            else:
+                await broker.handle(_frames(protocol.encode("cancel", rid="r1")))
+                await _pump(broker, quiet.done)
+                assert not broker.sessions and not broker.steps.parked
+            await quiet
+        finally:
+            _close(broker, node, client)
 
     asyncio.run(run())

@@ -14,6 +14,9 @@ import zmq.asyncio
 
 from zpipe import protocol
 from zpipe.client import ZpipeError
+from zpipe.identity import model_identity
+from zpipe.models import synth
+from zpipe.shard import ModelSpec
 
 
 def _header(**fields) -> bytes:
@@ -102,7 +105,13 @@ def test_bad_message_gets_named_error(tiny_cluster, what: str, frames: list, cod
     assert reply["message"], what
 
 
-def test_wrong_model_node_is_rejected(tiny_cluster) -> None:
+def test_wrong_model_node_is_rejected(tiny_cluster, tmp_path: Path) -> None:
+    """A node of another checkpoint with the same layers and shapes (the tiny model with other
+    weights) registers as a real node would: rejected, the message naming what differs."""
+    other = synth("tiny", tmp_path / "other", seed=2, progress=lambda m: None)
+    identity = model_identity(ModelSpec.load(other))
+    assert identity["num_layers"] == 6
+
     async def run() -> protocol.Message:
         sock = zmq.asyncio.Context.instance().socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
@@ -110,12 +119,16 @@ def test_wrong_model_node_is_rejected(tiny_cluster) -> None:
         try:
             return await _ask(sock, protocol.encode(
                 "register", name="rogue", pid=1, host="h", device="cpu", dtype="float32",
-                model="other", num_layers=99, mem_total=1, mem_free=1, gflops=1.0))
+                model=str(other), num_layers=6, identity=identity, mem_total=1, mem_free=1,
+                gflops=1.0))
         finally:
             sock.close(0)
 
     reply = asyncio.run(run())
-    assert reply["code"] == "rejected" and "99 layers" in reply["message"]
+    assert reply["code"] == "rejected", reply["message"]
+    assert "serves another model" in reply["message"]
+    assert f"weights {identity['weights']}" in reply["message"]
+    assert "hidden_size" not in reply["message"]  # the shapes are the same
 
 
 async def _generate_around(rc, kw: dict, abuse) -> tuple:

@@ -184,12 +184,12 @@ class FakeBroker:
             n = self.registry.by_name[st.node]
             n.state, n.start, n.end, n.weight_bytes = "ready", st.start, st.end, 1000
 
-    async def set_slow(self, node: str, factor: float) -> dict:
-        self.slowed.append((node, factor))
-        return {"node": node, "factor": factor}
-
-    async def _send(self, ident: bytes, frames: list) -> bool:
-        self.sent.append((ident, protocol.decode(frames)))
+    async def send(self, ident: bytes, frames: list) -> bool:
+        msg = protocol.decode(frames)
+        if msg.kind == "set_slow":
+            self.slowed.append((ident.decode(), msg["factor"]))
+        else:
+            self.sent.append((ident, msg))
         return True
 
 
@@ -197,12 +197,9 @@ def _ask(b: FakeBroker, op: str, args: dict | None = None) -> protocol.Message:
     """Send an admin request through the wire codec and wait for the reply to it."""
     async def go() -> protocol.Message:
         fields = {"rid": "r1", "op": op, **({"args": args} if args else {})}
-        await admin.handle(b, b"cli", protocol.decode(protocol.encode("admin", **fields)))
-        for _ in range(100):
-            if b.sent:
-                break
-            await asyncio.sleep(0)
-        await asyncio.gather(*admin._tasks)
+        adm = admin.Admin(b, b.mover)
+        await adm.handle(b"cli", protocol.decode(protocol.encode("admin", **fields)))
+        await adm.idle()
         return b.sent.pop()[1]
     return asyncio.run(go())
 

@@ -54,6 +54,7 @@ SCHEMAS: dict[str, dict[str, str]] = {
     "register": {
         "name": _STR, "pid": _INT, "host": _STR, "device": _STR, "dtype": _STR,
         "model": _STR, "num_layers": _INT, "mem_total": _INT, "mem_free": _INT, "gflops": _NUM,
+        "identity": _DICT,  # zpipe.identity.model_identity: the broker refuses another model
         "peer?": _STR,  # where other nodes send it activations directly (NodeConfig.peer_bind)
         "max_batch?": _INT,  # the most rows it runs as one batch: the broker's cohort cap
     },
