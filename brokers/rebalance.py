@@ -6,8 +6,9 @@
 1. **Measure.** A node's seconds per layer = its median decode compute per token on the placement
    serving (``broker.measured``) / the layer-equivalents it holds (the head counted). Once a node
    has ``min_tokens`` tokens measured, that figure is a fact the planner uses from then on, also
-   when the node holds nothing; the start-up matmul GFLOP/s is only the prior for nodes never
-   measured (calibrated to the measured scale, see ``zpipe.placement``).
+   when the node holds nothing (scaled by the load's drift since, see ``per_layer``); the
+   start-up matmul GFLOP/s is only the prior for nodes never measured (calibrated to the
+   measured scale, see ``zpipe.placement``).
 2. **Re-plan** (``Rebalancer.due``: ``min_tokens`` tokens on every stage and ``cooldown_s`` after
    the last change or declined plan, or at once when an idle node joined). The plan minimises the
    predicted time per token for the measured concurrency S (the mean number of sessions running
@@ -115,6 +116,16 @@ class Rebalancer:
 
 
 @dataclass
+class Fact:
+    """A node's measured seconds per layer."""
+
+    registered_at: float  # of the node it was measured on (a restarted node starts afresh)
+    s: float
+    epoch: int  # the placement it was measured on
+    earlier: float | None = None  # its figure on the placement before that one
+
+
+@dataclass
 class Pending:
     """A performance-driven move whose prediction is still to be checked."""
 
@@ -145,7 +156,7 @@ class AutoRebalancer:
         self.broker = broker
         self.cfg: Rebalance = broker.cfg.rebalance
         self.rebalancer = rebalancer or Rebalancer(self.cfg)
-        self.facts: dict[str, tuple[float, float]] = {}  # name -> (registered_at, s per layer)
+        self.facts: dict[str, Fact] = {}
         self.epoch = -1
         self.concurrency: list[int] = []  # sessions running at each check on this placement
         self.pending: Pending | None = None
@@ -198,21 +209,37 @@ class AutoRebalancer:
         """Measured seconds per layer of the nodes with ``min_tokens`` tokens: facts from now on."""
         b = self.broker
         cost = model_cost(b)
+        epoch = b.placement.epoch
         for st in b.placement.stages:
             p50, n = measured[st.node]
             node = b.registry.by_name.get(st.node)
-            if node is not None and n >= self.cfg.min_tokens and p50 > 0:
-                self.facts[st.node] = (node.registered_at,
-                                       measured_s_per_layer(p50, st.start, st.end, cost))
+            if node is None or n < self.cfg.min_tokens or not p50 > 0:
+                continue
+            old = self.facts.get(st.node)
+            if old is not None and old.registered_at != node.registered_at:
+                old = None
+            earlier = None if old is None else old.s if old.epoch != epoch else old.earlier
+            self.facts[st.node] = Fact(node.registered_at,
+                                       measured_s_per_layer(p50, st.start, st.end, cost), epoch,
+                                       earlier)
 
     def per_layer(self) -> dict[str, float]:
-        """The facts of the nodes alive, as registered now (a restarted node starts afresh)."""
-        out = {}
-        for name, (registered_at, s) in self.facts.items():
+        """Seconds per layer of the alive nodes measured so far (as registered now).
+
+        Figures from an earlier placement are scaled by the load's drift since: on shared
+        cores every node's time moves with the machine's load, and a stale figure beside fresh
+        ones would make an idle node look faster or slower than it is. The drift is the median
+        over the nodes measured now of their figure now / on the placement before.
+        """
+        epoch = self.broker.placement.epoch if self.broker.placement else -1
+        live = {}
+        for name, f in self.facts.items():
             node = self.broker.registry.by_name.get(name)
-            if node is not None and node.state != "dead" and node.registered_at == registered_at:
-                out[name] = s
-        return out
+            if node is not None and node.state != "dead" and node.registered_at == f.registered_at:
+                live[name] = f
+        ratios = [f.s / f.earlier for f in live.values() if f.epoch == epoch and f.earlier]
+        drift = statistics.median(ratios) if ratios else 1.0
+        return {n: f.s if f.epoch == epoch else f.s * drift for n, f in live.items()}
 
     def slowed(self, expected: Mapping[str, float],
                measured: Mapping[str, tuple[float, int]]) -> list[str]:
