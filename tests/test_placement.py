@@ -134,6 +134,7 @@ from types import SimpleNamespace  # noqa: E402
 from zpipe.config import MixedWeights  # noqa: E402
 from zpipe.costmodel import ModelCost, NodeCapability, measured_s_per_layer  # noqa: E402
 from zpipe.placement import (  # noqa: E402
+    NEAR,
     apportion,
     calibration,
     evaluate,
@@ -441,6 +442,12 @@ def test_one_session_leaves_a_slow_node_out_many_balance_the_slowest_stage() -> 
     uniform3 = evaluate(uniform(["n0", "n1", "n2"], 30), caps, HEADY, context_len=1, sessions=1,
                         perf_weight=1.0)
     assert uniform3.per_token_s(1) == pytest.approx(10 + 30 + 18)
+    # n2 measured 1% faster than n0: within what a measurement tells apart, so the plan stays
+    # balanced over both instead of giving n2 all 30 layers
+    near = _caps([10, 10, 10], measured_s_per_layer=[1.0, 3.0, 0.99])
+    res = plan("compute", near, HEADY, context_len=1, sessions=1, perf_weight=1.0,
+               concurrency=1)
+    assert [s.node for s in res.stages] == ["n0", "n2"] and min(_counts(res)) >= 10
     many = plan("compute", caps, HEADY, context_len=1, sessions=1, perf_weight=1.0,
                 concurrency=16)
     assert [s.node for s in many.stages] == ["n0", "n1", "n2"]
@@ -450,8 +457,9 @@ def test_one_session_leaves_a_slow_node_out_many_balance_the_slowest_stage() -> 
 
 
 @pytest.mark.parametrize("seed", range(30))
-def test_least_time_is_optimal_on_small_cases(seed: int) -> None:
-    """Against every split of a few layers over the nodes in order (each node 0 or more)."""
+def test_least_time_is_near_optimal_on_small_cases(seed: int) -> None:
+    """Against every split of a few layers over the nodes in order (each node 0 or more): within
+    NEAR (2%) of the least time, where it may choose a more balanced plan."""
     rng = random.Random(seed)
     k, n = rng.randint(1, 3), rng.randint(3, 7)
     cost = dataclasses.replace(HEADY, num_layers=n, head_flops_per_token=rng.choice([0, 20e9]))
@@ -470,7 +478,7 @@ def test_least_time_is_optimal_on_small_cases(seed: int) -> None:
             start += m
         res = evaluate(stages, caps, cost, context_len=1, sessions=1, perf_weight=1.0)
         best = min(best, res.per_token_s(s))
-    assert got.per_token_s(s) == pytest.approx(best)
+    assert best <= got.per_token_s(s) * (1 + 1e-9) <= best * (1 + NEAR) + 1e-9
 
 
 def test_max_layers_caps_a_node_whatever_the_strategy() -> None:

@@ -23,7 +23,8 @@ compute  min-max balance of the predicted per-token stage time (greedy: each nex
          Given ``concurrency`` S (how many sessions run at once), it minimises instead the
          predicted per-token time max(Σ stages, S × slowest stage): one session waits for every
          stage in turn, many are limited by the slowest. Nodes may then be left out (a slow
-         node costs one session more than it gives), see ``_fastest``.
+         node costs one session more than it gives), see ``_fastest``. Of the plans predicted
+         within 2% of the least time, the most balanced (shorter bursts of work per node).
 mixed    uneven allocation by capability: weight_i = w_c·speed_i/Σ + w_m·mem_i/Σ, layers
          apportioned by weight (largest remainder).
 custom   the given stages, checked for coverage and memory.
@@ -274,18 +275,29 @@ def _ranges(names: Sequence[str], counts: Sequence[int]) -> list[StageAssignment
     return out
 
 
+NEAR = 0.02  # plans predicted within 2% of the best are as good: measured figures are not finer
+
+
+def _near_best(options: list[tuple[float, float, int, list]]) -> tuple[float, float, int, list]:
+    """Of (predicted per-token time, slowest stage, -nodes, ...) options, the most balanced
+    (lowest slowest stage, then more nodes) of those within ``NEAR`` of the best time."""
+    best = min(o[0] for o in options)
+    return min((o for o in options if o[0] <= best * (1 + NEAR)), key=lambda o: (o[1], o[2]))
+
+
 def _least_time(per_layer: Sequence[float], head_s: Sequence[float], total: int,
-                hi: Sequence[int], concurrency: float) -> tuple[float, list[int]] | None:
-    """Counts ≥ 1 minimising ``per_token_s`` (ties: the lower slowest stage), or None when the
-    caps ``hi`` cannot hold ``total``. For each bound B on the slowest stage (every value a
-    stage can take), each node may hold up to (B - head) / per layers; the sum is least when
-    the fastest nodes fill first. Exact: the optimum's slowest stage is one of the B tried."""
+                hi: Sequence[int], concurrency: float) -> tuple[float, float, list[int]] | None:
+    """(predicted per-token time, slowest stage, counts ≥ 1) near the least ``per_token_s``
+    (``_near_best``), or None when the caps ``hi`` cannot hold ``total``. For each bound B on
+    the slowest stage (every value a stage can take), each node may hold up to (B - head) / per
+    layers; the sum is least when the fastest nodes fill first. The optimum's slowest stage is
+    one of the B tried."""
     k = len(per_layer)
     if k > total or sum(hi) < total or min(hi) < 1:
         return None
     order = sorted(range(k), key=lambda i: (per_layer[i], i))
     bounds = sorted({n * per_layer[i] + head_s[i] for i in range(k) for n in range(1, hi[i] + 1)})
-    best: tuple[float, float, list[int]] | None = None
+    options: list[tuple[float, float, int, list]] = []
     for b in bounds:
         cap = [min(hi[i], int((b - head_s[i]) / per_layer[i] + 1e-9)) for i in range(k)]
         if min(cap) < 1 or sum(cap) < total:
@@ -296,11 +308,11 @@ def _least_time(per_layer: Sequence[float], head_s: Sequence[float], total: int,
             counts[i] += add
             rest -= add
         times = [counts[i] * per_layer[i] + head_s[i] for i in range(k)]
-        key = (per_token_s(times, concurrency), max(times))
-        if best is None or key[0] < best[0] * (1 - 1e-9) or (
-                key[0] <= best[0] * (1 + 1e-9) and key[1] < best[1] * (1 - 1e-9)):
-            best = (*key, counts)
-    return None if best is None else (best[0], best[2])
+        options.append((per_token_s(times, concurrency), max(times), 0, counts))
+    if not options:
+        return None
+    t, slowest, _, counts = _near_best(options)
+    return t, slowest, counts
 
 
 EXACT_SUBSETS = 6  # up to this many nodes every subset is tried, beyond only the m fastest
@@ -312,7 +324,8 @@ def _fastest(caps: Sequence[NodeCapability], cost: ModelCost, context_len: int, 
     """The nodes to keep (pipeline order) and their counts, minimising ``per_token_s``, each
     subset planned by ``_least_time``; a node left out holds nothing. Every subset up to
     ``EXACT_SUBSETS`` nodes (which one is last decides who runs the head), else the m fastest
-    for m = k .. 1. Ties keep more nodes (more memory headroom)."""
+    for m = k .. 1. Of the plans near the best (``_near_best``): the most balanced, then the
+    one with more nodes."""
     speed = {c.name: t for c, t in zip(caps, per, strict=True)}
     k = len(caps)
     if k <= EXACT_SUBSETS:
@@ -322,7 +335,7 @@ def _fastest(caps: Sequence[NodeCapability], cost: ModelCost, context_len: int, 
     else:
         ranked = sorted(caps, key=lambda c: speed[c.name])
         subsets = [[c for c in caps if c in ranked[:m]] for m in range(k, 0, -1)]
-    best: tuple[float, list[NodeCapability], list[int]] | None = None
+    options: list[tuple[float, float, int, list]] = []
     for sub in subsets:
         m = len(sub)
         hi = [min(h, caps_hi.get(c.name, h), cost.num_layers)
@@ -331,16 +344,17 @@ def _fastest(caps: Sequence[NodeCapability], cost: ModelCost, context_len: int, 
         head = [0.0] * m
         head[-1] = cost.layer_equivalents(0, True) * p[-1]
         got = _least_time(p, head, cost.num_layers, hi, concurrency)
-        if got is not None and (best is None or got[0] < best[0] * (1 - 1e-9)):
-            best = (got[0], sub, got[1])
-    if best is None:
+        if got is not None:
+            options.append((got[0], got[1], -m, [sub, got[2]]))
+    if not options:
         raise PlacementError(_infeasible(caps, cost, context_len, sessions,
                                          _capacity(caps, cost, context_len, sessions), notes))
-    left = [c.name for c in caps if c not in best[1]]
+    kept, counts = _near_best(options)[3]
+    left = [c.name for c in caps if c not in kept]
     if left:
-        notes.append(f"node(s) {', '.join(left)} left out: the {len(best[1])} other node(s) "
+        notes.append(f"node(s) {', '.join(left)} left out: the {len(kept)} other node(s) "
                      f"alone give {concurrency:g} session(s) a shorter time per token")
-    return best[1], best[2]
+    return kept, counts
 
 
 def _min_max(per_layer: Sequence[float], head_s: Sequence[float], total: int, lo: Sequence[int],
