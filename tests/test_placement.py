@@ -459,7 +459,7 @@ def test_one_session_leaves_a_slow_node_out_many_balance_the_slowest_stage() -> 
 @pytest.mark.parametrize("seed", range(30))
 def test_least_time_is_near_optimal_on_small_cases(seed: int) -> None:
     """Against every split of a few layers over the nodes in order (each node 0 or more): within
-    NEAR (2%) of the least time, where it may choose a more balanced plan."""
+    NEAR (5%) of the least time, where it may choose a more balanced plan."""
     rng = random.Random(seed)
     k, n = rng.randint(1, 3), rng.randint(3, 7)
     cost = dataclasses.replace(HEADY, num_layers=n, head_flops_per_token=rng.choice([0, 20e9]))
