@@ -20,9 +20,9 @@
    of the best reachable (a 25% gain); ``min_gain`` 0.15 moves sooner: here a move costs a pause
    of a fraction of a second, and step 4 takes back a bad one.
 4. **Check the prediction.** Once ``min_tokens`` tokens were measured on the new placement, its
-   measured time per token (same S) is compared with the one measured before the move; a move
-   that made it slower (for one session the sum of the stages, for many the slowest stage) is
-   undone: the previous placement comes back (a reallocation of its own in the mover's history,
+   measured time per token (same S) is compared with the one measured before the move, scaled
+   by the load's change meanwhile (``load_change``); a move that made it slower (for one
+   session the sum of the stages, for many the slowest stage) is undone: the previous placement comes back (a reallocation of its own in the mover's history,
    reason "undo: ...") and that plan is not proposed again while the same nodes are alive.
 
 What it uses of the broker: ``cfg``, ``spec``, ``ready``, ``placement``, ``registry``,
@@ -287,15 +287,30 @@ class AutoRebalancer:
         b, p = self.broker, self.pending
         self.pending = None
         after_s = per_token_s([measured[st.node][0] for st in b.placement.stages], p.concurrency)
-        if after_s <= p.before_s:
+        load = self.load_change(p)
+        if after_s <= p.before_s * load:
             log.info("reallocation confirmed: %s per token measured over %d tokens, %s before "
-                     "(predicted %s)", _fmt_ms(after_s), tokens, _fmt_ms(p.before_s),
-                     _fmt_ms(p.predicted_s))
+                     "x %.2f load change (predicted %s)", _fmt_ms(after_s), tokens,
+                     _fmt_ms(p.before_s), load, _fmt_ms(p.predicted_s))
             return None
         self.rejected.add(tuple(b.placement.stages))
         return await b.mover.transition(
             p.before, f"undo: {_fmt_ms(after_s)} per token measured over {tokens} tokens after "
-            f"the move, {_fmt_ms(p.before_s)} before it (predicted {_fmt_ms(p.predicted_s)})")
+            f"the move, {_fmt_ms(p.before_s)} before it x {load:.2f} load change (predicted "
+            f"{_fmt_ms(p.predicted_s)})")
+
+    def load_change(self, p: Pending) -> float:
+        """How much the machine's load alone changed the nodes' speed since before the move.
+
+        On shared cores the time per layer of every node moves with the load; a wrong prediction
+        shows in some nodes only. The least change of seconds per layer over the nodes measured
+        both before and after the move is what all of them share: the load's. With fewer than
+        two such nodes the load cannot be told from the move: 1.
+        """
+        before = {st.node for st in p.before}
+        ratios = [f.s / f.earlier for n, f in self.facts.items()
+                  if n in before and f.epoch == p.epoch and f.earlier]
+        return min(ratios) if len(ratios) >= 2 else 1.0
 
 
 # ---------------------------------------------------------------- the planner's inputs

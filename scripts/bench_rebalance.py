@@ -101,6 +101,10 @@ def main() -> None:
     before = [lat for t, lat in zip(arrivals[1:], first.latencies_s[1:], strict=True)
               if t < t_move]
     after = second.latencies_s[1:]
+    # the first run's tokens once the move was over: its session's KV was moved with the layers
+    t_done = t_move + (moves[0]["pause_s"] if moves else 0.0)
+    moved_kv = [lat for t, lat in zip(arrivals[1:], first.latencies_s[1:], strict=True)
+                if t > t_done]
     p50_before = statistics.median(before) * 1000
     p50_after = statistics.median(after) * 1000
     result = {
@@ -111,6 +115,8 @@ def main() -> None:
         "reallocations": status["reallocations"],
         "tokens_before_move": len(before), "tokens_after": len(after),
         "p50_before_ms": round(p50_before, 3), "p50_after_ms": round(p50_after, 3),
+        "p50_first_run_after_move_ms": round(statistics.median(moved_kv) * 1000, 3)
+        if moved_kv else None,
         "ratio": round(p50_after / p50_before, 4),
         "b_layers_before": _layers(placement_before, "b"),
         "b_layers_after": _layers(placement_moved, "b"),

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import statistics
 from collections import defaultdict, deque
 from pathlib import Path
 from types import SimpleNamespace
@@ -425,12 +426,13 @@ def test_undoes_a_move_that_made_things_slower_and_does_not_repeat_it() -> None:
     _measure(b, SLOW_B)
     assert asyncio.run(auto.check(1.0)) is not None
     moved = list(b.placement.stages)
-    # the prediction was wrong: on the new placement every stage takes 40 ms per token
-    for st in moved:
-        b.measured[st.node].extend([0.04] * 8)
+    assert _layers(b) == {"a": 15, "c": 15}
+    # the prediction was wrong: a, given 15 layers, runs each 3x slower (c as before)
+    _measure(b, {**SLOW_B, "a": 0.003})
     record = asyncio.run(auto.check(2.0))
     assert record is not None and record["reason"].startswith("undo: ")
     assert "per token measured over 8 tokens after the move" in record["reason"]
+    assert "x 1.00 load change" in record["reason"]
     assert b.placement.stages == before
     # measured as before on the old placement: the same plan again, refused this time
     _measure(b, SLOW_B)
@@ -475,3 +477,18 @@ def test_figures_of_idle_nodes_follow_the_load() -> None:
     assert asyncio.run(auto.check(2.0)) is None
     assert auto.per_layer() == pytest.approx(busier)
     assert not b.mover.calls
+
+
+def test_a_busier_machine_does_not_undo_a_move() -> None:
+    """After the move every node is 1.8x slower per layer (the machine got busier): the time per
+    token is worse than before the move, but not the placement: kept."""
+    b, auto = _auto({"a": 10.0, "b": 10.0, "c": 10.0}, uniform(["a", "b", "c"], 30))
+    _measure(b, SLOW_B)
+    asyncio.run(auto.check(1.0))
+    before_s = 0.010 + 0.030 + 0.001 * rebalance.model_cost(b).layer_equivalents(10, True)
+    _measure(b, {n: 1.8 * t for n, t in SLOW_B.items()})
+    after_s = sum(statistics.median(v) for v in b.measured.values())
+    assert after_s > before_s
+    assert asyncio.run(auto.check(2.0)) is None and auto.pending is None
+    assert auto.load_change(rebalance.Pending(b.placement.epoch, [], 0, 0, 1)) == 1.0  # no nodes
+    assert len(b.mover.calls) == 1
