@@ -276,7 +276,7 @@ class ClusterConfig(_Strict):
     nodes: Annotated[list[ClusterNode], Field(min_length=1)]
     # Give the broker and every node a CPU of its own (``pinned_cpus``); a process's own
     # ``cpu`` key wins. With busy polling on a GPU host: 2 nodes on 2 GPUs answered 22% more
-    # tokens/s at batch 1 (docs/benchmarks.md §5, twelfth session).
+    # tokens/s at batch 1 (docs/benchmarks.md).
     pin_cpus: bool = False
 
     @model_validator(mode="after")
