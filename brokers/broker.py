@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
-import statistics
 import time
 from collections import defaultdict, deque
 
@@ -28,8 +27,8 @@ from transformers import AutoTokenizer
 from brokers import rebalance
 from brokers.admin import Admin
 from brokers.core import new_history
-from brokers.mover import REPLY_KINDS, MoveError, Mover
-from brokers.rebalance import Rebalancer
+from brokers.mover import REPLY_KINDS, Mover
+from brokers.rebalance import AutoRebalancer, Rebalancer
 from brokers.recovery import Recovery, late
 from brokers.registry import NodeInfo, Registry
 from brokers.sessions import RequestError, Session, build_session
@@ -98,7 +97,7 @@ class Broker:
         gc.freeze()
         tasks = [asyncio.create_task(self._watch_timeouts()),
                  asyncio.create_task(self._heartbeats()),
-                 asyncio.create_task(self._auto_rebalance())]
+                 asyncio.create_task(AutoRebalancer(self, self.mover, self.rebalancer).run())]
         try:
             while True:
                 await self.handle(await self.sock.recv())
@@ -343,36 +342,6 @@ class Broker:
     def plan(self, strategy: str, perf_weight: float = 0.0) -> PlanResult:
         """What ``strategy`` would place on the alive nodes now (see zpipe.placement.plan)."""
         return rebalance.plan_for(self, strategy, perf_weight=perf_weight)
-
-    async def _auto_rebalance(self) -> None:
-        """Performance-driven reallocation (seed 000), when the broker YAML turns it on."""
-        cfg = self.cfg.rebalance
-        while cfg.enabled:
-            await asyncio.sleep(cfg.check_interval_s)
-            if not self.ready or self.mover.moving or self.placement is None:
-                continue
-            measured = {st.node: self.measured[st.node] for st in self.placement.stages}
-            tokens = min((len(v) for v in measured.values()), default=0)
-            if tokens == 0:
-                continue
-            idle = [n for n in self.registry.names() if n not in self.placement.nodes()]
-            try:
-                current = self.plan("current")
-                reason = self.rebalancer.check(
-                    current, {n: statistics.median(v) for n, v in measured.items()}, tokens,
-                    time.monotonic(), joined=idle)
-                if reason is None:
-                    continue
-                proposal = self.plan(cfg.strategy, perf_weight=cfg.perf_weight)
-                same_scale = self.plan("current", perf_weight=cfg.perf_weight)
-                if proposal.stages == self.placement.stages or not self.rebalancer.worth_it(
-                        same_scale, proposal):
-                    self.rebalancer.note_declined(time.monotonic())  # hysteresis: wait again
-                    continue
-                await self.mover.transition(proposal.stages, f"performance: {reason}")
-            except (MoveError, PlacementError) as e:
-                log.warning("performance-driven reallocation skipped: %s", e)
-                self.rebalancer.note_change(time.monotonic())
 
     # ------------------------------------------------------------- liveness
     async def _heartbeats(self) -> None:

@@ -1,83 +1,98 @@
-"""Performance-driven reallocation (seed 000): when to re-plan, and the planner's inputs.
+"""Performance-driven reallocation, and the planner's inputs from the broker.
 
-``Rebalancer.check`` says when a re-plan is due. Each stage's *measured share* is its decode
-compute p50 over the sum of all stages' p50; its *planned share* is its predicted per-token time
-over the sum of the predicted times (``PlanResult.shares()``). A re-plan is due when
+``AutoRebalancer.run`` (one task of the broker, when ``rebalance.enabled``), every
+``check_interval_s``:
 
-- some stage's |measured share - planned share| > ``threshold`` (absolute, default 0.15: with
-  three equal stages, one node 1.7× slower than planned trips it, 1.3× does not),
-- at least ``min_tokens`` tokens were measured since the last placement change, and
-- ``now`` ≥ the last change (or declined re-plan) + ``cooldown_s``.
+1. **Measure.** A node's seconds per layer = its median decode compute per token on the placement
+   serving (``broker.measured``) / the layer-equivalents it holds (the head counted). Once a node
+   has ``min_tokens`` tokens measured, that figure is a fact the planner uses from then on, also
+   when the node holds nothing (scaled by the load's drift since, see ``per_layer``); the
+   start-up matmul GFLOP/s is only the prior for nodes never measured (calibrated to the
+   measured scale, see ``zpipe.placement``).
+2. **Re-plan** (``Rebalancer.due``: ``min_tokens`` tokens on every stage and ``cooldown_s`` after
+   the last change or declined plan, or at once when an idle node joined). The plan minimises the
+   predicted time per token for the measured concurrency S (the mean number of sessions running
+   at the checks): max(Σ stages, S × slowest stage). A node *slowed* (its measured share of the
+   step time above the share the placement was planned with) may not get more layers than it
+   holds.
+3. **Move** only when the plan is predicted at least ``min_gain`` faster per token than the
+   placement serving (both on the same figures). Petals re-plans when throughput falls below 0.75
+   of the best reachable (a 25% gain); ``min_gain`` 0.15 moves sooner: here a move costs a pause
+   of a fraction of a second, and step 4 takes back a bad one.
+4. **Check the prediction.** Once ``min_tokens`` tokens were measured on the new placement, its
+   measured time per token (same S) is compared with the one measured before the move, scaled
+   by the load's change meanwhile (``load_change``); a move that made it slower (for one
+   session the sum of the stages, for many the slowest stage) is undone: the previous
+   placement comes back (a reallocation of its own in the mover's history, reason
+   "undo: ...") and that plan is not proposed again while the same nodes are alive.
 
-Hysteresis, so that the placement does not oscillate between two plans of about equal merit:
+``AutoRebalancer(core, mover, rebalancer)`` reads of the core (``brokers.core.Core``) ``cfg``,
+``spec``, ``ready``, ``placement``, ``registry``, ``measured`` and ``sessions`` (only its
+length); it moves through ``mover.transition(stages, reason)`` while ``mover.moving`` is
+false; the broker notifies the ``Rebalancer`` of placement changes (``note_change``).
 
-1. the cooldown after every change, and after every re-plan that was declined;
-2. ``worth_it(current, new)``: a new plan is applied only if its predicted bottleneck time
-   (slowest stage: what limits tokens/s) is at least ``MIN_GAIN`` (5%) below the current
-   placement's, both predicted with the same blended timing model;
-3. the measured figures are medians over a window of tokens, so one slow token does not count.
-
-The broker drives it: every ``check_interval_s`` it calls ``check(...)``; on a reason it re-plans
-(``plan_for_broker(..., perf_weight=cfg.perf_weight)``), and applies the plan through the mover
-when ``worth_it``; then ``note_change(now)`` (or ``note_declined(now)``).
+Memory budget of a node (``capabilities``): the free memory it last reported plus what it holds
+that a new placement frees or reuses (weights, KV caches, its static KV pool, CUDA allocator
+cache), both from the same heartbeat (a register's figures until then). Nodes on one host with
+the same device (CPU nodes; nodes sharing a GPU) report one shared pool: it is counted once and
+split evenly between them. A node with a static KV pool needs its pool's bytes per layer held,
+whatever the sessions (``zpipe.costmodel.pool_bytes_per_layer``).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import statistics
+import time
+from collections import defaultdict
 from collections.abc import Iterable, Mapping
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 from zpipe.config import Rebalance
-from zpipe.costmodel import ModelCost, NodeCapability, measured_s_per_layer
+from zpipe.costmodel import ModelCost, NodeCapability, measured_s_per_layer, pool_bytes_per_layer
 from zpipe.placement import (
     PlacementError,
     PlanResult,
     StageAssignment,
     calibration,
     evaluate,
+    per_token_s,
     plan,
 )
 
+if TYPE_CHECKING:
+    from brokers.core import Core
+    from brokers.mover import Mover
+
 log = logging.getLogger("zpipe.rebalance")
 
-MIN_GAIN = 0.05  # a new plan must be predicted at least this much faster than the current one
+MIN_GAIN = Rebalance().min_gain  # the admin ``plan`` op's default bar
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+SLOWED_MARGIN = 0.05  # measured share above the planned share by more: the node is slowed
 
 
-def worth_it(current_pred_s: float | None, new_pred_s: float, min_gain: float = MIN_GAIN) -> bool:
-    """True when ``new_pred_s`` ≤ (1 - min_gain) × ``current_pred_s`` (no current: True)."""
-    if current_pred_s is None or not math.isfinite(current_pred_s) or current_pred_s <= 0:
+def worth_it(current_s: float | None, new_s: float, min_gain: float = MIN_GAIN) -> bool:
+    """True when ``new_s`` ≤ (1 - min_gain) × ``current_s`` (no current: True)."""
+    if current_s is None or not math.isfinite(current_s) or current_s <= 0:
         return True
-    return new_pred_s <= (1.0 - min_gain) * current_pred_s
-
-
-def _shares(planned: Any) -> dict[str, float]:
-    raw = planned.shares() if hasattr(planned, "shares") else dict(planned)
-    total = sum(raw.values())
-    if total <= 0:
-        return {}
-    return {k: v / total for k, v in raw.items()}
+    return new_s <= (1.0 - min_gain) * current_s
 
 
 class Rebalancer:
+    """When a re-plan is due: the cooldown after changes and declined plans, the token minimum."""
+
     def __init__(self, cfg: Rebalance) -> None:
         self.cfg = cfg
         self.last_change: float | None = None
         self.last_declined: float | None = None
         self.last_reason: str | None = None
 
-    def check(self, planned: PlanResult | Mapping[str, float], measured: Mapping[str, float | None],
-              tokens_since_change: int, now: float, joined: Iterable[str] = ()) -> str | None:
-        """A reason string when a re-plan is due, else None.
-
-        ``planned``: a PlanResult, or per-node planned shares or predicted seconds (normalised
-        here). ``measured``: per node, decode compute p50 seconds per token (None: not yet).
-        ``joined``: alive nodes that hold no layers; they make a re-plan due once the cooldown
-        has passed (no token minimum: they have nothing to measure).
-        """
+    def due(self, tokens_since_change: int, now: float, joined: Iterable[str] = ()) -> str | None:
+        """A reason string when a re-plan is due, else None. ``joined``: alive nodes that hold
+        no layers (a re-plan is due for them once the cooldown has passed)."""
         cfg = self.cfg
         if not cfg.enabled:
             return None
@@ -86,30 +101,11 @@ class Rebalancer:
                 return None
         joined = sorted(joined)
         if joined:
-            return self._reason(f"node(s) {', '.join(joined)} joined and hold no layers")
-        if tokens_since_change < cfg.min_tokens:
+            reason = f"node(s) {', '.join(joined)} hold no layers"
+        elif tokens_since_change >= cfg.min_tokens:
+            reason = f"{tokens_since_change} tokens measured"
+        else:
             return None
-        plan_sh = _shares(planned)
-        if len(plan_sh) < 2:
-            return None  # one stage: nothing to shift
-        meas = {n: measured.get(n) for n in plan_sh}
-        if any(v is None or not math.isfinite(v) or v <= 0 for v in meas.values()):
-            return None
-        total = sum(meas.values())
-        worst, worst_d = "", 0.0
-        for n, p in plan_sh.items():
-            d = meas[n] / total - p
-            if abs(d) > abs(worst_d):
-                worst, worst_d = n, d
-        if abs(worst_d) <= cfg.threshold:
-            return None
-        m = meas[worst] / total
-        return self._reason(
-            f"node {worst} takes {m:.0%} of the step time, planned {plan_sh[worst]:.0%} "
-            f"(|{m - plan_sh[worst]:+.2f}| > threshold {cfg.threshold:g}, "
-            f"after {tokens_since_change} tokens)")
-
-    def _reason(self, reason: str) -> str:
         self.last_reason = reason
         return reason
 
@@ -121,10 +117,207 @@ class Rebalancer:
         """A re-plan was computed but not applied (not worth it): also wait a cooldown."""
         self.last_declined = now
 
-    def worth_it(self, current: PlanResult | float | None, new: PlanResult | float) -> bool:
-        """``worth_it`` on bottleneck times (PlanResults or seconds)."""
-        cur = current.bottleneck_s if isinstance(current, PlanResult) else current
-        return worth_it(cur, new.bottleneck_s if isinstance(new, PlanResult) else new)
+    def worth_it(self, current_s: float | None, new_s: float) -> bool:
+        return worth_it(current_s, new_s, self.cfg.min_gain)
+
+
+@dataclass
+class Fact:
+    """A node's measured seconds per layer."""
+
+    registered_at: float  # of the node it was measured on (a restarted node starts afresh)
+    s: float
+    epoch: int  # the placement it was measured on
+    earlier: float | None = None  # its figure on the placement before that one
+
+
+@dataclass
+class Pending:
+    """A performance-driven move whose prediction is still to be checked."""
+
+    epoch: int  # the placement it made
+    before: list[StageAssignment]
+    before_s: float  # measured per token before it, at concurrency ``concurrency``
+    predicted_s: float
+    concurrency: float
+
+
+def _medians(broker: Any, names: Iterable[str]) -> dict[str, tuple[float, int]]:
+    """Per node: (median decode compute per token, tokens measured) on the placement serving."""
+    out = {}
+    for n in names:
+        values = broker.measured.get(n)  # .get: ``measured`` may be a defaultdict
+        out[n] = (statistics.median(values), len(values)) if values else (math.nan, 0)
+    return out
+
+
+def _fmt_ms(s: float) -> str:
+    return f"{s * 1e3:.1f} ms"
+
+
+class AutoRebalancer:
+    """The broker's performance-driven reallocation loop (see the module doc)."""
+
+    def __init__(self, core: Core, mover: Mover, rebalancer: Rebalancer | None = None) -> None:
+        self.core = core
+        self.mover = mover
+        self.cfg: Rebalance = core.cfg.rebalance
+        self.rebalancer = rebalancer or Rebalancer(self.cfg)
+        self.facts: dict[str, Fact] = {}
+        self.epoch = -1
+        self.concurrency: list[int] = []  # sessions running at each check on this placement
+        self.pending: Pending | None = None
+        self.planned: tuple[int, dict[str, float]] = (-1, {})  # epoch, shares of the plan moved to
+        self.rejected: set[tuple[StageAssignment, ...]] = set()  # undone plans
+        self.alive: frozenset[str] = frozenset()  # the nodes the rejected plans were made for
+
+    async def run(self) -> None:
+        while self.cfg.enabled:
+            await asyncio.sleep(self.cfg.check_interval_s)
+            try:
+                await self.check(time.monotonic())
+            except (PlacementError, RuntimeError) as e:  # MoveError is a RuntimeError
+                log.warning("performance-driven reallocation skipped: %s", e)
+                self.rebalancer.note_change(time.monotonic())
+            except Exception:  # a bug: say so, and keep the loop (a dead task says nothing)
+                log.exception("performance-driven reallocation failed")
+                self.rebalancer.note_change(time.monotonic())
+
+    async def check(self, now: float) -> dict | None:
+        """One round; returns the mover's record when it moved layers (or undid a move)."""
+        b = self.core
+        if not b.ready or self.mover.moving or b.placement is None:
+            return None
+        placement = b.placement
+        if placement.epoch != self.epoch:
+            self.epoch, self.concurrency = placement.epoch, []
+        if len(b.sessions):
+            self.concurrency.append(len(b.sessions))
+        alive = frozenset(b.registry.names())
+        if alive != self.alive:
+            self.alive, self.rejected = alive, set()
+        measured = _medians(b, placement.nodes())
+        tokens = min(t for _, t in measured.values())
+        if tokens == 0:
+            return None
+        self._learn(measured)
+        if self.pending is not None and self.pending.epoch != placement.epoch:
+            self.pending = None  # another change came first (an admin move, a recovery)
+        if self.pending is not None:
+            return await self._verify(measured, tokens) if tokens >= self.cfg.min_tokens else None
+        known = self.per_layer()
+        idle = [n for n in alive if n not in placement.nodes() and n not in known]
+        reason = self.rebalancer.due(tokens, now, joined=idle)
+        if reason is None:
+            return None
+        return await self._replan(measured, reason, now)
+
+    def _learn(self, measured: Mapping[str, tuple[float, int]]) -> None:
+        """Measured seconds per layer of the nodes with ``min_tokens`` tokens: facts from now on."""
+        b = self.core
+        cost = model_cost(b)
+        epoch = b.placement.epoch
+        for st in b.placement.stages:
+            p50, n = measured[st.node]
+            node = b.registry.by_name.get(st.node)
+            if node is None or n < self.cfg.min_tokens or not p50 > 0:
+                continue
+            old = self.facts.get(st.node)
+            if old is not None and old.registered_at != node.registered_at:
+                old = None
+            earlier = None if old is None else old.s if old.epoch != epoch else old.earlier
+            self.facts[st.node] = Fact(node.registered_at,
+                                       measured_s_per_layer(p50, st.start, st.end, cost), epoch,
+                                       earlier)
+
+    def per_layer(self) -> dict[str, float]:
+        """Seconds per layer of the alive nodes measured so far (as registered now).
+
+        Figures from an earlier placement are scaled by the load's drift since: on shared
+        cores every node's time moves with the machine's load, and a stale figure beside fresh
+        ones would make an idle node look faster or slower than it is. The drift is the median
+        over the nodes measured now of their figure now / on the placement before.
+        """
+        epoch = self.core.placement.epoch if self.core.placement else -1
+        live = {}
+        for name, f in self.facts.items():
+            node = self.core.registry.by_name.get(name)
+            if node is not None and node.state != "dead" and node.registered_at == f.registered_at:
+                live[name] = f
+        ratios = [f.s / f.earlier for f in live.values() if f.epoch == epoch and f.earlier]
+        drift = statistics.median(ratios) if ratios else 1.0
+        return {n: f.s if f.epoch == epoch else f.s * drift for n, f in live.items()}
+
+    def slowed(self, expected: Mapping[str, float],
+               measured: Mapping[str, tuple[float, int]]) -> list[str]:
+        """Nodes whose measured share of the step time exceeds their planned share."""
+        total = sum(p for p, _ in measured.values())
+        return [n for n, (p, _) in measured.items()
+                if total > 0 and p / total > expected.get(n, 0.0) + SLOWED_MARGIN]
+
+    async def _replan(self, measured: Mapping[str, tuple[float, int]], reason: str,
+                      now: float) -> dict | None:
+        b, cfg = self.core, self.cfg
+        stages = list(b.placement.stages)
+        s = statistics.mean(self.concurrency) if self.concurrency else 1.0
+        facts = self.per_layer()
+        # The shares the placement serving was planned with: the plan this loop moved to, else
+        # (the broker's own placement) its prediction on the prior alone.
+        if self.planned[0] == b.placement.epoch:
+            expected = self.planned[1]
+        else:
+            prior, _ = plan_for_broker(b, "current", perf_weight=0.0, measured={})
+            expected = prior.shares() if prior is not None else {}
+        cap = {st.node: st.end - st.start for st in stages
+               if st.node in self.slowed(expected, measured)}
+        current, proposal = plan_for_broker(
+            b, cfg.strategy, perf_weight=cfg.perf_weight, measured=facts, max_layers=cap,
+            concurrency=s if cfg.strategy == "compute" else None)
+        cur_s = current.per_token_s(s) if current is not None else None
+        new_s = proposal.per_token_s(s)
+        if (proposal.stages == stages or tuple(proposal.stages) in self.rejected
+                or not self.rebalancer.worth_it(cur_s, new_s)):
+            self.rebalancer.note_declined(now)  # hysteresis: wait a cooldown again
+            return None
+        before_s = per_token_s([measured[st.node][0] for st in stages], s)
+        per = ", ".join(f"{n} {_fmt_ms(v)}" for n, v in sorted(facts.items()))
+        why = (f"performance: {reason}; predicted {_fmt_ms(new_s)} per token vs "
+               f"{_fmt_ms(cur_s or math.nan)} now at {s:.3g} session(s) (per layer: {per}"
+               f"{'; capped: ' + ', '.join(sorted(cap)) if cap else ''})")
+        record = await self.mover.transition(proposal.stages, why)
+        self.pending = Pending(b.placement.epoch, stages, before_s, new_s, s)
+        self.planned = (b.placement.epoch, proposal.shares())
+        return record
+
+    async def _verify(self, measured: Mapping[str, tuple[float, int]], tokens: int) -> dict | None:
+        """The pending move's prediction against what was measured; undo a move for the worse."""
+        b, p = self.core, self.pending
+        self.pending = None
+        after_s = per_token_s([measured[st.node][0] for st in b.placement.stages], p.concurrency)
+        load = self.load_change(p)
+        if after_s <= p.before_s * load:
+            log.info("reallocation confirmed: %s per token measured over %d tokens, %s before "
+                     "x %.2f load change (predicted %s)", _fmt_ms(after_s), tokens,
+                     _fmt_ms(p.before_s), load, _fmt_ms(p.predicted_s))
+            return None
+        self.rejected.add(tuple(b.placement.stages))
+        return await self.mover.transition(
+            p.before, f"undo: {_fmt_ms(after_s)} per token measured over {tokens} tokens after "
+            f"the move, {_fmt_ms(p.before_s)} before it x {load:.2f} load change (predicted "
+            f"{_fmt_ms(p.predicted_s)})")
+
+    def load_change(self, p: Pending) -> float:
+        """How much the machine's load alone changed the nodes' speed since before the move.
+
+        On shared cores the time per layer of every node moves with the load; a wrong prediction
+        shows in some nodes only. The least change of seconds per layer over the nodes measured
+        both before and after the move is what all of them share: the load's. With fewer than
+        two such nodes the load cannot be told from the move: 1.
+        """
+        before = {st.node for st in p.before}
+        ratios = [f.s / f.earlier for n, f in self.facts.items()
+                  if n in before and f.epoch == p.epoch and f.earlier]
+        return min(ratios) if len(ratios) >= 2 else 1.0
 
 
 # ---------------------------------------------------------------- the planner's inputs
@@ -142,30 +335,58 @@ def planable(node: Any) -> bool:
     return node.state not in ("dead", "failed")
 
 
-def capabilities(broker: Any, cost: ModelCost | None = None) -> dict[str, NodeCapability]:
-    """Per alive node: GFLOP/s, memory budget and, where measured, seconds per layer.
+def budgets(nodes: Iterable[Any]) -> dict[str, int]:
+    """Memory budget per node: its share of the free memory of its pool + what it holds.
 
-    The budget is the free memory the node last reported plus what it holds now (its weights
-    and KV would be freed or reused by a new placement). Measured: the median decode compute
-    time per token since the placement last changed (``broker.measured``; a broker without it:
-    the metrics window's p50), divided by the layer-equivalents of the range the node holds.
+    A node's free figure excludes what it holds (weights, KV, allocator cache: ``mem_held``,
+    from the same report), and a new placement frees or reuses that: the budget is the sum.
+    Nodes on one host with the same device draw on one pool and each report all of it: the
+    pool is counted once (the least of their reports: the latest allocations show in it) and
+    split evenly between them.
+    """
+    pools: dict[tuple[str, str], list[Any]] = defaultdict(list)
+    for n in nodes:
+        pools[(n.host, n.device)].append(n)
+    out = {}
+    for members in pools.values():
+        free = min(max(0, m.memory()[0]) for m in members)
+        for m in members:
+            out[m.name] = free // len(members) + max(0, m.memory()[1])
+    return out
+
+
+def kv_per_layer(node: Any, spec: Any) -> int | None:
+    """Bytes per layer of the node's static KV pool (None: it has none)."""
+    if not getattr(node, "kv_slots", 0):
+        return None
+    return pool_bytes_per_layer(node.kv_slots, node.kv_max_len, spec.num_kv_heads,
+                                spec.head_dim, DTYPE_BYTES.get(node.dtype, 4))
+
+
+def capabilities(broker: Any, cost: ModelCost | None = None,
+                 measured: Mapping[str, float] | None = None) -> dict[str, NodeCapability]:
+    """Per alive node: GFLOP/s (the prior), memory budget (``budgets``), its static KV pool per
+    layer and, where measured, seconds per layer.
+
+    Measured: ``measured`` (seconds per layer by node) where given; else for the nodes holding
+    layers the median decode compute per token since the placement last changed
+    (``broker.measured``; a broker without it: the metrics window's p50), divided by the
+    layer-equivalents of the range held.
     """
     cost = cost or model_cost(broker)
+    alive = [n for n in broker.registry.all() if planable(n)]
+    budget = budgets(alive)
     out = {}
-    for n in broker.registry.all():
-        if not planable(n):
-            continue
-        held = n.state in ("loading", "ready") and n.end > n.start
-        free = int(n.stats.get("mem_free", n.mem_free) or 0)
-        kv = int(n.stats.get("kv_bytes", 0) or 0)
-        budget = free + (int(n.weight_bytes or 0) + kv if held else 0)
-        measured = None
-        p50 = measured_compute(broker, n.name) if held else None
-        if p50:
-            measured = measured_s_per_layer(p50, n.start, n.end, cost)
-        bw = n.stats.get("bandwidth_bytes_s", getattr(n, "bandwidth_bytes_s", None))
-        out[n.name] = NodeCapability(n.name, float(n.gflops), budget,
-                                     float(bw) if bw else None, measured)
+    for n in alive:
+        per_layer = None
+        if measured is not None and n.name in measured:
+            per_layer = measured[n.name]
+        elif n.state in ("loading", "ready") and n.end > n.start:
+            p50 = measured_compute(broker, n.name)
+            if p50:
+                per_layer = measured_s_per_layer(p50, n.start, n.end, cost)
+        out[n.name] = NodeCapability(n.name, float(n.gflops), budget[n.name], per_layer,
+                                     kv_per_layer(n, broker.spec))
     return out
 
 
@@ -191,19 +412,23 @@ def current_stages(broker: Any) -> list[StageAssignment]:
 
 
 def plan_for_broker(broker: Any, strategy: str, *, exclude: Iterable[str] = (),
-                    perf_weight: float | None = None) -> tuple[PlanResult | None, PlanResult]:
+                    perf_weight: float | None = None, measured: Mapping[str, float] | None = None,
+                    max_layers: Mapping[str, int] | None = None,
+                    concurrency: float | None = None) -> tuple[PlanResult | None, PlanResult]:
     """(the serving placement evaluated, the plan ``strategy`` gives for the alive nodes).
 
     Nodes in ``exclude`` are left out of the plan. ``custom``: the broker config's stages when
     it has them, else the serving placement. ``current``: the serving placement itself.
     Both results are predicted on one scale (same calibration), so that they compare.
-    ``perf_weight`` defaults to the broker's ``rebalance.perf_weight``. Raises PlacementError
+    ``perf_weight`` defaults to the broker's ``rebalance.perf_weight``. ``measured``: seconds per
+    layer by node, instead of the placement's own measurements (``{}``: none, the prior alone);
+    ``max_layers`` and ``concurrency``: see ``zpipe.placement.plan``. Raises PlacementError
     (with the numbers) when nothing fits.
     """
     cfg = broker.cfg
     pw = cfg.rebalance.perf_weight if perf_weight is None else perf_weight
     cost = model_cost(broker)
-    caps = capabilities(broker, cost)
+    caps = capabilities(broker, cost, measured)
     pc = cfg.placement
     k = calibration(list(caps.values()), cost)  # one scale for current and proposed
     current = None
@@ -229,7 +454,7 @@ def plan_for_broker(broker: Any, strategy: str, *, exclude: Iterable[str] = (),
         names = node_order(broker, [n for n in caps if n not in excluded])
     proposed = plan(strategy, [caps[n] for n in names], cost, context_len=pc.context_len,
                     sessions=pc.sessions, weights=pc.weights, custom=custom, perf_weight=pw,
-                    calibrate=k)
+                    calibrate=k, max_layers=max_layers, concurrency=concurrency)
     return current, proposed
 
 

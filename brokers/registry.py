@@ -24,6 +24,9 @@ class NodeInfo:
     gflops: float
     peer: str = ""  # where other nodes send it steps under direct routing ("": nowhere)
     max_batch: int = 0  # the most rows it runs as one batch (0: it did not say)
+    mem_held: int = 0  # at register: memory a new placement would free or reuse
+    kv_slots: int = 0  # its static KV pool (0: none): slots of kv_max_len tokens per layer
+    kv_max_len: int = 0
     state: str = "registered"  # registered → loading → ready; dead when silent too long
     start: int = 0
     end: int = 0
@@ -33,11 +36,25 @@ class NodeInfo:
     last_seen: float = field(default_factory=time.monotonic)
     stats: dict = field(default_factory=dict)  # the latest heartbeat's figures
 
+    def memory(self) -> tuple[int, int]:
+        """(free, held) bytes from the latest report: the last heartbeat's, else the register's.
+
+        Free excludes what the node holds; held is what a new placement frees or reuses (its
+        weights, KV, allocator cache). Both come from one snapshot, so their sum is the node's
+        memory budget without counting held weights twice (a free figure from before a load
+        beside the weights loaded since would)."""
+        st = self.stats
+        if "mem_free" in st and "mem_held" in st:
+            return int(st["mem_free"]), int(st["mem_held"])
+        return self.mem_free, self.mem_held
+
     def to_dict(self) -> dict:
+        free, held = self.memory()
         return {
             "name": self.name, "pid": self.pid, "host": self.host, "device": self.device,
             "dtype": self.dtype, "state": self.state, "mem_total": self.mem_total,
-            "mem_free": self.mem_free, "gflops": self.gflops,
+            "mem_free": free, "mem_held": held, "gflops": self.gflops,
+            "kv_pool": [self.kv_slots, self.kv_max_len] if self.kv_slots else None,
             "layers": [self.start, self.end] if self.state != "registered" else None,
             "weight_bytes": self.weight_bytes,
             "heartbeat_age_s": round(time.monotonic() - self.last_seen, 3),
@@ -67,10 +84,16 @@ class Registry:
         if not 0 <= max_batch <= MAX_ROWS:
             log.warning("node %s registered max_batch %d: ignored", msg["name"], max_batch)
             max_batch = 0
+        slots, max_len = msg.get("kv_slots", 0), msg.get("kv_max_len", 0)
+        if slots < 0 or max_len < 0 or (slots > 0) != (max_len > 0):
+            log.warning("node %s registered a KV pool of %d x %d: ignored", msg["name"], slots,
+                        max_len)
+            slots = max_len = 0
         info = NodeInfo(ident=ident, name=msg["name"], pid=msg["pid"], host=msg["host"],
                         device=msg["device"], dtype=msg["dtype"], mem_total=msg["mem_total"],
                         mem_free=msg["mem_free"], gflops=float(msg["gflops"]),
-                        peer=peer, max_batch=max_batch)
+                        peer=peer, max_batch=max_batch, mem_held=max(0, msg.get("mem_held", 0)),
+                        kv_slots=slots, kv_max_len=max_len)
         self.by_name[info.name] = info
         self.by_ident[ident] = info
         return old

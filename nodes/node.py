@@ -23,6 +23,7 @@ from zpipe.config import NodeConfig
 from zpipe.identity import model_identity
 from zpipe.models import resolve_model
 from zpipe.protocol import Message, ProtocolError
+from zpipe.slots import SlotKV
 
 log = logging.getLogger("zpipe.node")
 
@@ -109,15 +110,33 @@ class Node:
         self.sock = aio.Socket(sock, busy_poll_s=cfg.busy_poll_ms / 1000)
         await self._register()
 
+    def held_bytes(self) -> int:
+        """Memory a new placement frees or reuses: the weights held, every KV cache (the static
+        pool whole) and, on CUDA, what the allocator keeps for reuse. Read beside the free
+        memory (``memory``), which excludes all of it: the planner adds the two."""
+        ex = self.executor
+        stage, pool = ex.stage, ex.pool  # the compute thread may replace them meanwhile
+        held = stage.weight_bytes() if stage is not None else 0
+        if pool is not None:
+            held += sum(t.nbytes for t in [*list(pool.k.values()), *list(pool.v.values())])
+        held += sum(c.nbytes() for c in list(ex.caches.values()) if not isinstance(c, SlotKV))
+        return held + sysinfo.cached_bytes(self.cfg.device)
+
+    def memory(self) -> dict:
+        """The memory figures of a register or heartbeat message (one snapshot)."""
+        total, free = sysinfo.memory(self.cfg.device)
+        return {"mem_total": total, "mem_free": free, "mem_held": self.held_bytes(),
+                "rss": sysinfo.rss_bytes()}
+
     async def _register(self) -> None:
         cfg = self.cfg
-        total, free = sysinfo.memory(cfg.device)
+        kv = cfg.static_kv
+        pool = {"kv_slots": kv.slots, "kv_max_len": kv.max_len} if kv.on(cfg.device) else {}
         await self.send(protocol.encode(
             "register", name=cfg.name, pid=os.getpid(), host=socket.gethostname(),
             device=cfg.device, dtype=cfg.dtype, model=str(self.model_dir),
-            num_layers=self.executor.spec.num_layers, identity=self.identity,
-            mem_total=total, mem_free=free,
-            gflops=round(self.gflops, 2), max_batch=cfg.max_batch,
+            num_layers=self.executor.spec.num_layers, identity=self.identity, **self.memory(),
+            gflops=round(self.gflops, 2), max_batch=cfg.max_batch, **pool,
             **({"peer": self.peers.addr} if self.peers.addr else {})))
         log.info("node %s registering with %s (%s, %s, %.1f GFLOP/s)", cfg.name, cfg.broker,
                  cfg.device, cfg.dtype, self.gflops)
@@ -130,8 +149,10 @@ class Node:
         while True:
             now = time.monotonic()
             if now >= next_beat:
+                mem = self.memory()
                 await self.send(protocol.encode(
-                    "heartbeat", rss=sysinfo.rss_bytes(), kv_bytes=self.executor.kv_bytes(),
+                    "heartbeat", rss=mem["rss"], mem_free=mem["mem_free"],
+                    mem_held=mem["mem_held"], kv_bytes=self.executor.kv_bytes(),
                     sessions=len(self.executor.caches), steps=self.executor.steps,
                     known_steps=self.executor.known_steps))
                 next_beat = now + self.heartbeat_s

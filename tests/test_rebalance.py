@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import statistics
 from collections import defaultdict, deque
 from pathlib import Path
 from types import SimpleNamespace
@@ -14,7 +15,7 @@ import pytest
 
 from brokers import admin, rebalance
 from brokers.mover import MoveError
-from brokers.rebalance import Rebalancer, worth_it
+from brokers.rebalance import AutoRebalancer, Rebalancer, worth_it
 from brokers.registry import Registry
 from zpipe import protocol
 from zpipe.cli import admin as admin_cli
@@ -24,102 +25,33 @@ from zpipe.placement import Placement, StageAssignment, uniform
 
 # --------------------------------------------------------------------------- Rebalancer
 
-PLAN3 = {"a": 1 / 3, "b": 1 / 3, "c": 1 / 3}
-
 
 def _rb(**kw) -> Rebalancer:
     return Rebalancer(Rebalance(enabled=True, **{"min_tokens": 10, "cooldown_s": 30.0, **kw}))
 
 
-def test_triggers_when_a_share_departs_past_the_threshold() -> None:
-    r = _rb()
-    # b is 3x slower than planned: shares .2 / .6 / .2 vs 1/3 each → |.27| > .15
-    reason = r.check(PLAN3, {"a": 0.01, "b": 0.03, "c": 0.01}, 100, now=1000.0)
-    assert reason is not None and "node b takes 60%" in reason and "planned 33%" in reason
-    assert "threshold 0.15" in reason and "100 tokens" in reason
-    assert r.last_reason == reason
-
-
-def test_no_trigger_within_threshold() -> None:
-    r = _rb()
-    # b 1.5x slower: .25 / .5 ... → shares .2857/.4286/.2857: |.095| ≤ .15
-    assert r.check(PLAN3, {"a": 0.01, "b": 0.015, "c": 0.01}, 100, now=1000.0) is None
-    assert r.check(PLAN3, {"a": 0.01, "b": 0.01, "c": 0.01}, 100, now=1000.0) is None
-    # a lower threshold trips on the same figures
-    assert _rb(threshold=0.05).check(PLAN3, {"a": 0.01, "b": 0.015, "c": 0.01}, 100,
-                                     now=1000.0) is not None
-
-
-def test_planned_shares_from_predicted_seconds_or_a_plan_result() -> None:
-    r = _rb()
-    # planned: b does 3x the work of a and c (e.g. it holds 3x the layers)
-    predicted = {"a": 0.2, "b": 0.6, "c": 0.2}
-    assert r.check(predicted, {"a": 0.01, "b": 0.03, "c": 0.01}, 100, now=1000.0) is None
-    assert r.check(predicted, {"a": 0.01, "b": 0.01, "c": 0.01}, 100, now=1000.0) is not None
-    from zpipe.placement import PlanResult
-    pr = PlanResult("compute", uniform(["a", "b", "c"], 30), [0.2, 0.6, 0.2], [0] * 3, [0] * 3)
-    assert r.check(pr, {"a": 0.01, "b": 0.03, "c": 0.01}, 100, now=1000.0) is None
-
-
-def test_needs_min_tokens_and_every_stage_measured() -> None:
-    r = _rb(min_tokens=64)
-    slow_b = {"a": 0.01, "b": 0.03, "c": 0.01}
-    assert r.check(PLAN3, slow_b, 63, now=1000.0) is None
-    assert r.check(PLAN3, slow_b, 64, now=1000.0) is not None
-    assert r.check(PLAN3, {"a": 0.01, "b": 0.03}, 100, now=1000.0) is None
-    assert r.check(PLAN3, {**slow_b, "c": None}, 100, now=1000.0) is None
-    assert r.check({"a": 1.0}, {"a": 0.5}, 100, now=1000.0) is None  # one stage: nothing to do
-
-
-def test_cooldown_after_a_change_and_after_a_declined_plan() -> None:
-    r = _rb(cooldown_s=30.0)
-    slow_b = {"a": 0.01, "b": 0.03, "c": 0.01}
+def test_due_after_min_tokens_and_the_cooldowns() -> None:
+    r = _rb(min_tokens=64, cooldown_s=30.0)
+    assert r.due(63, now=1000.0) is None
+    assert r.due(64, now=1000.0) == "64 tokens measured" == r.last_reason
     r.note_change(1000.0)
-    assert r.check(PLAN3, slow_b, 100, now=1029.9) is None
-    assert r.check(PLAN3, slow_b, 100, now=1030.0) is not None
+    assert r.due(100, now=1029.9) is None and r.due(100, now=1030.0) is not None
     r.note_declined(1040.0)
-    assert r.check(PLAN3, slow_b, 100, now=1060.0) is None
-    assert r.check(PLAN3, slow_b, 100, now=1070.0) is not None
+    assert r.due(100, now=1060.0) is None and r.due(100, now=1070.0) is not None
 
 
-def test_off_switch_and_joined_nodes() -> None:
-    off = Rebalancer(Rebalance(enabled=False))
-    assert off.check(PLAN3, {"a": 0.01, "b": 0.03, "c": 0.01}, 10**6, now=1e9) is None
+def test_off_switch_and_idle_nodes() -> None:
+    assert Rebalancer(Rebalance(enabled=False)).due(10**6, now=1e9) is None
     r = _rb()
-    reason = r.check(PLAN3, {"a": 0.01, "b": 0.01, "c": 0.01}, 0, now=1000.0, joined=["d"])
-    assert reason == "node(s) d joined and hold no layers"
+    assert r.due(0, now=1000.0, joined=["d"]) == "node(s) d hold no layers"
     r.note_change(1000.0)
-    assert r.check(PLAN3, {}, 0, now=1001.0, joined=["d"]) is None  # cooldown still applies
+    assert r.due(0, now=1001.0, joined=["d"]) is None  # the cooldown still applies
 
 
-def test_worth_it_needs_five_percent() -> None:
-    assert worth_it(1.0, 0.95) and not worth_it(1.0, 0.951) and not worth_it(1.0, 1.2)
+def test_worth_it_needs_min_gain() -> None:
+    assert worth_it(1.0, 0.85) and not worth_it(1.0, 0.851) and not worth_it(1.0, 1.2)
     assert worth_it(None, 5.0) and worth_it(0.0, 1.0)
-    r = _rb()
-    from zpipe.placement import PlanResult
-    cur = PlanResult("x", [], [0.3, 1.0], [], [])
-    assert r.worth_it(cur, PlanResult("y", [], [0.6, 0.6], [], []))
-    assert not r.worth_it(cur, PlanResult("y", [], [0.2, 0.97], [], []))
-    assert r.worth_it(1.0, 0.9)
-
-
-def test_hysteresis_no_oscillation_between_near_equal_plans() -> None:
-    """Measured shares drift, re-plans are predicted barely better: no move, then a pause."""
-    r = _rb(cooldown_s=10.0)
-    now, moves, declined = 0.0, 0, 0
-    for step in range(100):
-        now += 1.0
-        jitter = 0.01 * (1.0 + 1.5 * (step % 2))  # b alternates 1x / 2.5x
-        reason = r.check(PLAN3, {"a": 0.01, "b": jitter, "c": 0.01}, 100, now)
-        if reason is None:
-            continue
-        if r.worth_it(1.0, 0.97):  # the re-plan would gain 3%
-            moves += 1
-            r.note_change(now)
-        else:
-            declined += 1
-            r.note_declined(now)
-    assert moves == 0 and 0 < declined <= 10
+    assert _rb(min_gain=0.05).worth_it(1.0, 0.95) and not _rb().worth_it(1.0, 0.95)
 
 
 # --------------------------------------------------------------------------- a stand-in broker
@@ -129,10 +61,17 @@ SPEC = SimpleNamespace(num_layers=6, hidden_size=64, num_heads=4, num_kv_heads=2
 
 
 class FakeMover:
-    def __init__(self) -> None:
+    def __init__(self, broker: FakeBroker | None = None) -> None:
+        self.broker = broker
         self.calls: list[tuple] = []
         self.history: list[dict] = []
         self.fail: str | None = None
+        self.moving = False
+
+    async def transition(self, stages: list[StageAssignment], reason: str) -> dict:
+        rec = await self._record("transition", list(stages), reason)
+        self.broker.switch(list(stages))
+        return rec
 
     async def _record(self, *call) -> dict:
         self.calls.append(call)
@@ -173,7 +112,8 @@ class FakeBroker:
         self.waiting_for = "nodes"
         self.model_dir = Path("/models/x")
         self.sessions: dict = {}
-        self.mover = FakeMover()
+        self.mover = FakeMover(self)
+        self.rebalancer = Rebalancer(self.cfg.rebalance)
         self.sent: list[tuple[bytes, protocol.Message]] = []
         self.slowed: list[tuple[str, float]] = []
 
@@ -183,6 +123,16 @@ class FakeBroker:
         for st in stages:
             n = self.registry.by_name[st.node]
             n.state, n.start, n.end, n.weight_bytes = "ready", st.start, st.end, 1000
+
+    def switch(self, stages: list[StageAssignment]) -> None:
+        """What the broker does after a committed move."""
+        self.placement = Placement(self.placement.epoch + 1, stages)
+        held = {st.node: st for st in stages}
+        for n in self.registry.all():
+            st = held.get(n.name)
+            n.state, n.start, n.end = ("ready", st.start, st.end) if st else ("registered", 0, 0)
+        self.measured.clear()
+        self.rebalancer.note_change(0.0)
 
     async def send(self, ident: bytes, frames: list) -> bool:
         msg = protocol.decode(frames)
@@ -207,7 +157,9 @@ def _ask(b: FakeBroker, op: str, args: dict | None = None) -> protocol.Message:
 def test_capabilities_from_the_registry_and_measurements() -> None:
     b = FakeBroker({"a": 10.0, "b": 30.0, "c": 10.0})
     b.place(uniform(["a", "b", "c"], 6))
-    b.registry.by_name["a"].stats.update({"kv_bytes": 500, "mem_free": 2000})
+    for n in "abc":  # the nodes are on different hosts here: no shared pool
+        b.registry.by_name[n].host = n
+    b.registry.by_name["a"].stats.update({"kv_bytes": 500, "mem_free": 2000, "mem_held": 1500})
     b.measured["a"].extend([0.003, 0.002, 0.004])  # median 3 ms for 2 layers
     cost = rebalance.model_cost(b)
     caps = rebalance.capabilities(b, cost)
@@ -417,3 +369,123 @@ def test_admin_cli_on_a_real_cluster(moving_cluster, capsys: pytest.CaptureFixtu
     assert _generate(rc) == ref
     code, out, err = _cli(capsys, "move", "--layers", "0-5", "--to", "nobody", *addr)
     assert code == 1 and "unknown node 'nobody'" in err
+
+
+# --------------------------------------------------------------------------- AutoRebalancer
+SPEC30 = SimpleNamespace(**{**vars(SPEC), "num_layers": 30})
+
+
+def _auto(gflops: dict[str, float], stages: list[StageAssignment],
+          sessions: int = 1) -> tuple[FakeBroker, AutoRebalancer]:
+    b = FakeBroker(gflops, rebalance={"enabled": True, "min_tokens": 8, "cooldown_s": 0})
+    b.spec = SPEC30
+    b.place(stages)
+    b.sessions = {f"s{i}": None for i in range(sessions)}
+    return b, AutoRebalancer(b, b.mover, b.rebalancer)
+
+
+def _measure(b: FakeBroker, per_layer: dict[str, float], tokens: int = 8) -> None:
+    """Decode compute per token as the nodes would report it: per layer × what they hold."""
+    cost = rebalance.model_cost(b)
+    for st in b.placement.stages:
+        t = per_layer[st.node] * cost.layer_equivalents(st.end - st.start, st.end == 30)
+        b.measured[st.node].extend([t] * tokens)
+
+
+def _layers(b: FakeBroker) -> dict[str, int]:
+    return {st.node: st.end - st.start for st in b.placement.stages}
+
+
+SLOW_B = {"a": 0.001, "b": 0.003, "c": 0.001}
+
+
+def test_plans_from_measured_times_and_keeps_a_move_that_measured_faster() -> None:
+    # The start-up prior says b is the fastest node; its measured steps say 3x slower.
+    b, auto = _auto({"a": 10.0, "b": 40.0, "c": 10.0}, uniform(["a", "b", "c"], 30))
+    _measure(b, SLOW_B, tokens=7)
+    assert asyncio.run(auto.check(1.0)) is None  # min_tokens not reached
+    _measure(b, SLOW_B, tokens=1)
+    record = asyncio.run(auto.check(2.0))
+    assert record is not None and record["reason"].startswith("performance: ")
+    assert "b 3.0 ms" in record["reason"] and "capped: b" in record["reason"]
+    assert _layers(b).get("b", 0) < 10 and sum(_layers(b).values()) == 30
+    # the new placement measures as predicted: kept; b, left with nothing, is not re-added
+    _measure(b, SLOW_B)
+    assert asyncio.run(auto.check(3.0)) is None and auto.pending is None
+    _measure(b, SLOW_B)
+    assert asyncio.run(auto.check(4.0)) is None
+    assert len(b.mover.calls) == 1
+
+
+def test_undoes_a_move_that_made_things_slower_and_does_not_repeat_it() -> None:
+    b, auto = _auto({"a": 10.0, "b": 10.0, "c": 10.0}, uniform(["a", "b", "c"], 30))
+    before = list(b.placement.stages)
+    _measure(b, SLOW_B)
+    assert asyncio.run(auto.check(1.0)) is not None
+    moved = list(b.placement.stages)
+    assert _layers(b) == {"a": 15, "c": 15}
+    # the prediction was wrong: a, given 15 layers, runs each 3x slower (c as before)
+    _measure(b, {**SLOW_B, "a": 0.003})
+    record = asyncio.run(auto.check(2.0))
+    assert record is not None and record["reason"].startswith("undo: ")
+    assert "per token measured over 8 tokens after the move" in record["reason"]
+    assert "x 1.00 load change" in record["reason"]
+    assert b.placement.stages == before
+    # measured as before on the old placement: the same plan again, refused this time
+    _measure(b, SLOW_B)
+    assert asyncio.run(auto.check(3.0)) is None
+    assert [c[0] for c in b.mover.calls] == ["transition", "transition"]
+    assert b.mover.calls[0][1] == moved and b.mover.calls[1][1] == before
+
+
+def test_never_gives_a_slowed_node_more_layers() -> None:
+    """The prior made b 10x faster than a and c; it measures as fast as a: slower than the plan
+    assumed. c is 4x slower: layers must move. A plan on the measurements alone gives b more
+    than its 10 layers; the move gives them to a."""
+    b, auto = _auto({"a": 10.0, "b": 100.0, "c": 10.0}, uniform(["a", "b", "c"], 30),
+                    sessions=16)
+    per_layer = {"a": 0.001, "b": 0.001, "c": 0.004}
+    _measure(b, per_layer)
+    uncapped = rebalance.plan_for_broker(b, "compute", perf_weight=1.0, concurrency=16)[1]
+    assert uncapped.layers()["b"][1] - uncapped.layers()["b"][0] > 10
+    asyncio.run(auto.check(1.0))
+    assert len(b.mover.calls) == 1 and "capped: b" in b.mover.calls[0][-1]
+    assert _layers(b)["b"] <= 10
+    # b is then slower again than that plan assumed: it does not grow on later re-plans either
+    held = _layers(b)["b"]
+    for t in range(4):
+        _measure(b, {**per_layer, "b": 0.0015})
+        asyncio.run(auto.check(2.0 + t))
+        assert _layers(b).get("b", 0) <= held
+
+
+def test_figures_of_idle_nodes_follow_the_load() -> None:
+    """An admin move put every layer on c; then the machine got 40% busier: c measures 1.4 ms
+    per layer where it measured 1 ms. a, idle since, measured 1 ms back then: scaled by c's
+    drift it is 1.4 ms, so no move chases its stale figure."""
+    b, auto = _auto({"a": 10.0, "b": 10.0, "c": 10.0}, uniform(["a", "b", "c"], 30))
+    auto.cfg.min_gain = 0.99  # measure only
+    _measure(b, SLOW_B)
+    assert asyncio.run(auto.check(1.0)) is None
+    b.switch([StageAssignment("c", 0, 30)])
+    busier = {n: 1.4 * t for n, t in SLOW_B.items()}
+    _measure(b, busier)
+    auto.cfg.min_gain = 0.15
+    assert asyncio.run(auto.check(2.0)) is None
+    assert auto.per_layer() == pytest.approx(busier)
+    assert not b.mover.calls
+
+
+def test_a_busier_machine_does_not_undo_a_move() -> None:
+    """After the move every node is 1.8x slower per layer (the machine got busier): the time per
+    token is worse than before the move, but not the placement: kept."""
+    b, auto = _auto({"a": 10.0, "b": 10.0, "c": 10.0}, uniform(["a", "b", "c"], 30))
+    _measure(b, SLOW_B)
+    asyncio.run(auto.check(1.0))
+    before_s = 0.010 + 0.030 + 0.001 * rebalance.model_cost(b).layer_equivalents(10, True)
+    _measure(b, {n: 1.8 * t for n, t in SLOW_B.items()})
+    after_s = sum(statistics.median(v) for v in b.measured.values())
+    assert after_s > before_s
+    assert asyncio.run(auto.check(2.0)) is None and auto.pending is None
+    assert auto.load_change(rebalance.Pending(b.placement.epoch, [], 0, 0, 1)) == 1.0  # no nodes
+    assert len(b.mover.calls) == 1

@@ -67,12 +67,28 @@ class StageSpec(_Strict):
 Strategy = Literal["uniform", "memory", "compute", "mixed", "custom"]
 
 
-class MixedWeights(_Strict):
-    """How the mixed strategy weighs each node's capabilities (the seeds' uneven allocation)."""
+def _removed(data: object, keys: dict[str, str]) -> object:
+    """Refuse keys that no longer exist, saying why (before "unknown key" would)."""
+    if isinstance(data, dict):
+        for key, why in keys.items():
+            if key in data:
+                raise ValueError(f"'{key}' is no longer a setting: {why}")
+    return data
 
-    compute: float = Field(0.5, ge=0)
-    memory: float = Field(0.3, ge=0)
-    bandwidth: float = Field(0.2, ge=0)
+
+class MixedWeights(_Strict):
+    """How the mixed strategy weighs each node's capabilities: its speed and its memory."""
+
+    compute: float = Field(0.6, ge=0)
+    memory: float = Field(0.4, ge=0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_bandwidth(cls, data: object) -> object:
+        # Link bandwidth belongs to a pair of nodes, and no node measures or reports one: a
+        # weight on it only scaled the other terms down.
+        return _removed(data, {"bandwidth": "no node measures link bandwidth; the mixed "
+                               "strategy weighs compute and memory only (drop the key)"})
 
 
 class PlacementConfig(_Strict):
@@ -119,16 +135,25 @@ class Limits(_Strict):
 
 
 class Rebalance(_Strict):
-    """Performance-driven reallocation (seed 000): re-plan when measured shares drift."""
+    """Performance-driven reallocation (``brokers/rebalance.py``): re-plan from measured
+    per-layer times; move when the plan is predicted ``min_gain`` faster; check each move's
+    prediction and undo one that made things slower."""
 
     enabled: bool = False
     strategy: Strategy = "compute"
-    # re-plan when a stage's share of the step time departs from its planned share by more
-    threshold: float = Field(0.15, gt=0, lt=1)
-    min_tokens: int = Field(64, ge=1)  # tokens measured since the last placement change
-    perf_weight: float = Field(0.3, ge=0, le=1)  # measured speed blended into capability
+    # a move must be predicted at least this much faster per token than the placement serving
+    min_gain: float = Field(0.15, gt=0, lt=1)
+    min_tokens: int = Field(64, ge=1)  # tokens measured on a placement before judging it
+    # measured seconds per layer vs the start-up matmul prior, for nodes with a measurement
+    perf_weight: float = Field(1.0, ge=0, le=1)
     cooldown_s: float = Field(30.0, ge=0)  # hysteresis: no new move this soon after one
     check_interval_s: float = Field(2.0, gt=0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_threshold(cls, data: object) -> object:
+        return _removed(data, {"threshold": "a re-plan is judged by its predicted gain "
+                               "(min_gain), not by how far one stage's share drifted"})
 
 
 class Heartbeat(_Strict):
@@ -251,7 +276,7 @@ class ClusterConfig(_Strict):
     nodes: Annotated[list[ClusterNode], Field(min_length=1)]
     # Give the broker and every node a CPU of its own (``pinned_cpus``); a process's own
     # ``cpu`` key wins. With busy polling on a GPU host: 2 nodes on 2 GPUs answered 22% more
-    # tokens/s at batch 1 (docs/benchmarks.md §5, twelfth session).
+    # tokens/s at batch 1 (docs/benchmarks.md).
     pin_cpus: bool = False
 
     @model_validator(mode="after")

@@ -9,10 +9,12 @@ from typing import Any
 @dataclass
 class NodeCapability:
     name: str
-    gflops: float  # measured dense matmul throughput
+    gflops: float  # measured dense matmul throughput at start-up: a prior, until measured
     mem_free_bytes: int  # memory budget for this node's weights + KV
-    bandwidth_bytes_s: float | None = None  # link bandwidth, where known
     measured_s_per_layer: float | None = None  # decode compute per layer-equivalent, measured
+    # KV bytes per layer held, fixed by the node (a static KV pool: allocated whole whatever the
+    # sessions); None: the planner's context_len × sessions budget.
+    kv_bytes_per_layer: int | None = None
 
 
 @dataclass
@@ -56,12 +58,18 @@ class ModelCost:
             b -= self.embed_bytes  # the one embedding matrix serves both
         return b
 
-    def kv_budget_bytes(self, layers: int, context_len: int, sessions: int) -> int:
+    def kv_budget_bytes(self, layers: int, context_len: int, sessions: int,
+                        per_layer: int | None = None) -> int:
+        """KV bytes of ``layers`` layers: ``per_layer`` each (a node's static pool), else a
+        cache of ``context_len × sessions`` tokens each."""
+        if per_layer is not None:
+            return layers * per_layer
         return layers * context_len * sessions * self.kv_bytes_per_token_per_layer
 
-    def layer_bytes(self, context_len: int, sessions: int) -> int:
+    def layer_bytes(self, context_len: int, sessions: int, kv_per_layer: int | None = None) -> int:
         """Memory one more layer costs: its weights and its KV budget."""
-        return self.layer_weight_bytes + self.kv_budget_bytes(1, context_len, sessions)
+        return self.layer_weight_bytes + self.kv_budget_bytes(1, context_len, sessions,
+                                                              kv_per_layer)
 
     def stage_flops(self, layers: int, last: bool) -> float:
         return layers * self.layer_flops_per_token + (self.head_flops_per_token if last else 0.0)
@@ -76,3 +84,8 @@ def measured_s_per_layer(compute_s: float, start: int, end: int, cost: ModelCost
     return compute_s / cost.layer_equivalents(end - start, end == cost.num_layers)
 
 
+def pool_bytes_per_layer(slots: int, max_len: int, kv_heads: int, head_dim: int,
+                         dtype_bytes: int) -> int:
+    """A static KV pool's bytes per layer: K and V for ``slots`` + 1 (scratch) slots of
+    ``max_len`` tokens (``zpipe.slots.SlotPool``)."""
+    return (slots + 1) * max_len * 2 * kv_heads * head_dim * dtype_bytes

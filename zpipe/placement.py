@@ -5,12 +5,12 @@ Two layers of API:
 - ``uniform`` / ``choose``: the broker's initial placement from the registered node names
   (``choose`` plans with capabilities too when it is given them).
 - ``plan``: a pure planner over numbers. Given each node's capability (``NodeCapability``:
-  measured matmul GFLOP/s, memory budget, optional link bandwidth, optional measured seconds
-  per layer) and the model's cost (``ModelCost``: bytes and FLOPs per layer, KV bytes per
-  token per layer, embedding and head), it returns a ``PlanResult``: the stages, and per stage
-  the predicted per-token time, the memory needed (weights + KV budget) and the budget.
+  start-up matmul GFLOP/s, memory budget, optional measured seconds per layer, optional fixed
+  KV bytes per layer) and the model's cost (``ModelCost``: bytes and FLOPs per layer, KV bytes
+  per token per layer, embedding and head), it returns a ``PlanResult``: the stages, and per
+  stage the predicted per-token time, the memory needed (weights + KV budget) and the budget.
 
-Strategies (the seeds' five):
+Strategies:
 
 uniform  equal layer counts (earlier stages take the remainder), as ``uniform()``.
 memory   layers proportional to what each node's memory budget leaves for layers once its
@@ -20,10 +20,20 @@ compute  min-max balance of the predicted per-token stage time (greedy: each nex
          the stage whose time grows least; optimal for a separable increasing objective).
          Accounts for the last stage's ``lm_head`` work, which on small models is several layers'
          worth. With ``perf_weight`` > 0 the measured speed is blended in (see below).
-mixed    the seeds' uneven allocation: weight_i = w_c·speed_i/Σ + w_m·mem_i/Σ + w_b·bw_i/Σ,
-         layers apportioned by weight (largest remainder). A term whose figure is missing on any
-         node is dropped and its weight shared by the other terms in proportion.
+         Given ``concurrency`` S (how many sessions run at once), it minimises instead the
+         predicted per-token time max(Σ stages, S × slowest stage): one session waits for every
+         stage in turn, many are limited by the slowest. Nodes may then be left out (a slow
+         node costs one session more than it gives), see ``_fastest``. Of the plans predicted
+         within 5% of the least time, the most balanced (shorter bursts of work per node).
+mixed    uneven allocation by capability: weight_i = w_c·speed_i/Σ + w_m·mem_i/Σ, layers
+         apportioned by weight (largest remainder).
 custom   the given stages, checked for coverage and memory.
+
+``max_layers`` (by node name) caps what a node may get whatever the strategy: performance-driven
+re-plans never give a node measured slower than planned more layers than it holds.
+
+A stage's KV budget per layer is the node's own figure when it has one (a static KV pool is
+allocated whole: slots × max_len tokens per layer), else ``context_len × sessions`` tokens.
 
 Every strategy respects memory: a node never gets more layers than fit its budget; the
 surplus goes to the others (in proportion to their weights). When the model does not fit at
@@ -108,6 +118,11 @@ class PlanResult:
         """Predicted time of the slowest stage: what limits tokens/s with many sessions."""
         return max(self.predicted_s, default=0.0)
 
+    def per_token_s(self, concurrency: float | None = None) -> float:
+        """Predicted seconds per token of each of ``concurrency`` sessions running at once:
+        max(Σ stages, S × slowest); None: the slowest stage alone (throughput)."""
+        return per_token_s(self.predicted_s, concurrency)
+
     def shares(self) -> dict[str, float]:
         """Each node's predicted share of the summed stage time."""
         total = self.step_s
@@ -132,6 +147,17 @@ class PlanResult:
 
 
 # --------------------------------------------------------------------------- timing model
+def per_token_s(stage_s: Sequence[float], concurrency: float | None) -> float:
+    """Seconds per token with ``concurrency`` sessions: one waits for every stage in turn; many
+    keep every stage busy and each gets the slowest stage's rate shared S ways. None: the
+    slowest stage (what limits tokens/s)."""
+    if not stage_s:
+        return 0.0
+    if concurrency is None:
+        return max(stage_s)
+    return max(sum(stage_s), max(concurrency, 1.0) * max(stage_s))
+
+
 def calibration(caps: Sequence[NodeCapability], cost: ModelCost) -> float:
     """Median of measured / capability seconds per layer over nodes with both; 1 if none."""
     ratios = []
@@ -177,7 +203,7 @@ def _evaluate(strategy: str, stages: list[StageAssignment], caps: Sequence[NodeC
         first, last = s.start == 0, s.end == cost.num_layers
         pred.append(cost.layer_equivalents(n, last) * per[s.node])
         w = n * cost.layer_weight_bytes + cost.fixed_bytes(first, last)
-        kv = cost.kv_budget_bytes(n, context_len, sessions)
+        kv = cost.kv_budget_bytes(n, context_len, sessions, by_name[s.node].kv_bytes_per_layer)
         wb.append(w)
         kvb.append(kv)
         mem.append(w + kv)
@@ -249,6 +275,88 @@ def _ranges(names: Sequence[str], counts: Sequence[int]) -> list[StageAssignment
     return out
 
 
+NEAR = 0.05  # plans predicted within 5% of the best are as good: shared cores measure no finer
+
+
+def _near_best(options: list[tuple[float, float, int, list]]) -> tuple[float, float, int, list]:
+    """Of (predicted per-token time, slowest stage, -nodes, ...) options, the most balanced
+    (lowest slowest stage, then more nodes) of those within ``NEAR`` of the best time."""
+    best = min(o[0] for o in options)
+    return min((o for o in options if o[0] <= best * (1 + NEAR)), key=lambda o: (o[1], o[2]))
+
+
+def _least_time(per_layer: Sequence[float], head_s: Sequence[float], total: int,
+                hi: Sequence[int], concurrency: float) -> tuple[float, float, list[int]] | None:
+    """(predicted per-token time, slowest stage, counts ≥ 1) near the least ``per_token_s``
+    (``_near_best``), or None when the caps ``hi`` cannot hold ``total``. For each bound B on
+    the slowest stage (every value a stage can take), each node may hold up to (B - head) / per
+    layers; the sum is least when the fastest nodes fill first. The optimum's slowest stage is
+    one of the B tried."""
+    k = len(per_layer)
+    if k > total or sum(hi) < total or min(hi) < 1:
+        return None
+    order = sorted(range(k), key=lambda i: (per_layer[i], i))
+    bounds = sorted({n * per_layer[i] + head_s[i] for i in range(k) for n in range(1, hi[i] + 1)})
+    options: list[tuple[float, float, int, list]] = []
+    for b in bounds:
+        cap = [min(hi[i], int((b - head_s[i]) / per_layer[i] + 1e-9)) for i in range(k)]
+        if min(cap) < 1 or sum(cap) < total:
+            continue
+        counts, rest = [1] * k, total - k
+        for i in order:
+            add = min(rest, cap[i] - 1)
+            counts[i] += add
+            rest -= add
+        times = [counts[i] * per_layer[i] + head_s[i] for i in range(k)]
+        options.append((per_token_s(times, concurrency), max(times), 0, counts))
+    if not options:
+        return None
+    t, slowest, _, counts = _near_best(options)
+    return t, slowest, counts
+
+
+EXACT_SUBSETS = 6  # up to this many nodes every subset is tried, beyond only the m fastest
+
+
+def _fastest(caps: Sequence[NodeCapability], cost: ModelCost, context_len: int, sessions: int,
+             per: Sequence[float], caps_hi: Mapping[str, int], concurrency: float,
+             notes: list[str]) -> tuple[list[NodeCapability], list[int]]:
+    """The nodes to keep (pipeline order) and their counts, minimising ``per_token_s``, each
+    subset planned by ``_least_time``; a node left out holds nothing. Every subset up to
+    ``EXACT_SUBSETS`` nodes (which one is last decides who runs the head), else the m fastest
+    for m = k .. 1. Of the plans near the best (``_near_best``): the most balanced, then the
+    one with more nodes."""
+    speed = {c.name: t for c, t in zip(caps, per, strict=True)}
+    k = len(caps)
+    if k <= EXACT_SUBSETS:
+        subsets = [[c for i, c in enumerate(caps) if mask >> i & 1]
+                   for mask in range((1 << k) - 1, 0, -1)]
+        subsets.sort(key=len, reverse=True)
+    else:
+        ranked = sorted(caps, key=lambda c: speed[c.name])
+        subsets = [[c for c in caps if c in ranked[:m]] for m in range(k, 0, -1)]
+    options: list[tuple[float, float, int, list]] = []
+    for sub in subsets:
+        m = len(sub)
+        hi = [min(h, caps_hi.get(c.name, h), cost.num_layers)
+              for c, h in zip(sub, _capacity(sub, cost, context_len, sessions), strict=True)]
+        p = [speed[c.name] for c in sub]
+        head = [0.0] * m
+        head[-1] = cost.layer_equivalents(0, True) * p[-1]
+        got = _least_time(p, head, cost.num_layers, hi, concurrency)
+        if got is not None:
+            options.append((got[0], got[1], -m, [sub, got[2]]))
+    if not options:
+        raise PlacementError(_infeasible(caps, cost, context_len, sessions,
+                                         _capacity(caps, cost, context_len, sessions), notes))
+    kept, counts = _near_best(options)[3]
+    left = [c.name for c in caps if c not in kept]
+    if left:
+        notes.append(f"node(s) {', '.join(left)} left out: the {len(kept)} other node(s) "
+                     f"alone give {concurrency:g} session(s) a shorter time per token")
+    return kept, counts
+
+
 def _min_max(per_layer: Sequence[float], head_s: Sequence[float], total: int, lo: Sequence[int],
              hi: Sequence[int]) -> list[int]:
     """Counts minimising max_i(count_i × per_layer_i + head_s_i): from lo, each next layer to
@@ -275,10 +383,10 @@ def _fmt_b(b: float) -> str:
 def _capacity(caps: Sequence[NodeCapability], cost: ModelCost, context_len: int,
               sessions: int) -> list[int]:
     """Most layers each node can hold, given its place (first holds embed, last the head)."""
-    per = cost.layer_bytes(context_len, sessions)
     out = []
     k = len(caps)
     for i, c in enumerate(caps):
+        per = cost.layer_bytes(context_len, sessions, c.kv_bytes_per_layer)
         room = c.mem_free_bytes - cost.fixed_bytes(i == 0, i == k - 1)
         out.append(max(0, int(room // per)) if per > 0 else cost.num_layers)
     return out
@@ -287,7 +395,6 @@ def _capacity(caps: Sequence[NodeCapability], cost: ModelCost, context_len: int,
 def _fit_nodes(caps: list[NodeCapability], cost: ModelCost, context_len: int, sessions: int,
                notes: list[str]) -> tuple[list[NodeCapability], list[int]]:
     """Leave out nodes that cannot hold one layer; refuse when the rest cannot hold the model."""
-    per = cost.layer_bytes(context_len, sessions)
     kept = list(caps)
     while True:
         cap = _capacity(kept, cost, context_len, sessions)
@@ -297,7 +404,8 @@ def _fit_nodes(caps: list[NodeCapability], cost: ModelCost, context_len: int, se
         # drop one at a time: which node is first / last (and so holds embed / head) may change
         i = drop[0]
         c = kept[i]
-        need = per + cost.fixed_bytes(i == 0, i == len(kept) - 1)
+        need = (cost.layer_bytes(context_len, sessions, c.kv_bytes_per_layer)
+                + cost.fixed_bytes(i == 0, i == len(kept) - 1))
         notes.append(f"node {c.name} left out: one layer needs {_fmt_b(need)}, its budget is "
                      f"{_fmt_b(c.mem_free_bytes)}")
         kept.pop(i)
@@ -323,8 +431,9 @@ def _infeasible(caps: Sequence[NodeCapability], cost: ModelCost, context_len: in
         fixed = cost.fixed_bytes(i == 0, i == k - 1)
         what = " + ".join(w for w, on in (("embedding", i == 0), ("head", i == k - 1)) if on)
         held = f", {what} {_fmt_b(fixed)}" if what else ""
+        pool = " (weights + its static KV pool)" if c.kv_bytes_per_layer is not None else ""
         lines.append(f"  {c.name}: budget {_fmt_b(c.mem_free_bytes)}{held}, room for {m} "
-                     f"layer(s) of {_fmt_b(per)}")
+                     f"layer(s) of {_fmt_b(cost.layer_bytes(context_len, sessions, c.kv_bytes_per_layer))}{pool}")
     lines += [f"  {n}" for n in notes]
     return "\n".join(lines)
 
@@ -332,13 +441,10 @@ def _infeasible(caps: Sequence[NodeCapability], cost: ModelCost, context_len: in
 # --------------------------------------------------------------------------- planner
 def mixed_weights(caps: Sequence[NodeCapability], speed: Sequence[float],
                   w: MixedWeights) -> list[float]:
-    """Per-node weight w_c·speed/Σ + w_m·mem/Σ + w_b·bw/Σ; terms without figures are dropped
-    and their weight shared by the others in proportion (all zero: equal weights)."""
+    """Per-node weight w_c·speed/Σ + w_m·mem/Σ; a term whose figures sum to 0 is dropped and
+    its weight given to the other (both zero: equal weights)."""
     terms: list[tuple[float, list[float]]] = [
         (w.compute, list(speed)), (w.memory, [float(c.mem_free_bytes) for c in caps])]
-    bws = [c.bandwidth_bytes_s for c in caps]
-    if all(b is not None and b > 0 for b in bws):
-        terms.append((w.bandwidth, [float(b) for b in bws]))
     terms = [(wt, xs) for wt, xs in terms if wt > 0 and sum(xs) > 0]
     wsum = sum(wt for wt, _ in terms)
     if wsum <= 0:
@@ -349,7 +455,8 @@ def mixed_weights(caps: Sequence[NodeCapability], speed: Sequence[float],
 def plan(strategy: str, caps: Sequence[NodeCapability], cost: ModelCost, *, context_len: int,
          sessions: int, weights: MixedWeights | None = None,
          custom: Sequence[StageAssignment] | None = None, perf_weight: float = 0.0,
-         calibrate: bool | float = True) -> PlanResult:
+         calibrate: bool | float = True, max_layers: Mapping[str, int] | None = None,
+         concurrency: float | None = None) -> PlanResult:
     """The placement ``strategy`` gives for ``caps`` (in pipeline order); see the module doc."""
     if strategy not in STRATEGIES:
         raise PlacementError(f"unknown strategy {strategy!r}; one of {', '.join(STRATEGIES)}")
@@ -366,12 +473,25 @@ def plan(strategy: str, caps: Sequence[NodeCapability], cost: ModelCost, *, cont
     for c in caps:
         if c.mem_free_bytes < 0:
             raise PlacementError(f"node {c.name}: negative memory budget {c.mem_free_bytes}")
+    caps_hi = dict(max_layers or {})
+    if strategy == "compute" and concurrency is not None:
+        # On the calibration of every node given, so that the prediction compares with others.
+        k_cal = calibration(caps, cost) if calibrate is True else calibrate
+        per_all = _s_per_layer(caps, cost, perf_weight, k_cal)
+        kept, counts = _fastest(caps, cost, context_len, sessions, per_all, caps_hi,
+                                concurrency, notes)
+        return _evaluate(strategy, _ranges([c.name for c in kept], counts), caps, cost,
+                         context_len, sessions, perf_weight, k_cal, notes)
     kept, cap = _fit_nodes(caps, cost, context_len, sessions, notes)
     n_layers = cost.num_layers
     if len(kept) > n_layers:
         raise PlacementError(f"{len(kept)} nodes but only {n_layers} layers")
     k = len(kept)
-    lo, hi = [1] * k, [min(m, n_layers) for m in cap]
+    lo = [1] * k
+    hi = [min(m, n_layers, caps_hi.get(c.name, n_layers)) for m, c in zip(cap, kept, strict=True)]
+    if sum(hi) < n_layers:
+        raise PlacementError(f"the layer caps {caps_hi} leave room for {sum(hi)} of {n_layers} "
+                             f"layers")
     per = _s_per_layer(kept, cost, perf_weight, calibrate)
     if strategy == "uniform":
         w = [1.0] * k

@@ -57,6 +57,12 @@ SCHEMAS: dict[str, dict[str, str]] = {
         "identity": _DICT,  # zpipe.identity.model_identity: the broker refuses another model
         "peer?": _STR,  # where other nodes send it activations directly (NodeConfig.peer_bind)
         "max_batch?": _INT,  # the most rows it runs as one batch: the broker's cohort cap
+        # Memory now: free (excludes what this node holds), held (what a new placement frees
+        # or reuses: weights, KV, allocator cache), resident. Heartbeats carry the same.
+        "mem_held?": _INT, "rss?": _INT,
+        # Its static KV pool, if it has one: slots of kv_max_len tokens, for every layer held
+        # (plus one scratch slot), allocated whatever the sessions: the planner budgets for it.
+        "kv_slots?": _INT, "kv_max_len?": _INT,
     },
     "loaded": {"epoch": _INT, "start": _INT, "end": _INT, "weight_bytes": _INT, "load_s": _NUM},
     # A stage's answer to a step, for the rows it ran: "rows" [sid, step, n] in the step's
@@ -96,8 +102,8 @@ SCHEMAS: dict[str, dict[str, str]] = {
     },
     # --- liveness: nodes and broker send heartbeats both ways; clients ping, the broker pongs
     "welcome": {"heartbeat_s": _NUM, "liveness": _INT},
-    "heartbeat": {"rss?": _INT, "kv_bytes?": _INT, "sessions?": _INT, "steps?": _INT,
-                  "known_steps?": _INT},
+    "heartbeat": {"rss?": _INT, "mem_free?": _INT, "mem_held?": _INT, "kv_bytes?": _INT,
+                  "sessions?": _INT, "steps?": _INT, "known_steps?": _INT},
     "ping": {"rid?": _STR},
     "pong": {"rid?": _STR},
     # --- admin: a client asks the broker (op: status, nodes, sessions, metrics, profile)

@@ -1,4 +1,5 @@
-"""What a node reports about itself when it registers: memory and measured matmul speed."""
+"""What a node reports about itself: memory (at register and in every heartbeat) and its
+measured matmul speed (at register: the planner's prior until its steps are measured)."""
 
 from __future__ import annotations
 
@@ -9,12 +10,34 @@ import torch
 
 
 def memory(device: str) -> tuple[int, int]:
-    """(total, free) bytes of the memory the node's tensors live in."""
+    """(total, free) bytes of the memory the node's tensors live in.
+
+    CPU: the host's ``MemAvailable`` (free pages plus the page cache the kernel can drop),
+    shared by every process on the host. CUDA: the device's free memory, which does not count
+    what this process's caching allocator keeps (see ``cached_bytes``).
+    """
     if device.startswith("cuda"):
         free, total = torch.cuda.mem_get_info(torch.device(device))
         return int(total), int(free)
     page = os.sysconf("SC_PAGE_SIZE")
-    return page * os.sysconf("SC_PHYS_PAGES"), page * os.sysconf("SC_AVPHYS_PAGES")
+    total = page * os.sysconf("SC_PHYS_PAGES")
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return total, int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return total, page * os.sysconf("SC_AVPHYS_PAGES")
+
+
+def cached_bytes(device: str) -> int:
+    """CUDA memory this process's allocator keeps but no tensor uses: free for its next tensors,
+    not in ``memory``'s free figure. 0 on the CPU (freed tensors go back to the host)."""
+    if not device.startswith("cuda"):
+        return 0
+    dev = torch.device(device)
+    return int(torch.cuda.memory_reserved(dev) - torch.cuda.memory_allocated(dev))
 
 
 def rss_bytes() -> int:
