@@ -20,9 +20,12 @@ from pathlib import Path
 import pytest
 
 from zpipe.cli.up import Cluster
-from zpipe.client import Client
+from zpipe.client import Client, ZpipeError
 from zpipe.config import ClusterConfig, validate
 from zpipe.models import ModelNotFound, resolve_model, synth
+
+# The client's errors for a broker that is not (yet) answering; any other is an answer.
+NOT_UP = ("timeout", "broker_gone")
 
 
 def free_port() -> int:
@@ -42,6 +45,25 @@ def smollm2() -> Path:
         return resolve_model("smollm2")
     except ModelNotFound:
         pytest.skip("SmolLM2 is not cached: run `zpipe model fetch smollm2` (make test does)")
+
+
+async def generating(client: Client, tokens: int = 1, timeout: float = 120.0,
+                     **kwargs: object) -> asyncio.Task:
+    """Start ``client.generate(**kwargs)`` as a task and return it once its first ``tokens``
+    tokens arrived: the session is running at every node."""
+    arrived = asyncio.Event()
+    task = asyncio.create_task(client.generate(
+        on_token=lambda chunk: chunk.index + 1 >= tokens and arrived.set(), **kwargs))
+    waiter = asyncio.create_task(arrived.wait())
+    await asyncio.wait({task, waiter}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    if not arrived.is_set():
+        waiter.cancel()
+        if task.done():
+            task.result()  # its error
+            raise AssertionError(f"the generation ended before {tokens} tokens")
+        task.cancel()
+        raise AssertionError(f"no {tokens} tokens in {timeout} s")
+    return task
 
 
 class RunningCluster:
@@ -72,10 +94,12 @@ def start_cluster(model: Path, log_dir: Path, nodes: list[dict], timeout: float 
                     raise RuntimeError(f"{dead} died:\n" + "\n".join(cluster.tail(d) for d in dead))
                 try:
                     info = await client.info(timeout=1.0)
+                except ZpipeError as e:
+                    if e.code not in NOT_UP:
+                        raise  # the broker answered, with an error: not worth 180 s of polls
+                else:
                     if info["ready"]:
                         return info
-                except Exception:
-                    pass
                 await asyncio.sleep(0.2)
             raise TimeoutError(f"cluster not ready in {timeout} s")
 

@@ -9,8 +9,10 @@ from pathlib import Path
 
 import msgpack
 import pytest
+import torch
 import zmq
 import zmq.asyncio
+from conftest import generating
 
 from zpipe import protocol
 from zpipe.client import ZpipeError
@@ -23,53 +25,68 @@ def _header(**fields) -> bytes:
     return msgpack.packb({"t": [], **fields})
 
 
-def _cases() -> list[tuple[str, list[bytes], str]]:
-    """(what, frames, expected error code)."""
+def _cases() -> list[tuple[str, list[bytes], str, str]]:
+    """(what, frames, expected error code, a piece of the expected error message that shows
+    it is that problem which was found)."""
     rng = random.Random(7)
     junk = bytes(rng.getrandbits(8) for _ in range(64))
     gen = {"kind": "generate", "rid": "r1"}
+    step = {"kind": "step", "rows": [["s", 0, 0, 4]], "epoch": 1, "stage": 0}
     return [
-        ("random bytes", [junk], "bad_message"),
-        ("random frames", [junk, os.urandom(32), os.urandom(8)], "bad_tag"),
-        ("wrong version", [b"ZPIPE/9", _header(**gen, prompt="hi")], "bad_version"),
-        ("header not msgpack", [protocol.TAG, b"\xc1\xc1\xc1"], "bad_message"),
-        ("header not a map", [protocol.TAG, msgpack.packb([1, 2, 3])], "bad_message"),
-        ("unknown kind", [protocol.TAG, _header(kind="explode")], "unknown_kind"),
-        ("missing field", [protocol.TAG, _header(kind="cancel")], "bad_message"),
-        ("wrong field type", [protocol.TAG, _header(kind="cancel", rid=5)], "bad_message"),
+        ("random bytes", [junk], "bad_message", "frame"),
+        ("random frames", [junk, os.urandom(32), os.urandom(8)], "bad_tag",
+         "not a zpipe message"),
+        ("wrong version", [b"ZPIPE/9", _header(**gen, prompt="hi")], "bad_version", "ZPIPE/9"),
+        ("header not msgpack", [protocol.TAG, b"\xc1\xc1\xc1"], "bad_message", "msgpack"),
+        ("header not a map", [protocol.TAG, msgpack.packb([1, 2, 3])], "bad_message", "map"),
+        ("unknown kind", [protocol.TAG, _header(kind="explode")], "unknown_kind", "explode"),
+        ("missing field", [protocol.TAG, _header(kind="cancel")], "bad_message", "rid"),
+        ("wrong field type", [protocol.TAG, _header(kind="cancel", rid=5)], "bad_message",
+         "rid"),
         ("lying byte length", [protocol.TAG, msgpack.packb({
-            "kind": "step", "rows": [["s", 0, 0, 4]], "epoch": 1, "stage": 0,
-            "t": [["x", "int64", [4]]]}), b"\x00" * 31], "bad_length"),
+            **step, "t": [["x", "int64", [4]]]}), b"\x00" * 31], "bad_length", "31"),
         ("absurd tensor shape", [protocol.TAG, msgpack.packb({
-            "kind": "step", "rows": [["s", 0, 0, 4]], "epoch": 1, "stage": 0,
-            "t": [["x", "float32", [1 << 30, 8]]]}), b""], "too_large"),
-        ("absurd header", [protocol.TAG, _header(**gen, prompt="x" * 100_000)], "too_large"),
-        ("absurd prompt", [protocol.TAG, _header(**gen, prompt_ids=[1] * 100_000)], "too_large"),
+            **step, "t": [["x", "float32", [1 << 30, 8]]]}), b""], "too_large", "bytes"),
+        ("absurd header", [protocol.TAG, _header(**gen, prompt="x" * 100_000)], "too_large",
+         "header of"),
+        # within the header limit, beyond the broker's max_prompt_tokens (8192)
+        ("absurd prompt", [protocol.TAG, _header(**gen, prompt_ids=[1] * 10_000)], "too_large",
+         "10000 items exceed the limit of 8192"),
+        ("prompt beyond the model's positions", [protocol.TAG, _header(
+            **gen, prompt_ids=[1] * 2000, max_new_tokens=100)], "too_large", "positions"),
         ("absurd max_new_tokens", [protocol.TAG, _header(**gen, prompt_ids=[1],
-                                                          max_new_tokens=10**12)], "bad_request"),
+                                                          max_new_tokens=10**12)],
+         "bad_request", "max_new_tokens"),
         ("token id out of vocab", [protocol.TAG, _header(**gen, prompt_ids=[1, 10**9])],
-         "bad_value"),
+         "bad_value", "prompt_ids"),
         ("negative temperature", [protocol.TAG, _header(
-            **gen, prompt_ids=[1], sampling={"temperature": -1.0})], "bad_sampling"),
+            **gen, prompt_ids=[1], sampling={"temperature": -1.0})], "bad_sampling",
+         "temperature"),
         ("NaN temperature", [protocol.TAG, _header(
-            **gen, prompt_ids=[1], sampling={"temperature": float("nan")})], "bad_sampling"),
+            **gen, prompt_ids=[1], sampling={"temperature": float("nan")})], "bad_sampling",
+         "temperature"),
         ("top_p zero", [protocol.TAG, _header(**gen, prompt_ids=[1], sampling={"top_p": 0.0})],
-         "bad_sampling"),
+         "bad_sampling", "top_p"),
         ("top_k not an int", [protocol.TAG, _header(**gen, prompt_ids=[1],
-                                                     sampling={"top_k": "x"})], "bad_sampling"),
+                                                     sampling={"top_k": "x"})], "bad_sampling",
+         "top_k"),
         ("unknown sampling key", [protocol.TAG, _header(**gen, prompt_ids=[1],
-                                                         sampling={"beam": 4})], "bad_sampling"),
+                                                         sampling={"beam": 4})], "bad_sampling",
+         "beam"),
         ("two prompts", [protocol.TAG, _header(**gen, prompt="a", prompt_ids=[1])],
-         "bad_request"),
+         "bad_request", "exactly one of"),
         ("bad chat messages", [protocol.TAG, _header(**gen, messages=[{"role": 1}])],
-         "bad_request"),
+         "bad_request", "role"),
         ("unknown request id", [protocol.TAG, _header(kind="cancel", rid="nope")],
-         "unknown_request"),
-        ("result for an unknown session", [protocol.TAG, _header(
+         "unknown_request", "nope"),
+        ("a result from a peer that is no node", [protocol.TAG, _header(
             kind="result", rows=[["deadbeef", 0, 1]], epoch=1, stage=0, compute_s=0.1)],
-         "unknown_peer"),
-        ("a step sent to the broker", [protocol.TAG, _header(
-            kind="free", sids=["x"])], "unexpected_kind"),
+         "unknown_peer", "not a registered node"),
+        ("a step sent to the broker", protocol.encode(
+            "step", {"x": torch.tensor([1])}, rows=[["s", 0, 0, 1]], epoch=1, stage=0),
+         "unexpected_kind", "'step'"),
+        ("a free sent to the broker", [protocol.TAG, _header(kind="free", sids=["x"])],
+         "unexpected_kind", "'free'"),
     ]
 
 
@@ -88,8 +105,9 @@ async def _ask(sock: zmq.asyncio.Socket, frames: list[bytes]) -> protocol.Messag
     return protocol.decode(await sock.recv_multipart())
 
 
-@pytest.mark.parametrize("what,frames,code", CASES, ids=[c[0] for c in CASES])
-def test_bad_message_gets_named_error(tiny_cluster, what: str, frames: list, code: str) -> None:
+@pytest.mark.parametrize("what,frames,code,says", CASES, ids=[c[0] for c in CASES])
+def test_bad_message_gets_named_error(tiny_cluster, what: str, frames: list, code: str,
+                                      says: str) -> None:
     async def run() -> protocol.Message:
         sock = zmq.asyncio.Context.instance().socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
@@ -102,7 +120,7 @@ def test_bad_message_gets_named_error(tiny_cluster, what: str, frames: list, cod
     reply = asyncio.run(run())
     assert reply.kind == "error", what
     assert reply["code"] == code, f"{what}: {reply['code']}: {reply['message']}"
-    assert reply["message"], what
+    assert says in reply["message"], f"{what}: {reply['message']}"
 
 
 def test_wrong_model_node_is_rejected(tiny_cluster, tmp_path: Path) -> None:
@@ -136,7 +154,7 @@ async def _generate_around(rc, kw: dict, abuse) -> tuple:
     (reference, during, after, what ``abuse`` returned)."""
     async with rc.client() as client:
         reference = await client.generate(**kw)
-        good = asyncio.create_task(client.generate(**kw))
+        good = await generating(client, **kw)  # running before the abuse starts
         fired = await abuse()
         return reference, await good, await client.generate(**kw), fired
 
@@ -152,7 +170,7 @@ def test_cluster_keeps_serving_during_abuse(tiny_cluster) -> None:
         codes = []
         try:
             for _ in range(3):
-                for _, frames, _ in CASES:
+                for _, frames, _, _ in CASES:
                     codes.append((await _ask(sock, frames))["code"])
         finally:
             sock.close(0)
@@ -175,9 +193,7 @@ def test_cluster_keeps_serving_during_abuse(tiny_cluster) -> None:
 def test_peer_socket_abuse_hurts_nobody(tiny_model: Path, clusters) -> None:
     """Under direct routing a node also listens to other nodes: junk, non-step messages,
     steps with a broken route or for sessions it does not hold are dropped or refused there,
-    and a generation running meanwhile keeps its tokens."""
-    import torch
-
+    and a generation running meanwhile keeps its tokens (each refusal: test_node_refusals)."""
     rc = clusters.get(tiny_model, 3, direct=True)
     peer = next(n["peer"] for n in rc.info["nodes"] if n["name"] == "n1")
     hidden = torch.zeros(1, 64)

