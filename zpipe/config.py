@@ -213,7 +213,7 @@ class BrokerConfig(_BrokerKnobs):
 class StaticKV(_Strict):
     """The static KV pool and batched decode (``zpipe/slots.py``, ``zpipe/decode.py``)."""
 
-    # None: on for CUDA devices, off for the CPU (whose per-row batching is bit-exact).
+    # None: on for CUDA devices, off for the CPU (whose per-row float32 batching is bit-exact).
     enabled: bool | None = None
     slots: int = Field(64, ge=1, le=4096)  # sessions with a slot; more fall back to eager
     max_len: int = Field(2048, ge=16, le=1 << 20)  # tokens per slot; longer sessions spill

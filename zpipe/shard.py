@@ -214,7 +214,7 @@ class Stage:
         self.lm_head_checked = 0
         self.lm_head_rechecks = 0
         # Fresh prefills of a batch share attention calls (``_prefill_runs``). Not on the CPU,
-        # where every row must stay bit-identical to running alone.
+        # where every float32 row must stay bit-identical to running alone.
         self.group_prefills = self.device.type != "cpu"
         # GPU batches run as ``padded_rows(tokens)`` rows (zeros beyond the real ones, which
         # never reach a real row's attention): cuBLAS chooses a kernel the first time it meets
@@ -296,7 +296,9 @@ class Stage:
         ``greedy`` (one flag per item, default all False) marks sessions that only take the
         argmax of the logits. On a float32 CPU last stage their logits may come from one fast
         gemm: not bit-identical to running alone, but with the same argmax (proved per row,
-        else recomputed exactly). Other rows' logits are bit-identical to running alone.
+        else recomputed exactly). Other rows' logits are as running alone: bit-identical in
+        float32 on the CPU, within a few roundings in bfloat16 (oneDNN's bf16 kernels round a
+        row differently alone and in a batch).
         """
         if greedy is not None and len(greedy) != len(items):
             raise ValueError(f"{len(greedy)} greedy flags for {len(items)} items")
@@ -361,7 +363,8 @@ class Stage:
         Batching must not change a session's numbers: on the CPU a one-row matmul (gemv) and
         the same row inside a bigger gemm round differently, which can flip a greedy token. So
         single-token rows of a CPU batch go through ``bmm`` (one gemv-shaped product per row,
-        bit-identical to running alone, while the weights stay hot in cache), and each prefill
+        bit-identical to running alone in float32, while the weights stay hot in cache; bf16
+        rows stay within a few roundings), and each prefill
         gets its own matmul exactly as alone. GPUs take the plain batched matmul.
         """
         if len(lens) == 1 or self.device.type != "cpu":
