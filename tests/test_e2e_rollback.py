@@ -45,11 +45,16 @@ async def _wait_node(rc: RunningCluster, name: str) -> None:
 @pytest.mark.parametrize("how", ["dies", "times_out"])
 def test_failed_move_rolls_back_and_sessions_continue(tiny_model: Path, tmp_path: Path,
                                                       how: str) -> None:
-    """The destination freezes during the move: declared dead (or the move times out)."""
-    heartbeat = ({"interval_s": 0.2, "liveness": 3} if how == "dies"
+    """The destination freezes during the move: declared dead (or the move times out).
+
+    The spare is frozen just before the move is asked for; it is declared dead 3 s later
+    ("dies": the move, which waits for it with a 30 s limit, ends then) or never (the move's
+    2 s limit ends it). 3 s leaves the admin request room to arrive first on a loaded machine;
+    a shorter window let the spare be dead before the move began ("not alive")."""
+    heartbeat = ({"interval_s": 0.5, "liveness": 6} if how == "dies"
                  else {"interval_s": 1.0, "liveness": 30})
     rc = start_cluster(tiny_model, tmp_path, [{"name": n, "threads": 1} for n in "ab"],
-                       heartbeat=heartbeat, move_timeout_s=2.0)
+                       heartbeat=heartbeat, move_timeout_s=30.0 if how == "dies" else 2.0)
     try:
         spare = _spawn_spare(rc, "spare")
         asyncio.run(_wait_node(rc, "spare"))
