@@ -116,3 +116,28 @@ def test_a_killed_node_is_found_by_a_failed_send_and_no_token_changes(
         asyncio.run(run())
     finally:
         rc.cluster.stop()
+
+
+def test_a_node_that_cannot_pass_a_step_on_makes_the_next_one_dead(tiny_model: Path) -> None:
+    """Under direct routing node a says it cannot reach the next stage's node: b is declared
+    dead and the session waits for a placement instead of ending."""
+    async def run() -> None:
+        broker, (a, b), client = await _serving_stages(
+            tiny_model, {"a": (0, 3), "b": (3, 6)}, recovery={"wait_s": 30})
+        try:
+            await broker.handle(_frames(protocol.encode(
+                "generate", rid="r1", prompt_ids=[5, 6, 7], max_new_tokens=3)))
+            await asyncio.sleep(0)
+            (s,) = broker.sessions.values()
+            step = await _next(a, "step")
+            a.send_multipart(protocol.error("peer_unreachable", "a: cannot pass the step on",
+                                            sid=s.sid, step=0, epoch=step["epoch"]))
+            await _pump(broker, lambda: broker.steps.parked == [s])
+            assert broker.registry.by_name["b"].state == "dead"
+            assert broker.registry.by_name["a"].state != "dead" and s.sid in broker.sessions
+            assert broker.recovery.recovering.reason == \
+                "node b is dead (node a could not pass it a step)"
+        finally:
+            _close(broker, a, b, client)
+
+    asyncio.run(run())
