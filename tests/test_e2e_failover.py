@@ -4,16 +4,23 @@ sessions recover (they wait, the model is placed again, they replay) with the sa
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 import zmq
-from conftest import start_cluster
+from conftest import free_port, start_cluster
 from test_broker_cohorts import _close, _frames, _hidden_result, _next, _pump, _serving_stages
 from test_e2e_liveness import GEN, _proc, _state, _status, _wait
 
 from zpipe import protocol
+from zpipe.cli.up import Cluster
+from zpipe.client import Client
+from zpipe.config import ClusterConfig, dump, validate
 
 # Heartbeats too slow to find the dead node within a test: only a failed send can.
 SLOW_HEARTBEAT = {"interval_s": 1.0, "liveness": 60}
@@ -141,3 +148,88 @@ def test_a_node_that_cannot_pass_a_step_on_makes_the_next_one_dead(tiny_model: P
             _close(broker, a, b, client)
 
     asyncio.run(run())
+
+
+def test_zpipe_up_starts_a_killed_node_again_and_serves_on(tiny_model: Path,
+                                                            tmp_path: Path) -> None:
+    """Under ``zpipe up`` node b is SIGKILLed mid-session: the session ends with the tokens of
+    a run that lost nothing, ``up`` starts b again (it registers anew) and keeps serving, and
+    SIGTERM stops it all."""
+    address = f"tcp://127.0.0.1:{free_port()}"
+    path = tmp_path / "cluster.yaml"
+    dump(validate({"model": str(tiny_model), "broker": {"bind": address,
+                                                        "recovery": {"wait_s": 0.2}},
+                   "nodes": [{"name": n, "threads": 1} for n in "abc"]}, ClusterConfig), path)
+    with open(tmp_path / "up.err", "wb") as err:
+        up = subprocess.Popen([sys.executable, "-m", "zpipe.cli.main", "up", str(path), "--logs",
+                               str(tmp_path / "logs")], stdout=subprocess.DEVNULL, stderr=err,
+                              start_new_session=True)
+    pids: list[int] = []
+    try:
+        async def run() -> None:
+            async with Client(address) as client:
+                info = await _wait(client, lambda i: i["ready"], timeout=120)
+                pids.extend(n["pid"] for n in info["nodes"])
+                b = next(n["pid"] for n in info["nodes"] if n["name"] == "b")
+                reference = await client.generate(max_new_tokens=40, **GEN)
+
+                def on_token(chunk) -> None:
+                    if chunk.index == 4:
+                        os.kill(b, signal.SIGKILL)
+
+                got = await asyncio.wait_for(
+                    client.generate(max_new_tokens=40, on_token=on_token, **GEN), 60)
+                assert got.token_ids == reference.token_ids
+                info = await _wait(client, lambda i: any(
+                    n["name"] == "b" and n["pid"] != b and n["state"] != "dead"
+                    for n in i["nodes"]), timeout=120)
+                pids.extend(n["pid"] for n in info["nodes"])
+                assert info["ready"] and up.poll() is None
+                again = await client.generate(max_new_tokens=40, **GEN)
+                assert again.token_ids == reference.token_ids
+
+        asyncio.run(run())
+        up.send_signal(signal.SIGTERM)
+        assert up.wait(30) == 0
+        said = (tmp_path / "up.err").read_text()
+        assert "node-b (exit -9) stopped; started it again" in said
+    finally:
+        if up.poll() is None:
+            up.send_signal(signal.SIGTERM)  # it stops its children
+            try:
+                up.wait(30)
+            except subprocess.TimeoutExpired:
+                up.kill()
+                for pid in pids:  # the nodes it could not stop
+                    try:
+                        os.kill(pid, signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
+
+
+def test_zpipe_up_restarts_a_child_at_most_so_often(tiny_model: Path, tmp_path: Path) -> None:
+    """A child that exits is started again, with the same command and config, but no more than
+    ``restarts_per_minute`` times in any minute."""
+    cfg = validate({"model": str(tiny_model), "broker": {"bind": f"tcp://127.0.0.1:{free_port()}"},
+                    "nodes": [{"name": "x", "threads": 1}]}, ClusterConfig)
+    cluster = Cluster(cfg, tmp_path, restarts_per_minute=2)
+    cluster.start()
+    try:
+        def kill_x() -> int:
+            proc = dict(cluster.procs)["node-x"]
+            proc.kill()
+            proc.wait()
+            return proc.pid
+
+        assert cluster.restart_exited(0.0) == ([], [])
+        pids = [kill_x()]
+        assert cluster.restart_exited(0.0) == (["node-x (exit -9)"], [])
+        pids.append(kill_x())
+        assert cluster.restart_exited(30.0) == (["node-x (exit -9)"], [])
+        pids.append(kill_x())
+        assert cluster.restart_exited(59.0) == ([], ["node-x (exit -9)"])  # 2 within a minute
+        assert cluster.restart_exited(61.0) == (["node-x (exit -9)"], [])  # the first is past
+        assert dict(cluster.procs)["node-x"].pid not in pids
+        assert dict(cluster.procs)["broker"].poll() is None
+    finally:
+        cluster.stop()
