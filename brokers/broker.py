@@ -76,6 +76,7 @@ class Broker:
         self.mover = Mover(self, self.steps, history)
         self.admin = Admin(self, self.mover)
         self.sock: aio.Socket | None = None
+        self.losses: set[asyncio.Task] = set()  # ``node_unreachable``'s, until they are done
 
     # ------------------------------------------------------------------ loop
     async def run(self, started: asyncio.Event | None = None) -> None:
@@ -107,12 +108,16 @@ class Broker:
             self.sock.close()
 
     async def send(self, ident: bytes, frames: list) -> bool:
-        """Send to a node or a client; False if it cannot be reached."""
+        """Send to a node or a client; False if it cannot be reached. A node whose connection
+        is gone is dead from now on (``node_unreachable``)."""
         try:
             self.sock.send([ident, *frames])
             return True
         except zmq.ZMQError as e:  # peer gone (ROUTER_MANDATORY) or queue full
             log.warning("cannot send to %r: %s", ident, e)
+            node = self.registry.by_ident.get(ident)
+            if node is not None and e.errno == zmq.EHOSTUNREACH:
+                self.node_unreachable(node)
             return False
 
     async def handle(self, frames: list) -> None:
@@ -209,6 +214,12 @@ class Broker:
             log.info("node %s: %s about an earlier step of session %s, ignored: %s", node.name,
                      msg["code"], session.sid[:8], msg["message"])
             return
+        if session is not None and msg["code"] == "peer_unreachable":
+            # Under direct routing the node could not pass the step on: the next one is gone.
+            after = self._stage_after(node.name)
+            if after is not None:
+                self.node_unreachable(after, f"node {node.name} could not pass it a step")
+                return
         if session is None:
             log.error("node %s: %s: %s", node.name, msg["code"], msg["message"])
             if node.state == "loading":  # say why instead of waiting forever
@@ -216,6 +227,12 @@ class Broker:
                 self.waiting_for = f"node {node.name} failed to load: {msg['message']}"
             return
         await self.fail(session, msg["code"], msg["message"])
+
+    def _stage_after(self, name: str) -> NodeInfo | None:
+        """The node of the placement's stage after node ``name``'s (None: no such stage)."""
+        names = self.placement.nodes() if self.placement is not None else []
+        i = names.index(name) + 1 if name in names else len(names)
+        return self.registry.by_name.get(names[i]) if i < len(names) else None
 
     # ------------------------------------------------------------- clients
     async def _on_generate(self, client: bytes, msg: Message) -> None:
@@ -363,11 +380,29 @@ class Broker:
     async def declare_dead(self, node: NodeInfo, silent: float) -> None:
         """``node`` was silent for ``silent`` seconds: its layers are placed again."""
         node.state = "dead"
+        await self._lost(node, f"no heartbeat for {silent:.1f} s")
+
+    def node_unreachable(self, node: NodeInfo, how: str = "a send to it failed") -> None:
+        """A send to ``node`` found its connection gone (its process died): it is dead now,
+        without waiting for its heartbeats to stop. Steps sent to it meanwhile are lost with
+        it; the recovery, run as soon as the caller yields, replays them."""
+        if node.state == "dead":
+            return
+        node.state = "dead"
+        # A task: the caller may be midway through a step's sessions, which the recovery resets.
+        task = asyncio.get_running_loop().create_task(self._lost(node, how))
+        self.losses.add(task)
+        task.add_done_callback(self.losses.discard)
+
+    async def _lost(self, node: NodeInfo, how: str) -> None:
+        """``node`` (marked dead) was lost: a move it takes part in rolls back; if it served the
+        placement, the sessions wait and the model is placed again (``recovery``)."""
+        if self.registry.by_name.get(node.name) is not node:
+            return  # it registered again meanwhile, which already placed its layers again
         self.mover.node_lost(node.name)
-        log.warning("node %s is dead: no message for %.1f s", node.name, silent)
+        log.warning("node %s is dead: %s", node.name, how)
         if self.placement and node.name in self.placement.nodes():
-            await self.recovery.lose_placement(
-                f"node {node.name} is dead (no heartbeat for {silent:.1f} s)", "node_dead")
+            await self.recovery.lose_placement(f"node {node.name} is dead ({how})", "node_dead")
             for other in self.registry.all():
                 if other.state != "dead":
                     other.state = "registered"

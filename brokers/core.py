@@ -52,7 +52,8 @@ class Core(Protocol):
     waiting_for: str  # why not ready (recovery adds how many sessions wait)
 
     async def send(self, ident: bytes, frames: list) -> bool:
-        """Send to a node or a client; False if it cannot be reached."""
+        """Send to a node or a client; False if it cannot be reached. A node whose connection
+        is gone is marked dead at once, and its loss recovered as soon as the caller yields."""
 
     async def finish(self, s: Session, reason: str) -> None:
         """End a session normally (stop, length, cancelled): ``done`` to its client."""

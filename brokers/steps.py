@@ -174,9 +174,11 @@ class StepScheduler:
             s.stage, s.hop_t0 = answer, now
         if cohort is not None:
             cohort.stage = answer
-        if not await self.core.send(node.ident, frames):
+        if not await self.core.send(node.ident, frames) and node.state != "dead":
+            # Its queue is full. Were it gone, it would be dead now: the recovery replays the
+            # sessions' steps once the model is placed again.
             for s in sessions:
-                await self.core.fail(s, "node_lost", f"node {node.name} is unreachable")
+                await self.core.fail(s, "node_lost", f"node {node.name} takes no more steps")
 
     async def on_result(self, node: NodeInfo, msg: Message) -> None:
         stage, placement = msg["stage"], self.core.placement

@@ -219,7 +219,7 @@ def test_sessions_end_when_no_placement_comes_in_time(tiny_model: Path, tmp_path
                 with pytest.raises(ZpipeError) as err:
                     await asyncio.wait_for(long, 30)
                 assert err.value.code == "node_dead"
-                assert err.value.message.startswith("node a is dead (no heartbeat for ")
+                assert err.value.message.startswith("node a is dead (")  # a failed send, or silence
                 assert "no placement within 2 s: waiting for node(s) a" in err.value.message
                 assert 2.0 <= time.monotonic() - t0 < 2.0 + DEAD_AFTER + 1.0 + MARGIN
                 record = _status(rc)["reallocations"][-1]

@@ -1,7 +1,10 @@
 """``zpipe up FILE``: start a cluster file's broker and nodes as child processes.
 
 It waits until every node has loaded its layers, then either answers ``--prompt`` and stops,
-or keeps the cluster up until Ctrl-C / SIGTERM. Every child is stopped by its pid on the way out.
+or keeps the cluster up until Ctrl-C / SIGTERM, starting again a child that exits (the broker's
+recovery takes a restarted node back into service); one that exits more than
+``RESTARTS_PER_MINUTE`` times in a minute stops the cluster. Every child is stopped by its pid on
+the way out.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import deque
 from pathlib import Path
 
 from zpipe import aio
@@ -20,14 +24,20 @@ from zpipe.client import Client, ZpipeError
 from zpipe.config import ClusterConfig, ConfigError, dump, load, local_address
 from zpipe.models import resolve_model
 
+RESTARTS_PER_MINUTE = 5  # a child that exits more often than this is not started again
+
 
 class Cluster:
     """The child processes of one cluster file, started and stopped together."""
 
-    def __init__(self, cfg: ClusterConfig, log_dir: Path) -> None:
+    def __init__(self, cfg: ClusterConfig, log_dir: Path,
+                 restarts_per_minute: int = RESTARTS_PER_MINUTE) -> None:
         self.cfg = cfg
         self.log_dir = log_dir
         self.procs: list[tuple[str, subprocess.Popen]] = []
+        self.commands: dict[str, str] = {}  # child -> its zpipe command ("broker", "node")
+        self.restarts_per_minute = restarts_per_minute
+        self.restarted: dict[str, deque[float]] = {}  # child -> its restarts' monotonic times
 
     def start(self) -> None:
         self.log_dir.mkdir(parents=True, exist_ok=True)
@@ -36,18 +46,42 @@ class Cluster:
             self._spawn(f"node-{node.name}", "node", node)
 
     def _spawn(self, name: str, command: str, cfg: object) -> None:
-        path = self.log_dir / f"{name}.yaml"
-        dump(cfg, path)
-        log = open(self.log_dir / f"{name}.log", "wb")
+        dump(cfg, self.log_dir / f"{name}.yaml")
+        self.commands[name] = command
+        self.procs.append((name, self._launch(name, "wb")))
+
+    def _launch(self, name: str, mode: str) -> subprocess.Popen:
+        log = open(self.log_dir / f"{name}.log", mode)
         # Own session: a Ctrl-C reaches only ``up``, which then stops the children in order.
         proc = subprocess.Popen(
-            [sys.executable, "-m", "zpipe.cli.main", command, "-c", str(path)],
+            [sys.executable, "-m", "zpipe.cli.main", self.commands[name], "-c",
+             str(self.log_dir / f"{name}.yaml")],
             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         log.close()
-        self.procs.append((name, proc))
+        return proc
 
     def dead(self) -> list[str]:
         return [f"{name} (exit {p.returncode})" for name, p in self.procs if p.poll() is not None]
+
+    def restart_exited(self, now: float) -> tuple[list[str], list[str]]:
+        """Start again every child that exited (its log goes on in the same file), unless it
+        was restarted ``restarts_per_minute`` times in the minute before ``now`` (monotonic).
+        Returns the children restarted and those left exited, as ``dead`` names them."""
+        restarted, left = [], []
+        for i, (name, p) in enumerate(self.procs):
+            if p.poll() is None or name not in self.commands:
+                continue
+            times = self.restarted.setdefault(name, deque())
+            while times and now - times[0] > 60:
+                times.popleft()
+            what = f"{name} (exit {p.returncode})"
+            if len(times) >= self.restarts_per_minute:
+                left.append(what)
+                continue
+            times.append(now)
+            self.procs[i] = (name, self._launch(name, "ab"))
+            restarted.append(what)
+        return restarted, left
 
     def tail(self, name: str, lines: int = 15) -> str:
         path = self.log_dir / f"{name.split(' ')[0]}.log"
@@ -128,11 +162,16 @@ def run_up(args: argparse.Namespace) -> int:
             aio.run(_answer(address, args))
             return 0
         print("[zpipe up] Ctrl-C stops the cluster", file=sys.stderr)
-        while not cluster.dead():
+        while True:
             time.sleep(0.5)
-        print(f"[zpipe up] {', '.join(cluster.dead())} stopped; stopping the rest",
-              file=sys.stderr)
-        return 1
+            restarted, left = cluster.restart_exited(time.monotonic())
+            for what in restarted:
+                print(f"[zpipe up] {what} stopped; started it again", file=sys.stderr)
+            if left:
+                print(f"[zpipe up] {', '.join(left)} stopped more than "
+                      f"{cluster.restarts_per_minute} times in a minute; stopping the rest",
+                      file=sys.stderr)
+                return 1
     except ZpipeError as e:
         print(f"[zpipe up] {e}", file=sys.stderr)
         return 1
