@@ -385,13 +385,18 @@ class StepScheduler:
             await self._go_on([])
         self._ended()
 
-    def restart_all(self) -> list[Session]:
+    def restart_all(self, positions: dict[str, int] | None = None) -> list[Session]:
         """The KV of every session was lost: each waits to replay from its prompt
-        (``Session.replay``) until ``resume``. Returns them."""
+        (``Session.replay``), or from the row ``positions`` gives it (``Session.replay_from``:
+        the KV before it was kept), until ``resume``. Returns them."""
         self.held, self.prefills = [], []
         self.parked = list(self.core.sessions.values())
         for s in self.parked:
-            s.replay()
+            at = positions.get(s.sid) if positions else None
+            if at is None:
+                s.replay()
+            else:
+                s.replay_from(at)
         self._ended()
         return self.parked
 
