@@ -1,0 +1,139 @@
+"""Benchmark: the client's pause when a node dies, with and without KV shadows, and what
+shadows cost in decode speed.
+
+    .venv/bin/python scripts/bench_failover.py --context 200 2000 --json out.json
+
+For each context and mode (shadows off: every session replays from its prompt; on: the dead
+node's holder takes its layers and KV from the shadow), a fresh local 3-node cluster (SmolLM2
+by default, fp32, one thread a node, recovery on) serves one greedy session whose prompt fills
+the context but ``--generated`` tokens; node b is SIGKILLed as the last of those reaches the
+client. Reports the longest gap between two tokens the client saw, the recovery record
+(tokens replayed, how restored) and whether the tokens equal those of an uninterrupted run on
+the same cluster. Then decode tokens/s with shadows off and on, at each of ``--sessions``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+from conftest import start_cluster  # noqa: E402
+
+from zpipe.cli.admin import AdminClient  # noqa: E402
+from zpipe.models import resolve_model  # noqa: E402
+
+
+def _cluster(model: Path, tmp: str, every: int):
+    return start_cluster(model, Path(tmp), [{"name": x, "threads": 1} for x in "abc"],
+                         recovery={"shadow_every": every})
+
+
+def _prompt(n: int, salt: int = 0) -> list[int]:
+    return [(i * 7919 + salt * 31) % 40000 + 100 for i in range(n)]
+
+
+async def _kill_run(rc, context: int, generated: int, after: int) -> dict:
+    prompt = _prompt(context - generated)
+    gen = {"prompt_ids": prompt, "max_new_tokens": generated + after, "ignore_eos": True}
+    victim = dict(rc.cluster.procs)["node-b"]
+    arrivals: list[float] = []
+
+    def on_token(chunk) -> None:
+        arrivals.append(time.perf_counter())
+        if chunk.index == generated - 1:
+            victim.kill()
+
+    async with rc.client() as client:
+        reference = await client.generate(**gen)
+        got = await asyncio.wait_for(client.generate(on_token=on_token, **gen), 1800)
+    gaps = [b - a for a, b in zip(arrivals, arrivals[1:], strict=False)]
+    with AdminClient(rc.address, timeout=30) as admin:
+        record = admin.request("status")["reallocations"][-1]
+    usual = sorted(gaps[: generated - 1])
+    return {"context_tokens": context, "prompt_tokens": len(prompt),
+            "killed_after_tokens": generated,
+            "client_pause_s": round(max(gaps[generated - 1:]), 4),
+            "usual_gap_s": round(usual[len(usual) // 2], 4),
+            "exact": got.token_ids == reference.token_ids,
+            "restored": record.get("restored", "replay"),
+            "replay_tokens": record["replay_tokens"],
+            "placement_pause_s": record["pause_s"]}
+
+
+async def _decode_rate(rc, sessions: int, tokens: int) -> float:
+    """Decode tokens/s over all sessions, from each one's 4th token to its last."""
+    arrivals: list[list[float]] = [[] for _ in range(sessions)]
+
+    def on_token(i: int):
+        return lambda chunk: arrivals[i].append(time.perf_counter())
+
+    async with rc.client() as client:
+        await asyncio.gather(*[client.generate(
+            prompt_ids=_prompt(16, s), max_new_tokens=tokens, ignore_eos=True,
+            on_token=on_token(s)) for s in range(sessions)])
+    t0 = max(a[3] for a in arrivals)
+    t1 = max(a[-1] for a in arrivals)
+    n = sum(sum(1 for t in a if t > t0) for a in arrivals)
+    return n / (t1 - t0)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="smollm2")
+    ap.add_argument("--context", type=int, nargs="+", default=[200, 2000])
+    ap.add_argument("--generated", type=int, default=192,
+                    help="tokens generated before the kill (the rest of the context: prompt)")
+    ap.add_argument("--after", type=int, default=16, help="tokens generated after the kill")
+    ap.add_argument("--every", type=int, default=8, help="recovery.shadow_every when on")
+    ap.add_argument("--sessions", type=int, nargs="*", default=[1, 16])
+    ap.add_argument("--decode-tokens", type=int, default=64)
+    ap.add_argument("--json", help="write the results here")
+    args = ap.parse_args()
+    model = resolve_model(args.model)
+    out: dict = {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "machine": platform.processor()
+                 or platform.machine(), "cpus": os.cpu_count(),
+                 "loadavg_start": Path("/proc/loadavg").read_text().split()[:3],
+                 "every": args.every, "failover": [], "decode": []}
+    for context in args.context:
+        for every in (0, args.every):
+            with tempfile.TemporaryDirectory() as tmp:
+                rc = _cluster(model, tmp, every)
+                try:
+                    r = asyncio.run(_kill_run(rc, context, args.generated, args.after))
+                finally:
+                    rc.cluster.stop()
+            r["shadows"] = "on" if every else "off"
+            out["failover"].append(r)
+            print(f"context {context} shadows {r['shadows']:>3}: client pause "
+                  f"{r['client_pause_s']:.2f} s (usual gap {r['usual_gap_s'] * 1000:.0f} ms), "
+                  f"replayed {r['replay_tokens']} tokens ({r['restored']}), exact {r['exact']}",
+                  flush=True)
+    for every in (0, args.every) if args.sessions else ():
+        with tempfile.TemporaryDirectory() as tmp:
+            rc = _cluster(model, tmp, every)
+            try:
+                for n in args.sessions:
+                    rate = asyncio.run(_decode_rate(rc, n, args.decode_tokens))
+                    out["decode"].append({"shadows": "on" if every else "off", "sessions": n,
+                                          "tokens_per_s": round(rate, 2)})
+                    print(f"decode, shadows {'on' if every else 'off':>3}, {n:>2} sessions: "
+                          f"{rate:.1f} tokens/s", flush=True)
+            finally:
+                rc.cluster.stop()
+    out["loadavg_end"] = Path("/proc/loadavg").read_text().split()[:3]
+    print(json.dumps(out, indent=2))
+    if args.json:
+        Path(args.json).write_text(json.dumps(out, indent=2))
+
+
+if __name__ == "__main__":
+    main()
