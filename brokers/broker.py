@@ -226,6 +226,13 @@ class Broker:
                 return
         if session is None:
             log.error("node %s: %s: %s", node.name, msg["code"], msg["message"])
+            if node.state == "loading" and self.placement is not None \
+                    and self.recovery.restoring == self.placement.epoch:
+                # A node that cannot restore its sessions' KV: replay them from their prompts.
+                await self.recovery.lose_placement(
+                    f"node {node.name} could not restore: {msg['message']}", "node_lost")
+                await self._place_again()
+                return
             if node.state == "loading":  # say why instead of waiting forever
                 node.state = "failed"
                 self.waiting_for = f"node {node.name} failed to load: {msg['message']}"
@@ -419,11 +426,16 @@ class Broker:
         if self.placement and node.name in self.placement.nodes():
             await self.recovery.lose_placement(f"node {node.name} is dead ({how})", "node_dead",
                                                dead=node.name)
-            if self.placement is None:  # not restored from shadows: placed again
-                for other in self.registry.all():
-                    if other.state != "dead":
-                        other.state = "registered"
-                await self.place()
+            await self._place_again()
+
+    async def _place_again(self) -> None:
+        """After a loss that dropped the placement (not restored from shadows): every node
+        alive is free to take layers, and the model is placed again."""
+        if self.placement is None:
+            for other in self.registry.all():
+                if other.state != "dead":
+                    other.state = "registered"
+            await self.place()
 
     async def _watch_timeouts(self) -> None:
         """Fail a step that waits too long for a node; end a recovery that waits too long."""

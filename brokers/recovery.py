@@ -50,6 +50,7 @@ class Recovery:
         # again: the nodes alive may do if the configured placement cannot be met (``choose``).
         self.survivors_ok = False
         self.placer: asyncio.Task | None = None  # sets it after the wait, and places
+        self.restoring: int | None = None  # the epoch of a restore under way (``restore``)
 
     async def lose_placement(self, reason: str, code: str, dead: str | None = None) -> None:
         """The placement lost a node (``dead``, if known), and with it the KV of its layers.
@@ -108,6 +109,7 @@ class Recovery:
         the layers new to it, and frees the rest's; they answer ``loaded``."""
         core = self.core
         placement = core.restore_placement(plan.stages)
+        self.restoring = placement.epoch
         sessions = [[sid, at] for sid, at in plan.positions.items()]
         every = core.cfg.recovery.shadow_every
         log.warning("restoring from KV shadows: node %s's layers to node %s; %d of %d sessions "
@@ -152,6 +154,7 @@ class Recovery:
     async def recovered(self) -> None:
         """A placement is ready: the waiting sessions go on (once no move holds them)."""
         self.survivors_ok = False
+        self.restoring = None
         if self.placer is not None:  # the configured placement came back in time
             self.placer.cancel()
             self.placer = None

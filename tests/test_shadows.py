@@ -4,11 +4,13 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import pytest
 import torch
 import zmq
+from test_broker_cohorts import _close, _frames, _next, _pump, _recv, _serving_stages
 
 from brokers.shadows import holder_of
 from nodes.executor import Executor, StepError
@@ -155,3 +157,77 @@ def test_restore_sessions_are_checked() -> None:
     assert msg["owner"] == "b"
     with pytest.raises(protocol.ProtocolError):
         _wire("restore", epoch=2, start=0, end=6, sessions=[], shadow_every="8")
+
+
+@pytest.mark.parametrize("refused", [False, True])
+def test_the_broker_forwards_shadows_and_restores_from_them(tiny_model: Path,
+                                                             refused: bool) -> None:
+    """Nodes by hand: each node's shadow goes to its holder with ``owner``; when b is found
+    dead, c (its holder) gets b's layers and every survivor a ``restore`` keeping the session
+    up to its shadowed row (no ``free``), and the session goes on from there without a
+    replay. A node that refuses its restore makes the sessions replay from their prompts."""
+    async def run() -> None:
+        broker, (a, b, c), client = await _serving_stages(
+            tiny_model, {"a": (0, 2), "b": (2, 4), "c": (4, 6)},
+            recovery={"shadow_every": 2, "wait_s": 0.1})
+        socks = {"a": a, "b": b, "c": c}
+        try:
+            await broker.handle(_frames(protocol.encode(
+                "generate", rid="r1", prompt_ids=[5, 6, 7], max_new_tokens=5)))
+            await asyncio.sleep(0)
+            (s,) = broker.sessions.values()
+            hidden = torch.zeros(3, broker.spec.hidden_size)
+            for name, stage in (("a", 0), ("b", 1)):
+                step = await _next(socks[name], "step")
+                socks[name].send_multipart(protocol.encode(
+                    "result", {"hidden": hidden}, epoch=step["epoch"], stage=stage,
+                    compute_s=0.001, rows=[[s.sid, 0, 3]]))
+                await _pump(broker, lambda st=stage: s.stage == st + 1)
+            step = await _next(c, "step")
+            c.send_multipart(protocol.encode("result", epoch=step["epoch"], stage=2,
+                                             compute_s=0.001, rows=[[s.sid, 0, 3]],
+                                             tokens=[[42, -0.1]]))
+            await _pump(broker, lambda: s.tokens == [42] and s.in_flight)
+            epoch = step["epoch"]
+            rows = {"k.2": torch.ones(1, 3, 2), "v.2": torch.ones(1, 3, 2)}
+            for name, holder in (("a", "b"), ("b", "c"), ("c", "b")):
+                socks[name].send_multipart(protocol.encode(
+                    "shadow", rows, epoch=epoch, sid=s.sid, start=0, length=3))
+                await _pump(broker, lambda n=name: broker.recovery.shadows.rows.get(
+                    n, {}).get(s.sid) == 3)  # passed on, and counted
+                got = await _next(socks[holder], "shadow")
+                assert (got["owner"], got["length"]) == (name, 3)
+                assert torch.equal(got.tensors["k.2"], rows["k.2"])
+            broker.node_unreachable(broker.registry.by_name["b"])
+            await _pump(broker, lambda: broker.placement is not None
+                        and broker.placement.epoch > epoch)
+            assert [(st.node, st.start, st.end) for st in broker.placement.stages] == \
+                [("a", 0, 2), ("c", 2, 6)]
+            for name, owner in (("a", None), ("c", "b")):
+                msg = await _recv(socks[name])
+                while msg.kind == "step":  # step 1, sent to a before b was found dead
+                    msg = await _recv(socks[name])
+                assert msg.kind == "restore" and msg.get("owner") == owner  # no free first
+                assert msg["sessions"] == [[s.sid, 3]] and msg["shadow_every"] == 2
+            record = broker.recovery.recovering.record
+            assert record["restored"] == "shadow" and record["replay_tokens"] == 0
+            restore = broker.placement.epoch
+            if refused:
+                c.send_multipart(protocol.error("bad_kv", "c: no shadow"))
+                await _pump(broker, lambda: broker.placement is not None
+                            and broker.placement.epoch > restore)
+                assert record["restored"] == "replay" and s.step == 0
+                assert (await _next(a, "free"))["sids"] == [s.sid]
+                return
+            for name, (start, end) in (("a", (0, 2)), ("c", (2, 6))):
+                socks[name].send_multipart(protocol.encode(
+                    "loaded", epoch=restore, start=start, end=end, weight_bytes=1, load_s=0.1))
+            await _pump(broker, lambda: broker.ready and s.in_flight)
+            step = await _next(a, "step")
+            assert step["rows"] == [[s.sid, 1, 3, 1]] and step.tensors["x"].tolist() == [42]
+            (done,) = broker.recovery.history
+            assert done["ok"] and done["restored"] == "shadow"
+        finally:
+            _close(broker, a, b, c, client)
+
+    asyncio.run(run())
