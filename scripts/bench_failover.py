@@ -46,11 +46,13 @@ async def _kill_run(rc, context: int, generated: int, after: int) -> dict:
     gen = {"prompt_ids": prompt, "max_new_tokens": generated + after, "ignore_eos": True}
     victim = dict(rc.cluster.procs)["node-b"]
     arrivals: list[float] = []
+    killed: list[float] = []
 
     def on_token(chunk) -> None:
         arrivals.append(time.perf_counter())
         if chunk.index == generated - 1:
             victim.kill()
+            killed.append(time.time())
 
     async with rc.client() as client:
         reference = await client.generate(**gen)
@@ -59,14 +61,19 @@ async def _kill_run(rc, context: int, generated: int, after: int) -> dict:
     with AdminClient(rc.address, timeout=30) as admin:
         record = admin.request("status")["reallocations"][-1]
     usual = sorted(gaps[: generated - 1])
+    pause = max(gaps[generated - 1:])
+    detect = record["time"] - killed[0]  # both wall clocks of this host
     return {"context_tokens": context, "prompt_tokens": len(prompt),
             "killed_after_tokens": generated,
-            "client_pause_s": round(max(gaps[generated - 1:]), 4),
+            "client_pause_s": round(pause, 4),
+            # the pause: the kill until the broker knew (detect), until the new placement was
+            # ready (restore or load), then the replay and the next token's step
+            "detect_s": round(detect, 4), "placement_s": record["pause_s"],
+            "replay_and_step_s": round(pause - detect - record["pause_s"], 4),
             "usual_gap_s": round(usual[len(usual) // 2], 4),
             "exact": got.token_ids == reference.token_ids,
             "restored": record.get("restored", "replay"),
-            "replay_tokens": record["replay_tokens"],
-            "placement_pause_s": record["pause_s"]}
+            "replay_tokens": record["replay_tokens"]}
 
 
 async def _decode_rate(rc, sessions: int, tokens: int) -> float:
@@ -89,13 +96,14 @@ async def _decode_rate(rc, sessions: int, tokens: int) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="smollm2")
-    ap.add_argument("--context", type=int, nargs="+", default=[200, 2000])
+    ap.add_argument("--context", type=int, nargs="*", default=[200, 2000])
     ap.add_argument("--generated", type=int, default=192,
                     help="tokens generated before the kill (the rest of the context: prompt)")
     ap.add_argument("--after", type=int, default=16, help="tokens generated after the kill")
     ap.add_argument("--every", type=int, default=8, help="recovery.shadow_every when on")
     ap.add_argument("--sessions", type=int, nargs="*", default=[1, 16])
     ap.add_argument("--decode-tokens", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args()
     model = resolve_model(args.model)
@@ -114,21 +122,34 @@ def main() -> None:
             r["shadows"] = "on" if every else "off"
             out["failover"].append(r)
             print(f"context {context} shadows {r['shadows']:>3}: client pause "
-                  f"{r['client_pause_s']:.2f} s (usual gap {r['usual_gap_s'] * 1000:.0f} ms), "
-                  f"replayed {r['replay_tokens']} tokens ({r['restored']}), exact {r['exact']}",
-                  flush=True)
-    for every in (0, args.every) if args.sessions else ():
-        with tempfile.TemporaryDirectory() as tmp:
-            rc = _cluster(model, tmp, every)
+                  f"{r['client_pause_s']:.2f} s (detect {r['detect_s']:.2f}, placement "
+                  f"{r['placement_s']:.2f}, replay and step {r['replay_and_step_s']:.2f}; usual "
+                  f"gap {r['usual_gap_s'] * 1000:.0f} ms), replayed {r['replay_tokens']} tokens "
+                  f"({r['restored']}), exact {r['exact']}", flush=True)
+    if args.sessions:
+        # Both clusters up, measured in turn (the other idle), so a change of the machine's
+        # load meanwhile falls on both: the median of --repeats runs each.
+        with tempfile.TemporaryDirectory() as t0, tempfile.TemporaryDirectory() as t1:
+            clusters = {}
             try:
-                for n in args.sessions:
-                    rate = asyncio.run(_decode_rate(rc, n, args.decode_tokens))
-                    out["decode"].append({"shadows": "on" if every else "off", "sessions": n,
-                                          "tokens_per_s": round(rate, 2)})
-                    print(f"decode, shadows {'on' if every else 'off':>3}, {n:>2} sessions: "
-                          f"{rate:.1f} tokens/s", flush=True)
+                for every, tmp in ((0, t0), (args.every, t1)):
+                    clusters["on" if every else "off"] = _cluster(model, tmp, every)
+                rates: dict[tuple[str, int], list[float]] = {}
+                for _ in range(args.repeats):
+                    for n in args.sessions:
+                        for mode, rc in clusters.items():
+                            rates.setdefault((mode, n), []).append(
+                                asyncio.run(_decode_rate(rc, n, args.decode_tokens)))
             finally:
-                rc.cluster.stop()
+                for rc in clusters.values():
+                    rc.cluster.stop()
+        for (mode, n), got in rates.items():
+            median = sorted(got)[len(got) // 2]
+            out["decode"].append({"shadows": mode, "sessions": n,
+                                  "tokens_per_s": round(median, 2),
+                                  "runs": [round(r, 2) for r in got]})
+            print(f"decode, shadows {mode:>3}, {n:>2} sessions: {median:.1f} tokens/s "
+                  f"(median of {len(got)})", flush=True)
     out["loadavg_end"] = Path("/proc/loadavg").read_text().split()[:3]
     print(json.dumps(out, indent=2))
     if args.json:
