@@ -93,6 +93,44 @@ async def _decode_rate(rc, sessions: int, tokens: int) -> float:
     return n / (t1 - t0)
 
 
+def _node_cost(model: Path, sessions: int, every: int, tokens: int = 64) -> dict:
+    """In one process, a node's share: decode steps of ``sessions`` on layers 0-9 (stage 0,
+    one thread) against the shadow work after them (export of the due rows and their encoding
+    into a message), summed over ``tokens`` steps: the CPU shadows add to a node's step."""
+    import torch
+    import zmq
+
+    from nodes.executor import Executor
+    from zpipe import protocol
+
+    torch.set_num_threads(1)
+    ex = Executor(model, "float32", "cpu")
+    ex.load(0, 10, 1)
+    ex.shadow_every = every
+
+    def step(rows: list, ids: list[int]) -> list:
+        frames = protocol.encode("step", {"x": torch.tensor(ids)}, epoch=1, stage=0, rows=rows)
+        return ex.run_rows(ex.rows_of(protocol.decode([zmq.Frame(bytes(f)) for f in frames])),
+                           64, 8192)
+
+    for s in range(sessions):
+        step([[f"s{s}", 0, 0, 16]], _prompt(16, s))
+    compute = shadow = 0.0
+    sent = 0
+    for k in range(1, tokens + 1):
+        t0 = time.perf_counter()
+        step([[f"s{s}", k, 15 + k, 1] for s in range(sessions)], [100 + s for s in range(sessions)])
+        t1 = time.perf_counter()
+        for sid, start, length, rows in ex.shadow_due():
+            sent += sum(len(bytes(f)) for f in protocol.encode(
+                "shadow", rows, epoch=1, sid=sid, start=start, length=length)[2:])
+        t2 = time.perf_counter()
+        compute, shadow = compute + t1 - t0, shadow + t2 - t1
+    return {"sessions": sessions, "every": every, "steps": tokens,
+            "decode_compute_s": round(compute, 4), "shadow_work_s": round(shadow, 4),
+            "shadow_share": round(shadow / compute, 4), "shadow_bytes_sent": sent}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="smollm2")
@@ -104,8 +142,12 @@ def main() -> None:
     ap.add_argument("--sessions", type=int, nargs="*", default=[1, 16])
     ap.add_argument("--decode-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--no-clusters", action="store_true",
+                    help="only the in-process node share of the shadow work")
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args()
+    if args.no_clusters:
+        args.context = []
     model = resolve_model(args.model)
     out: dict = {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "machine": platform.processor()
                  or platform.machine(), "cpus": os.cpu_count(),
@@ -126,7 +168,7 @@ def main() -> None:
                   f"{r['placement_s']:.2f}, replay and step {r['replay_and_step_s']:.2f}; usual "
                   f"gap {r['usual_gap_s'] * 1000:.0f} ms), replayed {r['replay_tokens']} tokens "
                   f"({r['restored']}), exact {r['exact']}", flush=True)
-    if args.sessions:
+    if args.sessions and not args.no_clusters:
         # Both clusters up, measured in turn (the other idle), so a change of the machine's
         # load meanwhile falls on both: the median of --repeats runs each.
         with tempfile.TemporaryDirectory() as t0, tempfile.TemporaryDirectory() as t1:
@@ -150,6 +192,12 @@ def main() -> None:
                                   "runs": [round(r, 2) for r in got]})
             print(f"decode, shadows {mode:>3}, {n:>2} sessions: {median:.1f} tokens/s "
                   f"(median of {len(got)})", flush=True)
+    for n in args.sessions:
+        r = _node_cost(model, n, args.every)
+        out.setdefault("node_cost", []).append(r)
+        print(f"node share, {n:>2} sessions: decode {r['decode_compute_s']:.3f} s, shadow work "
+              f"{r['shadow_work_s']:.4f} s ({r['shadow_share']:.1%}), "
+              f"{r['shadow_bytes_sent'] / 1e6:.1f} MB", flush=True)
     out["loadavg_end"] = Path("/proc/loadavg").read_text().split()[:3]
     print(json.dumps(out, indent=2))
     if args.json:
