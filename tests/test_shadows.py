@@ -12,11 +12,13 @@ import torch
 import zmq
 from test_broker_cohorts import _close, _frames, _next, _pump, _recv, _serving_stages
 
+from brokers import admin
 from brokers.shadows import holder_of
 from nodes.executor import Executor, StepError
 from nodes.rows import join_rows
 from nodes.shadow import ShadowStore
 from zpipe import protocol
+from zpipe.cli.admin import format_nodes
 from zpipe.kvcache import KVCache
 
 PROMPT = [1, 5, 9, 33, 7]
@@ -198,6 +200,14 @@ def test_the_broker_forwards_shadows_and_restores_from_them(tiny_model: Path,
                 got = await _next(socks[holder], "shadow")
                 assert (got["owner"], got["length"]) == (name, 3)
                 assert torch.equal(got.tensors["k.2"], rows["k.2"])
+            # what the holder holds shows in admin nodes, from its heartbeats
+            c.send_multipart(protocol.encode("heartbeat", shadow_bytes=3 << 20))
+            await _pump(broker, lambda: broker.registry.by_name["c"].stats.get(
+                "shadow_bytes") == 3 << 20)
+            listed = admin.nodes(broker)
+            assert {n["name"]: n["shadow_bytes"] for n in listed} == {
+                "a": 0, "b": 0, "c": 3 << 20}
+            assert "SHADOW MB" in format_nodes(listed)
             broker.node_unreachable(broker.registry.by_name["b"])
             await _pump(broker, lambda: broker.placement is not None
                         and broker.placement.epoch > epoch)
