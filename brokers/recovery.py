@@ -3,10 +3,13 @@ shadows), and they replay what was lost.
 
 ``Recovery`` is a component of the broker: it is given the core (``brokers.core.Core``), the
 step scheduler, whose sessions it parks and resumes, and the reallocation history, where each
-recovery is recorded. A node of the placement that dies or restarts takes every session's KV
-with it; the sessions wait at their last token (``Session.replay``), and once a placement is
-ready again their steps feed the prompt and then their known tokens one by one before they go
-on.
+recovery is recorded. A node of the placement that dies or restarts takes the KV of its layers
+with it; the sessions wait at their last token. With KV shadows (brokers/shadows.py) and the
+dead node's holder alive, the holder takes its layers and their KV from the shadow, the other
+nodes keep theirs, and each session replays only its tokens after the shadow's last row
+(``Session.replay_from``). Otherwise every node frees its KV, the model is placed again, and
+the sessions' steps feed the prompt and then their known tokens one by one
+(``Session.replay``) before they go on.
 """
 
 from __future__ import annotations
