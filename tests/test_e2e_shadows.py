@@ -57,3 +57,36 @@ def test_a_killed_node_is_restored_from_its_shadow(tiny_model: Path, tmp_path: P
         asyncio.run(run())
     finally:
         rc.cluster.stop()
+
+
+def test_the_holder_dying_later_is_restored_from_the_shadows_made_since(
+        tiny_model: Path, tmp_path: Path) -> None:
+    """b is SIGKILLed at the 15th token and c, which took b's layers, at the 35th: after the
+    first restore every node sends its holder all its rows again, so a takes every layer and
+    their KV from c's new shadow; the tokens are those of a run that lost nothing."""
+    rc = start_cluster(tiny_model, tmp_path, [{"name": n, "threads": 1} for n in "abc"],
+                       heartbeat=SLOW_HEARTBEAT,
+                       recovery={"wait_s": 30, "shadow_every": EVERY})
+    try:
+        async def run() -> None:
+            kills = {14: _proc(rc, "node-b"), 34: _proc(rc, "node-c")}
+            async with rc.client() as client:
+                reference = await client.generate(max_new_tokens=60, **GEN)
+
+                def on_token(chunk) -> None:
+                    if chunk.index in kills:
+                        kills[chunk.index].kill()
+
+                got = await asyncio.wait_for(
+                    client.generate(max_new_tokens=60, on_token=on_token, **GEN), 60)
+                assert got.token_ids == reference.token_ids
+                info = await _wait(client, lambda i: i["ready"] and _state(i, "c") == "dead")
+            assert [(st["node"], st["start"], st["end"]) for st in info["placement"]] == \
+                [("a", 0, 6)]
+            records = _status(rc)["reallocations"][-2:]
+            assert [r["restored"] for r in records] == ["shadow", "shadow"]
+            assert all(r["ok"] and 0 <= r["replay_tokens"] <= EVERY + 1 for r in records)
+
+        asyncio.run(run())
+    finally:
+        rc.cluster.stop()
