@@ -15,17 +15,19 @@ from test_e2e_liveness import GEN, _proc, _state, _status, _wait
 EVERY = 4
 
 
-@pytest.mark.parametrize(("victim", "holder", "kept"), [("b", "c", "a"), ("c", "b", "a")])
+@pytest.mark.parametrize(("victim", "holder", "kept", "direct"),
+                         [("b", "c", "a", False), ("c", "b", "a", False), ("b", "c", "a", True)])
 def test_a_killed_node_is_restored_from_its_shadow(tiny_model: Path, tmp_path: Path,
-                                                    victim: str, holder: str,
-                                                    kept: str) -> None:
-    """Real processes, 3 nodes, shadows every 4 rows; the victim is SIGKILLed as the 25th
-    token reaches the client. Its holder (the next stage's node; the last stage's: the one
-    before) takes its layers and their KV from the shadow, the other survivor keeps its KV,
-    and the session replays at most a shadow's batch of rows, not its 28 rows of context."""
+                                                    victim: str, holder: str, kept: str,
+                                                    direct: bool) -> None:
+    """Real processes, 3 nodes, shadows every 4 rows (activations through the broker, or node
+    to node); the victim is SIGKILLed as the 25th token reaches the client. Its holder (the
+    next stage's node; the last stage's: the one before) takes its layers and their KV from
+    the shadow, the other survivor keeps its KV, and the session replays at most a shadow's
+    batch of rows, not its 28 rows of context."""
     k = 25
     rc = start_cluster(tiny_model, tmp_path, [{"name": n, "threads": 1} for n in "abc"],
-                       heartbeat=SLOW_HEARTBEAT,
+                       heartbeat=SLOW_HEARTBEAT, direct=direct,
                        recovery={"wait_s": 30, "shadow_every": EVERY})
     try:
         async def run() -> None:
