@@ -44,7 +44,8 @@ from zpipe.shard import ModelSpec
 
 log = logging.getLogger("zpipe.broker")
 
-NODE_KINDS = {"register", "loaded", "result", "heartbeat", "profile_reply"} | REPLY_KINDS
+NODE_KINDS = {"register", "loaded", "result", "heartbeat", "profile_reply",
+              "shadow"} | REPLY_KINDS
 
 
 class Broker:
@@ -144,6 +145,8 @@ class Broker:
                     await self.steps.on_result(node, msg)
                 elif msg.kind == "heartbeat":
                     node.stats.update(msg.header)
+                elif msg.kind == "shadow":
+                    await self.recovery.shadows.on_shadow(node, msg)
                 elif msg.kind in REPLY_KINDS:
                     await self.mover.on_reply(node, msg)
                 elif msg.kind == "loaded":
@@ -189,7 +192,8 @@ class Broker:
                  msg["device"], msg["dtype"], msg["gflops"])
         if old is not None and self.placement and old.name in self.placement.nodes():
             # The same name again: that process restarted and its KV caches are gone.
-            await self.recovery.lose_placement(f"node {old.name} restarted", "node_lost")
+            await self.recovery.lose_placement(f"node {old.name} restarted", "node_lost",
+                                               dead=old.name)
         await self.place()
 
     async def _on_loaded(self, node: NodeInfo, msg: Message) -> None:
@@ -222,6 +226,13 @@ class Broker:
                 return
         if session is None:
             log.error("node %s: %s: %s", node.name, msg["code"], msg["message"])
+            if node.state == "loading" and self.placement is not None \
+                    and self.recovery.restoring == self.placement.epoch:
+                # A node that cannot restore its sessions' KV: replay them from their prompts.
+                await self.recovery.lose_placement(
+                    f"node {node.name} could not restore: {msg['message']}", "node_lost")
+                await self._place_again()
+                return
             if node.state == "loading":  # say why instead of waiting forever
                 node.state = "failed"
                 self.waiting_for = f"node {node.name} failed to load: {msg['message']}"
@@ -297,6 +308,7 @@ class Broker:
             s.cohort.intact = False
         self.metrics.session_ended(s.sid, reason)
         self.by_rid.pop((s.client, s.rid), None)
+        self.recovery.shadows.forget(s.sid)
         if self.placement is not None:  # its KV at the nodes
             frames = protocol.encode("free", sids=[s.sid])
             for name in self.placement.nodes():
@@ -320,16 +332,26 @@ class Broker:
             self.waiting_for = str(e) + self.recovery.note()
             log.info("no placement yet: %s", e)
             return
+        self.restore_placement(stages)
+        every = self.cfg.recovery.shadow_every
+        for st in stages:
+            node = self.registry.by_name[st.node]
+            await self.send(node.ident, protocol.encode(
+                "load", epoch=self.epoch, start=st.start, end=st.end,
+                **({"shadow_every": every} if every else {})))
+        log.info("placement epoch %d: %s", self.epoch,
+                 ", ".join(f"{s.node}[{s.start}-{s.end - 1}]" for s in stages))
+
+    def restore_placement(self, stages: list) -> Placement:
+        """A placement of ``stages`` at a new epoch, its nodes loading (``place`` or a
+        recovery's restore sends them what to load)."""
         self.epoch += 1
         self.placement = Placement(self.epoch, stages)
         self.waiting_for = "nodes loading their layers"
         for st in stages:
             node = self.registry.by_name[st.node]
             node.state, node.start, node.end = "loading", st.start, st.end
-            await self.send(node.ident, protocol.encode(
-                "load", epoch=self.epoch, start=st.start, end=st.end))
-        log.info("placement epoch %d: %s", self.epoch,
-                 ", ".join(f"{s.node}[{s.start}-{s.end - 1}]" for s in stages))
+        return self.placement
 
     def drop_placement(self, reason: str) -> Placement | None:
         """Forget the placement (a node of it was lost): not ready; returns the one dropped."""
@@ -402,7 +424,14 @@ class Broker:
         self.mover.node_lost(node.name)
         log.warning("node %s is dead: %s", node.name, how)
         if self.placement and node.name in self.placement.nodes():
-            await self.recovery.lose_placement(f"node {node.name} is dead ({how})", "node_dead")
+            await self.recovery.lose_placement(f"node {node.name} is dead ({how})", "node_dead",
+                                               dead=node.name)
+            await self._place_again()
+
+    async def _place_again(self) -> None:
+        """After a loss that dropped the placement (not restored from shadows): every node
+        alive is free to take layers, and the model is placed again."""
+        if self.placement is None:
             for other in self.registry.all():
                 if other.state != "dead":
                     other.state = "registered"

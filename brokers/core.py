@@ -70,6 +70,10 @@ class Core(Protocol):
     def drop_placement(self, reason: str) -> Placement | None:
         """Forget the placement (a node of it was lost): not ready; returns the one dropped."""
 
+    def restore_placement(self, stages: list) -> Placement:
+        """A placement of ``stages`` at a new epoch, its nodes loading: a recovery's restore,
+        whose ``restore`` messages the caller sends (the nodes answer ``loaded``)."""
+
     def next_epoch(self) -> int:
         """A new placement epoch (a move's)."""
 

@@ -1,11 +1,15 @@
-"""Recovery from a lost node: sessions wait, the model is placed again, and they replay.
+"""Recovery from a lost node: sessions wait, the model is placed again (or restored from KV
+shadows), and they replay what was lost.
 
 ``Recovery`` is a component of the broker: it is given the core (``brokers.core.Core``), the
 step scheduler, whose sessions it parks and resumes, and the reallocation history, where each
-recovery is recorded. A node of the placement that dies or restarts takes every session's KV
-with it; the sessions wait at their last token (``Session.replay``), and once a placement is
-ready again their steps feed the prompt and then their known tokens one by one before they go
-on.
+recovery is recorded. A node of the placement that dies or restarts takes the KV of its layers
+with it; the sessions wait at their last token. With KV shadows (brokers/shadows.py) and the
+dead node's holder alive, the holder takes its layers and their KV from the shadow, the other
+nodes keep theirs, and each session replays only its tokens after the shadow's last row
+(``Session.replay_from``). Otherwise every node frees its KV, the model is placed again, and
+the sessions' steps feed the prompt and then their known tokens one by one
+(``Session.replay``) before they go on.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from dataclasses import dataclass
 
 from brokers.core import Core
 from brokers.sessions import Session
+from brokers.shadows import RestorePlan, Shadows, replay_steps
 from brokers.steps import StepScheduler
 from zpipe import protocol
 from zpipe.placement import Placement, PlacementError, StageAssignment, choose
@@ -41,21 +46,27 @@ class Recovery:
         self.core = core
         self.steps = steps
         self.history = history
+        self.shadows = Shadows(core)  # KV shadows: who holds whose, and how far
         # After a node of the placement died, until the sessions it left can go on.
         self.recovering: Recovering | None = None
         # ``recovery.wait_s`` after a node of the placement was lost, until a placement is ready
         # again: the nodes alive may do if the configured placement cannot be met (``choose``).
         self.survivors_ok = False
         self.placer: asyncio.Task | None = None  # sets it after the wait, and places
+        self.restoring: int | None = None  # the epoch of a restore under way (``restore``)
 
-    async def lose_placement(self, reason: str, code: str) -> None:
-        """The placement lost a node, and with it the KV of every session. With recovery on,
-        the sessions wait at their last token for a new placement and then replay their tokens
-        (``Session.replay``); else, or once ``recovery.timeout_s`` passed, they end with
-        ``code``."""
+    async def lose_placement(self, reason: str, code: str, dead: str | None = None) -> None:
+        """The placement lost a node (``dead``, if known), and with it the KV of its layers.
+        With recovery on, the sessions wait at their last token and go on once a placement is
+        ready again: restored from KV shadows where the dead node's holder is alive
+        (``restore``), else placed again with every session replaying its tokens from its
+        prompt (``Session.replay``). Recovery off, or once ``recovery.timeout_s`` passed, they
+        end with ``code``."""
         core = self.core
+        plan = self.shadows.restore_plan(dead) if core.cfg.recovery.enabled else None
         old = core.drop_placement(reason)
-        if old is not None and core.sessions:  # the survivors' KV is of no use now: free it
+        if plan is None and old is not None and core.sessions:
+            # the survivors' KV is of no use now: free it
             frames = protocol.encode("free", sids=list(core.sessions))
             for name in old.nodes():
                 node = core.registry.by_name.get(name)
@@ -67,21 +78,51 @@ class Recovery:
         self.survivors_ok = False
         if self.placer is not None:
             self.placer.cancel()
-        self.placer = asyncio.get_running_loop().create_task(
-            self._place_over_survivors(core.cfg.recovery.wait_s))
-        parked = self.steps.restart_all()  # all of them wait in ``steps.parked`` now
+            self.placer = None
+        if plan is None:
+            self.placer = asyncio.get_running_loop().create_task(
+                self._place_over_survivors(core.cfg.recovery.wait_s))
+        parked = self.steps.restart_all(plan.positions if plan else None)
+        if parked:
+            if self.recovering is None:  # else a second loss before the first was mended
+                self.recovering = Recovering(reason, code, time.monotonic(), {
+                    "time": time.time(), "reason": f"recovery: {reason}",
+                    "before": old.to_list() if old else [],
+                    "epoch_before": old.epoch if old else 0, "sessions": len(parked),
+                    "restored": "shadow" if plan else "replay",
+                    "shadow_sessions": len(plan.positions) if plan else 0,
+                    "replay_tokens": sum(replay_steps(s) for s in parked),
+                    "kv_bytes": 0, "pause_s": 0.0, "ok": False, "error": None})
+            else:  # what the last attempt restores
+                self.recovering.record.update(
+                    restored="shadow" if plan else "replay",
+                    shadow_sessions=len(plan.positions) if plan else 0,
+                    replay_tokens=sum(replay_steps(s) for s in parked))
+        if plan is not None:
+            await self.restore(plan)
         if not parked:
             return
-        if self.recovering is None:  # else a second loss before the first was mended
-            self.recovering = Recovering(reason, code, time.monotonic(), {
-                "time": time.time(), "reason": f"recovery: {reason}",
-                "before": old.to_list() if old else [], "epoch_before": old.epoch if old else 0,
-                "sessions": len(parked),
-                "replay_tokens": sum(len(s.tokens) for s in parked),
-                "kv_bytes": 0, "pause_s": 0.0, "ok": False, "error": None})
         core.waiting_for = f"{reason}; {waiting(len(parked))}"
         log.warning("%s (a new placement within %g s)", core.waiting_for,
                     core.cfg.recovery.timeout_s)
+
+    async def restore(self, plan: RestorePlan) -> None:
+        """The dead node's layers to its shadow holder, the other stages as they were: each
+        node keeps the KV of the sessions restored (up to their row), takes the shadows of
+        the layers new to it, and frees the rest's; they answer ``loaded``."""
+        core = self.core
+        placement = core.restore_placement(plan.stages)
+        self.restoring = placement.epoch
+        sessions = [[sid, at] for sid, at in plan.positions.items()]
+        every = core.cfg.recovery.shadow_every
+        log.warning("restoring from KV shadows: node %s's layers to node %s; %d of %d sessions "
+                    "keep their KV", plan.dead, plan.holder, len(sessions), len(core.sessions))
+        for st in placement.stages:
+            node = core.registry.by_name[st.node]
+            owner = {"owner": plan.dead} if st.node == plan.holder else {}
+            await core.send(node.ident, protocol.encode(
+                "restore", epoch=placement.epoch, start=st.start, end=st.end,
+                sessions=sessions, shadow_every=every, **owner))
 
     def note(self) -> str:
         """What the sessions are waiting for, to add to ``waiting_for`` ("" if none wait)."""
@@ -116,6 +157,7 @@ class Recovery:
     async def recovered(self) -> None:
         """A placement is ready: the waiting sessions go on (once no move holds them)."""
         self.survivors_ok = False
+        self.restoring = None
         if self.placer is not None:  # the configured placement came back in time
             self.placer.cancel()
             self.placer = None

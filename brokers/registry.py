@@ -59,6 +59,7 @@ class NodeInfo:
             "weight_bytes": self.weight_bytes,
             "heartbeat_age_s": round(time.monotonic() - self.last_seen, 3),
             "rss": self.stats.get("rss", 0), "kv_bytes": self.stats.get("kv_bytes", 0),
+            "shadow_bytes": self.stats.get("shadow_bytes", 0),
             "sessions": self.stats.get("sessions", 0), "peer": self.peer,
             "steps": self.stats.get("steps", 0), "known_steps": self.stats.get("known_steps", 0),
             "max_batch": self.max_batch,

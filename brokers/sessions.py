@@ -105,6 +105,17 @@ class Session:
         self.cohort = None
         self.stage_times = []
 
+    def replay_from(self, pos: int) -> None:
+        """Go back to row ``pos`` (past the prompt): the nodes keep the KV before it (a
+        restore from KV shadows), its steps feed the known tokens from there on."""
+        self.step = pos - len(self.prompt_ids) + 1
+        self.pos = pos
+        self.replayed += len(self.tokens) - self.step
+        self.stage = 0
+        self.in_flight = False
+        self.cohort = None
+        self.stage_times = []
+
     def step_input_len(self) -> int:
         return len(self.prompt_ids) if self.step == 0 else 1
 

@@ -234,11 +234,12 @@ class StepScheduler:
     def _replayed(s: Session) -> None:
         """A session is back where it was when its KV was lost."""
         if s.replay_diff:  # bf16 batches round differently: the known tokens stood
-            log.warning("session %s resumed after replaying %d tokens; %d of them came out "
-                        "differently this time (kept as sent)", s.sid[:8], len(s.tokens),
-                        s.replay_diff)
+            log.warning("session %s resumed at token %d (%d tokens replayed in all); %d of "
+                        "them came out differently this time (kept as sent)", s.sid[:8],
+                        len(s.tokens), s.replayed, s.replay_diff)
         else:
-            log.info("session %s resumed after replaying %d tokens", s.sid[:8], len(s.tokens))
+            log.info("session %s resumed at token %d (%d tokens replayed in all)", s.sid[:8],
+                     len(s.tokens), s.replayed)
 
     def _answering_cohort(self, rows: object, stage: int) -> Cohort | None:
         """The intact cohort awaited at ``stage`` whose rows ``rows`` (untrusted) are, exactly."""
@@ -385,13 +386,18 @@ class StepScheduler:
             await self._go_on([])
         self._ended()
 
-    def restart_all(self) -> list[Session]:
+    def restart_all(self, positions: dict[str, int] | None = None) -> list[Session]:
         """The KV of every session was lost: each waits to replay from its prompt
-        (``Session.replay``) until ``resume``. Returns them."""
+        (``Session.replay``), or from the row ``positions`` gives it (``Session.replay_from``:
+        the KV before it was kept), until ``resume``. Returns them."""
         self.held, self.prefills = [], []
         self.parked = list(self.core.sessions.values())
         for s in self.parked:
-            s.replay()
+            at = positions.get(s.sid) if positions else None
+            if at is None:
+                s.replay()
+            else:
+                s.replay_from(at)
         self._ended()
         return self.parked
 

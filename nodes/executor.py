@@ -83,6 +83,10 @@ class Executor:
         # forgets it. Step batches run, and of those the known cohorts':
         self.known: KnownCohort | None = None
         self.steps = self.known_steps = 0
+        # KV shadows: every ``shadow_every`` new rows of a session (0: never) go to the broker,
+        # which passes them to this node's shadow holder; ``shadowed`` rows were sent already.
+        self.shadow_every = 0
+        self.shadowed: dict[str, int] = {}
 
     def load(self, start: int, end: int, epoch: int) -> int:
         """Load layers [start, end); returns the weight bytes now held."""
@@ -90,6 +94,7 @@ class Executor:
             raise StepError("bad_range", f"layers {start}-{end - 1} are outside the model's "
                                          f"{self.spec.num_layers} layers")
         self.known = None
+        self.shadowed.clear()
         if self.stage is None or (self.stage.start, self.stage.end) != (start, end):
             self.stage = self.decoder = self.pool = None  # free the old before the new
             self.caches.clear()
@@ -177,6 +182,7 @@ class Executor:
             raise StepError("not_prepared", f"nothing prepared for epoch {epoch}")
         _, stage = self.pending
         self.known = None
+        self.shadowed.clear()  # other layers now: the holder gets them all again
         if stage is None:
             self.free(list(self.caches))
             self._static(None)
@@ -211,9 +217,79 @@ class Executor:
     def free(self, sids: list[str]) -> None:
         self.known = None
         for sid in sids:
+            self.shadowed.pop(sid, None)
             cache = self.caches.pop(sid, None)
             if isinstance(cache, SlotKV):
                 cache.release()
+
+    # ------------------------------------------------------------ KV shadows
+    def shadow_due(self) -> list[tuple[str, int, int, dict[str, torch.Tensor]]]:
+        """``(sid, start, length, tensors)`` for each session with ``shadow_every`` or more
+        rows not yet shadowed: rows ``[start, length)`` of every layer held, now counted as
+        sent."""
+        every, stage = self.shadow_every, self.stage
+        if not every or stage is None:
+            return []
+        out = []
+        layers = range(stage.start, stage.end)
+        for sid, cache in self.caches.items():
+            start = self.shadowed.get(sid, 0)
+            if cache.length - start >= every:
+                out.append((sid, start, cache.length,
+                            cache.export(layers, tokens=range(start, cache.length))))
+                self.shadowed[sid] = cache.length
+        return out
+
+    def restore(self, start: int, end: int, epoch: int, lengths: dict[str, int],
+                shadows: dict[str, KVCache]) -> int:
+        """After a node of the placement died: hold layers ``[start, end)`` at ``epoch``,
+        keeping the KV of the sessions in ``lengths`` cut to their length (the rows after it
+        are computed again) and freeing every other session's. Layers new to this node take
+        their KV from ``shadows`` (the dead owner's, cut to the same lengths). Returns the
+        weight bytes now held."""
+        if not 0 <= start < end <= self.spec.num_layers:
+            raise StepError("bad_range", f"layers {start}-{end - 1} are outside the model")
+        self.known = None
+        self.shadowed.clear()
+        self.free([sid for sid in self.caches if sid not in lengths])
+        have = self.stage
+        held = set(range(have.start, have.end)) if have is not None else set()
+        new = set(range(start, end)) - held
+        for sid, length in lengths.items():  # check everything before changing anything
+            cache = self.caches.get(sid)
+            if cache is None or cache.length < length:
+                raise StepError("bad_kv", f"session {sid}: {length} rows to keep, "
+                                          f"{cache.length if cache else 0} cached")
+            got = shadows.get(sid)
+            if new and (got is None or set(got.k) != new or got.length != length):
+                raise StepError("bad_kv", f"session {sid}: no shadow of layers {sorted(new)} "
+                                          f"up to row {length}")
+        for sid, length in lengths.items():
+            self.caches[sid].length = length
+        if have is not None and (have.start, have.end) == (start, end):
+            self.epoch = epoch
+            return have.weight_bytes()
+        stage = Stage(self.model_dir, start, end, dtype=self.dtype, device=self.device,
+                      reuse=have)
+        self._warm(stage)
+        self._static(stage)
+        keep = set(range(start, end))
+        for sid in lengths:
+            cache = self.caches[sid]
+            if isinstance(cache, SlotKV):
+                cache.rebind()
+            else:
+                cache.drop_layers([la for la in cache.k if la not in keep])
+            got = shadows[sid]
+            if got.device != stage.device or got.dtype != stage.dtype:
+                moved = KVCache(range(0), got.n_kv_heads, got.head_dim, stage.dtype,
+                                stage.device)
+                moved.import_({k: t.to(stage.device, stage.dtype)
+                               for k, t in got.export(got.layers).items()}, got.length)
+                got = moved
+            cache.adopt(got)
+        self.stage, self.epoch = stage, epoch
+        return stage.weight_bytes()
 
     def kv_bytes(self) -> int:
         return sum(c.nbytes() for c in self.caches.values())

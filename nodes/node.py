@@ -18,6 +18,7 @@ from nodes import profile
 from nodes.executor import DTYPES, Executor, StepError
 from nodes.peers import Peers
 from nodes.rows import join_rows
+from nodes.shadow import ShadowStore
 from zpipe import aio, protocol, sysinfo
 from zpipe.config import NodeConfig
 from zpipe.identity import model_identity
@@ -33,7 +34,7 @@ MAX_BACKOFF_S = 8.0
 INLINE_S = 0.005
 # Handled in arrival order on the compute thread's queue, so nothing overtakes a step.
 QUEUED = {"step", "load", "free", "profile", "prepare", "kv_export", "kv_import", "commit",
-          "abort", "set_slow"}
+          "abort", "set_slow", "restore"}
 
 
 class Node:
@@ -59,6 +60,8 @@ class Node:
         self.heard = False  # the broker answered this connection
         self.last_recv = 0.0
         self.peers = Peers(self.ctx, self.queue)  # direct routing's sockets
+        self.shadows = ShadowStore()  # other nodes' KV rows, should they die
+        self.restoring: dict[int, dict] = {}  # epoch -> the shadows its restore takes
 
     async def send(self, frames: list) -> None:
         try:
@@ -153,6 +156,7 @@ class Node:
                 await self.send(protocol.encode(
                     "heartbeat", rss=mem["rss"], mem_free=mem["mem_free"],
                     mem_held=mem["mem_held"], kv_bytes=self.executor.kv_bytes(),
+                    shadow_bytes=self.shadows.nbytes(),
                     sessions=len(self.executor.caches), steps=self.executor.steps,
                     known_steps=self.executor.known_steps))
                 next_beat = now + self.heartbeat_s
@@ -179,6 +183,22 @@ class Node:
         except ProtocolError as e:
             log.warning("dropped a bad message from the broker: %s", e)
             return
+        if msg.kind == "shadow":  # on arrival, beside the steps: it never delays one
+            owner = msg.get("owner")
+            if not isinstance(owner, str) or not self.shadows.add(
+                    owner, msg["sid"], msg["start"], msg["length"], msg.tensors):
+                log.warning("dropped a KV shadow of %s for session %s that did not follow on",
+                            owner, msg["sid"])
+            return
+        if msg.kind == "free":
+            self.shadows.free([s for s in msg["sids"] if isinstance(s, str)])
+        elif msg.kind == "restore":
+            # The shadows it needs, as they stand now: later ones belong to the new placement.
+            try:
+                lengths = protocol.restore_lengths(msg["sessions"])
+            except ProtocolError:
+                lengths = {}  # refused when its turn comes
+            self.restoring = {msg["epoch"]: self.shadows.take(msg.get("owner", ""), lengths)}
         if msg.kind in QUEUED:
             self.queue.put_nowait(msg)  # in arrival order: a free never overtakes a step
         elif msg.kind == "welcome":
@@ -225,6 +245,10 @@ class Node:
             try:
                 if msg.kind == "step":
                     await self._steps(batch)
+                    if self.executor.shadow_every:
+                        await self._send_shadows()
+                elif msg.kind == "restore":
+                    await self._restore(msg)
                 elif msg.kind == "load":
                     await self._load(msg)
                 elif msg.kind == "free":
@@ -301,6 +325,36 @@ class Node:
                                    [(r, o) for r, o, _ in part])
         if len(msgs) == 1 and len(done) == len(rows):
             self.executor.expect(msgs[0], rows)
+
+    async def _send_shadows(self) -> None:
+        """The KV rows due to this node's shadow holder (``Executor.shadow_due``), after the
+        step's answer went out; the broker passes them on."""
+        epoch = self.executor.epoch
+        for sid, start, length, tensors in self.executor.shadow_due():
+            await self.send(protocol.encode("shadow", tensors, epoch=epoch, sid=sid,
+                                            start=start, length=length))
+
+    async def _restore(self, msg: Message) -> None:
+        """After a node of the placement died: keep the listed sessions' KV up to their
+        length, take the dead owner's layers from its shadows if they are ours now."""
+        start, end, epoch = msg["start"], msg["end"], msg["epoch"]
+        shadows = self.restoring.pop(epoch, {})
+        self.restoring.clear()
+        try:
+            lengths = protocol.restore_lengths(msg["sessions"])
+        except ProtocolError as e:
+            raise StepError(e.code, str(e)) from None
+        if not 0 <= msg["shadow_every"] <= 1 << 20:
+            raise StepError("bad_value", f"shadow_every {msg['shadow_every']} out of range")
+        t0 = time.perf_counter()
+        nbytes = await self._in_pool(self.executor.restore, start, end, epoch, lengths, shadows)
+        self.executor.shadow_every = msg["shadow_every"]
+        dt = time.perf_counter() - t0
+        settle_gc()
+        log.info("restored layers %d-%d (epoch %d): %d sessions kept, %d from shadows, "
+                 "in %.2f s", start, end - 1, epoch, len(lengths), len(shadows), dt)
+        await self.send(protocol.encode("loaded", epoch=epoch, start=start, end=end,
+                                        weight_bytes=nbytes, load_s=dt))
 
     async def _answer(self, msgs: list[Message], done: list) -> None:
         """Send the rows' outputs on: tokens or hidden states to the broker, or (direct
@@ -432,6 +486,7 @@ class Node:
         log.info("loading layers %d-%d (epoch %d) from %s", start, end - 1, epoch, self.model_dir)
         t0 = time.perf_counter()
         nbytes = await self._in_pool(self.executor.load, start, end, epoch)
+        self.executor.shadow_every = max(0, msg.get("shadow_every", 0))
         dt = time.perf_counter() - t0
         settle_gc()  # before the broker hears "loaded" and sends steps
         log.info("loaded layers %d-%d: %.1f MB in %.2f s", start, end - 1, nbytes / 1e6, dt)

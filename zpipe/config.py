@@ -175,6 +175,12 @@ class Recovery(_Strict):
     wait_s: float = Field(2.0, ge=0, le=3600)
     # Sessions that find no new placement within this long end after all.
     timeout_s: float = Field(60.0, gt=0, le=86400)
+    # KV shadows (brokers/shadows.py): every this many new rows of a session, a node's K/V
+    # rows go to the node of the next stage (the last stage's: the one before), which takes
+    # its layers if it dies and goes on from the shadow; survivors keep their KV and sessions
+    # replay only the rows after the shadow's last. 0: off (a death replays every session
+    # from its prompt).
+    shadow_every: int = Field(0, ge=0, le=1 << 20)
 
 
 # Pin the process's event loop and ZeroMQ's I/O thread to this CPU (``zpipe.aio.pin``): a

@@ -72,7 +72,8 @@ SCHEMAS: dict[str, dict[str, str]] = {
     "result": {"epoch": _INT, "stage": _INT, "compute_s": _NUM, "rows": _LIST, "tokens?": _LIST,
                "times?": _LIST},
     # --- broker -> node
-    "load": {"epoch": _INT, "start": _INT, "end": _INT},
+    # "shadow_every": send the broker KV shadows every that many new rows (0 or absent: none)
+    "load": {"epoch": _INT, "start": _INT, "end": _INT, "shadow_every?": _INT},
     # One token step of one or more sessions (a batch travels whole from stage to stage):
     # "rows" [sid, step, pos, n] per session; tensor "x" holds the rows' inputs concatenated,
     # n each: token ids (stage 0) or hidden states. "sampling" (one dict per row) goes to the
@@ -103,7 +104,8 @@ SCHEMAS: dict[str, dict[str, str]] = {
     # --- liveness: nodes and broker send heartbeats both ways; clients ping, the broker pongs
     "welcome": {"heartbeat_s": _NUM, "liveness": _INT},
     "heartbeat": {"rss?": _INT, "mem_free?": _INT, "mem_held?": _INT, "kv_bytes?": _INT,
-                  "sessions?": _INT, "steps?": _INT, "known_steps?": _INT},
+                  "sessions?": _INT, "steps?": _INT, "known_steps?": _INT,
+                  "shadow_bytes?": _INT},  # host memory of the KV shadows it holds
     "ping": {"rid?": _STR},
     "pong": {"rid?": _STR},
     # --- admin: a client asks the broker (op: status, nodes, sessions, metrics, profile)
@@ -126,6 +128,17 @@ SCHEMAS: dict[str, dict[str, str]] = {
     "committed": {"rid": _STR, "epoch": _INT},
     "abort": {"rid": _STR, "epoch": _INT},
     "set_slow": {"factor": _NUM},
+    # --- KV shadows and the restore after a death (brokers/shadows.py, nodes/shadow.py).
+    # A node's new K/V rows [start, length) of session "sid" for every layer it holds (tensors
+    # "k.{layer}", "v.{layer}" [kv_heads, length - start, head_dim]), to the broker, which
+    # passes them on to the node's shadow holder with "owner" (the sender's name) added.
+    "shadow": {"epoch": _INT, "sid": _STR, "start": _INT, "length": _INT, "owner?": _STR},
+    # After a node of the placement died: hold layers [start, end) at "epoch", keep the KV of
+    # the sessions in "sessions" ([sid, length] each: rows past length are computed again),
+    # free every other session's; layers new to the node come from the shadows of "owner".
+    # Answered by "loaded".
+    "restore": {"epoch": _INT, "start": _INT, "end": _INT, "sessions": _LIST,
+                "shadow_every": _INT, "owner?": _STR},
     # --- any direction
     "error": {"code": _STR, "message": _STR, "rid?": _STR, "sid?": _STR, "step?": _INT,
               "epoch?": _INT},
@@ -355,6 +368,23 @@ def step_rows(rows: list) -> list[tuple[str, int, int, int]]:
         if step < 0 or pos < 0 or n < 1:
             raise ProtocolError(f"step row {sid!r}: step and pos must be >= 0 and n >= 1",
                                 "bad_value")
+    return out
+
+
+def restore_lengths(sessions: list) -> dict[str, int]:
+    """Check a restore's sessions (untrusted): ``[sid, length]`` each, sids unique, length >= 0.
+    Returns ``{sid: length}``."""
+    if len(sessions) > MAX_ROWS:
+        raise ProtocolError(f"restore: at most {MAX_ROWS} sessions, got {len(sessions)}",
+                            "bad_value")
+    out: dict[str, int] = {}
+    for row in sessions:
+        if not (type(row) is list and len(row) == 2 and type(row[0]) is str
+                and 0 < len(row[0]) <= MAX_SID and type(row[1]) is int and row[1] >= 0):
+            raise ProtocolError(f"restore: a session must be [sid, length >= 0], got {row!r:.80}")
+        if row[0] in out:
+            raise ProtocolError(f"restore: session {row[0]!r} twice")
+        out[row[0]] = row[1]
     return out
 
 

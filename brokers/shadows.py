@@ -1,0 +1,105 @@
+"""KV shadows, the broker's side: who holds whose, how far each is, and the restore they allow.
+
+With ``recovery.shadow_every`` = N > 0, each node of the placement sends the broker its new
+K/V rows every N rows of a session (``shadow`` messages, nodes/executor.py ``shadow_due``);
+the broker passes them, without copying, to the node's holder: the node of the next stage
+(the last stage's: the node of the stage before). That is the node that takes the layers of
+the owner if it dies, so the stages stay contiguous: the dead node's range joins its holder's
+(``restore_plan``). The holder keeps them in host memory (nodes/shadow.py). The broker counts,
+per owner and session, the rows passed on in this placement: a session can go on from the
+shadow's last row instead of from its prompt.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from brokers.core import Core
+from brokers.registry import NodeInfo
+from brokers.sessions import Session
+from zpipe import protocol
+from zpipe.placement import Placement, StageAssignment
+from zpipe.protocol import Message
+
+
+@dataclass
+class RestorePlan:
+    """A death that shadows can mend: the dead node's layers go to its holder."""
+
+    dead: str
+    holder: str
+    stages: list[StageAssignment]
+    positions: dict[str, int]  # sid -> the row the session goes on from (all KV kept before it)
+
+
+def holder_of(names: list[str], name: str) -> str | None:
+    """The node holding ``name``'s shadows in a placement of nodes ``names`` (stage order)."""
+    if name not in names or len(names) < 2:
+        return None
+    i = names.index(name)
+    return names[i + 1] if i + 1 < len(names) else names[i - 1]
+
+
+class Shadows:
+    def __init__(self, core: Core) -> None:
+        self.core = core
+        self.epoch = -1  # the placement the counts are of
+        self.rows: dict[str, dict[str, int]] = {}  # owner -> sid -> rows passed to its holder
+
+    def _current(self, placement: Placement) -> dict[str, dict[str, int]]:
+        if self.epoch != placement.epoch:  # another placement: other layers, other holders
+            self.epoch, self.rows = placement.epoch, {}
+        return self.rows
+
+    async def on_shadow(self, node: NodeInfo, msg: Message) -> None:
+        """A node's ``shadow`` rows: on to its holder, counted (stale or unknown: dropped)."""
+        core, placement = self.core, self.core.placement
+        sid, start, length = msg["sid"], msg["start"], msg["length"]
+        if (placement is None or msg["epoch"] != placement.epoch or sid not in core.sessions
+                or not 0 <= start < length):
+            return
+        rows = self._current(placement).setdefault(node.name, {})
+        if start != rows.get(sid, 0) and start != 0:
+            rows.pop(sid, None)  # a gap: this session's shadow is of no use until it restarts
+            return
+        holder = core.registry.by_name.get(holder_of(placement.nodes(), node.name) or "")
+        if holder is None or holder.state == "dead":
+            return
+        if await core.send(holder.ident, protocol.encode_forward(
+                "shadow", msg.frames, msg["t"], epoch=msg["epoch"], sid=sid, start=start,
+                length=length, owner=node.name)):
+            rows[sid] = length
+
+    def forget(self, sid: str) -> None:
+        """The session ended (its holders free its shadows on the ``free`` it causes)."""
+        for rows in self.rows.values():
+            rows.pop(sid, None)
+
+    def restore_plan(self, dead: str | None) -> RestorePlan | None:
+        """How the placement goes on without node ``dead``: its layers to its holder (alive),
+        every session whose shadow reaches past its prompt kept up to the shadow's last row
+        (or its own last, if earlier). None: shadows are off, or the holder is gone."""
+        core, placement = self.core, self.core.placement
+        if not core.cfg.recovery.shadow_every or placement is None or dead is None:
+            return None
+        names = placement.nodes()
+        holder = holder_of(names, dead)
+        node = core.registry.by_name.get(holder or "")
+        if node is None or node.state == "dead":
+            return None
+        lost = next(st for st in placement.stages if st.node == dead)
+        stages = [st if st.node != holder else StageAssignment(
+            holder, min(st.start, lost.start), max(st.end, lost.end))
+            for st in placement.stages if st.node != dead]
+        shadowed = self._current(placement).get(dead, {})
+        positions = {}
+        for sid, s in core.sessions.items():
+            at = min(shadowed.get(sid, 0), s.pos)
+            if at >= len(s.prompt_ids) and s.tokens:
+                positions[sid] = at
+        return RestorePlan(dead, holder, stages, positions)
+
+
+def replay_steps(s: Session) -> int:
+    """The steps a waiting session runs again before it is back where it was."""
+    return len(s.tokens) - s.step
