@@ -345,8 +345,7 @@ class Broker:
     def restore_placement(self, stages: list) -> Placement:
         """A placement of ``stages`` at a new epoch, its nodes loading (``place`` or a
         recovery's restore sends them what to load)."""
-        self.epoch += 1
-        self.placement = Placement(self.epoch, stages)
+        self.placement = Placement(self.next_epoch(), stages)
         self.waiting_for = "nodes loading their layers"
         for st in stages:
             node = self.registry.by_name[st.node]

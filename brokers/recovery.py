@@ -84,20 +84,18 @@ class Recovery:
                 self._place_over_survivors(core.cfg.recovery.wait_s))
         parked = self.steps.restart_all(plan.positions if plan else None)
         if parked:
-            if self.recovering is None:  # else a second loss before the first was mended
+            # what this attempt restores (a second loss before the first was mended: the last)
+            how = {"restored": "shadow" if plan else "replay",
+                   "shadow_sessions": len(plan.positions) if plan else 0,
+                   "replay_tokens": sum(replay_steps(s) for s in parked)}
+            if self.recovering is None:
                 self.recovering = Recovering(reason, code, time.monotonic(), {
                     "time": time.time(), "reason": f"recovery: {reason}",
                     "before": old.to_list() if old else [],
-                    "epoch_before": old.epoch if old else 0, "sessions": len(parked),
-                    "restored": "shadow" if plan else "replay",
-                    "shadow_sessions": len(plan.positions) if plan else 0,
-                    "replay_tokens": sum(replay_steps(s) for s in parked),
+                    "epoch_before": old.epoch if old else 0, "sessions": len(parked), **how,
                     "kv_bytes": 0, "pause_s": 0.0, "ok": False, "error": None})
-            else:  # what the last attempt restores
-                self.recovering.record.update(
-                    restored="shadow" if plan else "replay",
-                    shadow_sessions=len(plan.positions) if plan else 0,
-                    replay_tokens=sum(replay_steps(s) for s in parked))
+            else:
+                self.recovering.record.update(how)
         if plan is not None:
             await self.restore(plan)
         if not parked:

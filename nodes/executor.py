@@ -196,10 +196,7 @@ class Executor:
                                               f"{sorted(keep - (have | got))}")
             self._static(stage)
             for cache in self.caches.values():
-                if isinstance(cache, SlotKV):
-                    cache.rebind()  # views of the pool's layers now
-                else:
-                    cache.drop_layers([la for la in cache.k if la not in keep])
+                _keep_layers(cache, keep)
             for sid, got in self.pending_caches.items():
                 if sid not in self.caches:  # a session new to this node
                     slot = self.pool.session() if self.pool and got.length <= self.pool.max_len \
@@ -276,10 +273,7 @@ class Executor:
         keep = set(range(start, end))
         for sid in lengths:
             cache = self.caches[sid]
-            if isinstance(cache, SlotKV):
-                cache.rebind()
-            else:
-                cache.drop_layers([la for la in cache.k if la not in keep])
+            _keep_layers(cache, keep)
             got = shadows[sid]
             if got.device != stage.device or got.dtype != stage.dtype:
                 moved = KVCache(range(0), got.n_kv_heads, got.head_dim, stage.dtype,
@@ -543,6 +537,15 @@ class Executor:
         elif x.dim() != 2 or x.shape[1] != self.spec.hidden_size or not x.is_floating_point():
             raise StepError("bad_shape", f"stage takes float hidden states [n, "
                                          f"{self.spec.hidden_size}], got {x.dtype} {list(x.shape)}")
+
+
+def _keep_layers(cache: KVCache, keep: set[int]) -> None:
+    """After the node's layers changed: a cache holds exactly the layers in ``keep`` that it
+    had (a pool slot becomes views of the pool's layers now)."""
+    if isinstance(cache, SlotKV):
+        cache.rebind()
+    else:
+        cache.drop_layers([la for la in cache.k if la not in keep])
 
 
 def _picked(out: tuple, how: list[tuple[SamplingParams, int]]) -> list[tuple]:

@@ -121,7 +121,7 @@ class Node:
         stage, pool = ex.stage, ex.pool  # the compute thread may replace them meanwhile
         held = stage.weight_bytes() if stage is not None else 0
         if pool is not None:
-            held += sum(t.nbytes for t in [*list(pool.k.values()), *list(pool.v.values())])
+            held += pool.nbytes()
         held += sum(c.nbytes() for c in list(ex.caches.values()) if not isinstance(c, SlotKV))
         return held + sysinfo.cached_bytes(self.cfg.device)
 

@@ -55,6 +55,11 @@ class SlotPool:
         per_layer = self.n_kv_heads * self.max_len * self.head_dim * 2
         return per_layer * len(self.k) * torch.empty(0, dtype=self.dtype).element_size()
 
+    def nbytes(self) -> int:
+        """The whole pool, every slot and the scratch one. ``list``: a node's heartbeat reads it
+        while its compute thread may retarget the pool."""
+        return sum(t.nbytes for store in (self.k, self.v) for t in list(store.values()))
+
     def take(self) -> int | None:
         return self.free_slots.pop() if self.free_slots else None
 
