@@ -231,5 +231,11 @@ def test_zpipe_up_restarts_a_child_at_most_so_often(tiny_model: Path, tmp_path: 
         assert cluster.restart_exited(61.0) == (["node-x (exit -9)"], [])  # the first is past
         assert dict(cluster.procs)["node-x"].pid not in pids
         assert dict(cluster.procs)["broker"].poll() is None
+        # While starting, a child that exits on its own (an error, not a signal) is left exited.
+        pids.append(kill_x())
+        failed = subprocess.Popen([sys.executable, "-c", "raise SystemExit(3)"])
+        failed.wait()
+        cluster.procs = [(n, failed if n == "node-x" else p) for n, p in cluster.procs]
+        assert cluster.restart_exited(200.0, killed_only=True) == ([], ["node-x (exit 3)"])
     finally:
         cluster.stop()

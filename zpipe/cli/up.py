@@ -63,13 +63,17 @@ class Cluster:
     def dead(self) -> list[str]:
         return [f"{name} (exit {p.returncode})" for name, p in self.procs if p.poll() is not None]
 
-    def restart_exited(self, now: float) -> tuple[list[str], list[str]]:
+    def restart_exited(self, now: float, killed_only: bool = False) -> tuple[list[str], list[str]]:
         """Start again every child that exited (its log goes on in the same file), unless it
         was restarted ``restarts_per_minute`` times in the minute before ``now`` (monotonic).
+        ``killed_only``: only those a signal ended; one that exited on its own is left as it is.
         Returns the children restarted and those left exited, as ``dead`` names them."""
         restarted, left = [], []
         for i, (name, p) in enumerate(self.procs):
             if p.poll() is None or name not in self.commands:
+                continue
+            if killed_only and p.returncode >= 0:
+                left.append(f"{name} (exit {p.returncode})")
                 continue
             times = self.restarted.setdefault(name, deque())
             while times and now - times[0] > 60:
@@ -108,7 +112,11 @@ async def _wait_ready(cluster: Cluster, address: str, timeout: float) -> dict:
         deadline = time.monotonic() + timeout
         last = None
         while True:
-            dead = cluster.dead()
+            # A child that exits with an error while starting is misconfigured: stop and show
+            # why. One a signal killed (the OOM killer, an operator) is started again, as later.
+            restarted, dead = cluster.restart_exited(time.monotonic(), killed_only=True)
+            for what in restarted:
+                print(f"[zpipe up] {what} stopped; started it again", file=sys.stderr)
             if dead:
                 details = "\n".join(f"--- {d}:\n{cluster.tail(d)}" for d in dead)
                 raise ZpipeError("child_died", f"{', '.join(dead)} stopped early\n{details}")
