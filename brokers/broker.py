@@ -29,7 +29,7 @@ from brokers.admin import Admin
 from brokers.core import new_history
 from brokers.mover import REPLY_KINDS, Mover
 from brokers.rebalance import AutoRebalancer, Rebalancer
-from brokers.recovery import Recovery, late
+from brokers.recovery import Recovery, Seen, late
 from brokers.registry import NodeInfo, Registry
 from brokers.sessions import RequestError, Session, build_session
 from brokers.steps import StepScheduler
@@ -99,6 +99,7 @@ class Broker:
         gc.freeze()
         tasks = [asyncio.create_task(self._watch_timeouts()),
                  asyncio.create_task(self._heartbeats()),
+                 asyncio.create_task(self._watch_disconnects()),
                  asyncio.create_task(AutoRebalancer(self, self.mover, self.rebalancer).run())]
         try:
             while True:
@@ -193,7 +194,7 @@ class Broker:
         if old is not None and self.placement and old.name in self.placement.nodes():
             # The same name again: that process restarted and its KV caches are gone.
             await self.recovery.lose_placement(f"node {old.name} restarted", "node_lost",
-                                               dead=old.name)
+                                               dead=old.name, seen=Seen.of(old, "restart"))
         await self.place()
 
     async def _on_loaded(self, node: NodeInfo, msg: Message) -> None:
@@ -222,7 +223,8 @@ class Broker:
             # Under direct routing the node could not pass the step on: the next one is gone.
             after = self._stage_after(node.name)
             if after is not None:
-                self.node_unreachable(after, f"node {node.name} could not pass it a step")
+                self.node_unreachable(after, f"node {node.name} could not pass it a step",
+                                      "peer")
                 return
         if session is None:
             log.error("node %s: %s: %s", node.name, msg["code"], msg["message"])
@@ -230,7 +232,8 @@ class Broker:
                     and self.recovery.restoring == self.placement.epoch:
                 # A node that cannot restore its sessions' KV: replay them from their prompts.
                 await self.recovery.lose_placement(
-                    f"node {node.name} could not restore: {msg['message']}", "node_lost")
+                    f"node {node.name} could not restore: {msg['message']}", "node_lost",
+                    seen=Seen(by="restore_failed", silent_s=0.0))
                 await self._place_again()
                 return
             if node.state == "loading":  # say why instead of waiting forever
@@ -401,9 +404,10 @@ class Broker:
     async def declare_dead(self, node: NodeInfo, silent: float) -> None:
         """``node`` was silent for ``silent`` seconds: its layers are placed again."""
         node.state = "dead"
-        await self._lost(node, f"no heartbeat for {silent:.1f} s")
+        await self._lost(node, f"no heartbeat for {silent:.1f} s", Seen.of(node, "heartbeat"))
 
-    def node_unreachable(self, node: NodeInfo, how: str = "a send to it failed") -> None:
+    def node_unreachable(self, node: NodeInfo, how: str = "a send to it failed",
+                         seen_by: str = "failed_send") -> None:
         """A send to ``node`` found its connection gone (its process died): it is dead now,
         without waiting for its heartbeats to stop. Steps sent to it meanwhile are lost with
         it; the recovery, run as soon as the caller yields, replays them."""
@@ -411,11 +415,12 @@ class Broker:
             return
         node.state = "dead"
         # A task: the caller may be midway through a step's sessions, which the recovery resets.
-        task = asyncio.get_running_loop().create_task(self._lost(node, how))
+        task = asyncio.get_running_loop().create_task(
+            self._lost(node, how, Seen.of(node, seen_by)))
         self.losses.add(task)
         task.add_done_callback(self.losses.discard)
 
-    async def _lost(self, node: NodeInfo, how: str) -> None:
+    async def _lost(self, node: NodeInfo, how: str, seen: Seen) -> None:
         """``node`` (marked dead) was lost: a move it takes part in rolls back; if it served the
         placement, the sessions wait and the model is placed again (``recovery``)."""
         if self.registry.by_name.get(node.name) is not node:
@@ -424,8 +429,34 @@ class Broker:
         log.warning("node %s is dead: %s", node.name, how)
         if self.placement and node.name in self.placement.nodes():
             await self.recovery.lose_placement(f"node {node.name} is dead ({how})", "node_dead",
-                                               dead=node.name)
+                                               dead=node.name, seen=seen)
             await self._place_again()
+
+    async def _watch_disconnects(self) -> None:
+        """A node's connection closing (its process died: the kernel closes its sockets) is
+        seen by the ROUTER's monitor within milliseconds. The event names no peer, so every
+        node is probed: a send to the one whose connection is gone cannot be routed
+        (ROUTER_MANDATORY), which declares it dead. libzmq drops the peer's route
+        asynchronously, hence a second and third probe shortly after."""
+        monitor = aio.Socket(self.sock.sock.get_monitor_socket(zmq.EVENT_DISCONNECTED))
+        frames = protocol.encode("heartbeat")
+        try:
+            while True:
+                await monitor.recv()
+                for delay in (0.0, 0.05, 0.25):
+                    await asyncio.sleep(delay)
+                    for node in self.registry.all():
+                        if node.state != "dead":
+                            self._probe(node, frames)
+        finally:
+            monitor.close()
+
+    def _probe(self, node: NodeInfo, frames: list) -> None:
+        try:
+            self.sock.send([node.ident, *frames])
+        except zmq.ZMQError as e:
+            if e.errno == zmq.EHOSTUNREACH:
+                self.node_unreachable(node, "its connection closed", "disconnect")
 
     async def _place_again(self) -> None:
         """After a loss that dropped the placement (not restored from shadows): every node

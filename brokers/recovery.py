@@ -21,6 +21,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from brokers.core import Core
+from brokers.registry import NodeInfo
 from brokers.sessions import Session
 from brokers.shadows import RestorePlan, Shadows, replay_steps
 from brokers.steps import StepScheduler
@@ -29,6 +30,22 @@ from zpipe.placement import Placement, PlacementError, StageAssignment, choose
 from zpipe.protocol import Message
 
 log = logging.getLogger("zpipe.broker")
+
+
+@dataclass(frozen=True)
+class Seen:
+    """How a node's loss was seen: ``by`` one of ``disconnect`` (its connection closed),
+    ``failed_send`` (a message to it could not be routed), ``peer`` (the stage before it could
+    not pass it a step), ``heartbeat`` (silent too long), ``restart`` (it registered again) or
+    ``restore_failed``; ``silent_s``: how long it had been silent by then, an upper bound on
+    the time the death took to be noticed."""
+
+    by: str
+    silent_s: float
+
+    @classmethod
+    def of(cls, node: NodeInfo, by: str) -> Seen:
+        return cls(by, round(time.monotonic() - node.last_seen, 6))
 
 
 @dataclass
@@ -55,7 +72,8 @@ class Recovery:
         self.placer: asyncio.Task | None = None  # sets it after the wait, and places
         self.restoring: int | None = None  # the epoch of a restore under way (``restore``)
 
-    async def lose_placement(self, reason: str, code: str, dead: str | None = None) -> None:
+    async def lose_placement(self, reason: str, code: str, dead: str | None = None,
+                             seen: Seen | None = None) -> None:
         """The placement lost a node (``dead``, if known), and with it the KV of its layers.
         With recovery on, the sessions wait at their last token and go on once a placement is
         ready again: restored from KV shadows where the dead node's holder is alive
@@ -93,6 +111,7 @@ class Recovery:
                     "time": time.time(), "reason": f"recovery: {reason}",
                     "before": old.to_list() if old else [],
                     "epoch_before": old.epoch if old else 0, "sessions": len(parked), **how,
+                    "seen_by": seen.by if seen else "", "silent_s": seen.silent_s if seen else None,
                     "kv_bytes": 0, "pause_s": 0.0, "ok": False, "error": None})
             else:
                 self.recovering.record.update(how)
@@ -166,6 +185,7 @@ class Recovery:
             done.record.update(after=placement.to_list(), epoch_after=placement.epoch,
                                ok=True, pause_s=round(time.monotonic() - done.t0, 6))
             self.history.append(done.record)
+            self.core.metrics.record_recovery(done.record)
             if not self.steps.paused:
                 await self.steps.resume()
 
@@ -180,6 +200,7 @@ class Recovery:
                  f"{self.core.waiting_for.split('; ')[0]}")
         lost.record.update(error=error, pause_s=round(time.monotonic() - lost.t0, 6))
         self.history.append(lost.record)
+        self.core.metrics.record_recovery(lost.record)
         for s in self.steps.unpark():
             await self.core.fail(s, lost.code, error)
 

@@ -118,7 +118,37 @@ def test_a_killed_node_is_found_by_a_failed_send_and_no_token_changes(
                 assert [st["node"] for st in info["placement"]] == ["a", "c"]
             record = _status(rc)["reallocations"][-1]
             assert record["ok"] and record["sessions"] == 1
-            assert record["reason"] == "recovery: node b is dead (a send to it failed)"
+            # Whichever comes first: the broker's monitor seeing b's connection close, or a
+            # send to b that cannot be routed.
+            assert (record["seen_by"], record["reason"]) in {
+                ("disconnect", "recovery: node b is dead (its connection closed)"),
+                ("failed_send", "recovery: node b is dead (a send to it failed)")}
+            assert 0 <= record["silent_s"] < 30
+
+        asyncio.run(run())
+    finally:
+        rc.cluster.stop()
+
+
+def test_an_idle_node_killed_is_seen_by_its_connection_closing(tiny_model: Path,
+                                                               tmp_path: Path) -> None:
+    """No session runs and heartbeats are a minute apart: nothing is sent to node b, yet its
+    death is seen as soon as its connection closes, and the others serve the model."""
+    rc = start_cluster(tiny_model, tmp_path, [{"name": n, "threads": 1} for n in "abc"],
+                       heartbeat={"interval_s": 60.0, "liveness": 60},
+                       recovery={"wait_s": 0.2})
+    try:
+        async def run() -> None:
+            async with rc.client() as client:
+                reference = await client.generate(max_new_tokens=20, **GEN)
+                _proc(rc, "node-b").kill()
+                info = await _wait(client, lambda i: i["ready"] and _state(i, "b") == "dead",
+                                   timeout=30)
+                assert [st["node"] for st in info["placement"]] == ["a", "c"]
+                again = await client.generate(max_new_tokens=20, **GEN)
+                assert again.token_ids == reference.token_ids
+            said = (tmp_path / "broker.log").read_text()
+            assert "node b is dead: its connection closed" in said
 
         asyncio.run(run())
     finally:

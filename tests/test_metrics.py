@@ -215,4 +215,22 @@ def test_a_cohort_recorded_at_once_equals_its_rows_one_by_one() -> None:
     assert got.keys() == want.keys()
     for name, samples in want.items():
         assert [lab for lab, _ in got[name]] == [lab for lab, _ in samples]
-        assert [v for _, v in got[name]] == pytest.approx([v for _, v in samples], rel=1e-12)
+        assert [v for _, v in got[name]] == pytest.approx([v for _, v in samples], rel=1e-12, nan_ok=True)
+
+
+def test_recoveries_by_how_seen_and_restored() -> None:
+    """Each recovery counts under how the loss was seen, how KV came back and its result;
+    silence before detection and the pause are summaries."""
+    m = Metrics()
+    m.record_recovery({"seen_by": "disconnect", "silent_s": 0.2, "restored": "shadow",
+                       "pause_s": 0.05, "ok": True})
+    m.record_recovery({"seen_by": "disconnect", "silent_s": 0.4, "restored": "shadow",
+                       "pause_s": 0.07, "ok": True})
+    m.record_recovery({"seen_by": "heartbeat", "silent_s": 3.1, "restored": "replay",
+                       "pause_s": 30.0, "ok": False})
+    samples = parse_prometheus(m.prometheus())
+    assert dict(samples["zpipe_recoveries_total"]) == {
+        '{seen_by="disconnect",restored="shadow",result="ok"}': 2.0,
+        '{seen_by="heartbeat",restored="replay",result="failed"}': 1.0}
+    assert samples["zpipe_recovery_silent_seconds_count"] == [("", 3.0)]
+    assert samples["zpipe_recovery_pause_seconds_sum"] == [("", pytest.approx(30.12))]

@@ -94,8 +94,21 @@ class Metrics:
         self.max_step_rows = 0  # the biggest cohort so far
         self.sessions_started = 0
         self.sessions_finished: Counter[str] = Counter()
+        self.recoveries: Counter[tuple[str, str, str]] = Counter()  # (seen_by, restored, result)
+        self.recovery_silent = _Series(KEEP_FINISHED)  # silence before a death was seen
+        self.recovery_pause = _Series(KEEP_FINISHED)  # loss until a placement was ready again
 
     # ------------------------------------------------------------ recording (hot path)
+    def record_recovery(self, record: dict) -> None:
+        """A recovery from a lost node ended (``record`` as the reallocation history keeps it:
+        ``seen_by``, ``silent_s``, ``restored``, ``pause_s``, ``ok``)."""
+        key = (record.get("seen_by") or "unknown", record.get("restored") or "none",
+               "ok" if record.get("ok") else "failed")
+        self.recoveries[key] += 1
+        if record.get("silent_s") is not None:
+            self.recovery_silent.add(record["silent_s"])
+        self.recovery_pause.add(record["pause_s"])
+
     def session_started(self, sid: str, rid: str, prompt_tokens: int) -> None:
         self.sessions[sid] = _SessionStats(rid, prompt_tokens, self.clock())
         self.sessions_started += 1
@@ -237,6 +250,16 @@ class Metrics:
                         f"Decode transfer and queue time per token for a node, {w}.", lab, n.hop)
             out.summary("zpipe_node_prefill_compute_seconds", f"Prefill compute time, {w}.",
                         lab, n.prefill_compute)
+        h = "Recoveries from a lost node, by how the loss was seen and how KV was restored."
+        for (seen, restored, result), n in sorted(self.recoveries.items()):
+            out.add("zpipe_recoveries_total", "counter", h,
+                    {"seen_by": seen, "restored": restored, "result": result}, n)
+        out.summary("zpipe_recovery_silent_seconds", "How long a lost node had been silent "
+                    "when its loss was seen (an upper bound on detection time).", {},
+                    self.recovery_silent)
+        out.summary("zpipe_recovery_pause_seconds", "From a node's loss until a placement was "
+                    "ready again (sessions then replay what the restore did not bring back).",
+                    {}, self.recovery_pause)
         for name, help_, labels, value in extra_gauges:
             out.add(name, "gauge", help_, labels, value)
         return out.text()

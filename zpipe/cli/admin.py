@@ -189,10 +189,20 @@ def format_reallocations(records: list[dict]) -> str:
         when = time.strftime("%H:%M:%S", time.localtime(t)) if isinstance(t, (int, float)) else t
         ok = r.get("ok")
         result = "ok" if ok else f"failed: {r.get('error') or '?'}" if ok is not None else None
-        rows.append([when, r.get("reason"), _stages_text(r.get("before")),
+        rows.append([when, r.get("reason"), _recovery_text(r), _stages_text(r.get("before")),
                      _stages_text(r.get("after")), mb(r.get("kv_bytes")),
                      ms(r.get("pause_s")), result])
-    return table(["TIME", "REASON", "BEFORE", "AFTER", "KV MB", "PAUSE ms", "RESULT"], rows)
+    return table(["TIME", "REASON", "SEEN / RESTORED", "BEFORE", "AFTER", "KV MB", "PAUSE ms",
+                  "RESULT"], rows)
+
+
+def _recovery_text(r: dict) -> str:
+    """How a recovery saw the loss (after how long a silence) and how it restored the KV."""
+    if not r.get("seen_by"):
+        return "-"
+    silent = r.get("silent_s")
+    after = f" after {ms(silent, 0)} ms" if isinstance(silent, (int, float)) else ""
+    return f"{r['seen_by']}{after}; {r.get('restored') or '-'}"
 
 
 def _plan_table(p: dict) -> str:
