@@ -32,6 +32,7 @@ from brokers.rebalance import AutoRebalancer, Rebalancer
 from brokers.recovery import Recovery, Seen, late
 from brokers.registry import NodeInfo, Registry
 from brokers.sessions import RequestError, Session, build_session
+from brokers.shadows import Shadows
 from brokers.steps import StepScheduler
 from zpipe import aio, protocol
 from zpipe.config import BrokerConfig
@@ -73,8 +74,9 @@ class Broker:
         self.rebalancer = Rebalancer(cfg.rebalance)
         history = new_history()  # moves and recoveries, for admin status
         self.steps = StepScheduler(self)
-        self.recovery = Recovery(self, self.steps, history)
-        self.mover = Mover(self, self.steps, history)
+        shadows = Shadows(self)  # KV shadows: who holds whose, and how far
+        self.recovery = Recovery(self, self.steps, history, shadows)
+        self.mover = Mover(self, self.steps, history, shadows)
         self.admin = Admin(self, self.mover)
         self.sock: aio.Socket | None = None
         self.losses: set[asyncio.Task] = set()  # ``node_unreachable``'s, until they are done

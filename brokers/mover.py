@@ -6,7 +6,8 @@ One transition from the serving placement to a new one:
 2. prepare: every node of the new placement loads what it will hold (sharing the layers it
    keeps), beside what it serves now;
 3. KV: for each layer range that changes hands, the old holder exports every live session's
-   K/V for it and the broker forwards those frames, untouched, to the new holder;
+   K/V for it and the broker forwards those frames, untouched, to the new holder (if that is
+   the old holder's KV shadow holder, only the rows after the shadow's last: it has the rest);
 4. commit: every node switches; the epoch goes up and routing follows; sessions resume.
 
 Any failure or timeout before the commit sends ``abort`` everywhere: the old placement, still
@@ -28,6 +29,7 @@ from typing import Any
 
 from brokers.core import Core
 from brokers.registry import NodeInfo
+from brokers.shadows import Shadows
 from brokers.steps import StepScheduler
 from zpipe import protocol
 from zpipe.placement import Placement, PlacementError, StageAssignment
@@ -61,11 +63,13 @@ def stages_from_owners(layer_owner: list[str]) -> list[StageAssignment]:
 
 
 class Mover:
-    def __init__(self, core: Core, steps: StepScheduler, history: deque[dict]) -> None:
+    def __init__(self, core: Core, steps: StepScheduler, history: deque[dict],
+                 shadows: Shadows) -> None:
         self.core = core
         self.steps = steps
         self.lock = asyncio.Lock()
         self.history = history  # bounded: brokers.core.HISTORY_MAX records
+        self.shadows = shadows  # a destination holding the source's shadow needs less KV
         self.moving = False
         self.involved: set[str] = set()
         self._waiting: dict[tuple[str, str], asyncio.Future] = {}  # (rid, key) → reply
@@ -188,10 +192,15 @@ class Mover:
         for src, dst, a, e in transfers if sids else []:
             waits = [self._expect(rid, f"kv_imported:{dst}:{sid}") for sid in sids]
             self._routes[(src, a)] = dst
+            # A destination that holds the source's KV shadow needs only the rows after it.
+            held = self.shadows.held(src, dst)
             await self._send(b.registry.by_name[src], protocol.encode(
-                "kv_export", rid=rid, sids=sids, start=a, end=e))
+                "kv_export", rid=rid, sids=sids, start=a, end=e,
+                since=[held.get(sid, 0) for sid in sids]))
             for got in await asyncio.gather(*waits):
                 record["kv_bytes"] += got["nbytes"]
+                record["kv_shadow_bytes"] = record.get("kv_shadow_bytes", 0) + \
+                    got.get("shadow_bytes", 0)
         # 4. commit everywhere
         waits = [self._expect(rid, f"committed:{n.name}") for n in involved]
         await self._broadcast(involved, protocol.encode("commit", rid=rid, epoch=epoch))
@@ -219,7 +228,7 @@ class Mover:
             return
         await self._send(self.core.registry.by_name[dst], protocol.encode_forward(
             "kv_import", msg.frames, msg["t"], rid=msg["rid"], sid=msg["sid"],
-            length=msg["length"]))
+            length=msg["length"], since=msg.get("since", 0), owner=node.name))
 
     def on_error(self, message: str) -> None:
         """An error from a node during the move: fail whatever is waiting."""

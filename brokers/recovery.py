@@ -59,11 +59,12 @@ class Recovering:
 
 
 class Recovery:
-    def __init__(self, core: Core, steps: StepScheduler, history: deque[dict]) -> None:
+    def __init__(self, core: Core, steps: StepScheduler, history: deque[dict],
+                 shadows: Shadows) -> None:
         self.core = core
         self.steps = steps
         self.history = history
-        self.shadows = Shadows(core)  # KV shadows: who holds whose, and how far
+        self.shadows = shadows  # KV shadows: who holds whose, and how far
         # After a node of the placement died, until the sessions it left can go on.
         self.recovering: Recovering | None = None
         # ``recovery.wait_s`` after a node of the placement was lost, until a placement is ready

@@ -70,6 +70,14 @@ class Shadows:
                 length=length, owner=node.name)):
             rows[sid] = length
 
+    def held(self, owner: str, holder: str) -> dict[str, int]:
+        """sid -> the rows of ``owner``'s layers that ``holder`` has in its shadow, in the
+        current placement ({} if ``holder`` is not ``owner``'s holder)."""
+        placement = self.core.placement
+        if placement is None or holder_of(placement.nodes(), owner) != holder:
+            return {}
+        return dict(self._current(placement).get(owner, {}))
+
     def forget(self, sid: str) -> None:
         """The session ended (its holders free its shadows on the ``free`` it causes)."""
         for rows in self.rows.values():

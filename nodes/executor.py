@@ -147,12 +147,17 @@ class Executor:
         self.pending = (epoch, stage)
         return stage.weight_bytes()
 
-    def export_kv(self, sid: str, start: int, end: int) -> tuple[int, dict[str, torch.Tensor]]:
+    def export_kv(self, sid: str, start: int, end: int,
+                  since: int = 0) -> tuple[int, dict[str, torch.Tensor]]:
+        """Session ``sid``'s KV of layers ``[start, end)``, rows ``since`` on (those before are
+        in the destination's shadow): (the cache's length, the tensors)."""
         cache = self.caches.get(sid)
         if cache is None:
             raise StepError("unknown_session", f"no KV cache for session {sid} on this node")
+        if not 0 <= since <= cache.length:
+            raise StepError("bad_range", f"session {sid}: rows from {since} of {cache.length}")
         try:
-            return cache.length, cache.export(range(start, end))
+            return cache.length, cache.export(range(start, end), tokens=range(since, cache.length))
         except (KeyError, ValueError) as e:
             raise StepError("bad_range", f"session {sid}: {e}") from None
 

@@ -455,16 +455,27 @@ class Node:
                                             weight_bytes=nbytes,
                                             load_s=time.perf_counter() - t0))
         elif msg.kind == "kv_export":
-            for sid in msg["sids"]:
+            sids, since = msg["sids"], msg.get("since") or [0] * len(msg["sids"])
+            if len(since) != len(sids) or not all(type(n) is int for n in since):
+                raise StepError("bad_message", "since must be one row count per session")
+            for sid, rows in zip(sids, since, strict=True):
                 if not isinstance(sid, str):
                     raise StepError("bad_message", "sids must be strings")
-                length, tensors = ex.export_kv(sid, msg["start"], msg["end"])
+                length, tensors = ex.export_kv(sid, msg["start"], msg["end"], rows)
                 await self.send(protocol.encode("kv_data", tensors, rid=msg["rid"], sid=sid,
-                                                length=length))
+                                                length=length, since=rows))
         elif msg.kind == "kv_import":
-            nbytes = await self._in_pool(ex.import_kv, msg["sid"], msg["length"], msg.tensors)
+            tensors, since = msg.tensors, msg.get("since", 0)
+            sent = sum(t.numel() * t.element_size() for t in tensors.values())
+            if since:  # the rows before ``since`` are in our shadow of the sender
+                try:
+                    tensors = self.shadows.prefixed(msg.get("owner", ""), msg["sid"], since,
+                                                    tensors)
+                except ValueError as e:
+                    raise StepError("bad_kv", str(e)) from None
+            nbytes = await self._in_pool(ex.import_kv, msg["sid"], msg["length"], tensors)
             await self.send(protocol.encode("kv_imported", rid=msg["rid"], sid=msg["sid"],
-                                            nbytes=nbytes))
+                                            nbytes=sent, shadow_bytes=nbytes - sent))
         elif msg.kind == "commit":
             await self._in_pool(ex.commit, msg["epoch"])
             settle_gc()  # the new stage's decoder: before steps resume

@@ -63,6 +63,24 @@ class ShadowStore:
         self.caches.clear()
         return out
 
+    def prefixed(self, owner: str, sid: str, since: int,
+                 suffix: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """A move's KV for session ``sid``: rows ``[0, since)`` of the layers in ``suffix``
+        from ``owner``'s shadow, then ``suffix``'s rows (``k.L``/``v.L`` as ``KVCache.export``
+        makes them). ValueError if the shadow does not hold those rows."""
+        cache = self.caches.get((owner, sid))
+        if cache is None or cache.length < since:
+            raise ValueError(f"no shadow of node {owner}'s first {since} rows of session {sid}")
+        layers = sorted({int(name.split(".", 1)[1]) for name in suffix if "." in name})
+        try:
+            prefix = cache.export(layers, tokens=range(since))
+        except KeyError as e:
+            raise ValueError(f"the shadow of node {owner} lacks a layer: {e}") from None
+        if prefix.keys() != suffix.keys():
+            raise ValueError(f"the shadow of node {owner} does not match the KV names sent")
+        return {name: torch.cat([prefix[name], t.to(prefix[name].dtype)], dim=1)
+                for name, t in suffix.items()}
+
     def free(self, sids: list[str]) -> None:
         """The sessions ended: their shadows go, whoever owns them."""
         gone = set(sids)

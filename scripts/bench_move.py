@@ -1,10 +1,11 @@
 """Benchmark: what a live layer move costs (pause, KV bytes) versus recomputing the KV.
 
-    .venv/bin/python scripts/bench_move.py --context 1024 --layers 5 --sessions 1 8
+    .venv/bin/python scripts/bench_move.py --context 1024 4096 --layers 5 --sessions 1 8
 
-Starts a local 3-node cluster (SmolLM2 by default), fills each session's cache to
-``--context`` tokens, then moves ``--layers`` layers from the first node to the second while
-the sessions keep generating. Reports the broker-measured pause (quiesce → commit → resume),
+Starts a local 3-node cluster (SmolLM2 by default) with KV shadows off and then on
+(``--shadow-every``), fills each session's cache to ``--context`` tokens, then moves
+``--layers`` layers from the first node to the second (its shadow holder) while the sessions
+keep generating. Reports the broker-measured pause (quiesce → commit → resume),
 the KV bytes moved, the longest gap between two tokens a client saw around the move, and, for
 comparison, the time the first node takes to prefill ``--context`` tokens (what recomputing the
 moved layers' KV would cost at the very least).
@@ -72,7 +73,8 @@ async def _run(rc, sessions: int, context: int, layers: int, new_tokens: int) ->
                                if r["part"] in moved_layers)
     return {
         "sessions": sessions, "context_tokens": context, "layers_moved": layers,
-        "kv_bytes": record["kv_bytes"], "pause_s": record["pause_s"],
+        "kv_bytes": record["kv_bytes"], "kv_shadow_bytes": record.get("kv_shadow_bytes", 0),
+        "pause_s": record["pause_s"],
         "max_token_gap_s": max(around),
         "median_token_gap_s": normal[len(normal) // 2],
         "recompute_estimate_s": recompute,
@@ -83,7 +85,9 @@ async def _run(rc, sessions: int, context: int, layers: int, new_tokens: int) ->
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="smollm2")
-    ap.add_argument("--context", type=int, default=1024)
+    ap.add_argument("--context", type=int, nargs="+", default=[1024])
+    ap.add_argument("--shadow-every", type=int, nargs="+", default=[0, 8],
+                    help="recovery.shadow_every of each run (0: shadows off)")
     ap.add_argument("--layers", type=int, default=5)
     ap.add_argument("--sessions", type=int, nargs="+", default=[1])
     ap.add_argument("--new-tokens", type=int, default=48)
@@ -91,21 +95,32 @@ def main() -> None:
     args = ap.parse_args()
     model = resolve_model(args.model)
     results = []
-    for n in args.sessions:
-        with tempfile.TemporaryDirectory() as tmp:
-            rc = start_cluster(model, Path(tmp), [{"name": x, "threads": 1} for x in "abc"])
-            try:
-                r = asyncio.run(_run(rc, n, args.context, args.layers, args.new_tokens))
-            finally:
-                rc.cluster.stop()
-        results.append(r)
-        print(f"{n:>3} sessions x {r['context_tokens']} tokens: moved {r['layers_moved']} "
-              f"layers, {r['kv_bytes'] / 1e6:.1f} MB of KV, pause {r['pause_s'] * 1000:.0f} ms, "
-              f"token gap across the move {r['max_token_gap_s'] * 1000:.0f} ms (usual "
-              f"{r['median_token_gap_s'] * 1000:.0f} ms); recomputing that KV instead: >= "
-              f"{r['recompute_estimate_s'] * 1000:.0f} ms", flush=True)
+    for context in args.context:
+        for n in args.sessions:
+            for every in args.shadow_every:
+                with tempfile.TemporaryDirectory() as tmp:
+                    rc = start_cluster(model, Path(tmp), [{"name": x, "threads": 1}
+                                                          for x in "abc"],
+                                       recovery={"shadow_every": every})
+                    try:
+                        r = asyncio.run(_run(rc, n, context, args.layers, args.new_tokens))
+                    finally:
+                        rc.cluster.stop()
+                r["shadow_every"] = every
+                results.append(r)
+                _print(r)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
+
+
+def _print(r: dict) -> None:
+    print(f"{r['sessions']:>3} sessions x {r['context_tokens']} tokens, shadows every "
+          f"{r['shadow_every']}: moved {r['layers_moved']} layers, "
+          f"{r['kv_bytes'] / 1e6:.1f} MB of KV sent ({r['kv_shadow_bytes'] / 1e6:.1f} MB "
+          f"from the shadow), pause {r['pause_s'] * 1000:.0f} ms, "
+          f"token gap across the move {r['max_token_gap_s'] * 1000:.0f} ms (usual "
+          f"{r['median_token_gap_s'] * 1000:.0f} ms); recomputing that KV instead: >= "
+          f"{r['recompute_estimate_s'] * 1000:.0f} ms", flush=True)
 
 
 if __name__ == "__main__":

@@ -55,7 +55,10 @@ async def _serving_stages(tiny_model: Path, stages: dict[str, tuple[int, int]],
                           **register) -> tuple[Broker, list[zmq.Socket], zmq.Socket]:
     """As ``_serving``, with one node per entry of ``stages`` (name: layers [start, end))."""
     addr = f"tcp://127.0.0.1:{free_port()}"
-    broker = Broker(BrokerConfig(model=str(tiny_model), bind=addr, recovery=recovery or {},
+    # Shadows off unless asked for: these fake nodes send none, and most of these tests drive
+    # the replay path (tests/test_shadows.py turns them on).
+    recovery = {"shadow_every": 0, **(recovery or {})}
+    broker = Broker(BrokerConfig(model=str(tiny_model), bind=addr, recovery=recovery,
                                  placement={"strategy": "custom", "stages": [
                                      {"node": n, "layers": f"{a}-{b - 1}"}
                                      for n, (a, b) in stages.items()]}))

@@ -42,6 +42,33 @@ def _filled(layers: range, length: int) -> KVCache:
     return cache
 
 
+@pytest.mark.parametrize("since", [0, 6, 13, 20])
+def test_a_move_to_the_holder_sends_only_the_rows_after_its_shadow(since: int) -> None:
+    """The mover's KV for a holder: the source exports rows ``since`` on of the moved layers,
+    over the wire, and the holder prefixes its shadow's rows: the cache the source has."""
+    src = _filled(range(3, 6), 20)
+    store = ShadowStore()
+    assert store.add("a", "s1", 0, 13, _rows(src, 0, 13))
+    owner = Executor.__new__(Executor)  # only its caches: export_kv reads nothing else
+    owner.caches = {"s1": src}
+    length, suffix = owner.export_kv("s1", 4, 6, since if since <= 13 else 0)
+    msg = _wire("kv_import", suffix, rid="r", sid="s1", length=length, since=since,
+                owner="a")
+    if since > 13:  # past what the shadow holds
+        with pytest.raises(ValueError, match="no shadow"):
+            store.prefixed("a", "s1", since, msg.tensors)
+        return
+    assert all(t.shape[1] == 20 - since for t in msg.tensors.values())
+    full = store.prefixed("a", "s1", since, msg.tensors) if since else msg.tensors
+    want = src.export(range(4, 6))
+    assert full.keys() == want.keys()
+    assert all(torch.equal(full[n], want[n]) for n in want)
+    with pytest.raises(ValueError, match="lacks a layer"):
+        store.prefixed("a", "s1", 1, {"k.7": torch.zeros(2, 1, 4), "v.7": torch.zeros(2, 1, 4)})
+    with pytest.raises(ValueError, match="no shadow"):
+        store.prefixed("b", "s1", 1, msg.tensors)
+
+
 def test_the_store_grows_by_suffixes_cuts_on_take_and_frees() -> None:
     src = _filled(range(3, 5), 20)
     store = ShadowStore()

@@ -180,7 +180,7 @@ class Recovery(_Strict):
     # its layers if it dies and goes on from the shadow; survivors keep their KV and sessions
     # replay only the rows after the shadow's last. 0: off (a death replays every session
     # from its prompt).
-    shadow_every: int = Field(0, ge=0, le=1 << 20)
+    shadow_every: int = Field(8, ge=0, le=1 << 20)
 
 
 # Pin the process's event loop and ZeroMQ's I/O thread to this CPU (``zpipe.aio.pin``): a

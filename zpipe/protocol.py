@@ -119,11 +119,14 @@ SCHEMAS: dict[str, dict[str, str]] = {
     # A node given start == end holds nothing after the commit.
     "prepare": {"rid": _STR, "epoch": _INT, "start": _INT, "end": _INT},
     "prepared": {"rid": _STR, "epoch": _INT, "weight_bytes": _INT, "load_s": _NUM},
-    "kv_export": {"rid": _STR, "sids": _LIST, "start": _INT, "end": _INT},
-    # one per session: tensors "k.{layer}", "v.{layer}" [kv_heads, length, head_dim]
-    "kv_data": {"rid": _STR, "sid": _STR, "length": _INT},
-    "kv_import": {"rid": _STR, "sid": _STR, "length": _INT},
-    "kv_imported": {"rid": _STR, "sid": _STR, "nbytes": _INT},
+    # "since": per sid, the rows the destination already holds in its KV shadow of the
+    # sender: only the rows after them are sent.
+    "kv_export": {"rid": _STR, "sids": _LIST, "start": _INT, "end": _INT, "since?": _LIST},
+    # one per session: tensors "k.{layer}", "v.{layer}" [kv_heads, length - since, head_dim]
+    "kv_data": {"rid": _STR, "sid": _STR, "length": _INT, "since?": _INT},
+    # rows [0, since) come from the receiver's shadow of "owner"
+    "kv_import": {"rid": _STR, "sid": _STR, "length": _INT, "since?": _INT, "owner?": _STR},
+    "kv_imported": {"rid": _STR, "sid": _STR, "nbytes": _INT, "shadow_bytes?": _INT},
     "commit": {"rid": _STR, "epoch": _INT},
     "committed": {"rid": _STR, "epoch": _INT},
     "abort": {"rid": _STR, "epoch": _INT},
