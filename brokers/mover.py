@@ -174,6 +174,7 @@ class Mover:
         b = self.core
         rid = self._rid
         # 2. prepare: what each node will hold (start == end: nothing)
+        t0 = time.perf_counter()
         new_range = {s.node: (s.start, s.end) for s in stages}
         waits = []
         for node in involved:
@@ -182,6 +183,7 @@ class Mover:
             await self._send(node, protocol.encode("prepare", rid=rid, epoch=epoch,
                                                    start=start, end=end))
         await asyncio.gather(*waits)
+        t1 = time.perf_counter()
         # 3. KV of every live session for each layer range that changes hands (a session still
         # waiting for its prefill has no KV anywhere yet: it simply starts on the new placement)
         sids = [sid for sid, s in b.sessions.items() if s.pos > 0]
@@ -202,9 +204,12 @@ class Mover:
                 record["kv_shadow_bytes"] = record.get("kv_shadow_bytes", 0) + \
                     got.get("shadow_bytes", 0)
         # 4. commit everywhere
+        t2 = time.perf_counter()
         waits = [self._expect(rid, f"committed:{n.name}") for n in involved]
         await self._broadcast(involved, protocol.encode("commit", rid=rid, epoch=epoch))
         await asyncio.gather(*waits)
+        record.update(prepare_s=round(t1 - t0, 6), kv_s=round(t2 - t1, 6),
+                      commit_s=round(time.perf_counter() - t2, 6))
 
     # ------------------------------------------------------------------ replies
     async def on_reply(self, node: NodeInfo, msg: Message) -> None:

@@ -75,6 +75,7 @@ async def _run(rc, sessions: int, context: int, layers: int, new_tokens: int) ->
         "sessions": sessions, "context_tokens": context, "layers_moved": layers,
         "kv_bytes": record["kv_bytes"], "kv_shadow_bytes": record.get("kv_shadow_bytes", 0),
         "pause_s": record["pause_s"],
+        **{k: record.get(k) for k in ("quiesce_s", "prepare_s", "kv_s", "commit_s")},
         "max_token_gap_s": max(around),
         "median_token_gap_s": normal[len(normal) // 2],
         "recompute_estimate_s": recompute,
