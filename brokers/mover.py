@@ -192,7 +192,8 @@ class Mover:
                 "kv_export", rid=rid, sids=sids, start=a, end=e))
             for got in await asyncio.gather(*waits):
                 record["kv_bytes"] += got["nbytes"]
-        # 4. commit everywhere
+        # 4. commit everywhere (direct routing: each node hears its new peers first)
+        b.announce_peers(Placement(epoch, stages))
         waits = [self._expect(rid, f"committed:{n.name}") for n in involved]
         await self._broadcast(involved, protocol.encode("commit", rid=rid, epoch=epoch))
         await asyncio.gather(*waits)
