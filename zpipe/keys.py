@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -141,6 +142,7 @@ class Authenticator(AsyncioAuthenticator):
         self.allowed = allowed
         self.what = what
         self._address = ""
+        self._said: dict[tuple[bytes, str], float] = {}  # refused (key, address) -> logged at
         self.configure_curve_callback(DOMAIN, credentials_provider=self)
 
     async def handle_zap_message(self, msg: list[bytes]) -> None:
@@ -150,8 +152,14 @@ class Authenticator(AsyncioAuthenticator):
     def callback(self, domain: str, key: bytes) -> bool:
         if key in self.allowed:
             return True
-        log.warning("%s refused an unknown CURVE key %s from %s", self.what, key.decode(),
-                    self._address)
+        # A refused peer retries every 100 ms: each key and address is logged once in so long.
+        now, seen = time.monotonic(), (key, self._address)
+        if now - self._said.get(seen, -LOG_EVERY_S) >= LOG_EVERY_S:
+            if len(self._said) > 1024:
+                self._said.clear()
+            self._said[seen] = now
+            log.warning("%s refused an unknown CURVE key %s from %s", self.what, key.decode(),
+                        self._address)
         return False
 
     def curve_user_id(self, client_public_key: bytes) -> str:
@@ -183,6 +191,7 @@ def user_id(frame: zmq.Frame) -> str:
 
 HANDSHAKE_FAILED = (zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
                     | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
+LOG_EVERY_S = 10.0
 _PROTOCOL_ERRORS = {int(v): k.removeprefix("PROTOCOL_ERROR_") for k, v in vars(zmq).items()
                     if k.startswith("PROTOCOL_ERROR_") and isinstance(v, int)}
 
@@ -192,6 +201,7 @@ async def watch_handshakes(sock: zmq.Socket, what: str,
     """Log every failed handshake on ``sock`` (a peer without a key, with another mechanism,
     or refused by ZAP) until cancelled; ``on_fail(kind, detail)`` hears of each too."""
     mon = aio.Socket(sock.get_monitor_socket(HANDSHAKE_FAILED))
+    last, quiet = -LOG_EVERY_S, 0  # libzmq retries every 100 ms: log one failure in so many
     try:
         while True:
             frames = await mon.recv()
@@ -200,8 +210,15 @@ async def watch_handshakes(sock: zmq.Socket, what: str,
             value = event["value"]
             detail = (_PROTOCOL_ERRORS.get(value, hex(value)) if kind == "PROTOCOL"
                       else f"ZAP status {value}" if kind == "AUTH" else zmq.strerror(value))
-            log.warning("%s: a handshake failed on %s (%s: %s)", what,
-                        event["endpoint"].decode(errors="replace"), kind.lower(), detail)
+            now = time.monotonic()
+            if now - last < LOG_EVERY_S:
+                quiet += 1
+            else:
+                more = f"; {quiet} more since the last said" if quiet else ""
+                log.warning("%s: a handshake failed on %s (%s: %s%s)", what,
+                            event["endpoint"].decode(errors="replace"), kind.lower(), detail,
+                            more)
+                last, quiet = now, 0
             if on_fail is not None:
                 on_fail(kind.lower(), detail)
     finally:
