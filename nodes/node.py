@@ -221,7 +221,7 @@ class Node:
         if msg.kind in QUEUED:
             self.queue.put_nowait(msg)  # in arrival order: a free never overtakes a step
         elif msg.kind == "peers":  # on arrival: before the load or commit it comes with
-            self.peers.announce(msg)
+            self.peers.announce(msg, self.executor.epoch)
         elif msg.kind == "welcome":
             self.heartbeat_s, self.liveness = float(msg["heartbeat_s"]), msg["liveness"]
         elif msg.kind == "heartbeat":

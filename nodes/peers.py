@@ -22,7 +22,7 @@ from zpipe.protocol import Message, ProtocolError
 log = logging.getLogger("zpipe.node")
 
 MAX_PEERS = 64  # open sockets to other nodes; the oldest closes beyond that
-KEEP_EPOCHS = 2  # announcements kept: the placement serving and the one being committed
+KEEP_EPOCHS = 4  # announcements kept at most (besides the serving epoch's)
 
 
 @dataclass(frozen=True)
@@ -81,15 +81,20 @@ class Peers:
         self.watch = asyncio.get_running_loop().create_task(
             keys.watch_handshakes(sock, "peer socket"))
 
-    def announce(self, msg: Message) -> None:
+    def announce(self, msg: Message, serving: int) -> None:
+        """The broker's ``peers`` for a placement; ``serving``: the epoch the node is at.
+        Kept: that epoch's and newer ones (moves being committed, or rolled back), a few."""
         try:
             epoch, what = announcement(msg)
         except ProtocolError as e:
             log.warning("ignored peers from the broker: %s", e)
             return
         self.announced[epoch] = what
-        for old in sorted(self.announced)[:-KEEP_EPOCHS]:
+        for old in [e for e in self.announced if e < serving]:
             del self.announced[old]
+        for old in sorted(self.announced)[:-KEEP_EPOCHS]:
+            if old != serving:
+                del self.announced[old]
 
     async def serve(self) -> None:
         while True:
