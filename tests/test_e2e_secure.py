@@ -109,6 +109,9 @@ def test_a_client_key_is_refused_admin_operations(secure: RunningCluster, key_di
             a.request("status")
     with AdminClient(secure.address, 30, str(key_dir / "admins" / "ops.key_secret")) as a:
         assert {n["name"] for n in a.request("nodes")["nodes"]} == {"n0", "n1"}
+    with AdminClient(secure.address, 10) as a:  # no key: no answer, and the refusal said
+        with pytest.raises(AdminError, match="auth_refused: .* refused a connection without"):
+            a.request("status")
 
 
 def _dealer(address: str, key_dir: Path, secret: str) -> zmq.Socket:

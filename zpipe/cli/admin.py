@@ -50,6 +50,8 @@ class AdminClient:
         bounds.limit(self.sock, bounds.client_frame())
         if pair is not None:
             keys.connect_as(self.sock, *pair)
+        self.keyed = pair is not None
+        self.monitor = self.sock.get_monitor_socket(keys.HANDSHAKE_FAILED)  # a refused key
         self.sock.connect(self.address)
 
     def __enter__(self) -> AdminClient:
@@ -59,7 +61,16 @@ class AdminClient:
         self.close()
 
     def close(self) -> None:
+        self.sock.disable_monitor()
+        self.monitor.close(0)
         self.sock.close(0)
+
+    def _no_answer(self, timeout: float) -> AdminError:
+        """No answer: the broker refused the handshake (said so), or it is not answering."""
+        if self.monitor.poll(0):
+            what = "this key" if self.keyed else "a connection without a key (give --key FILE)"
+            return AdminError(f"auth_refused: the broker at {self.address} refused {what}")
+        return AdminError(f"no answer from broker at {self.address} in {timeout:g} s")
 
     def request(self, op: str, args: dict | None = None, timeout: float | None = None) -> dict:
         import zmq
@@ -71,11 +82,10 @@ class AdminClient:
         fields: dict[str, Any] = {"rid": rid, "op": op}
         if args:
             fields["args"] = args
-        no_answer = f"no answer from broker at {self.address} in {timeout:g} s"
         try:
             self.sock.send_multipart(protocol.encode("admin", **fields), flags=zmq.NOBLOCK)
         except zmq.Again:
-            raise AdminError(no_answer) from None
+            raise self._no_answer(timeout) from None
         deadline = time.monotonic() + timeout
         while (left := deadline - time.monotonic()) > 0:
             if not self.sock.poll(int(left * 1000) + 1):
@@ -90,7 +100,7 @@ class AdminClient:
                 raise AdminError(f"{msg['code']}: {msg['message']}")
             if msg.kind == "admin_reply":
                 return msg["data"]
-        raise AdminError(no_answer)
+        raise self._no_answer(timeout)
 
 
 # ---------------------------------------------------------------- formatting
