@@ -194,6 +194,34 @@ def test_a_peer_step_from_a_stranger_is_dropped(secure: RunningCluster, key_dir:
     assert "unknown_session" not in _log(secure, "node-n1")  # the step never ran
 
 
+def test_a_move_under_keys_keeps_the_tokens(secure: RunningCluster, key_dir: Path) -> None:
+    """An admin moves a layer while a generation runs: the nodes hear their new peers, pass
+    steps to each other under CURVE at the new epoch, and the tokens are those of a run
+    without the move."""
+    kw = {**KW, "max_new_tokens": 40}
+    ops = str(key_dir / "admins" / "ops.key_secret")
+
+    def move() -> dict:
+        stages = {s["node"]: s for s in secure.info["placement"]}
+        to, layer = ("n1", stages["n0"]["end"] - 1) if stages["n0"]["end"] > 1 else ("n0", 1)
+        with AdminClient(secure.address, 120, ops) as admin:
+            return admin.request("move", {"layers": f"{layer}-{layer}", "to": to})
+
+    async def run() -> tuple[list[int], list[int], dict]:
+        async with secure.client() as client:
+            reference = (await client.generate(**kw)).token_ids
+            started = asyncio.Event()
+            task = asyncio.create_task(client.generate(
+                on_token=lambda c: c.index >= 5 and started.set(), **kw))
+            await asyncio.wait_for(started.wait(), 120)
+            record = await asyncio.to_thread(move)
+            return reference, (await task).token_ids, record
+
+    reference, moved, record = asyncio.run(run())
+    assert record["ok"], record
+    assert moved == reference
+
+
 # ------------------------------------------------------------------ an oversize frame
 
 def _rss(pid: int) -> int:
