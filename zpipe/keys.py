@@ -19,7 +19,7 @@ import logging
 import os
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,12 +41,12 @@ DOMAIN = "zpipe"  # the ZAP domain of every server socket
 LOOPBACK = re.compile(r"^(tcp://(127\.\d+\.\d+\.\d+|localhost|\[::1\]):\d+|ipc://.*|inproc://.*)$")
 
 
-def make_keys(root: Path, nodes: list[str] = (), clients: list[str] = (),
-              admins: list[str] = ()) -> list[Path]:
+def make_keys(root: Path, nodes: Sequence[str] = (), clients: Sequence[str] = (),
+              admins: Sequence[str] = ()) -> list[Path]:
     """Create the broker's pair and the named ones under ``root`` where missing (an existing
     pair is kept). Returns the secret files made."""
     made = []
-    old = os.umask(0o077)  # secret files are born private, not chmod-ed afterwards
+    old = os.umask(0o077)  # files are born private: no moment readable by others
     try:
         wanted = [(root, BROKER)] + [(root / ROLES[role], name) for role, names in
                                      (("node", nodes), ("client", clients), ("admin", admins))
@@ -66,8 +66,8 @@ def make_keys(root: Path, nodes: list[str] = (), clients: list[str] = (),
     return made
 
 
-def keys_command(root: str | Path, nodes: list[str] = (), clients: list[str] = (),
-                 admins: list[str] = ()) -> str:
+def keys_command(root: str | Path, nodes: Sequence[str] = (), clients: Sequence[str] = (),
+                 admins: Sequence[str] = ()) -> str:
     """The ``zpipe keys`` command line that makes these keys (for error messages)."""
     parts = [f"zpipe keys {root}"]
     for flag, names in (("--nodes", nodes), ("--clients", clients), ("--admins", admins)):
