@@ -24,7 +24,7 @@ from collections import defaultdict, deque
 import zmq
 from transformers import AutoTokenizer
 
-from brokers import rebalance
+from brokers import rebalance, roles
 from brokers.admin import Admin
 from brokers.core import new_history
 from brokers.mover import REPLY_KINDS, Mover
@@ -34,7 +34,7 @@ from brokers.registry import NodeInfo, Registry
 from brokers.sessions import RequestError, Session, build_session
 from brokers.shadows import Shadows
 from brokers.steps import StepScheduler
-from zpipe import aio, protocol
+from zpipe import aio, keys, protocol
 from zpipe.config import BrokerConfig
 from zpipe.identity import differences, model_identity
 from zpipe.metrics import Metrics
@@ -79,18 +79,24 @@ class Broker:
         self.mover = Mover(self, self.steps, history, shadows)
         self.admin = Admin(self, self.mover)
         self.sock: aio.Socket | None = None
-        self.losses: set[asyncio.Task] = set()  # ``node_unreachable``'s, until they are done
+        self.losses: set[asyncio.Task] = set()  # ``node_unreachable``'s and probes, until done
+        self.auth: keys.Authenticator | None = None  # CURVE on: who holds which key
+        self.gone_clients: set[bytes] = set()  # clients whose sessions are being dropped
 
     # ------------------------------------------------------------------ loop
     async def run(self, started: asyncio.Event | None = None) -> None:
         if self.cfg.cpu is not None:
             aio.pin(zmq.Context.instance(), self.cfg.cpu)
             log.info("broker: event loop and ZeroMQ I/O pinned to CPU %d", self.cfg.cpu)
-        sock = zmq.Context.instance().socket(zmq.ROUTER)
+        ctx = zmq.Context.instance()
+        sock = ctx.socket(zmq.ROUTER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # unroutable sends raise, not vanish
+        limit = roles.max_frame(self.cfg, self.spec, self.max_positions)
+        self.auth = roles.guard(self.cfg, ctx, sock, limit)
         sock.bind(self.cfg.bind)
         self.sock = aio.Socket(sock, busy_poll_s=self.cfg.busy_poll_ms / 1000)
+        log.info("broker takes frames of up to %.1f MB", limit / 1e6)
         await self.place()  # sets what it waits for
         log.info("broker on %s serving %s (%d layers); %s", self.cfg.bind, self.model_dir,
                  self.spec.num_layers, self.waiting_for)
@@ -101,14 +107,17 @@ class Broker:
         gc.freeze()
         tasks = [asyncio.create_task(self._watch_timeouts()),
                  asyncio.create_task(self._heartbeats()),
-                 asyncio.create_task(self._watch_disconnects()),
-                 asyncio.create_task(AutoRebalancer(self, self.mover, self.rebalancer).run())]
+                 asyncio.create_task(AutoRebalancer(self, self.mover, self.rebalancer).run()),
+                 asyncio.create_task(keys.watch_handshakes(
+                     sock, "broker", on_disconnect=self._disconnected))]
         try:
             while True:
                 await self.handle(await self.sock.recv())
         finally:
             for t in tasks:
                 t.cancel()
+            if self.auth is not None:
+                self.auth.stop()
             self.sock.close()
 
     async def send(self, ident: bytes, frames: list) -> bool:
@@ -118,11 +127,37 @@ class Broker:
             self.sock.send([ident, *frames])
             return True
         except zmq.ZMQError as e:  # peer gone (ROUTER_MANDATORY) or queue full
-            log.warning("cannot send to %r: %s", ident, e)
             node = self.registry.by_ident.get(ident)
-            if node is not None and e.errno == zmq.EHOSTUNREACH:
+            if node is None:  # a client gone, or too slow to read: its sessions end
+                self._client_gone(ident, e)
+                return False
+            log.warning("cannot send to %r: %s", ident, e)
+            if e.errno == zmq.EHOSTUNREACH:
                 self.node_unreachable(node)
             return False
+
+    def _client_gone(self, client: bytes, e: zmq.ZMQError) -> None:
+        """A send to ``client`` failed: it disconnected or its queue is full (it does not
+        read). Its sessions end now instead of running on for nobody."""
+        if client in self.gone_clients:
+            return
+        sessions = [s for s in self.sessions.values() if s.client == client]
+        log.warning("cannot send to client %r (%s): ending its %d sessions", client, e,
+                    len(sessions))
+        if not sessions:
+            return
+        self.gone_clients.add(client)
+
+        async def end() -> None:
+            try:
+                for s in sessions:
+                    await self._release(s, "client_gone")
+            finally:
+                self.gone_clients.discard(client)
+
+        task = asyncio.get_running_loop().create_task(end())
+        self.losses.add(task)
+        task.add_done_callback(self.losses.discard)
 
     async def handle(self, frames: list) -> None:
         """One message as the ROUTER socket gives it: [sender identity, *message frames]."""
@@ -134,6 +169,14 @@ class Broker:
             rid = protocol.peek_rid(frames[1:]) if len(frames) > 2 else None
             await self.send(ident, protocol.error(e.code, str(e), **({"rid": rid} if rid else {})))
             return
+        if self.auth is not None:  # CURVE: the connection's key says who is speaking
+            known = self.registry.by_ident.get(ident)
+            why = roles.refusal(keys.user_id(frames[1]), msg, NODE_KINDS,
+                                known.name if known is not None else None)
+            if why:
+                log.warning("refused a %r message from %r: %s", msg.kind, ident, why)
+                await self.send(ident, protocol.error("forbidden", why, **_rid(msg)))
+                return
         node = self.registry.get(ident)
         try:
             if msg.kind in NODE_KINDS:
@@ -256,9 +299,19 @@ class Broker:
             raise RequestError(f"no placement: {self.waiting_for}", "no_placement")
         if (client, msg["rid"]) in self.by_rid:
             raise RequestError(f"request id {msg['rid']!r} is already running", "duplicate_rid")
-        if len(self.sessions) >= self.cfg.limits.max_sessions:
+        lim = self.cfg.limits
+        if len(self.sessions) >= lim.max_sessions:
             raise RequestError(f"{len(self.sessions)} sessions running, the limit is "
-                               f"{self.cfg.limits.max_sessions}", "busy")
+                               f"{lim.max_sessions}", "busy")
+        own = [s for s in self.sessions.values() if s.client == client]
+        if len(own) >= lim.max_client_sessions:
+            raise RequestError(f"this client has {len(own)} sessions running, the limit per "
+                               f"client is {lim.max_client_sessions}", "client_busy")
+        queued = sum(not s.tokens for s in own)
+        if queued >= lim.max_client_queued:
+            raise RequestError(f"this client has {queued} sessions waiting for their first "
+                               f"token, the limit per client is {lim.max_client_queued}",
+                               "client_busy")
         s = build_session(msg, client, self.tokenizer, self.cfg.limits, self.spec.vocab_size,
                           self.max_positions, self.eos_ids)
         self.sessions[s.sid] = s
@@ -355,7 +408,25 @@ class Broker:
         for st in stages:
             node = self.registry.by_name[st.node]
             node.state, node.start, node.end = "loading", st.start, st.end
+        self.announce_peers(self.placement)
         return self.placement
+
+    def announce_peers(self, placement: Placement) -> None:
+        """Direct routing: tell each node of ``placement`` its stage, the node before it and
+        the route, before it loads, restores or commits the placement (so before any step of
+        its epoch): a node takes steps from that node only and sends only to the route."""
+        route = self.steps.route_of(placement)
+        if route is None:
+            return
+        names = placement.nodes()
+        for i, name in enumerate(names):
+            frames = protocol.encode("peers", epoch=placement.epoch, stage=i,
+                                     prev=names[i - 1] if i else "", route=route,
+                                     names=names[1:])
+            try:
+                self.sock.send([self.registry.by_name[name].ident, *frames])
+            except zmq.ZMQError as e:  # its loss shows when its load or commit is sent
+                log.warning("cannot tell node %s its peers: %s", name, e)
 
     def drop_placement(self, reason: str) -> Placement | None:
         """Forget the placement (a node of it was lost): not ready; returns the one dropped."""
@@ -434,24 +505,22 @@ class Broker:
                                                dead=node.name, seen=seen)
             await self._place_again()
 
-    async def _watch_disconnects(self) -> None:
-        """A node's connection closing (its process died: the kernel closes its sockets) is
-        seen by the ROUTER's monitor within milliseconds. The event names no peer, so every
-        node is probed: a send to the one whose connection is gone cannot be routed
-        (ROUTER_MANDATORY), which declares it dead. libzmq drops the peer's route
-        asynchronously, hence a second and third probe shortly after."""
-        monitor = aio.Socket(self.sock.sock.get_monitor_socket(zmq.EVENT_DISCONNECTED))
+    def _disconnected(self) -> None:
+        """A connection to the broker closed (the socket monitor says so within milliseconds
+        of a process's death: the kernel closes its sockets). The event names no peer, so
+        every node is probed: a send to the one whose connection is gone cannot be routed
+        (ROUTER_MANDATORY), which declares it dead."""
+        task = asyncio.get_running_loop().create_task(self._probe_nodes())
+        self.losses.add(task)
+        task.add_done_callback(self.losses.discard)
+
+    async def _probe_nodes(self) -> None:
         frames = protocol.encode("heartbeat")
-        try:
-            while True:
-                await monitor.recv()
-                for delay in (0.0, 0.05, 0.25):
-                    await asyncio.sleep(delay)
-                    for node in self.registry.all():
-                        if node.state != "dead":
-                            self._probe(node, frames)
-        finally:
-            monitor.close()
+        for delay in (0.0, 0.05, 0.25):  # libzmq drops a gone peer's route asynchronously
+            await asyncio.sleep(delay)
+            for node in self.registry.all():
+                if node.state != "dead":
+                    self._probe(node, frames)
 
     def _probe(self, node: NodeInfo, frames: list) -> None:
         try:

@@ -77,6 +77,9 @@ class Core(Protocol):
     def next_epoch(self) -> int:
         """A new placement epoch (a move's)."""
 
+    def announce_peers(self, placement: Placement) -> None:
+        """Direct routing: each node of ``placement`` hears its stage, its peers and route."""
+
     def switch_placement(self, placement: Placement) -> None:
         """Route by ``placement`` from now on (a committed move)."""
 

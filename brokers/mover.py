@@ -203,8 +203,9 @@ class Mover:
                 record["kv_bytes"] += got["nbytes"]
                 record["kv_shadow_bytes"] = record.get("kv_shadow_bytes", 0) + \
                     got.get("shadow_bytes", 0)
-        # 4. commit everywhere
+        # 4. commit everywhere (direct routing: each node hears its new peers first)
         t2 = time.perf_counter()
+        b.announce_peers(Placement(epoch, stages))
         waits = [self._expect(rid, f"committed:{n.name}") for n in involved]
         await self._broadcast(involved, protocol.encode("commit", rid=rid, epoch=epoch))
         await asyncio.gather(*waits)

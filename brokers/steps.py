@@ -22,6 +22,7 @@ from brokers.core import Core
 from brokers.registry import NodeInfo
 from brokers.sessions import Session
 from zpipe import protocol
+from zpipe.placement import Placement
 from zpipe.protocol import Message, ProtocolError
 
 log = logging.getLogger("zpipe.broker")
@@ -121,11 +122,12 @@ class StepScheduler:
                 and len({(n.host, n.device) for n in nodes}) == 1)
 
     def cohort_cap(self) -> int:
-        """The smallest ``max_batch`` the placement's nodes registered (0: none said)."""
+        """The smallest ``max_batch`` of the broker's limits and of what the placement's nodes
+        registered: the broker's bounds its messages' size (zpipe/bounds.py)."""
         names = self.core.placement.nodes() if self.core.placement is not None else []
         caps = [n.max_batch for n in map(self.core.registry.by_name.get, names)
                 if n is not None and n.max_batch > 0]
-        return min(caps, default=0)
+        return min([*caps, self.core.cfg.limits.max_batch])
 
     async def _start_cohort(self, sessions: list[Session]) -> None:
         # One tensor for the cohort, built from plain ints: a tensor per session costs ~5 us.
@@ -148,8 +150,11 @@ class StepScheduler:
                                cohort=cohort)
 
     def _direct_route(self) -> list[str] | None:
+        return self.route_of(self.core.placement)
+
+    def route_of(self, placement: Placement) -> list[str] | None:
         """The peer addresses of stages 1..last when steps go node to node (``direct``)."""
-        stages = self.core.placement.stages
+        stages = placement.stages
         if not self.core.cfg.direct or len(stages) < 2:
             return None
         route = [self.core.registry.by_name[st.node].peer for st in stages[1:]]

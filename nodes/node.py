@@ -19,7 +19,7 @@ from nodes.executor import DTYPES, Executor, StepError
 from nodes.peers import Peers
 from nodes.rows import join_rows
 from nodes.shadow import ShadowStore
-from zpipe import aio, protocol, sysinfo
+from zpipe import aio, bounds, keys, protocol, sysinfo
 from zpipe.config import NodeConfig
 from zpipe.identity import model_identity
 from zpipe.models import resolve_model
@@ -59,7 +59,16 @@ class Node:
         self.decode_s = float("inf")  # the last decode batch's compute: short ones run inline
         self.heard = False  # the broker answered this connection
         self.last_recv = 0.0
-        self.peers = Peers(self.ctx, self.queue)  # direct routing's sockets
+        spec = self.executor.spec
+        # The largest frame a step, KV import or shadow brings: max_batch sessions of the
+        # model's whole context (zpipe/bounds.py).
+        self.max_frame = bounds.largest_frame(
+            spec.hidden_size, cfg.max_batch,
+            int(getattr(spec.config, "max_position_embeddings", 1 << 20)))
+        self.keys = keys.node_keys(cfg.name, cfg.keys, cfg.curve,
+                                   [cfg.peer_bind] if cfg.peer_bind else [])
+        self.watch: asyncio.Task | None = None  # failed handshakes with the broker, logged
+        self.peers = Peers(self.ctx, self.queue, self.max_frame, self.keys)  # direct routing
         self.shadows = ShadowStore()  # other nodes' KV rows, should they die
         self.restoring: dict[int, dict] = {}  # epoch -> the shadows its restore takes
 
@@ -91,7 +100,7 @@ class Node:
                 if await self._serve():  # True once the broker had answered this connection
                     backoff = self.heartbeat_s
                 log.warning("lost the broker at %s; reconnecting in %.1f s", cfg.broker, backoff)
-                self.sock.close()
+                self._close()
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, MAX_BACKOFF_S)
         finally:
@@ -100,7 +109,7 @@ class Node:
                 peers.cancel()
             self.peers.close()
             if self.sock is not None:
-                self.sock.close()
+                self._close()
             self.pool.shutdown(wait=False, cancel_futures=True)
 
     async def _connect(self) -> None:
@@ -109,9 +118,19 @@ class Node:
         sock = self.ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.IDENTITY, f"{cfg.name}.{uuid.uuid4().hex[:8]}".encode())
+        bounds.limit(sock, self.max_frame)
+        if self.keys is not None:
+            keys.connect_as(sock, self.keys.pair, self.keys.broker)
+        self.watch = asyncio.get_running_loop().create_task(
+            keys.watch_handshakes(sock, f"node {cfg.name} to the broker"))
         sock.connect(cfg.broker)
         self.sock = aio.Socket(sock, busy_poll_s=cfg.busy_poll_ms / 1000)
         await self._register()
+
+    def _close(self) -> None:
+        if self.watch is not None:
+            self.watch.cancel()
+        self.sock.close()
 
     def held_bytes(self) -> int:
         """Memory a new placement frees or reuses: the weights held, every KV cache (the static
@@ -201,6 +220,8 @@ class Node:
             self.restoring = {msg["epoch"]: self.shadows.take(msg.get("owner", ""), lengths)}
         if msg.kind in QUEUED:
             self.queue.put_nowait(msg)  # in arrival order: a free never overtakes a step
+        elif msg.kind == "peers":  # on arrival: before the load or commit it comes with
+            self.peers.announce(msg, self.executor.epoch)
         elif msg.kind == "welcome":
             self.heartbeat_s, self.liveness = float(msg["heartbeat_s"]), msg["liveness"]
         elif msg.kind == "heartbeat":
@@ -402,12 +423,13 @@ class Node:
         first = msgs[0]
         try:
             addr = protocol.next_hop(first["route"], first["stage"])
+            self.peers.check_route(first["epoch"], first["stage"], addr)
             frames = protocol.encode(
                 "step", {"x": hidden}, epoch=first["epoch"], stage=first["stage"] + 1,
                 rows=rows, route=first["route"],
                 times=[*_times(msgs), [self.cfg.name, round(self.executor.last_compute_s, 6)]],
                 **({"sampling": sampling} if sampling is not None else {}))
-            self.peers.send(addr, frames)
+            self.peers.send(first["epoch"], first["stage"], addr, frames)
         except (ProtocolError, zmq.ZMQError) as e:  # the broker ends exactly these sessions
             code = e.code if isinstance(e, ProtocolError) else "peer_unreachable"
             for r in rows:

@@ -67,18 +67,22 @@ async def generating(client: Client, tokens: int = 1, timeout: float = 120.0,
 
 
 class RunningCluster:
-    def __init__(self, cluster: Cluster, address: str, info: dict) -> None:
+    def __init__(self, cluster: Cluster, address: str, info: dict, key: str | None = None
+                 ) -> None:
         self.cluster = cluster
         self.address = address
         self.info = info
+        self.key = key
 
-    def client(self, timeout: float = 120.0) -> Client:
-        return Client(self.address, timeout=timeout)
+    def client(self, timeout: float = 120.0, key: str | None = None) -> Client:
+        return Client(self.address, timeout=timeout, key=key or self.key)
 
 
 def start_cluster(model: Path, log_dir: Path, nodes: list[dict], timeout: float = 180.0,
-                  pin_cpus: bool = False, **broker: object) -> RunningCluster:
-    """Start a broker and ``nodes`` (ClusterNode dicts) and wait until they are ready."""
+                  pin_cpus: bool = False, key: str | None = None,
+                  **broker: object) -> RunningCluster:
+    """Start a broker and ``nodes`` (ClusterNode dicts) and wait until they are ready
+    (asking with the CURVE secret key file ``key``, if the broker has ``keys``)."""
     address = f"tcp://127.0.0.1:{free_port()}"
     cfg = validate({"model": str(model), "broker": {"bind": address, **broker}, "nodes": nodes,
                     "pin_cpus": pin_cpus}, ClusterConfig)
@@ -86,7 +90,7 @@ def start_cluster(model: Path, log_dir: Path, nodes: list[dict], timeout: float 
     cluster.start()
 
     async def wait() -> dict:
-        async with Client(address) as client:
+        async with Client(address, key=key) as client:
             deadline = time.monotonic() + timeout
             while time.monotonic() < deadline:
                 dead = cluster.dead()
@@ -108,7 +112,7 @@ def start_cluster(model: Path, log_dir: Path, nodes: list[dict], timeout: float 
     except BaseException:
         cluster.stop()
         raise
-    return RunningCluster(cluster, address, info)
+    return RunningCluster(cluster, address, info, key)
 
 
 class Clusters:

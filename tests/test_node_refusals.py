@@ -85,6 +85,10 @@ def node_process(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory
         hello = broker.recv()
         assert hello.kind == "register", hello.header
         broker.peer = hello["peer"]
+        # Its peers under direct routing: steps of EPOCH come to it as stage 1 from node x,
+        # and go on to itself as stage 2 (the stage number is the route's index only).
+        broker.send(protocol.encode("peers", epoch=EPOCH, stage=1, prev="x",
+                                    route=[broker.peer, broker.peer], names=["n", "n"]))
         loaded = broker.ask("load", epoch=EPOCH, start=LAYERS[0], end=LAYERS[1])
         assert loaded.kind == "loaded", loaded.header
         yield broker
@@ -178,7 +182,7 @@ def peer(node: FakeBroker) -> Iterator[zmq.Socket]:
 
 
 def _peer_step(sid: str, pos: int, x: torch.Tensor, route: object, epoch: int = EPOCH) -> list:
-    return protocol.encode("step", {"x": x}, epoch=epoch, stage=0, rows=[[sid, 1, pos, len(x)]],
+    return protocol.encode("step", {"x": x}, epoch=epoch, stage=1, rows=[[sid, 1, pos, len(x)]],
                            route=route, times=[])
 
 
@@ -189,35 +193,50 @@ def test_peer_junk_and_non_steps_are_dropped(node: FakeBroker, peer: zmq.Socket)
     peer.send_multipart([os.urandom(40)])
     peer.send_multipart([protocol.TAG, b"\xc1"])
     peer.send_multipart(protocol.encode("free", sids=["s"]))
-    peer.send_multipart(_peer_step("s", 4, torch.tensor([9]), ["not an address"]))
+    peer.send_multipart(_peer_step("s", 4, torch.tensor([9]), [node.peer, "not an address"]))
     err = node.recv()
     assert err.kind == "error" and (err["code"], err["sid"]) == ("bad_route", "s")
-    assert "route[0] is not a peer address" in err["message"]
+    assert "route[1] is not a peer address" in err["message"]
+
+
+def test_peer_step_to_a_route_not_announced(node: FakeBroker, peer: zmq.Socket) -> None:
+    """The step names an address the broker never announced: the node sends nothing there."""
+    peer.send_multipart(_peer_step("s", 4, torch.tensor([9]), [node.peer, "tcp://10.9.9.9:9"]))
+    err = node.recv()
+    assert err.kind == "error" and (err["code"], err["sid"]) == ("bad_route", "s")
+    assert "'tcp://10.9.9.9:9' is not where the broker said stage 1 + 1" in err["message"]
 
 
 def test_peer_step_for_an_unknown_session(node: FakeBroker, peer: zmq.Socket) -> None:
-    peer.send_multipart(_peer_step("nobody", 3, torch.tensor([9]), [node.peer]))
+    peer.send_multipart(_peer_step("nobody", 3, torch.tensor([9]), [node.peer, node.peer]))
     err = node.recv()
     assert (err.kind, err["code"], err["sid"]) == ("error", "unknown_session", "nobody")
 
 
 def test_peer_step_of_the_wrong_shape(node: FakeBroker, peer: zmq.Socket) -> None:
     """Hidden states sent to the first stage, which takes token ids."""
-    peer.send_multipart(_peer_step("s", 4, torch.zeros(1, 64), [node.peer]))
+    peer.send_multipart(_peer_step("s", 4, torch.zeros(1, 64), [node.peer, node.peer]))
     err = node.recv()
     assert (err.kind, err["code"], err["sid"]) == ("error", "bad_shape", "s")
     assert "stage 0 takes int64 token ids" in err["message"]
 
 
-def test_peer_step_of_another_epoch(node: FakeBroker, peer: zmq.Socket) -> None:
-    peer.send_multipart(_peer_step("s", 4, torch.tensor([9]), [node.peer], epoch=9))
+def test_peer_steps_not_announced_are_dropped(node: FakeBroker, peer: zmq.Socket) -> None:
+    """Of an epoch the broker did not announce, or for another stage than the node's: dropped
+    without a word (the broker hears of the step after them only)."""
+    peer.send_multipart(_peer_step("s", 4, torch.tensor([9]), [node.peer, node.peer], epoch=9))
+    other = _peer_step("s", 4, torch.tensor([9]), [node.peer, node.peer])
+    header = protocol.decode(other).header
+    peer.send_multipart(protocol.encode("step", {"x": torch.tensor([9])}, **{
+        **{k: v for k, v in header.items() if k not in ("kind", "t")}, "stage": 0}))
+    peer.send_multipart(_peer_step("nobody", 3, torch.tensor([9]), [node.peer, node.peer]))
     err = node.recv()
-    assert (err.kind, err["code"], err["epoch"]) == ("error", "stale_epoch", 9)
+    assert (err.kind, err["code"], err["sid"]) == ("error", "unknown_session", "nobody")
 
 
 def test_peer_step_with_a_route_too_short(node: FakeBroker, peer: zmq.Socket) -> None:
     """The route names no node for the next stage: the step cannot go on."""
-    peer.send_multipart(_peer_step("s", 4, torch.tensor([9]), []))
+    peer.send_multipart(_peer_step("s", 4, torch.tensor([9]), [node.peer]))
     err = node.recv()
     assert (err.kind, err["code"], err["sid"]) == ("error", "bad_route", "s")
-    assert "route of 0 hops has none for stage 0" in err["message"]
+    assert "route of 1 hops has none for stage 1" in err["message"]

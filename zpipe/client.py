@@ -21,7 +21,7 @@ from typing import Any
 import zmq
 import zmq.asyncio
 
-from zpipe import protocol
+from zpipe import bounds, keys, protocol
 from zpipe.config import DEFAULT_BROKER
 from zpipe.protocol import ProtocolError
 
@@ -71,11 +71,16 @@ class Generation:
 
 class Client:
     def __init__(self, address: str | None = None, *, timeout: float = 600.0,
-                 heartbeat_s: float = 1.0, liveness: int = 5) -> None:
+                 heartbeat_s: float = 1.0, liveness: int = 5, key: str | None = None,
+                 broker_key: str | None = None) -> None:
         """``timeout``: longest wait for a request's next event while the broker is alive.
         The broker is declared gone when silent for ``heartbeat_s`` × ``liveness`` (it is
-        pinged every ``heartbeat_s`` while a request waits)."""
+        pinged every ``heartbeat_s`` while a request waits). ``key``: a CURVE secret key file
+        (default ``$ZPIPE_KEY``; ``broker_key`` see ``zpipe.keys.client_keys``)."""
         self.address = address or default_address()
+        self._keys = keys.client_keys(key, broker_key)
+        self._refused = ""  # why the broker refused the handshake, once it did
+        self._watch: asyncio.Task | None = None
         self.timeout = timeout
         self.heartbeat_s = heartbeat_s
         self.liveness = liveness
@@ -88,11 +93,29 @@ class Client:
     async def __aenter__(self) -> Client:
         self._sock = self._ctx.socket(zmq.DEALER)
         self._sock.setsockopt(zmq.LINGER, 0)
+        bounds.limit(self._sock, bounds.client_frame())
+        if self._keys is not None:
+            keys.connect_as(self._sock, *self._keys)
+        self._watch = asyncio.create_task(keys.watch_handshakes(
+            self._sock, f"client of {self.address}", self._on_refused))
         self._sock.connect(self.address)
         self._reader = asyncio.create_task(self._read())
         return self
 
+    def _on_refused(self, kind: str, detail: str) -> None:
+        """The broker refused the handshake: every request waiting ends with ``auth_refused``."""
+        self._refused = (f"the broker at {self.address} refused this client's key ({detail})"
+                         if self._keys is not None else
+                         f"the broker at {self.address} refused a connection without a key "
+                         f"({detail}): give one (--key FILE or $ZPIPE_KEY)")
+        err = protocol.Message("error", {"kind": "error", "code": "auth_refused",
+                                         "message": self._refused})
+        for queue in self._pending.values():
+            queue.put_nowait(err)
+
     async def __aexit__(self, *exc: object) -> None:
+        if self._watch:
+            self._watch.cancel()
         if self._reader:
             self._reader.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -128,6 +151,8 @@ class Client:
 
     async def _request(self, kind: str, rid: str | None = None,
                        **fields: Any) -> tuple[str, asyncio.Queue]:
+        if self._refused:
+            raise ZpipeError("auth_refused", self._refused)
         rid = rid or uuid.uuid4().hex
         queue: asyncio.Queue = asyncio.Queue()
         self._pending[rid] = queue

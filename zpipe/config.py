@@ -132,6 +132,12 @@ class Limits(_Strict):
     max_prompt_tokens: int = Field(8192, ge=1)
     max_new_tokens: int = Field(4096, ge=1)
     default_max_new_tokens: int = Field(128, ge=1)
+    # Sessions in one step message at most (cohorts are also capped by the nodes' max_batch);
+    # with the two above it bounds the largest message the broker takes (zpipe/bounds.py).
+    max_batch: int = Field(64, ge=1, le=4096)
+    # One client connection's sessions at most, and of those, waiting for their first token.
+    max_client_sessions: int = Field(64, ge=1)
+    max_client_queued: int = Field(16, ge=1)
 
 
 class Rebalance(_Strict):
@@ -183,6 +189,18 @@ class Recovery(_Strict):
     shadow_every: int = Field(8, ge=0, le=1 << 20)
 
 
+# CurveZMQ (zpipe/keys.py): a key directory made by ``zpipe keys DIR``. ``curve`` unset: on
+# when ``keys`` is given or a bind is not loopback (which then needs ``keys``); false: open.
+KeyDir = Annotated[str, Field(min_length=1, max_length=4096)]
+
+
+def _need_keys(cfg: BaseModel) -> BaseModel:
+    if cfg.curve and cfg.keys is None:
+        raise ValueError("curve: true needs 'keys: DIR', a key directory made by "
+                         "`zpipe keys DIR --nodes NAME,... --clients NAME --admins NAME`")
+    return cfg
+
+
 # Pin the process's event loop and ZeroMQ's I/O thread to this CPU (``zpipe.aio.pin``): a
 # message then crosses no CPUs on its way in or out (a loopback round trip on a GPU host: 95 ->
 # 62 µs). For hosts with cores to spare: give each process its own. Unset: no pinning.
@@ -209,6 +227,12 @@ class _BrokerKnobs(_Strict):
     # every node of the placement to have a peer_bind; steps fall back to the star if not.
     direct: bool = False
     cpu: CPU | None = None
+    keys: KeyDir | None = None
+    curve: bool | None = None
+
+    @model_validator(mode="after")
+    def _keys_for_curve(self) -> _BrokerKnobs:
+        return _need_keys(self)
 
 
 class BrokerConfig(_BrokerKnobs):
@@ -247,6 +271,12 @@ class NodeConfig(_Strict):
     # any free port). Unset: activations come through the broker only.
     peer_bind: Address | None = None
     cpu: CPU | None = None  # as the broker's
+    keys: KeyDir | None = None  # as the broker's: it uses broker.key, nodes/NAME.key_secret
+    curve: bool | None = None  # and nodes/*.key (the other nodes' peer sockets)
+
+    @model_validator(mode="after")
+    def _keys_for_curve(self) -> NodeConfig:
+        return _need_keys(self)
 
 
 class ClusterNode(_Strict):
@@ -345,7 +375,8 @@ class ClusterConfig(_Strict):
                            threads=n.threads or (share if n.device == "cpu" else None),
                            max_batch=n.max_batch, static_kv=n.static_kv,
                            busy_poll_ms=n.busy_poll_ms, cpu=cpu,
-                           peer_bind="tcp://127.0.0.1:0" if self.broker.direct else None)
+                           peer_bind="tcp://127.0.0.1:0" if self.broker.direct else None,
+                           keys=self.broker.keys, curve=self.broker.curve)
                 for n, cpu in zip(self.nodes, cpus, strict=True)]
 
 

@@ -83,6 +83,11 @@ SCHEMAS: dict[str, dict[str, str]] = {
     "step": {"epoch": _INT, "stage": _INT, "rows": _LIST, "sampling?": _LIST, "route?": _LIST,
              "times?": _LIST},
     "free": {"sids": _LIST},
+    # Direct routing, before a node loads, restores or commits a placement: its "stage", the
+    # node of the stage before it ("prev", "" for stage 0) and the placement's "route" (as in
+    # "step") with the "names" of its nodes. The node takes steps of that epoch only from
+    # "prev" (by its CURVE key when keys are on) and sends only to the route.
+    "peers": {"epoch": _INT, "stage": _INT, "prev": _STR, "route": _LIST, "names": _LIST},
     # --- client -> broker (exactly one of prompt / messages / prompt_ids)
     "generate": {
         "rid": _STR, "prompt?": _STR, "messages?": _LIST, "prompt_ids?": _LIST,

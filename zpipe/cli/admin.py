@@ -35,14 +35,23 @@ class AdminError(RuntimeError):
 class AdminClient:
     """A DEALER socket that sends ``admin`` requests and waits for their replies."""
 
-    def __init__(self, address: str | None = None, timeout: float = 5.0) -> None:
+    def __init__(self, address: str | None = None, timeout: float = 5.0,
+                 key: str | None = None, broker_key: str | None = None) -> None:
         import zmq
+
+        from zpipe import bounds, keys
 
         self.address = address or os.environ.get("ZPIPE_BROKER") or DEFAULT_BROKER
         self.timeout = timeout
+        pair = keys.client_keys(key, broker_key)  # an admin key, for operations that change
         self.ctx = zmq.Context.instance()
         self.sock = self.ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 0)
+        bounds.limit(self.sock, bounds.client_frame())
+        if pair is not None:
+            keys.connect_as(self.sock, *pair)
+        self.keyed = pair is not None
+        self.monitor = self.sock.get_monitor_socket(keys.HANDSHAKE_FAILED)  # a refused key
         self.sock.connect(self.address)
 
     def __enter__(self) -> AdminClient:
@@ -52,7 +61,16 @@ class AdminClient:
         self.close()
 
     def close(self) -> None:
+        self.sock.disable_monitor()
+        self.monitor.close(0)
         self.sock.close(0)
+
+    def _no_answer(self, timeout: float) -> AdminError:
+        """No answer: the broker refused the handshake (said so), or it is not answering."""
+        if self.monitor.poll(0):
+            what = "this key" if self.keyed else "a connection without a key (give --key FILE)"
+            return AdminError(f"auth_refused: the broker at {self.address} refused {what}")
+        return AdminError(f"no answer from broker at {self.address} in {timeout:g} s")
 
     def request(self, op: str, args: dict | None = None, timeout: float | None = None) -> dict:
         import zmq
@@ -64,11 +82,10 @@ class AdminClient:
         fields: dict[str, Any] = {"rid": rid, "op": op}
         if args:
             fields["args"] = args
-        no_answer = f"no answer from broker at {self.address} in {timeout:g} s"
         try:
             self.sock.send_multipart(protocol.encode("admin", **fields), flags=zmq.NOBLOCK)
         except zmq.Again:
-            raise AdminError(no_answer) from None
+            raise self._no_answer(timeout) from None
         deadline = time.monotonic() + timeout
         while (left := deadline - time.monotonic()) > 0:
             if not self.sock.poll(int(left * 1000) + 1):
@@ -83,7 +100,7 @@ class AdminClient:
                 raise AdminError(f"{msg['code']}: {msg['message']}")
             if msg.kind == "admin_reply":
                 return msg["data"]
-        raise AdminError(no_answer)
+        raise self._no_answer(timeout)
 
 
 # ---------------------------------------------------------------- formatting
@@ -263,7 +280,7 @@ def format_profile(d: dict) -> str:
 # ---------------------------------------------------------------- commands
 def _client(args: argparse.Namespace, default_timeout: float = 5.0) -> AdminClient:
     t = args.timeout if args.timeout is not None else default_timeout
-    return AdminClient(args.broker, t)
+    return AdminClient(args.broker, t, args.key, args.broker_key)
 
 
 def _print(args: argparse.Namespace, data: dict, fmt: Any) -> None:
@@ -411,6 +428,13 @@ def _positive(kind: type) -> Any:
     return parse
 
 
+def add_key_args(q: argparse.ArgumentParser) -> None:
+    q.add_argument("--key", default=None,
+                   help="CURVE secret key file (default $ZPIPE_KEY; see zpipe keys)")
+    q.add_argument("--broker-key", default=None, help="the broker's public key file (default "
+                   "$ZPIPE_BROKER_KEY, or broker.key beside --key or one folder up)")
+
+
 def add_parser(subparsers: Any) -> None:
     p = subparsers.add_parser("admin", help="inspect a running cluster",
                               description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
@@ -422,6 +446,7 @@ def add_parser(subparsers: Any) -> None:
                        help="broker address (default $ZPIPE_BROKER or tcp://127.0.0.1:5555)")
         q.add_argument("--timeout", type=_positive(float), default=None,
                        help="seconds to wait for the broker (default 5)")
+        add_key_args(q)
         if json_flag:
             q.add_argument("--json", action="store_true", help="print JSON")
         q.set_defaults(func=_guarded(fn))

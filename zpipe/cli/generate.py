@@ -42,7 +42,7 @@ def latency_report(gen: Generation) -> str:
 
 
 async def _generate(args: argparse.Namespace) -> int:
-    async with Client(args.broker) as client:
+    async with Client(args.broker, key=args.key, broker_key=args.broker_key) as client:
         if args.json:
             gen = await client.generate(args.prompt, chat=args.chat, **_options(args))
             print(json.dumps({
@@ -77,7 +77,7 @@ async def _chat(args: argparse.Namespace) -> int:
     messages: list[dict] = []
     if args.system:
         messages.append({"role": "system", "content": args.system})
-    async with Client(args.broker) as client:
+    async with Client(args.broker, key=args.key, broker_key=args.broker_key) as client:
         info = await client.info()
         print(f"chatting with {info['model']} ({len(info['placement'])} stages). "
               "/reset starts over, /exit or Ctrl-D quits.", file=sys.stderr)

@@ -1,4 +1,4 @@
-"""The ``zpipe`` command line: broker, node, up, generate, chat, model."""
+"""The ``zpipe`` command line: broker, node, up, generate, chat, model, admin, keys."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import sys
 # (Set before anything imports torch.)
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+from zpipe.cli.admin import add_key_args  # noqa: E402
 from zpipe.config import BrokerConfig, ConfigError, NodeConfig, load  # noqa: E402
 
 
@@ -95,6 +96,22 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=_nonneg_int, default=0)
     p.add_argument("--broker", default=None,
                    help="broker address (default $ZPIPE_BROKER or tcp://127.0.0.1:5555)")
+    add_key_args(p)
+
+
+def _cmd_keys(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from zpipe.keys import make_keys
+
+    def names(s: str | None) -> list[str]:
+        return [n for n in (s or "").split(",") if n]
+
+    made = make_keys(Path(args.dir), names(args.nodes), names(args.clients), names(args.admins))
+    for path in made:
+        print(f"made {path}")
+    print(f"{len(made)} new key pairs in {args.dir} (existing ones kept)")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -114,6 +131,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-c", "--config", required=True, help="node YAML")
     p.add_argument("--broker", help="override the broker address")
     p.set_defaults(func=_cmd_node)
+
+    p = sub.add_parser("keys", help="make CURVE key pairs: the broker's and the named ones")
+    p.add_argument("dir", help="key directory (YAML: keys: DIR)")
+    p.add_argument("--nodes", help="node names, comma-separated (a node's key is its name's)")
+    p.add_argument("--clients", help="client names, comma-separated")
+    p.add_argument("--admins", help="admin names, comma-separated")
+    p.set_defaults(func=_cmd_keys)
 
     p = sub.add_parser("up", help="start a whole local cluster from a cluster YAML")
     p.add_argument("file", help="cluster YAML, e.g. configs/local.yaml")

@@ -22,8 +22,10 @@ from pathlib import Path
 from zpipe import aio
 from zpipe.client import Client, ZpipeError
 from zpipe.config import ClusterConfig, ConfigError, dump, load, local_address
+from zpipe.keys import keys_command, make_keys
 from zpipe.models import resolve_model
 
+LOCAL = "local"  # the client and admin keys ``up`` makes for this machine
 RESTARTS_PER_MINUTE = 5  # a child that exits more often than this is not started again
 
 
@@ -107,8 +109,24 @@ class Cluster:
                 p.wait()
 
 
-async def _wait_ready(cluster: Cluster, address: str, timeout: float) -> dict:
-    async with Client(address) as client:
+def local_keys(cfg: ClusterConfig) -> str | None:
+    """With ``keys`` set: make the key pairs this cluster needs where missing (the broker's,
+    each node's, and client and admin ``local``); ``up`` speaks to the broker as admin
+    ``local``. Returns that admin's secret key file."""
+    if cfg.broker.keys is None:
+        return None
+    root = Path(cfg.broker.keys)
+    made = make_keys(root, [n.name for n in cfg.nodes], [LOCAL], [LOCAL])
+    if made:
+        print(f"[zpipe up] made {len(made)} CURVE key pairs in {root} (as `"
+              f"{keys_command(root, [n.name for n in cfg.nodes], [LOCAL], [LOCAL])}` does)",
+              file=sys.stderr)
+    return str(root / "admins" / f"{LOCAL}.key_secret")
+
+
+async def _wait_ready(cluster: Cluster, address: str, timeout: float,
+                      key: str | None = None) -> dict:
+    async with Client(address, key=key) as client:
         deadline = time.monotonic() + timeout
         last = None
         while True:
@@ -135,10 +153,10 @@ async def _wait_ready(cluster: Cluster, address: str, timeout: float) -> dict:
             await asyncio.sleep(0.25)
 
 
-async def _answer(address: str, args: argparse.Namespace) -> None:
+async def _answer(address: str, args: argparse.Namespace, key: str | None) -> None:
     from zpipe.cli.generate import latency_report, stream_to_stdout
 
-    async with Client(address) as client:
+    async with Client(address, key=key) as client:
         gen = await stream_to_stdout(client, args.prompt, args.chat,
                                      {"max_new_tokens": args.max_new_tokens})
     print(latency_report(gen))
@@ -153,6 +171,7 @@ def run_up(args: argparse.Namespace) -> int:
         raise ConfigError(f"{args.file}: {e}") from None
     log_dir = Path(args.logs) if args.logs else Path(tempfile.mkdtemp(prefix="zpipe-up-"))
     address = local_address(cfg.broker.bind)
+    key = local_keys(cfg)
     cluster = Cluster(cfg, log_dir)
 
     def _terminate(signum: int, frame: object) -> None:
@@ -163,12 +182,16 @@ def run_up(args: argparse.Namespace) -> int:
           file=sys.stderr)
     cluster.start()
     try:
-        info = aio.run(_wait_ready(cluster, address, args.ready_timeout))
+        info = aio.run(_wait_ready(cluster, address, args.ready_timeout, key))
         stages = ", ".join(f"{s['node']}[{s['start']}-{s['end'] - 1}]" for s in info["placement"])
         print(f"[zpipe up] ready at {address}: {stages}", file=sys.stderr)
         if args.prompt:
-            aio.run(_answer(address, args))
+            aio.run(_answer(address, args, key))
             return 0
+        if key is not None:
+            print(f"[zpipe up] CURVE on: clients pass a key, e.g. `zpipe generate --key "
+                  f"{Path(key).parent.parent / 'clients' / LOCAL}.key_secret --broker "
+                  f"{address} 'Hello'`", file=sys.stderr)
         print("[zpipe up] Ctrl-C stops the cluster", file=sys.stderr)
         while True:
             time.sleep(0.5)
