@@ -85,6 +85,17 @@ class Session:
     cohort: Any = None  # the brokers.steps.Cohort its last step was started in
     replayed: int = 0  # tokens replayed after recoveries (``replay``)
     replay_diff: int = 0  # of those, the ones whose step picked another token this time
+    penalised: bool = False  # its sampling has penalties: each step carries its context
+
+    def step_sampling(self) -> dict:
+        """The sampling entry of its in-flight step: with penalties, the tokens they look at
+        (the step's own: replays and recoveries penalise exactly as the first time did)."""
+        s = self.sampling
+        if not self.penalised:
+            return s
+        gen = self.tokens[:self.step]
+        return {**s, "context": (self.prompt_ids + gen
+                                 if s.get("repetition_penalty", 1) != 1 else gen)}
 
     def step_input(self) -> list[int]:
         """The token ids the in-flight step feeds stage 0: the prompt, then each token in
@@ -151,7 +162,10 @@ def build_session(msg: Message, client: bytes, tokenizer: Any, limits: Limits, v
         raise RequestError(f"prompt ({len(ids)}) + max_new_tokens ({max_new}) exceeds the "
                            f"model's {max_positions} positions", "too_large")
     try:
-        sampling = SamplingParams.from_dict(msg.get("sampling") or {})
+        given = msg.get("sampling") or {}
+        if isinstance(given, dict) and "context" in given:
+            raise ValueError("context: set by the broker, not by a request")
+        sampling = SamplingParams.from_dict(given)
     except ValueError as e:
         raise RequestError(f"sampling: {e}", "bad_sampling") from None
     try:
@@ -161,6 +175,7 @@ def build_session(msg: Message, client: bytes, tokenizer: Any, limits: Limits, v
     stop_ids = frozenset(stop) | (frozenset() if msg.get("ignore_eos", False) else eos_ids)
     return Session(sid=uuid.uuid4().hex, rid=msg["rid"], client=client, prompt_ids=ids,
                    max_new_tokens=max_new, sampling=sampling.to_dict(), stop_ids=stop_ids,
+                   penalised=sampling.penalised,
                    detok=Detokenizer(tokenizer, ids))
 
 

@@ -41,7 +41,7 @@ class Cohort:
         self.sessions = sessions
         self.rows = [s.step_row() for s in sessions]
         self.answer_rows = [[sid, step, n] for sid, step, _, n in self.rows]  # as nodes say
-        self.sampling = [s.sampling for s in sessions]
+        self.sampling = [s.step_sampling() for s in sessions]
         self.n_tokens = sum(r[3] for r in self.rows)
         # [node, compute_s, hop_s] per stage passed: one list for the whole cohort
         self.stage_times: list = []
@@ -285,7 +285,7 @@ class StepScheduler:
             fields = self._step_fields(stage, cohort.rows, cohort.sampling)
         else:  # sessions that no longer travel as their cohort
             fields = self._step_fields(stage, [s.step_row() for s in sessions],
-                                       [s.sampling for s in sessions])
+                                       [s.step_sampling() for s in sessions])
         if len(live) == len(rows):
             frames = protocol.encode_forward("step", msg.frames, [["x", *meta[0][1:]]], **fields)
         else:
