@@ -26,7 +26,8 @@ class APIError(Exception):
         self.param = param
         self.code = code
         self.type = type_ or {400: "invalid_request_error", 401: "authentication_error",
-                              404: "not_found_error", 503: "service_unavailable"}.get(
+                              404: "not_found_error", 429: "rate_limit_error",
+                              503: "service_unavailable"}.get(
                                   status, "server_error")
 
     def body(self) -> dict:
@@ -39,8 +40,8 @@ def bad(param: str, message: str) -> APIError:
 
 
 # The broker's error codes (zpipe.client.ZpipeError.code) as HTTP statuses.
-BROKER_STATUS = {"bad_request": 400, "bad_sampling": 400, "too_large": 400,
-                 "no_placement": 503, "timeout": 503, "broker_gone": 503}
+BROKER_STATUS = {"bad_request": 400, "bad_sampling": 400, "bad_value": 400, "too_large": 400,
+                 "busy": 429, "no_placement": 503, "node_lost": 503, "timeout": 503, "broker_gone": 503}
 
 
 def from_broker(code: str, message: str) -> APIError:
