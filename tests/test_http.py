@@ -244,3 +244,39 @@ def test_a_client_that_disconnects_mid_stream_leaves_no_session(server: Server) 
         assert time.monotonic() < deadline, f"session still running: {running}"
         time.sleep(0.1)
     assert finished.get("cancelled", 0) == cancelled + 1
+
+
+def test_a_cluster_without_placement_answers_503(tiny_model: Path, tmp_path: Path) -> None:
+    """A broker whose node has not joined: the app (in process, through ASGI) answers 503 in
+    OpenAI's shape, and /health says what the broker waits for."""
+    from zpipe.cli.up import Cluster
+    from zpipe.config import ClusterConfig, validate
+    from zpipe.serve.app import Server as App
+
+    address = f"tcp://127.0.0.1:{free_port()}"
+    cfg = validate({"model": str(tiny_model), "broker": {"bind": address},
+                    "nodes": [{"name": "x"}]}, ClusterConfig)
+    cluster = Cluster(cfg, tmp_path)
+    cluster._spawn("broker", "broker", cfg.broker_config())  # the broker only, no node
+
+    async def run() -> tuple[httpx.Response, httpx.Response]:
+        app = App(address)
+        async with app.client, httpx.AsyncClient(transport=httpx.ASGITransport(app=app.app()),
+                                                 base_url="http://zpipe") as http:
+            for _ in range(200):  # until the broker answers at all
+                health = await http.get("/health")
+                if health.json()["status"] != "broker_unreachable":
+                    break
+            chat = await http.post("/v1/chat/completions", json={
+                "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4})
+            return health, chat
+
+    try:
+        health, chat = asyncio.run(run())
+    finally:
+        cluster.stop()
+    assert health.status_code == 503 and "x" in health.json()["waiting_for"]
+    assert chat.status_code == 503
+    err = chat.json()["error"]
+    assert err["code"] == "no_placement" and err["type"] == "service_unavailable"
+    assert "x" in err["message"]
