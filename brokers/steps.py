@@ -20,7 +20,7 @@ import torch
 
 from brokers.core import Core
 from brokers.registry import NodeInfo
-from brokers.sessions import Session
+from brokers.sessions import PENALTY_CONTEXT_MAX, Session
 from zpipe import protocol
 from zpipe.protocol import Message, ProtocolError
 
@@ -47,6 +47,24 @@ class Cohort:
         self.stage_times: list = []
         self.stage = 0  # the stage whose answer is awaited; -1 once the step is done
         self.intact = True
+
+
+def cohorts(sessions: list[Session], cap: int) -> list[list[Session]]:
+    """``sessions`` in order, cut into cohorts of at most ``cap`` whose penalty contexts
+    together stay within ``PENALTY_CONTEXT_MAX`` ids (they travel in the step's header)."""
+    out: list[list[Session]] = []
+    cur: list[Session] = []
+    ids = 0
+    for s in sessions:
+        n = s.context_len() if s.penalised else 0
+        if cur and (len(cur) == cap or ids + n > PENALTY_CONTEXT_MAX):
+            out.append(cur)
+            cur, ids = [], 0
+        cur.append(s)
+        ids += n
+    if cur:
+        out.append(cur)
+    return out
 
 
 class StepScheduler:
@@ -93,9 +111,8 @@ class StepScheduler:
         if self.paused or not self.core.ready:  # a move, or a new placement after a node died:
             self.parked.extend(sessions)    # wait at this token boundary
             return
-        cap = self.cohort_cap() or len(sessions)
-        for i in range(0, len(sessions), cap):
-            await self._start_cohort(sessions[i:i + cap])
+        for cohort in cohorts(sessions, self.cohort_cap() or len(sessions)):
+            await self._start_cohort(cohort)
 
     async def _go_on(self, sessions: list[Session]) -> None:
         """Start the next step of ``sessions`` (their step just ended), or hold them until the

@@ -9,8 +9,19 @@ from pathlib import Path
 
 import pytest
 import torch
+from transformers import AutoTokenizer
 from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
 
+from brokers.sessions import (
+    PENALTY_CONTEXT_MAX,
+    Detokenizer,
+    RequestError,
+    Session,
+    build_session,
+)
+from brokers.steps import cohorts
+from zpipe import protocol
+from zpipe.config import Limits
 from zpipe.sampling import (
     CHAT_DEFAULTS,
     SamplingParams,
@@ -141,3 +152,46 @@ def test_chat_defaults_come_from_generation_config(tmp_path: Path) -> None:
     assert chat_sampling({}) == CHAT_DEFAULTS
     assert generation_defaults(tmp_path / "missing") == {}
     SamplingParams(**CHAT_DEFAULTS)
+
+
+def _session(tok, prompt: list[int], sampling: dict, tokens: int) -> Session:
+    s = Session(sid=f"s{len(prompt)}-{tokens}", rid="r", client=b"c", prompt_ids=prompt,
+                max_new_tokens=tokens + 1, sampling=sampling, stop_ids=frozenset(),
+                detok=Detokenizer(tok, prompt), penalised=SamplingParams(**sampling).penalised)
+    s.tokens = [7] * tokens
+    s.step = tokens
+    return s
+
+
+def test_penalty_contexts_fit_a_step_header(tiny_model: Path) -> None:
+    """A cohort's penalty contexts ride in its step header: cohorts are cut so that they fit,
+    and a session whose context could outgrow the budget is refused at admission."""
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    rep = {"repetition_penalty": 1.2}
+    big = [_session(tok, [1] * 3000, rep, 2000) for _ in range(3)]  # 5000 ids each
+    plain = [_session(tok, [1] * 3000, {}, 2000) for _ in range(3)]
+    small = [_session(tok, [1] * 10, {"frequency_penalty": 0.5}, 100) for _ in range(4)]
+    cut = cohorts(big + plain + small, cap=64)
+    assert [len(c) for c in cut] == [1, 1, 8]
+    assert sum(cut, []) == big + plain + small
+    assert [len(c) for c in cohorts(plain + small, cap=3)] == [3, 3, 1]
+    # the largest context of the largest vocabulary (128k ids: 5 bytes each) fits a header
+    worst = _session(tok, [128_000] * 4000, rep, PENALTY_CONTEXT_MAX - 4000)
+    assert worst.context_len() == PENALTY_CONTEXT_MAX
+    protocol.encode("step", {"x": torch.zeros(1, dtype=torch.int64)}, epoch=1, stage=0,
+                    rows=[worst.step_row()], sampling=[worst.step_sampling()])
+
+    limits = Limits()
+    msg = protocol.decode(protocol.encode("generate", rid="r", prompt_ids=[1] * 5000,
+                                          max_new_tokens=4000, sampling=rep))
+    with pytest.raises(RequestError, match="max_new_tokens: with penalties") as e:
+        build_session(msg, b"c", tok, limits, 512, 100_000, frozenset())
+    assert e.value.code == "too_large"
+    msg = protocol.decode(protocol.encode("generate", rid="r", prompt_ids=[1] * 5000,
+                                          max_new_tokens=4000,
+                                          sampling={"frequency_penalty": 1.0}))
+    assert build_session(msg, b"c", tok, limits, 512, 100_000, frozenset()).penalised
+    msg = protocol.decode(protocol.encode("generate", rid="r", prompt_ids=[1, 2],
+                                          sampling={"context": [1]}))
+    with pytest.raises(RequestError, match="context"):
+        build_session(msg, b"c", tok, limits, 512, 100_000, frozenset())
