@@ -146,8 +146,7 @@ def parse(body: Any, chat: bool, model: str, generation: dict | None) -> Request
     name = body.get("model", model)
     if not isinstance(name, str):
         raise bad("model", "must be a string")
-    n = _int(body, "n", 1, 1)
-    del n  # one choice per request
+    _int(body, "n", 1, 1)  # one choice per request
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise bad("stream", "must be true or false")
