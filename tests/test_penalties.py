@@ -195,3 +195,21 @@ def test_penalty_contexts_fit_a_step_header(tiny_model: Path) -> None:
                                           sampling={"context": [1]}))
     with pytest.raises(RequestError, match="context"):
         build_session(msg, b"c", tok, limits, 512, 100_000, frozenset())
+
+
+def test_cli_sampling_defaults() -> None:
+    """``zpipe generate`` stays greedy; ``zpipe chat`` without --temperature takes the chat
+    defaults, each flag given overriding its own."""
+    from zpipe.cli.generate import _options
+    from zpipe.cli.main import build_parser
+
+    gen = build_parser().parse_args(["generate", "hi"])
+    assert _options(gen) == {"max_new_tokens": 128, "seed": 0}  # the client's: greedy
+    chat = build_parser().parse_args(["chat", "--top-p", "0.5"])
+    assert _options(chat, chat_sampling({})) == {
+        "max_new_tokens": 128, "seed": 0, **CHAT_DEFAULTS, "top_p": 0.5}
+    chat = build_parser().parse_args(["chat", "--temperature", "0"])
+    assert _options(chat, chat_sampling({})) == {"max_new_tokens": 128, "seed": 0,
+                                                 "temperature": 0.0}
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["chat", "--repetition-penalty", "0"])

@@ -6,6 +6,7 @@ import argparse
 import logging
 import os
 import sys
+from collections.abc import Callable
 
 # Idle OpenMP threads must sleep, not spin: a broker and several nodes share the same cores,
 # and spinning threads of an idle stage steal the CPU from the stage that is computing.
@@ -94,7 +95,7 @@ def _top_p(s: str) -> float:
     return v
 
 
-def _penalty(lo: float, hi: float, open_lo: bool = False):
+def _penalty(lo: float, hi: float, open_lo: bool = False) -> Callable[[str], float]:
     def parse(s: str) -> float:
         v = float(s)
         if not ((lo < v) if open_lo else (lo <= v)) or not v <= hi:
