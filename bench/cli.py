@@ -4,6 +4,8 @@ benchmarks are not part of the installed package).
 compare    transformers generate in one process vs zpipe with 1, 2, 3... stages, same model,
            dtype, device and threads, in one run: TTFT, per-token p50/p99, tokens/s, the ratio
            to transformers, concurrency, peak memory per process; table, --json, --plot.
+http       the same greedy generations through ``zpipe serve`` (HTTP, SSE) and through the
+           Python client, on one cluster, taking turns: time to first token and tokens/s.
 transport  round trips of tensor frames (decode activations, 4 KiB .. 64 MiB) between a
            broker-like ROUTER and a node-like DEALER process: µs per message and GB/s.
 
@@ -82,6 +84,17 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     return _write_outputs(result, args, report.plot_compare)
 
 
+def _cmd_http(args: argparse.Namespace) -> int:
+    from bench import serving
+
+    cfg = serving.HttpConfig(model=args.model, stages=args.stages, prompt_len=args.prompt_len,
+                             new_tokens=args.new_tokens, concurrency=args.concurrency,
+                             rounds=args.rounds, threads=args.threads, log_dir=args.logs)
+    result = serving.http_bench(cfg, progress=_progress)
+    print(serving.format_http(result))
+    return _write_outputs(result, args, None)
+
+
 def _cmd_transport(args: argparse.Namespace) -> int:
     from bench import transport
 
@@ -99,7 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    modes = p.add_subparsers(dest="bench_mode", metavar="{compare,transport}", required=True)
+    modes = p.add_subparsers(dest="bench_mode", metavar="{compare,http,transport}",
+                             required=True)
 
     c = modes.add_parser("compare", help="transformers generate vs zpipe with 1..N stages")
     c.add_argument("--model", default="smollm2", help="cached model name or HF directory")
@@ -127,6 +141,21 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--json", metavar="PATH", help="write every figure as JSON")
     c.add_argument("--plot", metavar="PATH.png", help="draw a PNG (needs matplotlib)")
     c.set_defaults(func=_cmd_compare)
+
+    h = modes.add_parser("http", help="zpipe serve (HTTP) vs the Python client, same cluster")
+    h.add_argument("--model", default="smollm2", help="cached model name or HF directory")
+    h.add_argument("--stages", type=_positive_int, default=2)
+    h.add_argument("--prompt-len", type=_positive_int, default=64, help="prompt tokens")
+    h.add_argument("--new-tokens", type=_positive_int, default=64)
+    h.add_argument("--concurrency", type=_int_list, default=[1, 8],
+                   help="sessions at once, e.g. 1,8 (default)")
+    h.add_argument("--rounds", type=_positive_int, default=3,
+                   help="rounds per path and concurrency, the paths taking turns")
+    h.add_argument("--threads", type=_positive_int, default=None,
+                   help="torch threads per node (default: every core)")
+    h.add_argument("--logs", help="directory for the logs (default: a temp dir)")
+    h.add_argument("--json", metavar="PATH", help="write every figure as JSON")
+    h.set_defaults(func=_cmd_http, plot=None)
 
     t = modes.add_parser("transport", help="tensor-frame round trips broker <-> node")
     t.add_argument("--sizes", type=lambda s: [_size(x) for x in s.split(",") if x.strip()],

@@ -41,6 +41,7 @@ from zpipe.metrics import Metrics
 from zpipe.models import resolve_model
 from zpipe.placement import Placement, PlacementError, PlanResult
 from zpipe.protocol import Message, ProtocolError
+from zpipe.sampling import generation_defaults
 from zpipe.shard import ModelSpec
 
 log = logging.getLogger("zpipe.broker")
@@ -58,6 +59,7 @@ class Broker:
         self.spec = ModelSpec.load(self.model_dir)
         self.identity = model_identity(self.spec)  # a joining node's must be the same
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
+        self.generation = generation_defaults(self.model_dir)  # for chats that name no sampling
         self.eos_ids = frozenset(self.spec.eos_token_ids)
         self.max_positions = int(getattr(self.spec.config, "max_position_embeddings", 1 << 20))
         self.registry = Registry()
@@ -334,6 +336,7 @@ class Broker:
             "nodes": [n.to_dict() for n in self.registry.all()],
             "placement": self.placement.to_list() if self.placement else [],
             "sessions": len(self.sessions), "waiting_for": self.waiting_for,
+            "generation": self.generation,
         }
         if rid is not None:
             out["rid"] = rid

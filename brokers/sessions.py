@@ -15,6 +15,10 @@ from zpipe.protocol import Message, ProtocolError, int_list
 from zpipe.sampling import SamplingParams
 
 MAX_MESSAGES = 512
+# Token ids of penalty contexts (``Session.step_sampling``) one step message may carry: they
+# ride in its header (msgpack, at most 5 bytes an id; headers are capped at 64 KiB). A session
+# with penalties takes at most this many tokens of context; cohorts are cut to fit it.
+PENALTY_CONTEXT_MAX = 8192
 # Prompt tokens of context a detokenizer keeps, so the first word keeps its leading space.
 DETOK_CONTEXT = 4
 
@@ -85,6 +89,24 @@ class Session:
     cohort: Any = None  # the brokers.steps.Cohort its last step was started in
     replayed: int = 0  # tokens replayed after recoveries (``replay``)
     replay_diff: int = 0  # of those, the ones whose step picked another token this time
+    penalised: bool = False  # its sampling has penalties: each step carries its context
+
+    def context_len(self) -> int:
+        """The length of the penalty context its in-flight step carries (0: none)."""
+        if not self.penalised:
+            return 0
+        return self.step + (len(self.prompt_ids)
+                            if self.sampling.get("repetition_penalty", 1) != 1 else 0)
+
+    def step_sampling(self) -> dict:
+        """The sampling entry of its in-flight step: with penalties, the tokens they look at
+        (the step's own: replays and recoveries penalise exactly as the first time did)."""
+        s = self.sampling
+        if not self.penalised:
+            return s
+        gen = self.tokens[:self.step]
+        return {**s, "context": (self.prompt_ids + gen
+                                 if s.get("repetition_penalty", 1) != 1 else gen)}
 
     def step_input(self) -> list[int]:
         """The token ids the in-flight step feeds stage 0: the prompt, then each token in
@@ -151,9 +173,17 @@ def build_session(msg: Message, client: bytes, tokenizer: Any, limits: Limits, v
         raise RequestError(f"prompt ({len(ids)}) + max_new_tokens ({max_new}) exceeds the "
                            f"model's {max_positions} positions", "too_large")
     try:
-        sampling = SamplingParams.from_dict(msg.get("sampling") or {})
+        given = msg.get("sampling") or {}
+        if isinstance(given, dict) and "context" in given:
+            raise ValueError("context: set by the broker, not by a request")
+        sampling = SamplingParams.from_dict(given)
     except ValueError as e:
         raise RequestError(f"sampling: {e}", "bad_sampling") from None
+    context = (len(ids) if sampling.repetition_penalty != 1 else 0) + max_new
+    if sampling.penalised and context > PENALTY_CONTEXT_MAX:
+        what = f"the prompt ({len(ids)}) + max_new_tokens" if context > max_new else "max_new_tokens"
+        raise RequestError(f"max_new_tokens: with penalties, {what} ({max_new}) must be at "
+                           f"most {PENALTY_CONTEXT_MAX} tokens", "too_large")
     try:
         stop = int_list(msg.get("stop_token_ids", []), "stop_token_ids", 0, vocab, 64)
     except ProtocolError as e:
@@ -161,6 +191,7 @@ def build_session(msg: Message, client: bytes, tokenizer: Any, limits: Limits, v
     stop_ids = frozenset(stop) | (frozenset() if msg.get("ignore_eos", False) else eos_ids)
     return Session(sid=uuid.uuid4().hex, rid=msg["rid"], client=client, prompt_ids=ids,
                    max_new_tokens=max_new, sampling=sampling.to_dict(), stop_ids=stop_ids,
+                   penalised=sampling.penalised,
                    detok=Detokenizer(tokenizer, ids))
 
 

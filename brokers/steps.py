@@ -20,7 +20,7 @@ import torch
 
 from brokers.core import Core
 from brokers.registry import NodeInfo
-from brokers.sessions import Session
+from brokers.sessions import PENALTY_CONTEXT_MAX, Session
 from zpipe import protocol
 from zpipe.placement import Placement
 from zpipe.protocol import Message, ProtocolError
@@ -42,12 +42,30 @@ class Cohort:
         self.sessions = sessions
         self.rows = [s.step_row() for s in sessions]
         self.answer_rows = [[sid, step, n] for sid, step, _, n in self.rows]  # as nodes say
-        self.sampling = [s.sampling for s in sessions]
+        self.sampling = [s.step_sampling() for s in sessions]
         self.n_tokens = sum(r[3] for r in self.rows)
         # [node, compute_s, hop_s] per stage passed: one list for the whole cohort
         self.stage_times: list = []
         self.stage = 0  # the stage whose answer is awaited; -1 once the step is done
         self.intact = True
+
+
+def cohorts(sessions: list[Session], cap: int) -> list[list[Session]]:
+    """``sessions`` in order, cut into cohorts of at most ``cap`` whose penalty contexts
+    together stay within ``PENALTY_CONTEXT_MAX`` ids (they travel in the step's header)."""
+    out: list[list[Session]] = []
+    cur: list[Session] = []
+    ids = 0
+    for s in sessions:
+        n = s.context_len() if s.penalised else 0
+        if cur and (len(cur) == cap or ids + n > PENALTY_CONTEXT_MAX):
+            out.append(cur)
+            cur, ids = [], 0
+        cur.append(s)
+        ids += n
+    if cur:
+        out.append(cur)
+    return out
 
 
 class StepScheduler:
@@ -94,9 +112,8 @@ class StepScheduler:
         if self.paused or not self.core.ready:  # a move, or a new placement after a node died:
             self.parked.extend(sessions)    # wait at this token boundary
             return
-        cap = self.cohort_cap() or len(sessions)
-        for i in range(0, len(sessions), cap):
-            await self._start_cohort(sessions[i:i + cap])
+        for cohort in cohorts(sessions, self.cohort_cap() or len(sessions)):
+            await self._start_cohort(cohort)
 
     async def _go_on(self, sessions: list[Session]) -> None:
         """Start the next step of ``sessions`` (their step just ended), or hold them until the
@@ -290,7 +307,7 @@ class StepScheduler:
             fields = self._step_fields(stage, cohort.rows, cohort.sampling)
         else:  # sessions that no longer travel as their cohort
             fields = self._step_fields(stage, [s.step_row() for s in sessions],
-                                       [s.sampling for s in sessions])
+                                       [s.step_sampling() for s in sessions])
         if len(live) == len(rows):
             frames = protocol.encode_forward("step", msg.frames, [["x", *meta[0][1:]]], **fields)
         else:

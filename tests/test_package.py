@@ -42,4 +42,5 @@ def test_wheel_holds_the_library_and_no_benchmarks(tmp_path: Path) -> None:
     tops = {name.split("/", 1)[0] for name in zipfile.ZipFile(wheel).namelist()}
     assert {"zpipe", "brokers", "nodes"} <= tops
     assert not {"bench", "scripts", "tests"} & tops
+    assert "zpipe/serve/dashboard.html" in zipfile.ZipFile(wheel).namelist()  # package data
     assert not [n for n in zipfile.ZipFile(wheel).namelist() if "bench" in n.rsplit("/", 1)[-1]]

@@ -197,6 +197,14 @@ class Client:
         finally:
             self._pending.pop(rid, None)
 
+    async def admin(self, op: str, args: dict | None = None, timeout: float = 5.0) -> dict:
+        """An admin request's answer (``zpipe admin``'s ops: status, sessions, metrics...)."""
+        rid, queue = await self._request("admin", op=op, **({"args": args} if args else {}))
+        try:
+            return (await self._next(queue, timeout))["data"]
+        finally:
+            self._pending.pop(rid, None)
+
     async def wait_ready(self, timeout: float = 600.0, progress: Any = None) -> dict:
         """Wait until the broker has a loaded placement; ``progress(str)`` hears what it waits for."""
         deadline = time.monotonic() + timeout
@@ -223,6 +231,13 @@ class Client:
             if isinstance(event, TokenChunk):
                 yield event
 
+    def events(self, prompt: str | list[dict] | None = None, *, chat: bool = False,
+               **kwargs: Any) -> AsyncIterator[Any]:
+        """A generation's events (see ``generate`` for the arguments): the ``accepted``
+        message (``prompt_ids``), each TokenChunk, then the ``done`` message (``text``,
+        ``finish_reason``). Closing the iterator early cancels the session at the broker."""
+        return self._generate(prompt, chat=chat, **kwargs)
+
     async def generate(self, prompt: str | list[dict] | None = None, *, chat: bool = False,
                        on_token: Callable[[TokenChunk], None] | None = None,
                        **kwargs: Any) -> Generation:
@@ -231,7 +246,8 @@ class Client:
         ``prompt`` is a string, or a list of chat messages ({"role", "content"}) that go through
         the model's chat template; ``chat=True`` wraps a string as one user message. Or pass
         ``prompt_ids=[...]``. Options: max_new_tokens, temperature, top_k, top_p, seed,
-        stop_token_ids, ignore_eos. ``on_token`` is called with each token as it arrives.
+        frequency_penalty, presence_penalty, repetition_penalty, stop_token_ids, ignore_eos
+        (defaults: greedy, no penalties). ``on_token`` is called with each token as it arrives.
         """
         result = Generation("", [], [], "")
         t0 = time.perf_counter()
@@ -254,12 +270,17 @@ class Client:
     async def _generate(self, prompt: str | list[dict] | None, *, chat: bool,
                         prompt_ids: list[int] | None = None, max_new_tokens: int | None = None,
                         temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
-                        seed: int = 0, stop_token_ids: list[int] | None = None,
+                        seed: int = 0, frequency_penalty: float = 0.0,
+                        presence_penalty: float = 0.0, repetition_penalty: float = 1.0,
+                        stop_token_ids: list[int] | None = None,
                         ignore_eos: bool = False) -> AsyncIterator[Any]:
-        fields: dict[str, Any] = {
-            "sampling": {"temperature": temperature, "top_k": top_k, "top_p": top_p,
-                         "seed": seed},
-            "ignore_eos": ignore_eos}
+        sampling = {"temperature": temperature, "top_k": top_k, "top_p": top_p, "seed": seed}
+        for key, value, off in (("frequency_penalty", frequency_penalty, 0.0),
+                                ("presence_penalty", presence_penalty, 0.0),
+                                ("repetition_penalty", repetition_penalty, 1.0)):
+            if value != off:  # sent only when set: older brokers take the request as before
+                sampling[key] = value
+        fields: dict[str, Any] = {"sampling": sampling, "ignore_eos": ignore_eos}
         if prompt_ids is not None:
             fields["prompt_ids"] = list(prompt_ids)
         elif isinstance(prompt, list):

@@ -105,6 +105,7 @@ SCHEMAS: dict[str, dict[str, str]] = {
     "info_reply": {
         "rid?": _STR, "ready": _BOOL, "model": _STR, "num_layers": _INT, "epoch": _INT,
         "nodes": _LIST, "placement": _LIST, "sessions": _INT, "waiting_for": _STR,
+        "generation?": _DICT,  # the model's generation_config sampling, for chats
     },
     # --- liveness: nodes and broker send heartbeats both ways; clients ping, the broker pongs
     "welcome": {"heartbeat_s": _NUM, "liveness": _INT},

@@ -12,10 +12,22 @@ from zpipe import aio
 from zpipe.client import Client, Generation, ZpipeError
 from zpipe.stats import summary
 
+SAMPLING = ("temperature", "top_k", "top_p", "frequency_penalty", "presence_penalty",
+            "repetition_penalty")
 
-def _options(args: argparse.Namespace) -> dict:
-    return {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature,
-            "top_k": args.top_k, "top_p": args.top_p, "seed": args.seed}
+
+def _options(args: argparse.Namespace, defaults: dict | None = None) -> dict:
+    """The client options the flags give: each sampling flag left out takes its value from
+    ``defaults`` (a chat's), else the client's (greedy)."""
+    out = {"max_new_tokens": args.max_new_tokens, "seed": args.seed}
+    base = defaults if defaults is not None and args.temperature is None else {}
+    for key in SAMPLING:
+        value = getattr(args, key)
+        if value is None:
+            value = base.get(key)
+        if value is not None:
+            out[key] = value
+    return out
 
 
 def latency_report(gen: Generation) -> str:
@@ -78,8 +90,12 @@ async def _chat(args: argparse.Namespace) -> int:
     if args.system:
         messages.append({"role": "system", "content": args.system})
     async with Client(args.broker, key=args.key, broker_key=args.broker_key) as client:
+        from zpipe.sampling import chat_sampling  # torch: only where a chat needs it
+
         info = await client.info()
-        print(f"chatting with {info['model']} ({len(info['placement'])} stages). "
+        options = _options(args, chat_sampling(info.get("generation")))
+        shown = ", ".join(f"{k} {options[k]}" for k in SAMPLING if k in options) or "greedy"
+        print(f"chatting with {info['model']} ({len(info['placement'])} stages; {shown}). "
               "/reset starts over, /exit or Ctrl-D quits.", file=sys.stderr)
         while True:
             try:
@@ -97,7 +113,7 @@ async def _chat(args: argparse.Namespace) -> int:
             messages.append({"role": "user", "content": line})
             print("model> ", end="", flush=True)
             try:
-                gen = await stream_to_stdout(client, messages, False, _options(args))
+                gen = await stream_to_stdout(client, messages, False, options)
             except ZpipeError as e:
                 print(f"\n[error: {e}]", file=sys.stderr)
                 messages.pop()

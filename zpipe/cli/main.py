@@ -1,4 +1,4 @@
-"""The ``zpipe`` command line: broker, node, up, generate, chat, model, admin, keys."""
+"""The ``zpipe`` command line: broker, node, up, generate, chat, serve, model, admin, keys."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import argparse
 import logging
 import os
 import sys
+from collections.abc import Callable
 
 # Idle OpenMP threads must sleep, not spin: a broker and several nodes share the same cores,
 # and spinning threads of an idle stage steal the CPU from the stage that is computing.
@@ -60,6 +61,13 @@ def _cmd_chat(args: argparse.Namespace) -> int:
     return run_chat(args)
 
 
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from zpipe.serve.app import run_serve
+
+    return run_serve(args.broker or os.environ.get("ZPIPE_BROKER"), args.bind,
+                     args.api_key or os.environ.get("ZPIPE_API_KEY"), args.key, args.broker_key)
+
+
 def _nonneg_float(s: str) -> float:
     v = float(s)
     if not v >= 0 or v == float("inf"):
@@ -88,12 +96,31 @@ def _top_p(s: str) -> float:
     return v
 
 
-def add_sampling_args(p: argparse.ArgumentParser) -> None:
+def _penalty(lo: float, hi: float, open_lo: bool = False) -> Callable[[str], float]:
+    def parse(s: str) -> float:
+        v = float(s)
+        if not ((lo < v) if open_lo else (lo <= v)) or not v <= hi:
+            raise argparse.ArgumentTypeError(f"must be in {'(' if open_lo else '['}{lo}, {hi}], "
+                                             f"got {s}")
+        return v
+    return parse
+
+
+def add_sampling_args(p: argparse.ArgumentParser, chat: bool = False) -> None:
     p.add_argument("--max-new-tokens", type=_positive_int, default=128)
-    p.add_argument("--temperature", type=_nonneg_float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--top-k", type=_nonneg_int, default=0, help="0 = off")
-    p.add_argument("--top-p", type=_top_p, default=1.0)
+    p.add_argument("--temperature", type=_nonneg_float, default=None,
+                   help="0 = greedy; default: the model's generation_config, else temperature "
+                        "0.7, top-p 0.9, repetition penalty 1.1" if chat else
+                        "0 = greedy (default)")
+    p.add_argument("--top-k", type=_nonneg_int, default=None, help="0 = off")
+    p.add_argument("--top-p", type=_top_p, default=None)
     p.add_argument("--seed", type=_nonneg_int, default=0)
+    p.add_argument("--frequency-penalty", type=_penalty(-2, 2), default=None,
+                   help="OpenAI's, in [-2, 2]")
+    p.add_argument("--presence-penalty", type=_penalty(-2, 2), default=None,
+                   help="OpenAI's, in [-2, 2]")
+    p.add_argument("--repetition-penalty", type=_penalty(0, 10, open_lo=True), default=None,
+                   help="transformers', in (0, 10]; 1 = off")
     p.add_argument("--broker", default=None,
                    help="broker address (default $ZPIPE_BROKER or tcp://127.0.0.1:5555)")
     add_key_args(p)
@@ -146,6 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=_positive_int, default=128)
     p.add_argument("--logs", help="directory for the children's logs (default: a temp dir)")
     p.add_argument("--ready-timeout", type=_nonneg_float, default=600.0)
+    p.add_argument("--http", metavar="HOST:PORT",
+                   help="also serve the OpenAI-compatible HTTP API and dashboard there")
     p.set_defaults(func=_cmd_up)
 
     p = sub.add_parser("generate", help="generate text from a prompt")
@@ -157,8 +186,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("chat", help="interactive chat, streamed")
     p.add_argument("--system", help="a system message")
-    add_sampling_args(p)
+    add_sampling_args(p, chat=True)
     p.set_defaults(func=_cmd_chat)
+
+    p = sub.add_parser("serve", help="an OpenAI-compatible HTTP API and dashboard for a broker")
+    p.add_argument("--broker", default=None,
+                   help="broker address (default $ZPIPE_BROKER or tcp://127.0.0.1:5555)")
+    p.add_argument("--bind", default="127.0.0.1:8000", help="HOST:PORT (default %(default)s)")
+    p.add_argument("--api-key", default=None,
+                   help="require this bearer token (default $ZPIPE_API_KEY; none: open)")
+    add_key_args(p)  # a CURVE cluster: an admin key also serves the dashboard and /metrics
+    p.set_defaults(func=_cmd_serve)
 
     model_cli.add_parser(sub)
     admin_cli.add_parser(sub)

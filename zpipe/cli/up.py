@@ -62,6 +62,17 @@ class Cluster:
         log.close()
         return proc
 
+    def serve_http(self, broker: str, bind: str, key: str | None = None) -> None:
+        """Start ``zpipe serve`` for this cluster's broker (stopped with the rest); ``key``:
+        the admin key ``up`` itself uses under CURVE."""
+        log = open(self.log_dir / "serve.log", "wb")
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "zpipe.cli.main", "serve", "--broker", broker, "--bind", bind,
+             *(["--key", key] if key else [])],
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        log.close()
+        self.procs.append(("serve", proc))
+
     def dead(self) -> list[str]:
         return [f"{name} (exit {p.returncode})" for name, p in self.procs if p.poll() is not None]
 
@@ -185,6 +196,10 @@ def run_up(args: argparse.Namespace) -> int:
         info = aio.run(_wait_ready(cluster, address, args.ready_timeout, key))
         stages = ", ".join(f"{s['node']}[{s['start']}-{s['end'] - 1}]" for s in info["placement"])
         print(f"[zpipe up] ready at {address}: {stages}", file=sys.stderr)
+        if args.http:
+            cluster.serve_http(address, args.http, key)
+            print(f"[zpipe up] OpenAI-compatible API and dashboard on http://{args.http}/",
+                  file=sys.stderr)
         if args.prompt:
             aio.run(_answer(address, args, key))
             return 0
