@@ -248,7 +248,7 @@ def _node_arg(broker: Core, args: dict, key: str) -> str:
 # ---------------------------------------------------------------- views of broker state
 def _ordered_nodes(broker: Core) -> list:
     """Nodes in pipeline order first, then the others by name."""
-    order = {st.node: i for i, st in enumerate(broker.placement.stages)} if broker.placement else {}
+    order = {n: i for i, n in enumerate(broker.placement.nodes())} if broker.placement else {}
     return sorted(broker.registry.all(), key=lambda n: (order.get(n.name, len(order)), n.name))
 
 
@@ -258,6 +258,8 @@ def nodes(broker: Core) -> list[dict]:
     for n in _ordered_nodes(broker):
         d = n.to_dict()
         held = n.state in ("loading", "ready")
+        # KV heads held: all of them, or a share "A-B" (inclusive) of a stage split by heads
+        kv_heads = (n.heads[1] - n.heads[0] if n.heads else spec.num_kv_heads) if held else 0
         rss = int(n.stats.get("rss", 0) or 0)
         kv = int(n.stats.get("kv_bytes", 0) or 0)
         s = m.node_summary(n.name)
@@ -271,9 +273,10 @@ def nodes(broker: Core) -> list[dict]:
             "rss": rss, "kv_bytes": kv,
             "layers": [n.start, n.end] if held else None,
             "num_layers": n.end - n.start if held else 0,
-            "heads": "all" if held else None,
-            "num_heads": spec.num_heads if held else 0,
-            "kv_heads": spec.num_kv_heads if held else 0,
+            "heads": None if not held else "all" if not n.heads else str(n.heads[0])
+            if n.heads[1] - n.heads[0] == 1 else f"{n.heads[0]}-{n.heads[1] - 1}",
+            "num_heads": kv_heads * (spec.num_heads // spec.num_kv_heads),
+            "kv_heads": kv_heads,
             "tokens": s["tokens"], "compute": s["compute"], "hop": s["hop"],
             "prefill": s["prefill"],
         })

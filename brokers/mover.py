@@ -119,6 +119,8 @@ class Mover:
         b = self.core
         async with self.lock:
             old = self._serving()
+            if old.split() or any(s.group for s in stages):
+                raise MoveError("a placement with a stage split by heads cannot move yet")
             if [s.to_dict() for s in stages] == old.to_list():
                 raise MoveError("the placement already is that")
             for s in stages:

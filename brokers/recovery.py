@@ -138,7 +138,8 @@ class Recovery:
         core = self.core
         cfg, alive = core.cfg.placement, core.registry.names()
         try:
-            return choose(cfg, alive, core.spec.num_layers, caps=caps, cost=cost)
+            return choose(cfg, alive, core.spec.num_layers, caps=caps, cost=cost,
+                          kv_heads=core.spec.num_kv_heads)
         except PlacementError as e:
             if not self.survivors_ok or not alive:
                 raise

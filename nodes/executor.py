@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from nodes.group import Group, GroupError
 from nodes.rows import Row, RowState, join_rows
 from zpipe import protocol
 from zpipe.config import StaticKV
@@ -87,22 +88,47 @@ class Executor:
         # which passes them to this node's shadow holder; ``shadowed`` rows were sent already.
         self.shadow_every = 0
         self.shadowed: dict[str, int] = {}
+        # A stage split by KV-head groups combines its partials through ``group`` (the node
+        # gives it); ``member`` 0 answers the broker, the others only compute.
+        self.group: Group | None = None
+        self.member = 0
 
-    def load(self, start: int, end: int, epoch: int) -> int:
-        """Load layers [start, end); returns the weight bytes now held."""
+    def load(self, start: int, end: int, epoch: int, heads: tuple[int, int] | None = None,
+             group: list[str] | None = None, member: int = 0,
+             timeout_s: float = 30.0) -> int:
+        """Load layers [start, end) (of a stage split by heads: KV heads ``heads`` as member
+        ``member`` of the members whose group addresses are ``group``); returns the weight
+        bytes now held."""
         if not 0 <= start < end <= self.spec.num_layers:
             raise StepError("bad_range", f"layers {start}-{end - 1} are outside the model's "
                                          f"{self.spec.num_layers} layers")
+        if heads is not None:
+            if not (group and 0 <= member < len(group) and self.group is not None):
+                raise StepError("bad_range", "a share of a split stage needs its group")
+            if not 0 <= heads[0] < heads[1] <= self.spec.num_kv_heads:
+                raise StepError("bad_range", f"KV heads {heads[0]}-{heads[1] - 1} are outside "
+                                             f"the model's {self.spec.num_kv_heads}")
         self.known = None
         self.shadowed.clear()
-        if self.stage is None or (self.stage.start, self.stage.end) != (start, end):
+        st = self.stage
+        if st is None or (st.start, st.end, st.heads) != (start, end, _all_is_none(
+                heads, self.spec.num_kv_heads)):
             self.stage = self.decoder = self.pool = None  # free the old before the new
             self.caches.clear()
-            self.stage = Stage(self.model_dir, start, end, dtype=self.dtype, device=self.device)
+            self.stage = Stage(self.model_dir, start, end, dtype=self.dtype, device=self.device,
+                               heads=heads)
             self._warm(self.stage)
-            self._static(self.stage)
+            if self.stage.heads is None:  # a split stage runs eagerly (no pool, no graphs)
+                self._static(self.stage)
             if self.decoder is not None:
                 self.decoder.warm()
+        if self.group is not None:
+            self.group.leave()
+        self.member = 0
+        if self.stage.heads is not None:
+            self.group.join(epoch, member, group, timeout_s)
+            self.stage.combine = self.group.combine
+            self.member = member
         self.epoch = epoch
         return self.stage.weight_bytes()
 
@@ -225,7 +251,7 @@ class Executor:
         rows not yet shadowed: rows ``[start, length)`` of every layer held, now counted as
         sent."""
         every, stage = self.shadow_every, self.stage
-        if not every or stage is None:
+        if not every or stage is None or stage.heads is not None:
             return []
         out = []
         layers = range(stage.start, stage.end)
@@ -400,9 +426,14 @@ class Executor:
     def _eager(self, ready: list[tuple[int, Row, KVCache]]) -> list:
         """``Stage.forward_batch`` for the rows; on the last stage their ``(token, logprob)``."""
         stage = self.stage
-        outs = stage.forward_batch([(c, r.x, r.pos) for _, r, c in ready],
-                                   greedy=[r.params.greedy for _, r, _ in ready]
-                                   if stage.last else None)
+        if stage.heads is not None:
+            self.group.begin(ready[0][1].sid, ready[0][1].step)
+        try:
+            outs = stage.forward_batch([(c, r.x, r.pos) for _, r, c in ready],
+                                       greedy=[r.params.greedy for _, r, _ in ready]
+                                       if stage.last else None)
+        except GroupError as e:
+            raise StepError(e.code, str(e)) from None
         if stage.last:
             return _sample_all(outs, [(r.params, r.step) for _, r, _ in ready])
         return outs
@@ -537,6 +568,11 @@ class Executor:
         elif x.dim() != 2 or x.shape[1] != self.spec.hidden_size or not x.is_floating_point():
             raise StepError("bad_shape", f"stage takes float hidden states [n, "
                                          f"{self.spec.hidden_size}], got {x.dtype} {list(x.shape)}")
+
+
+def _all_is_none(heads: tuple[int, int] | None, kv_heads: int) -> tuple[int, int] | None:
+    """``heads`` as a Stage keeps them: None for all of them."""
+    return None if heads is None or tuple(heads) == (0, kv_heads) else tuple(heads)
 
 
 def _keep_layers(cache: KVCache, keep: set[int]) -> None:

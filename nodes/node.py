@@ -16,6 +16,7 @@ import zmq
 
 from nodes import profile
 from nodes.executor import DTYPES, Executor, StepError
+from nodes.group import Group
 from nodes.peers import Peers
 from nodes.rows import join_rows
 from nodes.shadow import ShadowStore
@@ -60,6 +61,8 @@ class Node:
         self.heard = False  # the broker answered this connection
         self.last_recv = 0.0
         self.peers = Peers(self.ctx, self.queue)  # direct routing's sockets
+        # The combine of a stage split by heads: used on the compute thread only.
+        self.executor.group = Group(self.ctx, cfg.group_bind)
         self.shadows = ShadowStore()  # other nodes' KV rows, should they die
         self.restoring: dict[int, dict] = {}  # epoch -> the shadows its restore takes
 
@@ -99,6 +102,7 @@ class Node:
             if peers is not None:
                 peers.cancel()
             self.peers.close()
+            self.executor.group.close()
             if self.sock is not None:
                 self.sock.close()
             self.pool.shutdown(wait=False, cancel_futures=True)
@@ -140,6 +144,7 @@ class Node:
             device=cfg.device, dtype=cfg.dtype, model=str(self.model_dir),
             num_layers=self.executor.spec.num_layers, identity=self.identity, **self.memory(),
             gflops=round(self.gflops, 2), max_batch=cfg.max_batch, **pool,
+            group=self.executor.group.addr,
             **({"peer": self.peers.addr} if self.peers.addr else {})))
         log.info("node %s registering with %s (%s, %s, %.1f GFLOP/s)", cfg.name, cfg.broker,
                  cfg.device, cfg.dtype, self.gflops)
@@ -222,7 +227,9 @@ class Node:
             await self._pump()
         first = self._held or await self.queue.get()
         self._held = None
-        if first.kind != "step":
+        if first.kind != "step" or self._split():
+            # every member of a split stage runs the broker's messages as they came: the same
+            # batches, so their combines meet
             return [first]
         batch, sids, rows, tokens = [first], _sids(first), *_size(first)
         while not self.queue.empty():
@@ -296,7 +303,8 @@ class Node:
             return
         args = (rows, self.cfg.max_batch, self.cfg.max_batch_tokens)
         decode = all(r.n == 1 for r in rows)
-        if decode and (self.executor.decoder is not None or self.decode_s < INLINE_S):
+        if decode and not self._split() and (self.executor.decoder is not None
+                                             or self.decode_s < INLINE_S):
             # A short decode batch (a graph replay on a GPU, a small stage on a CPU) runs
             # here: the two thread hand-offs would cost more than the loop's pause.
             outs = self.executor.run_rows(*args)
@@ -311,6 +319,8 @@ class Node:
                                                sid=row.sid, step=row.step, **_epoch(msgs[k])))
             else:
                 done.append((row, out, k))
+        if self.executor.member > 0:
+            return  # another member of a split stage: the first one answers for the stage
         if "route" not in msgs[0].header:  # the star: one answer for the whole batch
             if done:
                 await self._answer(msgs, [(r, o) for r, o, _ in done])
@@ -325,6 +335,12 @@ class Node:
                                    [(r, o) for r, o, _ in part])
         if len(msgs) == 1 and len(done) == len(rows):
             self.executor.expect(msgs[0], rows)
+
+    def _split(self) -> bool:
+        """Whether this node holds a share of a stage split by heads (its compute waits on the
+        other members: on the compute thread, never the event loop)."""
+        stage = self.executor.stage
+        return stage is not None and stage.heads is not None
 
     async def _send_shadows(self) -> None:
         """The KV rows due to this node's shadow holder (``Executor.shadow_due``), after the
@@ -485,7 +501,18 @@ class Node:
         start, end, epoch = msg["start"], msg["end"], msg["epoch"]
         log.info("loading layers %d-%d (epoch %d) from %s", start, end - 1, epoch, self.model_dir)
         t0 = time.perf_counter()
-        nbytes = await self._in_pool(self.executor.load, start, end, epoch)
+        split = {}
+        heads, group, member = msg.get("heads"), msg.get("group"), msg.get("member", 0)
+        if heads is not None or group is not None:
+            if not (isinstance(heads, list) and len(heads) == 2
+                    and all(isinstance(h, int) for h in heads) and isinstance(group, list)
+                    and all(protocol.is_peer_address(a) for a in group)
+                    and isinstance(member, int)):
+                raise StepError("bad_message", "load: heads [a, b], group addresses and member")
+            split = {"heads": (heads[0], heads[1]), "group": group, "member": member}
+            log.info("holding KV heads %d-%d as member %d of %d", heads[0], heads[1] - 1,
+                     member, len(group))
+        nbytes = await self._in_pool(lambda: self.executor.load(start, end, epoch, **split))
         self.executor.shadow_every = max(0, msg.get("shadow_every", 0))
         dt = time.perf_counter() - t0
         settle_gc()  # before the broker hears "loaded" and sends steps

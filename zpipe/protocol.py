@@ -63,6 +63,8 @@ SCHEMAS: dict[str, dict[str, str]] = {
         # Its static KV pool, if it has one: slots of kv_max_len tokens, for every layer held
         # (plus one scratch slot), allocated whatever the sessions: the planner budgets for it.
         "kv_slots?": _INT, "kv_max_len?": _INT,
+        # Where the other members of a stage split by heads send it partials (group_bind).
+        "group?": _STR,
     },
     "loaded": {"epoch": _INT, "start": _INT, "end": _INT, "weight_bytes": _INT, "load_s": _NUM},
     # A stage's answer to a step, for the rows it ran: "rows" [sid, step, n] in the step's
@@ -73,7 +75,10 @@ SCHEMAS: dict[str, dict[str, str]] = {
                "times?": _LIST},
     # --- broker -> node
     # "shadow_every": send the broker KV shadows every that many new rows (0 or absent: none)
-    "load": {"epoch": _INT, "start": _INT, "end": _INT, "shadow_every?": _INT},
+    # A stage split by KV-head groups: "heads" [a, b) this node holds, "group" every member's
+    # group address in member order, "member" this node's index in it (0 answers the broker).
+    "load": {"epoch": _INT, "start": _INT, "end": _INT, "shadow_every?": _INT,
+             "heads?": _LIST, "group?": _LIST, "member?": _INT},
     # One token step of one or more sessions (a batch travels whole from stage to stage):
     # "rows" [sid, step, pos, n] per session; tensor "x" holds the rows' inputs concatenated,
     # n each: token ids (stage 0) or hidden states. "sampling" (one dict per row) goes to the

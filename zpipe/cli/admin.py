@@ -150,8 +150,7 @@ def format_status(d: dict) -> str:
     state = "ready" if d["ready"] else f"not ready: {d['waiting_for']}"
     lines = [f"model {d['model']} ({d['num_layers']} layers), {state}"]
     if p:
-        lines.append(f"placement epoch {p['epoch']}: " + ", ".join(
-            f"{s['node']}[{s['start']}-{s['end'] - 1}]" for s in p["stages"]))
+        lines.append(f"placement epoch {p['epoch']}: " + _stages_text(p["stages"]))
     else:
         lines.append("no placement")
     fin = ", ".join(f"{k} {v}" for k, v in sorted(o["sessions_finished"].items())) or "none"
@@ -170,13 +169,23 @@ def _layers(start: int, end: int) -> str:
     return f"{start}-{end - 1}"
 
 
+def _stage_text(s: dict) -> str:
+    """``a[0-9]``, or for a stage split by heads ``b[10-29 h0-1]+c[10-29 h2]``."""
+    layers = _layers(s["start"], s["end"])
+    heads = s.get("heads")
+    if not isinstance(heads, list) or not heads:
+        return f"{s['node']}[{layers}]"
+    return "+".join(f"{m[0]}[{layers} h{m[1]}" + (f"-{m[2] - 1}]" if m[2] - m[1] > 1 else "]")
+                    for m in heads)
+
+
 def _stages_text(stages: Any) -> str:
     """``a[0-9] b[10-29]`` from a list of stage dicts; anything else as it is."""
     if isinstance(stages, dict) and "stages" in stages:
         stages = stages["stages"]
     if isinstance(stages, list) and all(
             isinstance(s, dict) and {"node", "start", "end"} <= set(s) for s in stages):
-        return " ".join(f"{s['node']}[{_layers(s['start'], s['end'])}]" for s in stages) or "-"
+        return " ".join(_stage_text(s) for s in stages) or "-"
     return "-" if stages is None else str(stages)
 
 
@@ -196,7 +205,8 @@ def format_reallocations(records: list[dict]) -> str:
 
 
 def _plan_table(p: dict) -> str:
-    rows = [[s["node"], _layers(s["start"], s["end"]), s["layers"], ms(s["predicted_s"], 3),
+    rows = [[s["node"] if not s.get("heads") else "+".join(m[0] for m in s["heads"]),
+             _layers(s["start"], s["end"]), s["layers"], ms(s["predicted_s"], 3),
              ms(s.get("measured_s"), 3), mb(s["weight_bytes"]), mb(s["kv_bytes"]),
              mb(s["memory_bytes"]), mb(s["budget_bytes"])] for s in p["stages"]]
     return table(["NODE", "LAYERS", "N", "PRED ms/tok", "MEASURED ms", "WEIGHTS MB", "KV MB",

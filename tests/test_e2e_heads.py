@@ -1,0 +1,106 @@
+"""Stages split across node processes by KV-head groups give transformers' greedy tokens.
+
+Real broker and node processes: the members of a split stage each get every step from the
+broker and add their partials over their own sockets; the first member answers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+from conftest import start_cluster
+from test_e2e_exact import PROMPTS, reference
+
+from zpipe.cli.admin import AdminClient, format_plan, format_status
+from zpipe.config import ClusterConfig, load
+
+NEW_TOKENS = 64
+
+
+async def _generate_ids(rc, prompt_ids: list[int], n: int = NEW_TOKENS) -> list[int]:
+    async with rc.client() as client:
+        gen = await client.generate(prompt_ids=prompt_ids, max_new_tokens=n, ignore_eos=True)
+    return gen.token_ids
+
+
+@pytest.fixture(scope="module")
+def heads_cluster(smollm2: Path, tmp_path_factory):
+    """configs/heads.yaml's layout: a plain stage, then one split over two nodes by heads."""
+    cfg = load(Path(__file__).parent.parent / "configs" / "heads.yaml", ClusterConfig)
+    nodes = [n.model_dump(exclude_none=True, mode="json") for n in cfg.nodes]
+    for n in nodes:
+        n["layers"] = f"{n['layers'][0]}-{n['layers'][1] - 1}"
+        if "heads" in n:
+            n["heads"] = f"{n['heads'][0]}-{n['heads'][1] - 1}"
+    rc = start_cluster(smollm2, tmp_path_factory.mktemp("heads2"), nodes)
+    yield rc
+    rc.cluster.stop()
+
+
+def test_smollm2_split_two_ways_after_a_plain_stage(smollm2: Path, heads_cluster) -> None:
+    rc = heads_cluster
+    assert rc.info["placement"] == [
+        {"node": "a", "start": 0, "end": 15},
+        {"node": "b", "start": 15, "end": 30, "heads": [["b", 0, 2], ["c", 2, 3]]}]
+    for prompt in PROMPTS[:2]:
+        prompt_ids, want = reference(str(smollm2), prompt)
+        got = asyncio.run(_generate_ids(rc, prompt_ids))
+        assert got[:len(want)] == want, prompt
+
+
+def test_admin_shows_head_groups(heads_cluster) -> None:
+    with AdminClient(heads_cluster.address, timeout=30) as admin:
+        status = admin.request("status")
+        nodes = {n["name"]: n for n in admin.request("nodes")["nodes"]}
+        plan = admin.request("plan", {"strategy": "custom"})
+    assert [(n, nodes[n]["layers"], nodes[n]["heads"], nodes[n]["kv_heads"],
+             nodes[n]["num_heads"]) for n in "abc"] == [
+        ("a", [0, 15], "all", 3, 9), ("b", [15, 30], "0-1", 2, 6), ("c", [15, 30], "2", 1, 3)]
+    assert "a[0-14] b[15-29 h0-1]+c[15-29 h2]" in format_status(status)
+    assert plan["proposed"]["stages"][1]["heads"] == [["b", 0, 2], ["c", 2, 3]]
+    assert "b+c" in format_plan(plan)
+
+
+def test_smollm2_split_three_ways(smollm2: Path, tmp_path: Path) -> None:
+    """One stage of every layer (embedding and lm_head too) over three nodes, a KV head each."""
+    nodes = [{"name": f"h{i}", "layers": "0-29", "heads": str(i)} for i in range(3)]
+    rc = start_cluster(smollm2, tmp_path, nodes)
+    try:
+        prompt_ids, want = reference(str(smollm2), PROMPTS[2])
+        got = asyncio.run(_generate_ids(rc, prompt_ids))
+        assert got[:len(want)] == want
+    finally:
+        rc.cluster.stop()
+
+
+def test_tiny_split_first_stage(tiny_model: Path, tmp_path: Path) -> None:
+    """The tiny model's two KV heads split over two nodes in the first stage, a plain one
+    after; several sessions at once run as batches at every member."""
+    nodes = [{"name": "p", "layers": "0-2", "heads": "0"},
+             {"name": "q", "layers": "0-2", "heads": "1"}, {"name": "r", "layers": "3-5"}]
+    rc = start_cluster(tiny_model, tmp_path, nodes)
+    prompts = [[1, 15, 300, 42, 9], [7], [3, 1, 4, 1, 5, 9, 2, 6]]
+
+    async def all_at_once() -> list[list[int]]:
+        return list(await asyncio.gather(*(_generate_ids(rc, p, 32) for p in prompts)))
+
+    try:
+        got = asyncio.run(all_at_once())
+    finally:
+        rc.cluster.stop()
+    for p, ids in zip(prompts, got, strict=True):
+        assert ids == _tiny_reference(tiny_model, p, 32), p
+
+
+def _tiny_reference(model: Path, prompt: list[int], n: int) -> list[int]:
+    import torch
+    from transformers import LlamaForCausalLM
+
+    hf = LlamaForCausalLM.from_pretrained(model, dtype=torch.float32).eval()
+    ids = torch.tensor([prompt])
+    with torch.inference_mode():
+        out = hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                          max_new_tokens=n, eos_token_id=None, pad_token_id=0)
+    return out[0, len(prompt):].tolist()
