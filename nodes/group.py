@@ -53,6 +53,7 @@ class Group:
         self.stash: dict[tuple, dict[int, Tensor]] = {}
         self.combine_s = 0.0  # time spent in combines (sending, waiting, adding)
         self.combines = 0
+        self.steps = 0  # step batches run as a member
 
     def join(self, epoch: int, index: int, addrs: list[str], timeout_s: float) -> None:
         """Become member ``index`` of the members at ``addrs`` (in member order) for
@@ -79,6 +80,7 @@ class Group:
     def begin(self, sid: str, step: int) -> None:
         """A batch starts whose first row is ``sid``'s ``step``."""
         self.key, self.seq = (self.epoch, sid, step), 0
+        self.steps += 1
 
     def combine(self, part: Tensor) -> Tensor:
         """The sum of every member's ``part`` for this point of the batch."""
@@ -131,7 +133,8 @@ class Group:
             epoch, sid, step, seq, idx, shape, dtype = head
         except (ValueError, TypeError, msgpack.UnpackException):
             return None
-        if (not isinstance(idx, int) or not 0 <= idx < self.size or idx == self.index
+        if (not isinstance(sid, str) or not all(isinstance(v, int) for v in (epoch, step, seq))
+                or not isinstance(idx, int) or not 0 <= idx < self.size or idx == self.index
                 or not isinstance(shape, list) or len(shape) != 2 or shape[1] != like.shape[1]
                 or not isinstance(shape[0], int) or not 0 < shape[0] <= 1 << 20
                 or _DTYPES.get(dtype) != like.dtype

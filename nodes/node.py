@@ -163,7 +163,8 @@ class Node:
                     mem_held=mem["mem_held"], kv_bytes=self.executor.kv_bytes(),
                     shadow_bytes=self.shadows.nbytes(),
                     sessions=len(self.executor.caches), steps=self.executor.steps,
-                    known_steps=self.executor.known_steps))
+                    known_steps=self.executor.known_steps,
+                    **self._combine_stats()))
                 next_beat = now + self.heartbeat_s
             frames = await self.sock.recv(max(0.001, next_beat - now))
             if frames is None:
@@ -335,6 +336,10 @@ class Node:
                                    [(r, o) for r, o, _ in part])
         if len(msgs) == 1 and len(done) == len(rows):
             self.executor.expect(msgs[0], rows)
+
+    def _combine_stats(self) -> dict:
+        g = self.executor.group
+        return {"combine_s": round(g.combine_s, 6), "combine_steps": g.steps} if g.steps else {}
 
     def _split(self) -> bool:
         """Whether this node holds a share of a stage split by heads (its compute waits on the

@@ -110,7 +110,10 @@ SCHEMAS: dict[str, dict[str, str]] = {
     "welcome": {"heartbeat_s": _NUM, "liveness": _INT},
     "heartbeat": {"rss?": _INT, "mem_free?": _INT, "mem_held?": _INT, "kv_bytes?": _INT,
                   "sessions?": _INT, "steps?": _INT, "known_steps?": _INT,
-                  "shadow_bytes?": _INT},  # host memory of the KV shadows it holds
+                  "shadow_bytes?": _INT,  # host memory of the KV shadows it holds
+                  # a member of a stage split by heads: seconds spent combining partials, and
+                  # the step batches they served (both since it started)
+                  "combine_s?": _NUM, "combine_steps?": _INT},
     "ping": {"rid?": _STR},
     "pong": {"rid?": _STR},
     # --- admin: a client asks the broker (op: status, nodes, sessions, metrics, profile)
