@@ -36,7 +36,7 @@ log = logging.getLogger("zpipe.admin")
 
 OPS = ("status", "nodes", "sessions", "metrics", "profile", "plan", "move", "rebalance", "drain",
        "slow")
-ARGS = {"profile": ("tokens", "timeout"), "plan": ("strategy",), "move": ("layers", "to"),
+ARGS = {"profile": ("tokens", "timeout"), "plan": ("strategy",), "move": ("layers", "to", "heads"),
         "rebalance": ("strategy",), "drain": ("node",), "slow": ("node", "factor")}
 PROFILE_TIMEOUT_S = 10.0
 MAX_PROFILE_TOKENS = 2048
@@ -129,6 +129,12 @@ class Admin:
                 raise _BadRequest(f"layers {start}-{end - 1} are out of range: the model has "
                                   f"{n} layers (0-{n - 1})")
             to = _node_arg(core, args, "to")
+            if args.get("heads") is not None:  # KV heads of a stage, with their KV
+                try:
+                    heads = parse_layers(args["heads"])
+                except ValueError as e:
+                    raise _BadRequest(f"heads: {e}") from None
+                return lambda: mover.move_heads(start, end, heads, to, reason="admin move heads")
             return lambda: mover.move_layers(start, end, to, reason="admin move")
         if op == "rebalance":
             strategy = _strategy_arg(core, args)

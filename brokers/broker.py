@@ -381,6 +381,7 @@ class Broker:
             if st is not None:
                 node.state, node.start, node.end, node.epoch = "ready", st.start, st.end, \
                     placement.epoch
+                node.heads = next((tuple(m[1:]) for m in st.group if m[0] == node.name), None)
             elif node.state != "dead":
                 node.state, node.start, node.end = "registered", 0, 0
         self.measured.clear()

@@ -78,6 +78,8 @@ class Executor:
         # A reallocation in progress: (epoch, stage or None) and the KV received for it.
         self.pending: tuple[int, Stage | None] | None = None
         self.pending_caches: dict[str, KVCache] = {}
+        self.pending_heads: tuple[int, int] | None = None  # the KV heads received, if split
+        self.pending_group: tuple[list[str], int] | None = None  # a split stage's members
         self.slow_factor = 1.0  # > 1 slows compute on purpose (tests, demos)
         self.last_compute_s = 0.0
         # The cohort expected next (``step_known``); anything else that touches the caches
@@ -156,41 +158,68 @@ class Executor:
                                compile=cfg.compile, triton_attention=cfg.triton_attention)
 
     # ------------------------------------------------------------ reallocation
-    def prepare(self, start: int, end: int, epoch: int) -> int:
-        """Load the stage this node will hold after ``epoch`` commits, beside the current one.
+    def prepare(self, start: int, end: int, epoch: int, heads: tuple[int, int] | None = None,
+                group: list[str] | None = None, member: int = 0) -> int:
+        """Load the stage this node will hold after ``epoch`` commits, beside the current one
+        (of a stage split by heads: KV heads ``heads`` as member ``member`` of ``group``).
 
-        Layers it already holds are shared, not read again. ``start == end``: nothing.
+        Layers it already holds (with the same heads) are shared, not read again.
+        ``start == end``: nothing.
         """
         self.pending_caches = {}
+        self.pending_heads = None
         if start == end:
             self.pending = (epoch, None)
             return 0
         if not 0 <= start < end <= self.spec.num_layers:
             raise StepError("bad_range", f"layers {start}-{end - 1} are outside the model")
+        if heads is not None and not (group and 0 <= member < len(group)
+                                      and 0 <= heads[0] < heads[1] <= self.spec.num_kv_heads):
+            raise StepError("bad_range", f"bad share of a split stage: heads {heads}")
         stage = Stage(self.model_dir, start, end, dtype=self.dtype, device=self.device,
-                      reuse=self.stage)
+                      reuse=self.stage, heads=heads)
         self._warm(stage)  # shapes met before are cached process-wide: only new ones cost
         self.pending = (epoch, stage)
+        self.pending_group = (list(group), member) if stage.heads is not None else None
         return stage.weight_bytes()
 
-    def export_kv(self, sid: str, start: int, end: int) -> tuple[int, dict[str, torch.Tensor]]:
+    def export_kv(self, sid: str, start: int, end: int,
+                  heads: tuple[int, int] | None = None) -> tuple[int, dict[str, torch.Tensor]]:
+        """A session's K/V of layers [start, end): of KV heads ``heads`` (model-wide
+        numbering) only, or of every head this node holds."""
         cache = self.caches.get(sid)
         if cache is None:
             raise StepError("unknown_session", f"no KV cache for session {sid} on this node")
         try:
-            return cache.length, cache.export(range(start, end))
+            local = None
+            if heads is not None:
+                lo, hi = _held(self.stage, self.spec.num_kv_heads)
+                if not lo <= heads[0] < heads[1] <= hi:
+                    raise ValueError(f"KV heads {heads[0]}-{heads[1] - 1} are not held here "
+                                     f"({lo}-{hi - 1})")
+                local = range(heads[0] - lo, heads[1] - lo)
+            return cache.length, cache.export(range(start, end), local)
         except (KeyError, ValueError) as e:
             raise StepError("bad_range", f"session {sid}: {e}") from None
 
-    def import_kv(self, sid: str, length: int, tensors: dict[str, torch.Tensor]) -> int:
-        """Stage received KV layers for the pending placement; returns the bytes taken."""
+    def import_kv(self, sid: str, length: int, tensors: dict[str, torch.Tensor],
+                  heads: tuple[int, int] | None = None) -> int:
+        """Stage received KV layers (of KV heads ``heads`` only, model-wide numbering) for the
+        pending placement; returns the bytes taken."""
         if self.pending is None or self.pending[1] is None:
             raise StepError("not_prepared", "KV arrived for a placement this node did not prepare")
         stage = self.pending[1]
+        if heads is not None:
+            lo, hi = _held(stage, self.spec.num_kv_heads)
+            if not lo <= heads[0] < heads[1] <= hi or (
+                    self.pending_heads not in (None, heads)):
+                raise StepError("bad_range", f"KV heads {heads} outside the prepared {lo}-{hi}")
+            self.pending_heads = heads
+        n_heads = self.spec.num_kv_heads if heads is None else heads[1] - heads[0]
         cache = self.pending_caches.get(sid)
         if cache is None:
             cache = self.pending_caches[sid] = KVCache(
-                range(0), self.spec.num_kv_heads, self.spec.head_dim, stage.dtype, stage.device)
+                range(0), n_heads, self.spec.head_dim, stage.dtype, stage.device)
         layers = {int(name.split(".", 1)[1]) for name in tensors if "." in name}
         if not layers <= set(range(stage.start, stage.end)):
             raise StepError("bad_range", f"KV for layers {sorted(layers)} outside the prepared "
@@ -212,6 +241,9 @@ class Executor:
         if stage is None:
             self.free(list(self.caches))
             self._static(None)
+        elif self.stage is not None and stage.heads != self.stage.heads \
+                or self.pending_heads is not None:
+            self._commit_heads(stage)
         else:
             keep = set(range(stage.start, stage.end))
             for sid in self.caches.keys() | self.pending_caches.keys():  # check before changing
@@ -220,7 +252,7 @@ class Executor:
                 if (have & keep) | got != keep:
                     raise StepError("bad_kv", f"session {sid} lacks KV for layers "
                                               f"{sorted(keep - (have | got))}")
-            self._static(stage)
+            self._static(stage if stage.heads is None else None)
             for cache in self.caches.values():
                 _keep_layers(cache, keep)
             for sid, got in self.pending_caches.items():
@@ -230,12 +262,72 @@ class Executor:
                     self.caches[sid] = got if slot is None else slot
                 if self.caches[sid] is not got:
                     self.caches[sid].adopt(got)
+        self._join(stage, epoch)
         self.stage, self.epoch = stage, epoch
-        self.pending, self.pending_caches = None, {}
+        self.pending, self.pending_caches, self.pending_heads = None, {}, None
+
+    def _commit_heads(self, stage: Stage) -> None:
+        """Commit a stage whose KV heads differ from the held one's (same layers, or a node
+        new to the stage): each session's cache is rebuilt with the new heads, from the heads
+        it keeps and those received."""
+        g = self.spec.num_kv_heads
+        new = _held(stage, g)
+        old = _held(self.stage, g) if self.stage is not None else (0, 0)
+        got = self.pending_heads or (0, 0)
+        layers = range(stage.start, stage.end)
+        if self.stage is not None and self.caches and \
+                (self.stage.start, self.stage.end) != (stage.start, stage.end):
+            raise StepError("bad_kv", "a change of heads keeps the layers")
+        keep = (max(old[0], new[0]), min(old[1], new[1]))
+        if not self.caches and not self.pending_caches:  # no sessions: nothing to rebuild
+            self._static(None)
+            return
+        covered = sorted([r for r in (keep, got) if r[0] < r[1]])
+        if not covered or covered[0][0] != new[0] or covered[-1][1] != new[1] or any(
+                a[1] != b[0] for a, b in zip(covered, covered[1:], strict=False)):
+            raise StepError("bad_kv", f"KV heads {new[0]}-{new[1] - 1} are not all here")
+        sids = self.caches.keys() if keep[0] < keep[1] else self.pending_caches.keys()
+        for sid in sids | self.pending_caches.keys():  # check before changing
+            if keep[0] < keep[1] and sid not in self.caches or \
+                    got[0] < got[1] and sid not in self.pending_caches:
+                raise StepError("bad_kv", f"session {sid} lacks KV for KV heads of "
+                                          f"layers {stage.start}-{stage.end - 1}")
+        caches = {}
+        for sid in sids:
+            cache = KVCache(layers, new[1] - new[0], self.spec.head_dim, stage.dtype,
+                            stage.device)
+            parts = []
+            if keep[0] < keep[1]:
+                parts.append((self.caches[sid], keep, old[0]))
+            if got[0] < got[1]:
+                parts.append((self.pending_caches[sid], got, got[0]))
+            length = parts[0][0].length
+            for src, (a, b), base in parts:
+                if src.length != length:
+                    raise StepError("bad_kv", f"session {sid}: KV of {src.length} and "
+                                              f"{length} rows")
+                cache.import_(src.export(layers, range(a - base, b - base)), length,
+                              heads=range(a - new[0], b - new[0]))
+            caches[sid] = cache
+        self.free(list(self.caches))
+        self._static(None)
+        self.caches = caches
+
+    def _join(self, stage: Stage | None, epoch: int) -> None:
+        """After a commit: the combine of a split stage with its members, or none."""
+        self.member = 0
+        if self.group is None:
+            return
+        self.group.leave()
+        if stage is not None and stage.heads is not None:
+            group, member = self.pending_group
+            self.group.join(epoch, member, group, 30.0)
+            stage.combine = self.group.combine
+            self.member = member
 
     def abort(self, epoch: int) -> None:
         if self.pending is not None and self.pending[0] == epoch:
-            self.pending, self.pending_caches = None, {}
+            self.pending, self.pending_caches, self.pending_heads = None, {}, None
 
     def free(self, sids: list[str]) -> None:
         self.known = None
@@ -568,6 +660,11 @@ class Executor:
         elif x.dim() != 2 or x.shape[1] != self.spec.hidden_size or not x.is_floating_point():
             raise StepError("bad_shape", f"stage takes float hidden states [n, "
                                          f"{self.spec.hidden_size}], got {x.dtype} {list(x.shape)}")
+
+
+def _held(stage: Stage | None, kv_heads: int) -> tuple[int, int]:
+    """The KV heads ``[a, b)`` a stage holds (model-wide numbering)."""
+    return (0, kv_heads) if stage is None or stage.heads is None else stage.heads
 
 
 def _all_is_none(heads: tuple[int, int] | None, kv_heads: int) -> tuple[int, int] | None:

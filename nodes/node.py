@@ -469,7 +469,9 @@ class Node:
         ex = self.executor
         if msg.kind == "prepare":
             t0 = time.perf_counter()
-            nbytes = await self._in_pool(ex.prepare, msg["start"], msg["end"], msg["epoch"])
+            split = _split_args(msg)
+            nbytes = await self._in_pool(lambda: ex.prepare(msg["start"], msg["end"],
+                                                            msg["epoch"], **split))
             log.info("prepared layers %d-%d for epoch %d (%.1f MB)", msg["start"],
                      msg["end"] - 1, msg["epoch"], nbytes / 1e6)
             await self.send(protocol.encode("prepared", rid=msg["rid"], epoch=msg["epoch"],
@@ -479,11 +481,13 @@ class Node:
             for sid in msg["sids"]:
                 if not isinstance(sid, str):
                     raise StepError("bad_message", "sids must be strings")
-                length, tensors = ex.export_kv(sid, msg["start"], msg["end"])
+                length, tensors = ex.export_kv(sid, msg["start"], msg["end"],
+                                               _heads(msg.get("heads")))
                 await self.send(protocol.encode("kv_data", tensors, rid=msg["rid"], sid=sid,
                                                 length=length))
         elif msg.kind == "kv_import":
-            nbytes = await self._in_pool(ex.import_kv, msg["sid"], msg["length"], msg.tensors)
+            nbytes = await self._in_pool(ex.import_kv, msg["sid"], msg["length"], msg.tensors,
+                                         _heads(msg.get("heads")))
             await self.send(protocol.encode("kv_imported", rid=msg["rid"], sid=msg["sid"],
                                             nbytes=nbytes))
         elif msg.kind == "commit":
@@ -506,17 +510,10 @@ class Node:
         start, end, epoch = msg["start"], msg["end"], msg["epoch"]
         log.info("loading layers %d-%d (epoch %d) from %s", start, end - 1, epoch, self.model_dir)
         t0 = time.perf_counter()
-        split = {}
-        heads, group, member = msg.get("heads"), msg.get("group"), msg.get("member", 0)
-        if heads is not None or group is not None:
-            if not (isinstance(heads, list) and len(heads) == 2
-                    and all(isinstance(h, int) for h in heads) and isinstance(group, list)
-                    and all(protocol.is_peer_address(a) for a in group)
-                    and isinstance(member, int)):
-                raise StepError("bad_message", "load: heads [a, b], group addresses and member")
-            split = {"heads": (heads[0], heads[1]), "group": group, "member": member}
-            log.info("holding KV heads %d-%d as member %d of %d", heads[0], heads[1] - 1,
-                     member, len(group))
+        split = _split_args(msg)
+        if split:
+            log.info("holding KV heads %d-%d as member %d of %d", *split["heads"],
+                     split["member"], len(split["group"]))
         nbytes = await self._in_pool(lambda: self.executor.load(start, end, epoch, **split))
         self.executor.shadow_every = max(0, msg.get("shadow_every", 0))
         dt = time.perf_counter() - t0
@@ -524,6 +521,30 @@ class Node:
         log.info("loaded layers %d-%d: %.1f MB in %.2f s", start, end - 1, nbytes / 1e6, dt)
         await self.send(protocol.encode("loaded", epoch=epoch, start=start, end=end,
                                         weight_bytes=nbytes, load_s=dt))
+
+
+def _heads(value: object) -> tuple[int, int] | None:
+    """A message's KV-head range ``[a, b)``, checked for form (the executor checks bounds)."""
+    if value is None:
+        return None
+    if not (isinstance(value, list) and len(value) == 2
+            and all(isinstance(h, int) and not isinstance(h, bool) for h in value)
+            and value[0] < value[1]):
+        raise StepError("bad_message", f"heads must be [a, b) with a < b, got {value!r:.80}")
+    return value[0], value[1]
+
+
+def _split_args(msg: Message) -> dict:
+    """A load's or prepare's share of a stage split by heads: executor keyword arguments
+    (``heads``, ``group``, ``member``), or none for a whole stage."""
+    heads, group, member = _heads(msg.get("heads")), msg.get("group"), msg.get("member", 0)
+    if heads is None and group is None:
+        return {}
+    if not (heads is not None and isinstance(group, list) and len(group) <= 64
+            and all(protocol.is_peer_address(a) for a in group) and isinstance(member, int)):
+        raise StepError("bad_message", "a split stage needs heads [a, b), group addresses and "
+                                       "member")
+    return {"heads": heads, "group": group, "member": member}
 
 
 def settle_gc() -> None:

@@ -13,7 +13,7 @@ import pytest
 from conftest import start_cluster
 from test_e2e_exact import PROMPTS, reference
 
-from zpipe.cli.admin import AdminClient, format_plan, format_status
+from zpipe.cli.admin import AdminClient, AdminError, format_plan, format_status
 from zpipe.config import ClusterConfig, load
 
 NEW_TOKENS = 64
@@ -61,6 +61,60 @@ def test_admin_shows_head_groups(heads_cluster) -> None:
     assert "a[0-14] b[15-29 h0-1]+c[15-29 h2]" in format_status(status)
     assert plan["proposed"]["stages"][1]["heads"] == [["b", 0, 2], ["c", 2, 3]]
     assert "b+c" in format_plan(plan)
+
+
+async def _generate_with_moves(rc, prompt_ids: list[list[int]], moves: list[dict],
+                               every: int = 12) -> tuple[list[list[int]], list[dict]]:
+    """Generate for the prompts together; each ``every`` tokens of the first, one head move."""
+    reached = [asyncio.Event() for _ in moves]
+
+    def on_token(chunk) -> None:
+        for i, ev in enumerate(reached):
+            if chunk.index + 1 >= every * (i + 1):
+                ev.set()
+
+    def move(args: dict) -> dict:
+        with AdminClient(rc.address, timeout=120) as admin:
+            return admin.request("move", args)
+
+    async with rc.client() as client:
+        tasks = [asyncio.create_task(client.generate(
+            prompt_ids=p, max_new_tokens=NEW_TOKENS, ignore_eos=True,
+            on_token=on_token if i == 0 else None)) for i, p in enumerate(prompt_ids)]
+        records = []
+        for ev, args in zip(reached, moves, strict=True):
+            await asyncio.wait_for(ev.wait(), 300)
+            records.append(await asyncio.to_thread(move, args))
+        gens = await asyncio.gather(*tasks)
+    return [g.token_ids for g in gens], records
+
+
+def test_head_moves_mid_generation(smollm2: Path, heads_cluster) -> None:
+    """KV head 2 goes from c to b (the stage is whole on b), then heads 1-2 from b to c (split
+    again, the other way): two sessions running throughout keep transformers' tokens."""
+    rc = heads_cluster
+    prompts = [reference(str(smollm2), p) for p in PROMPTS[:2]]
+    moves = [{"layers": "15-29", "heads": "2", "to": "b"},
+             {"layers": "15-29", "heads": "1-2", "to": "c"}]
+    got, records = asyncio.run(_generate_with_moves(rc, [p for p, _ in prompts], moves))
+    for (_, want), ids in zip(prompts, got, strict=True):
+        assert ids[:len(want)] == want
+    assert [r["after"][1] for r in records] == [
+        {"node": "b", "start": 15, "end": 30},
+        {"node": "b", "start": 15, "end": 30, "heads": [["b", 0, 1], ["c", 1, 3]]}]
+    for r, heads in zip(records, ([2, 2], [1, 2]), strict=True):
+        assert r["ok"] and r["kv_bytes"] > 0
+        assert r["transfers"][0]["heads"] == heads and r["transfers"][0]["layers"] == [15, 29]
+    with AdminClient(rc.address, timeout=60) as admin:
+        nodes = {n["name"]: n for n in admin.request("nodes")["nodes"]}
+        with pytest.raises(AdminError, match="another stage"):
+            admin.request("move", {"layers": "15-29", "heads": "0", "to": "a"})
+    assert (nodes["b"]["heads"], nodes["c"]["heads"]) == ("0", "1-2")
+    # and back to the configured split, for the tests after this one
+    with AdminClient(rc.address, timeout=120) as admin:
+        admin.request("move", {"layers": "15-29", "heads": "1", "to": "b"})
+    prompt_ids, want = prompts[0]
+    assert asyncio.run(_generate_ids(rc, prompt_ids))[:len(want)] == want
 
 
 def test_smollm2_split_three_ways(smollm2: Path, tmp_path: Path) -> None:

@@ -125,12 +125,14 @@ SCHEMAS: dict[str, dict[str, str]] = {
                       "rss": _INT},
     # --- reallocation (brokers/mover.py): prepare -> KV export/import -> commit, or abort.
     # A node given start == end holds nothing after the commit.
-    "prepare": {"rid": _STR, "epoch": _INT, "start": _INT, "end": _INT},
+    "prepare": {"rid": _STR, "epoch": _INT, "start": _INT, "end": _INT,
+                "heads?": _LIST, "group?": _LIST, "member?": _INT},  # as in "load"
     "prepared": {"rid": _STR, "epoch": _INT, "weight_bytes": _INT, "load_s": _NUM},
-    "kv_export": {"rid": _STR, "sids": _LIST, "start": _INT, "end": _INT},
+    # "heads" [a, b): only those KV heads (model-wide numbering) of a stage split by heads
+    "kv_export": {"rid": _STR, "sids": _LIST, "start": _INT, "end": _INT, "heads?": _LIST},
     # one per session: tensors "k.{layer}", "v.{layer}" [kv_heads, length, head_dim]
     "kv_data": {"rid": _STR, "sid": _STR, "length": _INT},
-    "kv_import": {"rid": _STR, "sid": _STR, "length": _INT},
+    "kv_import": {"rid": _STR, "sid": _STR, "length": _INT, "heads?": _LIST},
     "kv_imported": {"rid": _STR, "sid": _STR, "nbytes": _INT},
     "commit": {"rid": _STR, "epoch": _INT},
     "committed": {"rid": _STR, "epoch": _INT},

@@ -8,6 +8,8 @@
     zpipe admin plan [--strategy S] [--json]       the placement a strategy would choose now,
                                                     with predicted ms/token; nothing applied
     zpipe admin move --layers A-B --to NODE        move layers A..B (inclusive) to NODE
+    zpipe admin move --layers A-B --heads G1-G2 --to NODE
+                                                   move KV heads G1..G2 of stage A..B to NODE
     zpipe admin rebalance [--strategy S]           re-plan and move layers accordingly
     zpipe admin drain NODE                         move every layer off NODE (so it can leave)
     zpipe admin slow NODE --factor F               slow NODE's compute down F times (tests, demos)
@@ -441,10 +443,15 @@ def add_parser(subparsers: Any) -> None:
     q = cmd("plan", cmd_plan, "the placement a strategy would choose now (nothing applied)")
     q.add_argument("--strategy", choices=STRATEGIES, default=None,
                    help="default: the broker's placement strategy")
-    q = cmd("move", _act("move", lambda a: {"layers": a.layers, "to": a.to}),
-            "move a layer range (inclusive) to a node")
+    q = cmd("move", _act("move", lambda a: {"layers": a.layers, "to": a.to,
+                                            **({"heads": a.heads} if a.heads else {})}),
+            "move a layer range (inclusive), or KV heads of a stage, to a node")
     q.add_argument("--layers", required=True, type=_layer_range, metavar="A-B",
                    help="layers A to B inclusive, e.g. 10-14")
+    q.add_argument("--heads", type=_layer_range, metavar="G1-G2", default=None,
+                   help="KV heads G1 to G2 inclusive of the stage of exactly those layers, "
+                        "moved with their KV (to a member they adjoin, or a node holding "
+                        "nothing)")
     q.add_argument("--to", required=True, type=_node_name, metavar="NODE", help="target node")
     q = cmd("rebalance", _act("rebalance", lambda a: {"strategy": a.strategy} if a.strategy
                               else {}), "re-plan with a strategy and move layers")
