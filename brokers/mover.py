@@ -137,6 +137,12 @@ class Mover:
         names = current.nodes()
         if name not in names:
             raise MoveError(f"node {name} holds no layers")
+        split = next((s for s in current.stages if s.group and name in s.members()), None)
+        if split is not None:  # its heads go to the member before it (the first: after it)
+            i = split.members().index(name)
+            _, h0, h1 = split.group[i]
+            heir = split.group[i - 1 if i > 0 else 1][0]
+            return await self.move_heads(split.start, split.end, (h0, h1), heir, reason)
         if len(names) == 1:
             raise MoveError(f"node {name} is the only stage; nowhere to drain it to")
         i = names.index(name)

@@ -91,7 +91,8 @@ async def _generate_with_moves(rc, prompt_ids: list[list[int]], moves: list[dict
 
 def test_head_moves_mid_generation(smollm2: Path, heads_cluster) -> None:
     """KV head 2 goes from c to b (the stage is whole on b), then heads 1-2 from b to c (split
-    again, the other way): two sessions running throughout keep transformers' tokens."""
+    again, the other way): two sessions running throughout keep transformers' tokens. Then c
+    is drained: its heads go back to b."""
     rc = heads_cluster
     prompts = [reference(str(smollm2), p) for p in PROMPTS[:2]]
     moves = [{"layers": "15-29", "heads": "2", "to": "b"},
@@ -110,9 +111,10 @@ def test_head_moves_mid_generation(smollm2: Path, heads_cluster) -> None:
         with pytest.raises(AdminError, match="another stage"):
             admin.request("move", {"layers": "15-29", "heads": "0", "to": "a"})
     assert (nodes["b"]["heads"], nodes["c"]["heads"]) == ("0", "1-2")
-    # and back to the configured split, for the tests after this one
+    # a drain of a member gives its heads to the member before it
     with AdminClient(rc.address, timeout=120) as admin:
-        admin.request("move", {"layers": "15-29", "heads": "1", "to": "b"})
+        record = admin.request("drain", {"node": "c"})
+    assert record["after"][1] == {"node": "b", "start": 15, "end": 30}
     prompt_ids, want = prompts[0]
     assert asyncio.run(_generate_ids(rc, prompt_ids))[:len(want)] == want
 
