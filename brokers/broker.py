@@ -332,9 +332,8 @@ class Broker:
             self.waiting_for = str(e) + self.recovery.note()
             log.info("no placement yet: %s", e)
             return
-        placement = self.restore_placement(stages)
-        # KV shadows keep whole layers: none while a stage is split by heads
-        every = 0 if placement.split() else self.cfg.recovery.shadow_every
+        self.restore_placement(stages)
+        every = self.cfg.recovery.shadow_every
         for st in stages:
             group = [self.registry.by_name[m[0]].group for m in st.group]
             for i, member in enumerate(st.group or [(st.node,)]):

@@ -274,7 +274,6 @@ class Executor:
         new = _held(stage, g)
         old = _held(self.stage, g) if self.stage is not None else (0, 0)
         got = self.pending_heads or (0, 0)
-        layers = range(stage.start, stage.end)
         if self.stage is not None and self.caches and \
                 (self.stage.start, self.stage.end) != (stage.start, stage.end):
             raise StepError("bad_kv", "a change of heads keeps the layers")
@@ -294,21 +293,12 @@ class Executor:
                                           f"layers {stage.start}-{stage.end - 1}")
         caches = {}
         for sid in sids:
-            cache = KVCache(layers, new[1] - new[0], self.spec.head_dim, stage.dtype,
-                            stage.device)
             parts = []
             if keep[0] < keep[1]:
                 parts.append((self.caches[sid], keep, old[0]))
             if got[0] < got[1]:
                 parts.append((self.pending_caches[sid], got, got[0]))
-            length = parts[0][0].length
-            for src, (a, b), base in parts:
-                if src.length != length:
-                    raise StepError("bad_kv", f"session {sid}: KV of {src.length} and "
-                                              f"{length} rows")
-                cache.import_(src.export(layers, range(a - base, b - base)), length,
-                              heads=range(a - new[0], b - new[0]))
-            caches[sid] = cache
+            caches[sid] = _merged(stage, new, sid, parts)
         self.free(list(self.caches))
         self._static(None)
         self.caches = caches
@@ -343,7 +333,7 @@ class Executor:
         rows not yet shadowed: rows ``[start, length)`` of every layer held, now counted as
         sent."""
         every, stage = self.shadow_every, self.stage
-        if not every or stage is None or stage.heads is not None:
+        if not every or stage is None:
             return []
         out = []
         layers = range(stage.start, stage.end)
@@ -356,12 +346,20 @@ class Executor:
         return out
 
     def restore(self, start: int, end: int, epoch: int, lengths: dict[str, int],
-                shadows: dict[str, KVCache]) -> int:
+                shadows: dict[str, KVCache], heads: tuple[int, int] | None = None,
+                group: list[str] | None = None, member: int = 0) -> int:
         """After a node of the placement died: hold layers ``[start, end)`` at ``epoch``,
         keeping the KV of the sessions in ``lengths`` cut to their length (the rows after it
         are computed again) and freeing every other session's. Layers new to this node take
-        their KV from ``shadows`` (the dead owner's, cut to the same lengths). Returns the
-        weight bytes now held."""
+        their KV from ``shadows`` (the dead owner's, cut to the same lengths). Of a stage split
+        by heads: KV heads ``heads`` as member ``member`` of ``group``; heads new to this node
+        (a dead member's) take their KV from ``shadows`` the same way. Returns the weight bytes
+        now held."""
+        have = self.stage
+        want = _all_is_none(heads, self.spec.num_kv_heads)
+        if have is not None and (have.start, have.end) == (start, end) and have.heads != want:
+            return self._restore_heads(epoch, lengths, shadows, want, group, member)
+        self.pending_group = (list(group), member) if want is not None else None
         if not 0 <= start < end <= self.spec.num_layers:
             raise StepError("bad_range", f"layers {start}-{end - 1} are outside the model")
         self.known = None
@@ -382,6 +380,7 @@ class Executor:
         for sid, length in lengths.items():
             self.caches[sid].length = length
         if have is not None and (have.start, have.end) == (start, end):
+            self._join(have, epoch)  # a split stage's members combine at the new epoch
             self.epoch = epoch
             return have.weight_bytes()
         stage = Stage(self.model_dir, start, end, dtype=self.dtype, device=self.device,
@@ -400,6 +399,45 @@ class Executor:
                                for k, t in got.export(got.layers).items()}, got.length)
                 got = moved
             cache.adopt(got)
+        self.stage, self.epoch = stage, epoch
+        return stage.weight_bytes()
+
+    def _restore_heads(self, epoch: int, lengths: dict[str, int], shadows: dict[str, KVCache],
+                       heads: tuple[int, int] | None, group: list[str] | None,
+                       member: int) -> int:
+        """``restore`` of a member of a split stage that takes a dead member's KV heads (its
+        neighbours): its own heads' KV is kept, the dead one's comes from the shadows."""
+        have, g = self.stage, self.spec.num_kv_heads
+        old, new = _held(have, g), heads or (0, g)
+        if not (new[0] <= old[0] and old[1] <= new[1]) or (new[0] < old[0]) == (old[1] < new[1]):
+            raise StepError("bad_range", f"KV heads {new} do not extend {old} on one side")
+        got = (new[0], old[0]) if new[0] < old[0] else (old[1], new[1])
+        layers = set(range(have.start, have.end))
+        for sid, length in lengths.items():  # check everything before changing anything
+            cache, shadow = self.caches.get(sid), shadows.get(sid)
+            if cache is None or cache.length < length:
+                raise StepError("bad_kv", f"session {sid}: {length} rows to keep, "
+                                          f"{cache.length if cache else 0} cached")
+            if (shadow is None or shadow.n_kv_heads != got[1] - got[0]
+                    or set(shadow.k) != layers or shadow.length != length):
+                raise StepError("bad_kv", f"session {sid}: no shadow of KV heads "
+                                          f"{got[0]}-{got[1] - 1} up to row {length}")
+        self.known = None
+        self.shadowed.clear()
+        self.free([sid for sid in self.caches if sid not in lengths])
+        for sid, length in lengths.items():
+            self.caches[sid].length = length
+        stage = Stage(self.model_dir, have.start, have.end, dtype=self.dtype,
+                      device=self.device, heads=heads)
+        self._warm(stage)
+        caches = {sid: _merged(stage, new, sid, [(self.caches[sid], old, old[0]),
+                                                 (shadows[sid], got, got[0])])
+                  for sid in lengths}
+        self.free(list(self.caches))
+        self._static(None)
+        self.caches = caches
+        self.pending_group = (list(group), member) if stage.heads is not None else None
+        self._join(stage, epoch)
         self.stage, self.epoch = stage, epoch
         return stage.weight_bytes()
 
@@ -660,6 +698,22 @@ class Executor:
         elif x.dim() != 2 or x.shape[1] != self.spec.hidden_size or not x.is_floating_point():
             raise StepError("bad_shape", f"stage takes float hidden states [n, "
                                          f"{self.spec.hidden_size}], got {x.dtype} {list(x.shape)}")
+
+
+def _merged(stage: Stage, new: tuple[int, int], sid: str,
+            parts: list[tuple[KVCache, tuple[int, int], int]]) -> KVCache:
+    """A session's cache of ``stage``'s layers with KV heads ``new`` (model-wide numbering),
+    from ``parts``: (a cache, the heads ``[a, b)`` taken from it, the first head it holds)."""
+    layers = range(stage.start, stage.end)
+    cache = KVCache(layers, new[1] - new[0], stage.spec.head_dim, stage.dtype, stage.device)
+    length = parts[0][0].length
+    for src, (a, b), base in parts:
+        if src.length != length:
+            raise StepError("bad_kv", f"session {sid}: KV of {src.length} and {length} rows")
+        kv = src.export(layers, range(a - base, b - base))
+        cache.import_({k: t.to(stage.device, stage.dtype) for k, t in kv.items()}, length,
+                      heads=range(a - new[0], b - new[0]))
+    return cache
 
 
 def _held(stage: Stage | None, kv_heads: int) -> tuple[int, int]:

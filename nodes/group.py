@@ -14,6 +14,7 @@ ahead keeps the partials that arrive early.
 
 from __future__ import annotations
 
+import threading
 import time
 
 import msgpack
@@ -54,11 +55,13 @@ class Group:
         self.combine_s = 0.0  # time spent in combines (sending, waiting, adding)
         self.combines = 0
         self.steps = 0  # step batches run as a member
+        self.interrupted = threading.Event()  # set from the event loop: stop waiting
 
     def join(self, epoch: int, index: int, addrs: list[str], timeout_s: float) -> None:
         """Become member ``index`` of the members at ``addrs`` (in member order) for
         ``epoch``."""
         self.leave()
+        self.interrupted.clear()
         self.index, self.size, self.epoch, self.timeout_s = index, len(addrs), epoch, timeout_s
         for i, addr in enumerate(addrs):
             if i != index:
@@ -76,6 +79,11 @@ class Group:
     def close(self) -> None:
         self.leave()
         self.inbox.close()
+
+    def interrupt(self) -> None:
+        """A new placement is coming (a member may be dead): a combine waiting now fails at
+        once, and so does every one until the next ``join``."""
+        self.interrupted.set()
 
     def begin(self, sid: str, step: int) -> None:
         """A batch starts whose first row is ``sid``'s ``step``."""
@@ -98,10 +106,16 @@ class Group:
         deadline = t0 + self.timeout_s
         while len(parts) < self.size:
             left = deadline - time.perf_counter()
-            if left <= 0 or not self.inbox.poll(left * 1000):
+            if self.interrupted.is_set():
+                self.stash.clear()
+                raise GroupError("group_timeout", "a new placement came while this member "
+                                 "waited for the others' partials")
+            if left <= 0:
                 self.stash.clear()  # the others went elsewhere: nothing kept matches later
                 raise GroupError("group_timeout", f"no partial from {self.size - len(parts)} "
                                  f"member(s) of the split stage in {self.timeout_s:.0f} s")
+            if not self.inbox.poll(min(left, 0.05) * 1000):
+                continue
             got = self._receive(cpu)
             if got is None:
                 continue

@@ -196,6 +196,9 @@ class Node:
                 log.warning("dropped a KV shadow of %s for session %s that did not follow on",
                             owner, msg["sid"])
             return
+        if msg.kind in ("restore", "load"):
+            # a new placement: a combine still waiting on a member (a dead one) gives up now
+            self.executor.group.interrupt()
         if msg.kind == "free":
             self.shadows.free([s for s in msg["sids"] if isinstance(s, str)])
         elif msg.kind == "restore":
@@ -368,7 +371,9 @@ class Node:
         if not 0 <= msg["shadow_every"] <= 1 << 20:
             raise StepError("bad_value", f"shadow_every {msg['shadow_every']} out of range")
         t0 = time.perf_counter()
-        nbytes = await self._in_pool(self.executor.restore, start, end, epoch, lengths, shadows)
+        split = _split_args(msg)
+        nbytes = await self._in_pool(lambda: self.executor.restore(start, end, epoch, lengths,
+                                                                   shadows, **split))
         self.executor.shadow_every = msg["shadow_every"]
         dt = time.perf_counter() - t0
         settle_gc()

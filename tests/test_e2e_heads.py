@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 from conftest import start_cluster
 from test_e2e_exact import PROMPTS, reference
+from test_e2e_failover import SLOW_HEARTBEAT
+from test_e2e_liveness import _proc, _state, _status, _wait
 
 from zpipe.cli.admin import AdminClient, AdminError, format_plan, format_status
 from zpipe.config import ClusterConfig, load
@@ -117,6 +119,50 @@ def test_head_moves_mid_generation(smollm2: Path, heads_cluster) -> None:
     assert record["after"][1] == {"node": "b", "start": 15, "end": 30}
     prompt_ids, want = prompts[0]
     assert asyncio.run(_generate_ids(rc, prompt_ids))[:len(want)] == want
+
+
+@pytest.mark.parametrize(("victim", "holder"), [("b", "c"), ("c", "b")])
+def test_a_killed_member_is_restored_from_its_shadow(smollm2: Path, tmp_path: Path,
+                                                     victim: str, holder: str) -> None:
+    """configs/heads.yaml's layout with KV shadows every 4 rows: a member of the split stage
+    (b, which answers for it, or c) is SIGKILLed as the 25th token reaches the client. The
+    other member takes its KV heads and their KV from the shadow (the stage is whole on it),
+    keeping its own heads' KV; node a keeps all of its KV; the session replays only the rows
+    since the last shadow and ends with transformers' tokens."""
+    k = 25
+    nodes = [{"name": "a", "layers": "0-14", "threads": 1},
+             {"name": "b", "layers": "15-29", "heads": "0-1", "threads": 1},
+             {"name": "c", "layers": "15-29", "heads": "2", "threads": 1}]
+    rc = start_cluster(smollm2, tmp_path, nodes, heartbeat=SLOW_HEARTBEAT,
+                       recovery={"wait_s": 30, "shadow_every": 4})
+    prompt_ids, want = reference(str(smollm2), PROMPTS[0])
+    try:
+        async def run() -> dict:
+            proc = _proc(rc, f"node-{victim}")
+
+            def on_token(chunk) -> None:
+                if chunk.index == k - 1:
+                    proc.kill()
+
+            async with rc.client() as client:
+                got = await asyncio.wait_for(client.generate(
+                    prompt_ids=prompt_ids, max_new_tokens=NEW_TOKENS, ignore_eos=True,
+                    on_token=on_token), 300)
+                assert got.token_ids[:len(want)] == want
+                return await _wait(client, lambda i: i["ready"] and _state(i, victim) == "dead")
+
+        info = asyncio.run(run())
+        assert info["placement"] == [{"node": "a", "start": 0, "end": 15},
+                                     {"node": holder, "start": 15, "end": 30}]
+        record = _status(rc)["reallocations"][-1]
+        assert record["ok"] and record["restored"] == "shadow"
+        assert record["shadow_sessions"] == 1 and 0 <= record["replay_tokens"] <= 5 < k
+        log = (rc.cluster.log_dir / "node-a.log").read_text(errors="replace")
+        assert "1 sessions kept, 0 from shadows" in log  # a's KV stayed
+        log = (rc.cluster.log_dir / f"node-{holder}.log").read_text(errors="replace")
+        assert "1 sessions kept, 1 from shadows" in log
+    finally:
+        rc.cluster.stop()
 
 
 def test_smollm2_split_three_ways(smollm2: Path, tmp_path: Path) -> None:

@@ -148,7 +148,8 @@ SCHEMAS: dict[str, dict[str, str]] = {
     # free every other session's; layers new to the node come from the shadows of "owner".
     # Answered by "loaded".
     "restore": {"epoch": _INT, "start": _INT, "end": _INT, "sessions": _LIST,
-                "shadow_every": _INT, "owner?": _STR},
+                "shadow_every": _INT, "owner?": _STR,
+                "heads?": _LIST, "group?": _LIST, "member?": _INT},  # as in "load"
     # --- any direction
     "error": {"code": _STR, "message": _STR, "rid?": _STR, "sid?": _STR, "step?": _INT,
               "epoch?": _INT},
