@@ -72,3 +72,19 @@ def test_split_heads() -> None:
     assert split_heads(8, 3) == [(0, 3), (3, 6), (6, 8)]
     with pytest.raises(ValueError):
         split_heads(3, 4)
+
+
+def test_shadow_holders_of_split_stages() -> None:
+    """A member's shadows go to its neighbour member (which takes its heads if it dies); a
+    whole stage's to the next stage's node, unless that stage is split."""
+    from brokers.shadows import _without, holder_in
+
+    split = StageAssignment("b", 15, 30, (("b", 0, 2), ("c", 2, 3)))
+    p = Placement(1, [StageAssignment("a", 0, 15), split])
+    assert [holder_in(p, n) for n in "abc"] == [None, "c", "b"]
+    three = StageAssignment("x", 0, 30, (("x", 0, 1), ("y", 1, 2), ("z", 2, 3)))
+    p3 = Placement(1, [three])
+    assert [holder_in(p3, n) for n in "xyz"] == ["y", "z", "y"]
+    assert _without(split, "b", "c") == StageAssignment("c", 15, 30)
+    assert _without(three, "y", "z") == StageAssignment("x", 0, 30, (("x", 0, 1), ("z", 1, 3)))
+    assert _without(three, "x", "y") == StageAssignment("y", 0, 30, (("y", 0, 2), ("z", 2, 3)))
