@@ -36,7 +36,7 @@ log = logging.getLogger("zpipe.admin")
 
 OPS = ("status", "nodes", "sessions", "metrics", "profile", "plan", "move", "rebalance", "drain",
        "slow")
-ARGS = {"profile": ("tokens", "timeout"), "plan": ("strategy",), "move": ("layers", "to"),
+ARGS = {"profile": ("tokens", "timeout"), "plan": ("strategy",), "move": ("layers", "to", "heads"),
         "rebalance": ("strategy",), "drain": ("node",), "slow": ("node", "factor")}
 PROFILE_TIMEOUT_S = 10.0
 MAX_PROFILE_TOKENS = 2048
@@ -129,6 +129,12 @@ class Admin:
                 raise _BadRequest(f"layers {start}-{end - 1} are out of range: the model has "
                                   f"{n} layers (0-{n - 1})")
             to = _node_arg(core, args, "to")
+            if args.get("heads") is not None:  # KV heads of a stage, with their KV
+                try:
+                    heads = parse_layers(args["heads"])
+                except ValueError as e:
+                    raise _BadRequest(f"heads: {e}") from None
+                return lambda: mover.move_heads(start, end, heads, to, reason="admin move heads")
             return lambda: mover.move_layers(start, end, to, reason="admin move")
         if op == "rebalance":
             strategy = _strategy_arg(core, args)
@@ -248,7 +254,7 @@ def _node_arg(broker: Core, args: dict, key: str) -> str:
 # ---------------------------------------------------------------- views of broker state
 def _ordered_nodes(broker: Core) -> list:
     """Nodes in pipeline order first, then the others by name."""
-    order = {st.node: i for i, st in enumerate(broker.placement.stages)} if broker.placement else {}
+    order = {n: i for i, n in enumerate(broker.placement.nodes())} if broker.placement else {}
     return sorted(broker.registry.all(), key=lambda n: (order.get(n.name, len(order)), n.name))
 
 
@@ -258,6 +264,8 @@ def nodes(broker: Core) -> list[dict]:
     for n in _ordered_nodes(broker):
         d = n.to_dict()
         held = n.state in ("loading", "ready")
+        # KV heads held: all of them, or a share "A-B" (inclusive) of a stage split by heads
+        kv_heads = (n.heads[1] - n.heads[0] if n.heads else spec.num_kv_heads) if held else 0
         rss = int(n.stats.get("rss", 0) or 0)
         kv = int(n.stats.get("kv_bytes", 0) or 0)
         s = m.node_summary(n.name)
@@ -271,9 +279,10 @@ def nodes(broker: Core) -> list[dict]:
             "rss": rss, "kv_bytes": kv,
             "layers": [n.start, n.end] if held else None,
             "num_layers": n.end - n.start if held else 0,
-            "heads": "all" if held else None,
-            "num_heads": spec.num_heads if held else 0,
-            "kv_heads": spec.num_kv_heads if held else 0,
+            "heads": None if not held else "all" if not n.heads else str(n.heads[0])
+            if n.heads[1] - n.heads[0] == 1 else f"{n.heads[0]}-{n.heads[1] - 1}",
+            "num_heads": kv_heads * (spec.num_heads // spec.num_kv_heads),
+            "kv_heads": kv_heads,
             "tokens": s["tokens"], "compute": s["compute"], "hop": s["hop"],
             "prefill": s["prefill"],
         })

@@ -396,12 +396,18 @@ class Broker:
         self.restore_placement(stages)
         every = self.cfg.recovery.shadow_every
         for st in stages:
-            node = self.registry.by_name[st.node]
-            await self.send(node.ident, protocol.encode(
-                "load", epoch=self.epoch, start=st.start, end=st.end,
-                **({"shadow_every": every} if every else {})))
-        log.info("placement epoch %d: %s", self.epoch,
-                 ", ".join(f"{s.node}[{s.start}-{s.end - 1}]" for s in stages))
+            group = [self.registry.by_name[m[0]].group for m in st.group]
+            for i, member in enumerate(st.group or [(st.node,)]):
+                node = self.registry.by_name[member[0]]
+                split = {"heads": list(member[1:]), "group": group, "member": i} \
+                    if st.group else {}
+                await self.send(node.ident, protocol.encode(
+                    "load", epoch=self.epoch, start=st.start, end=st.end, **split,
+                    **({"shadow_every": every} if every else {})))
+        log.info("placement epoch %d: %s", self.epoch, ", ".join(
+            f"{s.node}[{s.start}-{s.end - 1}]" if not s.group else "+".join(
+                f"{m[0]}[{s.start}-{s.end - 1} heads {m[1]}-{m[2] - 1}]" for m in s.group)
+            for s in stages))
 
     def restore_placement(self, stages: list) -> Placement:
         """A placement of ``stages`` at a new epoch, its nodes loading (``place`` or a
@@ -409,8 +415,10 @@ class Broker:
         self.placement = Placement(self.next_epoch(), stages)
         self.waiting_for = "nodes loading their layers"
         for st in stages:
-            node = self.registry.by_name[st.node]
-            node.state, node.start, node.end = "loading", st.start, st.end
+            for i, name in enumerate(st.members()):
+                node = self.registry.by_name[name]
+                node.state, node.start, node.end = "loading", st.start, st.end
+                node.heads = st.group[i][1:] if st.group else None
         self.announce_peers(self.placement)
         return self.placement
 
@@ -445,12 +453,13 @@ class Broker:
     def switch_placement(self, placement: Placement) -> None:
         """After a committed move: route by the new placement."""
         self.placement = placement
-        held = {st.node: st for st in placement.stages}
+        held = {name: st for st in placement.stages for name in st.members()}
         for node in self.registry.all():
             st = held.get(node.name)
             if st is not None:
                 node.state, node.start, node.end, node.epoch = "ready", st.start, st.end, \
                     placement.epoch
+                node.heads = next((tuple(m[1:]) for m in st.group if m[0] == node.name), None)
             elif node.state != "dead":
                 node.state, node.start, node.end = "registered", 0, 0
         self.measured.clear()

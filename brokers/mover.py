@@ -74,7 +74,8 @@ class Mover:
         self.involved: set[str] = set()
         self._waiting: dict[tuple[str, str], asyncio.Future] = {}  # (rid, key) → reply
         self._rid = ""
-        self._routes: dict[tuple[str, int], str] = {}  # (source, first layer) → destination
+        # (source, first layer) → (destination, the KV heads moved or None for all)
+        self._routes: dict[tuple[str, int], tuple[str, list[int] | None]] = {}
 
     # ------------------------------------------------------------------ requests
     async def move_layers(self, start: int, end: int, to: str, reason: str) -> dict:
@@ -89,12 +90,63 @@ class Mover:
             layer_owner[layer] = to
         return await self.transition(stages_from_owners(layer_owner), reason)
 
+    async def move_heads(self, start: int, end: int, heads: tuple[int, int], to: str,
+                         reason: str) -> dict:
+        """Give KV heads ``heads`` of the stage of layers [start, end) to node ``to``: a
+        member of that stage whose heads they adjoin, or a node holding nothing (a new
+        member). The heads go with their KV; a stage left with one member is whole again."""
+        b = self.core
+        current = self._serving()
+        g = b.spec.num_kv_heads
+        h0, h1 = heads
+        if not 0 <= h0 < h1 <= g:
+            raise MoveError(f"KV heads {h0}-{h1 - 1} are outside the model's {g}")
+        st = next((s for s in current.stages if (s.start, s.end) == (start, end)), None)
+        if st is None:
+            raise MoveError(f"layers {start}-{end - 1} are not one stage's range (heads move "
+                            f"within a whole stage)")
+        members = [list(m) for m in st.group] or [[st.node, 0, g]]
+        src = next((m for m in members if m[1] <= h0 and h1 <= m[2]), None)
+        if src is None:
+            raise MoveError(f"KV heads {h0}-{h1 - 1} are not held by one node")
+        if src[0] == to:
+            raise MoveError(f"node {to} holds those heads already")
+        if h0 != src[1] and h1 != src[2]:
+            raise MoveError(f"node {src[0]} would be left with heads that are not contiguous")
+        dst = next((m for m in members if m[0] == to), None)
+        if dst is None:
+            if to in current.nodes():
+                raise MoveError(f"node {to} holds another stage")
+            members.append([to, h0, h1])
+        elif dst[2] == h0:
+            dst[2] = h1
+        elif dst[1] == h1:
+            dst[1] = h0
+        else:
+            raise MoveError(f"node {to}'s heads {dst[1]}-{dst[2] - 1} are not next to "
+                            f"{h0}-{h1 - 1}")
+        if src[1] == h0:
+            src[1] = h1
+        else:
+            src[2] = h0
+        members = sorted((m for m in members if m[1] < m[2]), key=lambda m: m[1])
+        group = tuple(tuple(m) for m in members) if len(members) > 1 else ()
+        new = StageAssignment(members[0][0], start, end, group)
+        stages = [new if s is st else s for s in current.stages]
+        return await self.transition(stages, reason, head_move=(src[0], to, start, end, h0, h1))
+
     async def drain(self, name: str, reason: str) -> dict:
         """Everything off ``name``: its layers go to its pipeline neighbour."""
         current = self._serving()
         names = current.nodes()
         if name not in names:
             raise MoveError(f"node {name} holds no layers")
+        split = next((s for s in current.stages if s.group and name in s.members()), None)
+        if split is not None:  # its heads go to the member before it (the first: after it)
+            i = split.members().index(name)
+            _, h0, h1 = split.group[i]
+            heir = split.group[i - 1 if i > 0 else 1][0]
+            return await self.move_heads(split.start, split.end, (h0, h1), heir, reason)
         if len(names) == 1:
             raise MoveError(f"node {name} is the only stage; nowhere to drain it to")
         i = names.index(name)
@@ -119,16 +171,22 @@ class Mover:
         return b.placement
 
     # ------------------------------------------------------------------ the transition
-    async def transition(self, stages: list[StageAssignment], reason: str) -> dict:
+    async def transition(self, stages: list[StageAssignment], reason: str,
+                         head_move: tuple | None = None) -> dict:
+        """Move to ``stages``. ``head_move`` (source, destination, start, end, first head, end
+        head): the only KV that changes hands is those heads of those layers."""
         b = self.core
         async with self.lock:
             old = self._serving()
+            if head_move is None and (old.split() or any(s.group for s in stages)):
+                raise MoveError("layers of a placement with a stage split by heads do not move "
+                                "(move heads with --heads)")
             if [s.to_dict() for s in stages] == old.to_list():
                 raise MoveError("the placement already is that")
-            for s in stages:
-                node = b.registry.by_name.get(s.node)
+            for name in (n for s in stages for n in s.members()):
+                node = b.registry.by_name.get(name)
                 if node is None or node.state == "dead":
-                    raise MoveError(f"node {s.node} is not alive")
+                    raise MoveError(f"node {name} is not alive")
             record: dict[str, Any] = {
                 "time": time.time(), "reason": reason, "before": old.to_list(),
                 "after": [s.to_dict() for s in stages], "epoch_before": old.epoch,
@@ -136,8 +194,8 @@ class Mover:
             }
             epoch = b.next_epoch()
             self._rid = uuid.uuid4().hex
-            involved = [b.registry.by_name[n] for n in dict.fromkeys(old.nodes() + [
-                s.node for s in stages])]
+            involved = [b.registry.by_name[n] for n in dict.fromkeys(
+                old.nodes() + Placement(epoch, stages).nodes())]
             self.involved = {n.name for n in involved}
             self.moving = True
             t_pause = time.perf_counter()
@@ -146,8 +204,8 @@ class Mover:
                 if b.placement is not old:  # a node of it died meanwhile: sessions recover
                     raise MoveError(f"the placement was lost meanwhile ({b.waiting_for})")
                 t_quiet = time.perf_counter()
-                await asyncio.wait_for(self._run(old, stages, epoch, involved, record),
-                                       b.cfg.move_timeout_s)
+                await asyncio.wait_for(self._run(old, stages, epoch, involved, record,
+                                                 head_move), b.cfg.move_timeout_s)
                 b.switch_placement(Placement(epoch, stages))
                 record.update(ok=True, epoch_after=epoch,
                               quiesce_s=round(t_quiet - t_pause, 6))
@@ -170,35 +228,47 @@ class Mover:
             return record
 
     async def _run(self, old: Placement, stages: list[StageAssignment], epoch: int,
-                   involved: list[NodeInfo], record: dict) -> None:
+                   involved: list[NodeInfo], record: dict, head_move: tuple | None) -> None:
         b = self.core
         rid = self._rid
-        # 2. prepare: what each node will hold (start == end: nothing)
+        # 2. prepare: what each node will hold (start == end: nothing), and of a split stage
+        # which heads, with which members
         t0 = time.perf_counter()
-        new_range = {s.node: (s.start, s.end) for s in stages}
+        new_range = {n: (s.start, s.end) for s in stages for n in s.members()}
+        share = {m[0]: {"heads": [m[1], m[2]], "member": i,
+                        "group": [b.registry.by_name[x[0]].group for x in s.group]}
+                 for s in stages for i, m in enumerate(s.group)}
         waits = []
         for node in involved:
             start, end = new_range.get(node.name, (0, 0))
             waits.append(self._expect(rid, f"prepared:{node.name}"))
             await self._send(node, protocol.encode("prepare", rid=rid, epoch=epoch,
-                                                   start=start, end=end))
+                                                   start=start, end=end,
+                                                   **share.get(node.name, {})))
         await asyncio.gather(*waits)
         t1 = time.perf_counter()
-        # 3. KV of every live session for each layer range that changes hands (a session still
-        # waiting for its prefill has no KV anywhere yet: it simply starts on the new placement)
+        # 3. KV of every live session for each layer range (or KV heads of one) that changes
+        # hands (a session still waiting for its prefill has no KV anywhere yet: it simply
+        # starts on the new placement)
         sids = [sid for sid, s in b.sessions.items() if s.pos > 0]
-        old_owner, new_owner = owners(old.stages), owners(stages)
-        transfers = _transfers(old_owner, new_owner)
-        record["transfers"] = [{"from": s, "to": d, "layers": [a, e - 1]}
-                               for s, d, a, e in transfers]
-        for src, dst, a, e in transfers if sids else []:
+        if head_move is None:
+            transfers = [(*t, None) for t in _transfers(owners(old.stages), owners(stages))]
+        else:
+            src, dst, a, e, h0, h1 = head_move
+            transfers = [(src, dst, a, e, [h0, h1])]
+        record["transfers"] = [{"from": s, "to": d, "layers": [a, e - 1],
+                                **({"heads": [h[0], h[1] - 1]} if h else {})}
+                               for s, d, a, e, h in transfers]
+        for src, dst, a, e, heads in transfers if sids else []:
             waits = [self._expect(rid, f"kv_imported:{dst}:{sid}") for sid in sids]
-            self._routes[(src, a)] = dst
-            # A destination that holds the source's KV shadow needs only the rows after it.
-            held = self.shadows.held(src, dst)
+            self._routes[(src, a)] = (dst, heads)
+            # A destination that holds the source's KV shadow needs only the rows after it
+            # (whole layers; a head move sends all its rows).
+            held = self.shadows.held(src, dst) if heads is None else {}
             await self._send(b.registry.by_name[src], protocol.encode(
                 "kv_export", rid=rid, sids=sids, start=a, end=e,
-                since=[held.get(sid, 0) for sid in sids]))
+                since=[held.get(sid, 0) for sid in sids],
+                **({"heads": heads} if heads else {})))
             for got in await asyncio.gather(*waits):
                 record["kv_bytes"] += got["nbytes"]
                 record["kv_shadow_bytes"] = record.get("kv_shadow_bytes", 0) + \
@@ -228,13 +298,15 @@ class Mover:
 
     async def _forward_kv(self, node: NodeInfo, msg: Message) -> None:
         layers = sorted({int(m[0].split(".", 1)[1]) for m in msg["t"]})
-        dst = self._routes.get((node.name, layers[0])) if layers else None
-        if dst is None:
+        route = self._routes.get((node.name, layers[0])) if layers else None
+        if route is None:
             self.on_error(f"node {node.name} sent KV nobody asked for")
             return
+        dst, heads = route
         await self._send(self.core.registry.by_name[dst], protocol.encode_forward(
             "kv_import", msg.frames, msg["t"], rid=msg["rid"], sid=msg["sid"],
-            length=msg["length"], since=msg.get("since", 0), owner=node.name))
+            length=msg["length"], since=msg.get("since", 0), owner=node.name,
+            **({"heads": heads} if heads else {})))
 
     def on_error(self, message: str) -> None:
         """An error from a node during the move: fail whatever is waiting."""

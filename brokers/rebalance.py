@@ -58,6 +58,7 @@ from zpipe.placement import (
     PlanResult,
     StageAssignment,
     calibration,
+    custom_stages,
     evaluate,
     per_token_s,
     plan,
@@ -440,7 +441,7 @@ def plan_for_broker(broker: Any, strategy: str, *, exclude: Iterable[str] = (),
     custom = None
     if strategy in ("custom", "current"):
         if strategy == "custom" and pc.strategy == "custom" and pc.stages:
-            custom = [StageAssignment(s.node, *s.layers) for s in pc.stages]
+            custom = custom_stages(pc)
         elif cur:
             custom = cur
         else:

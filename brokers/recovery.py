@@ -136,11 +136,15 @@ class Recovery:
         log.warning("restoring from KV shadows: node %s's layers to node %s; %d of %d sessions "
                     "keep their KV", plan.dead, plan.holder, len(sessions), len(core.sessions))
         for st in placement.stages:
-            node = core.registry.by_name[st.node]
-            owner = {"owner": plan.dead} if st.node == plan.holder else {}
-            await core.send(node.ident, protocol.encode(
-                "restore", epoch=placement.epoch, start=st.start, end=st.end,
-                sessions=sessions, shadow_every=every, **owner))
+            group = [core.registry.by_name[m[0]].group for m in st.group]
+            for i, name in enumerate(st.members()):
+                node = core.registry.by_name[name]
+                owner = {"owner": plan.dead} if name == plan.holder else {}
+                split = {"heads": list(st.group[i][1:]), "group": group, "member": i} \
+                    if st.group else {}
+                await core.send(node.ident, protocol.encode(
+                    "restore", epoch=placement.epoch, start=st.start, end=st.end,
+                    sessions=sessions, shadow_every=every, **owner, **split))
 
     def note(self) -> str:
         """What the sessions are waiting for, to add to ``waiting_for`` ("" if none wait)."""
@@ -158,7 +162,8 @@ class Recovery:
         core = self.core
         cfg, alive = core.cfg.placement, core.registry.names()
         try:
-            return choose(cfg, alive, core.spec.num_layers, caps=caps, cost=cost)
+            return choose(cfg, alive, core.spec.num_layers, caps=caps, cost=cost,
+                          kv_heads=core.spec.num_kv_heads)
         except PlacementError as e:
             if not self.survivors_ok or not alive:
                 raise

@@ -23,6 +23,8 @@ class NodeInfo:
     mem_free: int
     gflops: float
     peer: str = ""  # where other nodes send it steps under direct routing ("": nowhere)
+    group: str = ""  # where members of a stage split by heads send it partials ("": nowhere)
+    heads: tuple[int, int] | None = None  # the KV heads it holds of a split stage
     max_batch: int = 0  # the most rows it runs as one batch (0: it did not say)
     mem_held: int = 0  # at register: memory a new placement would free or reuse
     kv_slots: int = 0  # its static KV pool (0: none): slots of kv_max_len tokens per layer
@@ -60,8 +62,13 @@ class NodeInfo:
             "heartbeat_age_s": round(time.monotonic() - self.last_seen, 3),
             "rss": self.stats.get("rss", 0), "kv_bytes": self.stats.get("kv_bytes", 0),
             "shadow_bytes": self.stats.get("shadow_bytes", 0),
+            "heads": list(self.heads) if self.heads and self.state != "registered" else None,
             "sessions": self.stats.get("sessions", 0), "peer": self.peer,
             "steps": self.stats.get("steps", 0), "known_steps": self.stats.get("known_steps", 0),
+            # a member of a stage split by heads: time in the per-layer combines per step
+            "combine_ms_per_step": round(1000 * self.stats["combine_s"]
+                                         / self.stats["combine_steps"], 3)
+            if self.stats.get("combine_steps") else None,
             "max_batch": self.max_batch,
         }
 
@@ -81,6 +88,11 @@ class Registry:
             log.warning("node %s registered a malformed peer address %.80r: ignored",
                         msg["name"], peer)
             peer = ""
+        group = msg.get("group", "")
+        if group and not is_peer_address(group):
+            log.warning("node %s registered a malformed group address %.80r: ignored",
+                        msg["name"], group)
+            group = ""
         max_batch = msg.get("max_batch", 0)
         if not 0 <= max_batch <= MAX_ROWS:
             log.warning("node %s registered max_batch %d: ignored", msg["name"], max_batch)
@@ -93,7 +105,7 @@ class Registry:
         info = NodeInfo(ident=ident, name=msg["name"], pid=msg["pid"], host=msg["host"],
                         device=msg["device"], dtype=msg["dtype"], mem_total=msg["mem_total"],
                         mem_free=msg["mem_free"], gflops=float(msg["gflops"]),
-                        peer=peer, max_batch=max_batch, mem_held=max(0, msg.get("mem_held", 0)),
+                        peer=peer, group=group, max_batch=max_batch, mem_held=max(0, msg.get("mem_held", 0)),
                         kv_slots=slots, kv_max_len=max_len)
         self.by_name[info.name] = info
         self.by_ident[ident] = info

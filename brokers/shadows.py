@@ -32,6 +32,21 @@ class RestorePlan:
     positions: dict[str, int]  # sid -> the row the session goes on from (all KV kept before it)
 
 
+def holder_in(placement: Placement, name: str) -> str | None:
+    """The node holding ``name``'s shadows in ``placement``: of a member of a stage split by
+    heads, the next member (the last's: the one before), which takes its heads if it dies; of
+    a whole stage, ``holder_of`` over the stages, unless that one is split (no holder: a split
+    stage does not take layers)."""
+    for st in placement.stages:
+        if name in st.members() and st.group:
+            m = st.members()
+            i = m.index(name)
+            return m[i + 1] if i + 1 < len(m) else m[i - 1]
+    holder = holder_of([st.node for st in placement.stages], name)
+    split = {st.node for st in placement.stages if st.group}
+    return None if holder in split else holder
+
+
 def holder_of(names: list[str], name: str) -> str | None:
     """The node holding ``name``'s shadows in a placement of nodes ``names`` (stage order)."""
     if name not in names or len(names) < 2:
@@ -62,7 +77,7 @@ class Shadows:
         if start != rows.get(sid, 0) and start != 0:
             rows.pop(sid, None)  # a gap: this session's shadow is of no use until it restarts
             return
-        holder = core.registry.by_name.get(holder_of(placement.nodes(), node.name) or "")
+        holder = core.registry.by_name.get(holder_in(placement, node.name) or "")
         if holder is None or holder.state == "dead":
             return
         if await core.send(holder.ident, protocol.encode_forward(
@@ -74,7 +89,7 @@ class Shadows:
         """sid -> the rows of ``owner``'s layers that ``holder`` has in its shadow, in the
         current placement ({} if ``holder`` is not ``owner``'s holder)."""
         placement = self.core.placement
-        if placement is None or holder_of(placement.nodes(), owner) != holder:
+        if placement is None or holder_in(placement, owner) != holder:
             return {}
         return dict(self._current(placement).get(owner, {}))
 
@@ -90,15 +105,18 @@ class Shadows:
         core, placement = self.core, self.core.placement
         if not core.cfg.recovery.shadow_every or placement is None or dead is None:
             return None
-        names = placement.nodes()
-        holder = holder_of(names, dead)
+        holder = holder_in(placement, dead)
         node = core.registry.by_name.get(holder or "")
         if node is None or node.state == "dead":
             return None
-        lost = next(st for st in placement.stages if st.node == dead)
-        stages = [st if st.node != holder else StageAssignment(
-            holder, min(st.start, lost.start), max(st.end, lost.end))
-            for st in placement.stages if st.node != dead]
+        lost = next(st for st in placement.stages if dead in st.members())
+        if lost.group:  # a member of a split stage: its heads join its holder's
+            stages = [st if st is not lost else _without(st, dead, holder)
+                      for st in placement.stages]
+        else:
+            stages = [st if st.node != holder else StageAssignment(
+                holder, min(st.start, lost.start), max(st.end, lost.end))
+                for st in placement.stages if st.node != dead]
         shadowed = self._current(placement).get(dead, {})
         positions = {}
         for sid, s in core.sessions.items():
@@ -106,6 +124,17 @@ class Shadows:
             if at >= len(s.prompt_ids) and s.tokens:
                 positions[sid] = at
         return RestorePlan(dead, holder, stages, positions)
+
+
+def _without(st: StageAssignment, dead: str, holder: str) -> StageAssignment:
+    """Split stage ``st`` with ``dead``'s heads given to ``holder`` (its neighbour member);
+    whole again if one member is left."""
+    lost = next(m for m in st.group if m[0] == dead)
+    members = [(n, min(a, lost[1]), max(b, lost[2])) if n == holder else (n, a, b)
+               for n, a, b in st.group if n != dead]
+    if len(members) == 1:
+        return StageAssignment(holder, st.start, st.end)
+    return StageAssignment(members[0][0], st.start, st.end, tuple(members))
 
 
 def replay_steps(s: Session) -> int:

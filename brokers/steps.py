@@ -172,8 +172,8 @@ class StepScheduler:
     def route_of(self, placement: Placement) -> list[str] | None:
         """The peer addresses of stages 1..last when steps go node to node (``direct``)."""
         stages = placement.stages
-        if not self.core.cfg.direct or len(stages) < 2:
-            return None
+        if not self.core.cfg.direct or len(stages) < 2 or placement.split():
+            return None  # a stage split by heads takes each step from the broker
         route = [self.core.registry.by_name[st.node].peer for st in stages[1:]]
         return route if all(route) else None
 
@@ -189,18 +189,23 @@ class StepScheduler:
                           answer: int | None = None, cohort: Cohort | None = None) -> None:
         """Send a step to ``stage``; the sessions then wait for stage ``answer`` (the last one
         under direct routing, else ``stage`` itself). ``cohort``: they are that whole cohort."""
-        node = self.core.registry.by_name[self.core.placement.stages[stage].node]
+        st = self.core.placement.stages[stage]
         now = time.perf_counter()
         answer = stage if answer is None else answer
         for s in sessions:
             s.stage, s.hop_t0 = answer, now
         if cohort is not None:
             cohort.stage = answer
-        if not await self.core.send(node.ident, frames) and node.state != "dead":
-            # Its queue is full. Were it gone, it would be dead now: the recovery replays the
-            # sessions' steps once the model is placed again.
-            for s in sessions:
-                await self.core.fail(s, "node_lost", f"node {node.name} takes no more steps")
+        # Every member of a split stage gets the step (the same frames, in the same order as
+        # every other step: members run the same batches); the first member answers.
+        for name in st.members():
+            node = self.core.registry.by_name[name]
+            if not await self.core.send(node.ident, frames) and node.state != "dead":
+                # Its queue is full. Were it gone, it would be dead now: the recovery replays
+                # the sessions' steps once the model is placed again.
+                for s in sessions:
+                    await self.core.fail(s, "node_lost", f"node {node.name} takes no more steps")
+                return
 
     async def on_result(self, node: NodeInfo, msg: Message) -> None:
         stage, placement = msg["stage"], self.core.placement

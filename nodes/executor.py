@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from nodes.group import Group, GroupError
 from nodes.rows import Row, RowState, join_rows
 from zpipe import protocol
 from zpipe.config import StaticKV
@@ -77,6 +78,8 @@ class Executor:
         # A reallocation in progress: (epoch, stage or None) and the KV received for it.
         self.pending: tuple[int, Stage | None] | None = None
         self.pending_caches: dict[str, KVCache] = {}
+        self.pending_heads: tuple[int, int] | None = None  # the KV heads received, if split
+        self.pending_group: tuple[list[str], int] | None = None  # a split stage's members
         self.slow_factor = 1.0  # > 1 slows compute on purpose (tests, demos)
         self.last_compute_s = 0.0
         # The cohort expected next (``step_known``); anything else that touches the caches
@@ -87,22 +90,47 @@ class Executor:
         # which passes them to this node's shadow holder; ``shadowed`` rows were sent already.
         self.shadow_every = 0
         self.shadowed: dict[str, int] = {}
+        # A stage split by KV-head groups combines its partials through ``group`` (the node
+        # gives it); ``member`` 0 answers the broker, the others only compute.
+        self.group: Group | None = None
+        self.member = 0
 
-    def load(self, start: int, end: int, epoch: int) -> int:
-        """Load layers [start, end); returns the weight bytes now held."""
+    def load(self, start: int, end: int, epoch: int, heads: tuple[int, int] | None = None,
+             group: list[str] | None = None, member: int = 0,
+             timeout_s: float = 30.0) -> int:
+        """Load layers [start, end) (of a stage split by heads: KV heads ``heads`` as member
+        ``member`` of the members whose group addresses are ``group``); returns the weight
+        bytes now held."""
         if not 0 <= start < end <= self.spec.num_layers:
             raise StepError("bad_range", f"layers {start}-{end - 1} are outside the model's "
                                          f"{self.spec.num_layers} layers")
+        if heads is not None:
+            if not (group and 0 <= member < len(group) and self.group is not None):
+                raise StepError("bad_range", "a share of a split stage needs its group")
+            if not 0 <= heads[0] < heads[1] <= self.spec.num_kv_heads:
+                raise StepError("bad_range", f"KV heads {heads[0]}-{heads[1] - 1} are outside "
+                                             f"the model's {self.spec.num_kv_heads}")
         self.known = None
         self.shadowed.clear()
-        if self.stage is None or (self.stage.start, self.stage.end) != (start, end):
+        st = self.stage
+        if st is None or (st.start, st.end, st.heads) != (start, end, _all_is_none(
+                heads, self.spec.num_kv_heads)):
             self.stage = self.decoder = self.pool = None  # free the old before the new
             self.caches.clear()
-            self.stage = Stage(self.model_dir, start, end, dtype=self.dtype, device=self.device)
+            self.stage = Stage(self.model_dir, start, end, dtype=self.dtype, device=self.device,
+                               heads=heads)
             self._warm(self.stage)
-            self._static(self.stage)
+            if self.stage.heads is None:  # a split stage runs eagerly (no pool, no graphs)
+                self._static(self.stage)
             if self.decoder is not None:
                 self.decoder.warm()
+        if self.group is not None:
+            self.group.leave()
+        self.member = 0
+        if self.stage.heads is not None:
+            self.group.join(epoch, member, group, timeout_s)
+            self.stage.combine = self.group.combine
+            self.member = member
         self.epoch = epoch
         return self.stage.weight_bytes()
 
@@ -130,46 +158,73 @@ class Executor:
                                compile=cfg.compile, triton_attention=cfg.triton_attention)
 
     # ------------------------------------------------------------ reallocation
-    def prepare(self, start: int, end: int, epoch: int) -> int:
-        """Load the stage this node will hold after ``epoch`` commits, beside the current one.
+    def prepare(self, start: int, end: int, epoch: int, heads: tuple[int, int] | None = None,
+                group: list[str] | None = None, member: int = 0) -> int:
+        """Load the stage this node will hold after ``epoch`` commits, beside the current one
+        (of a stage split by heads: KV heads ``heads`` as member ``member`` of ``group``).
 
-        Layers it already holds are shared, not read again. ``start == end``: nothing.
+        Layers it already holds (with the same heads) are shared, not read again.
+        ``start == end``: nothing.
         """
         self.pending_caches = {}
+        self.pending_heads = None
         if start == end:
             self.pending = (epoch, None)
             return 0
         if not 0 <= start < end <= self.spec.num_layers:
             raise StepError("bad_range", f"layers {start}-{end - 1} are outside the model")
+        if heads is not None and not (group and 0 <= member < len(group)
+                                      and 0 <= heads[0] < heads[1] <= self.spec.num_kv_heads):
+            raise StepError("bad_range", f"bad share of a split stage: heads {heads}")
         stage = Stage(self.model_dir, start, end, dtype=self.dtype, device=self.device,
-                      reuse=self.stage)
+                      reuse=self.stage, heads=heads)
         self._warm(stage)  # shapes met before are cached process-wide: only new ones cost
         self.pending = (epoch, stage)
+        self.pending_group = (list(group), member) if stage.heads is not None else None
         return stage.weight_bytes()
 
     def export_kv(self, sid: str, start: int, end: int,
-                  since: int = 0) -> tuple[int, dict[str, torch.Tensor]]:
-        """Session ``sid``'s KV of layers ``[start, end)``, rows ``since`` on (those before are
-        in the destination's shadow): (the cache's length, the tensors)."""
+                  since: int = 0,
+                  heads: tuple[int, int] | None = None) -> tuple[int, dict[str, torch.Tensor]]:
+        """Session ``sid``'s K/V of layers ``[start, end)``, rows ``since`` on (those before
+        are in the destination's shadow): of KV heads ``heads`` (model-wide numbering) only,
+        or of every head this node holds. Returns (the cache's length, the tensors)."""
         cache = self.caches.get(sid)
         if cache is None:
             raise StepError("unknown_session", f"no KV cache for session {sid} on this node")
         if not 0 <= since <= cache.length:
             raise StepError("bad_range", f"session {sid}: rows from {since} of {cache.length}")
         try:
-            return cache.length, cache.export(range(start, end), tokens=range(since, cache.length))
+            local = None
+            if heads is not None:
+                lo, hi = _held(self.stage, self.spec.num_kv_heads)
+                if not lo <= heads[0] < heads[1] <= hi:
+                    raise ValueError(f"KV heads {heads[0]}-{heads[1] - 1} are not held here "
+                                     f"({lo}-{hi - 1})")
+                local = range(heads[0] - lo, heads[1] - lo)
+            return cache.length, cache.export(range(start, end), local,
+                                              tokens=range(since, cache.length))
         except (KeyError, ValueError) as e:
             raise StepError("bad_range", f"session {sid}: {e}") from None
 
-    def import_kv(self, sid: str, length: int, tensors: dict[str, torch.Tensor]) -> int:
-        """Stage received KV layers for the pending placement; returns the bytes taken."""
+    def import_kv(self, sid: str, length: int, tensors: dict[str, torch.Tensor],
+                  heads: tuple[int, int] | None = None) -> int:
+        """Stage received KV layers (of KV heads ``heads`` only, model-wide numbering) for the
+        pending placement; returns the bytes taken."""
         if self.pending is None or self.pending[1] is None:
             raise StepError("not_prepared", "KV arrived for a placement this node did not prepare")
         stage = self.pending[1]
+        if heads is not None:
+            lo, hi = _held(stage, self.spec.num_kv_heads)
+            if not lo <= heads[0] < heads[1] <= hi or (
+                    self.pending_heads not in (None, heads)):
+                raise StepError("bad_range", f"KV heads {heads} outside the prepared {lo}-{hi}")
+            self.pending_heads = heads
+        n_heads = self.spec.num_kv_heads if heads is None else heads[1] - heads[0]
         cache = self.pending_caches.get(sid)
         if cache is None:
             cache = self.pending_caches[sid] = KVCache(
-                range(0), self.spec.num_kv_heads, self.spec.head_dim, stage.dtype, stage.device)
+                range(0), n_heads, self.spec.head_dim, stage.dtype, stage.device)
         layers = {int(name.split(".", 1)[1]) for name in tensors if "." in name}
         if not layers <= set(range(stage.start, stage.end)):
             raise StepError("bad_range", f"KV for layers {sorted(layers)} outside the prepared "
@@ -191,6 +246,9 @@ class Executor:
         if stage is None:
             self.free(list(self.caches))
             self._static(None)
+        elif self.stage is not None and stage.heads != self.stage.heads \
+                or self.pending_heads is not None:
+            self._commit_heads(stage)
         else:
             keep = set(range(stage.start, stage.end))
             for sid in self.caches.keys() | self.pending_caches.keys():  # check before changing
@@ -199,7 +257,7 @@ class Executor:
                 if (have & keep) | got != keep:
                     raise StepError("bad_kv", f"session {sid} lacks KV for layers "
                                               f"{sorted(keep - (have | got))}")
-            self._static(stage)
+            self._static(stage if stage.heads is None else None)
             for cache in self.caches.values():
                 _keep_layers(cache, keep)
             for sid, got in self.pending_caches.items():
@@ -209,12 +267,62 @@ class Executor:
                     self.caches[sid] = got if slot is None else slot
                 if self.caches[sid] is not got:
                     self.caches[sid].adopt(got)
+        self._join(stage, epoch)
         self.stage, self.epoch = stage, epoch
-        self.pending, self.pending_caches = None, {}
+        self.pending, self.pending_caches, self.pending_heads = None, {}, None
+
+    def _commit_heads(self, stage: Stage) -> None:
+        """Commit a stage whose KV heads differ from the held one's (same layers, or a node
+        new to the stage): each session's cache is rebuilt with the new heads, from the heads
+        it keeps and those received."""
+        g = self.spec.num_kv_heads
+        new = _held(stage, g)
+        old = _held(self.stage, g) if self.stage is not None else (0, 0)
+        got = self.pending_heads or (0, 0)
+        if self.stage is not None and self.caches and \
+                (self.stage.start, self.stage.end) != (stage.start, stage.end):
+            raise StepError("bad_kv", "a change of heads keeps the layers")
+        keep = (max(old[0], new[0]), min(old[1], new[1]))
+        if not self.caches and not self.pending_caches:  # no sessions: nothing to rebuild
+            self._static(None)
+            return
+        covered = sorted([r for r in (keep, got) if r[0] < r[1]])
+        if not covered or covered[0][0] != new[0] or covered[-1][1] != new[1] or any(
+                a[1] != b[0] for a, b in zip(covered, covered[1:], strict=False)):
+            raise StepError("bad_kv", f"KV heads {new[0]}-{new[1] - 1} are not all here")
+        sids = self.caches.keys() if keep[0] < keep[1] else self.pending_caches.keys()
+        for sid in sids | self.pending_caches.keys():  # check before changing
+            if keep[0] < keep[1] and sid not in self.caches or \
+                    got[0] < got[1] and sid not in self.pending_caches:
+                raise StepError("bad_kv", f"session {sid} lacks KV for KV heads of "
+                                          f"layers {stage.start}-{stage.end - 1}")
+        caches = {}
+        for sid in sids:
+            parts = []
+            if keep[0] < keep[1]:
+                parts.append((self.caches[sid], keep, old[0]))
+            if got[0] < got[1]:
+                parts.append((self.pending_caches[sid], got, got[0]))
+            caches[sid] = _merged(stage, new, sid, parts)
+        self.free(list(self.caches))
+        self._static(None)
+        self.caches = caches
+
+    def _join(self, stage: Stage | None, epoch: int) -> None:
+        """After a commit: the combine of a split stage with its members, or none."""
+        self.member = 0
+        if self.group is None:
+            return
+        self.group.leave()
+        if stage is not None and stage.heads is not None:
+            group, member = self.pending_group
+            self.group.join(epoch, member, group, 30.0)
+            stage.combine = self.group.combine
+            self.member = member
 
     def abort(self, epoch: int) -> None:
         if self.pending is not None and self.pending[0] == epoch:
-            self.pending, self.pending_caches = None, {}
+            self.pending, self.pending_caches, self.pending_heads = None, {}, None
 
     def free(self, sids: list[str]) -> None:
         self.known = None
@@ -243,12 +351,20 @@ class Executor:
         return out
 
     def restore(self, start: int, end: int, epoch: int, lengths: dict[str, int],
-                shadows: dict[str, KVCache]) -> int:
+                shadows: dict[str, KVCache], heads: tuple[int, int] | None = None,
+                group: list[str] | None = None, member: int = 0) -> int:
         """After a node of the placement died: hold layers ``[start, end)`` at ``epoch``,
         keeping the KV of the sessions in ``lengths`` cut to their length (the rows after it
         are computed again) and freeing every other session's. Layers new to this node take
-        their KV from ``shadows`` (the dead owner's, cut to the same lengths). Returns the
-        weight bytes now held."""
+        their KV from ``shadows`` (the dead owner's, cut to the same lengths). Of a stage split
+        by heads: KV heads ``heads`` as member ``member`` of ``group``; heads new to this node
+        (a dead member's) take their KV from ``shadows`` the same way. Returns the weight bytes
+        now held."""
+        have = self.stage
+        want = _all_is_none(heads, self.spec.num_kv_heads)
+        if have is not None and (have.start, have.end) == (start, end) and have.heads != want:
+            return self._restore_heads(epoch, lengths, shadows, want, group, member)
+        self.pending_group = (list(group), member) if want is not None else None
         if not 0 <= start < end <= self.spec.num_layers:
             raise StepError("bad_range", f"layers {start}-{end - 1} are outside the model")
         self.known = None
@@ -269,6 +385,7 @@ class Executor:
         for sid, length in lengths.items():
             self.caches[sid].length = length
         if have is not None and (have.start, have.end) == (start, end):
+            self._join(have, epoch)  # a split stage's members combine at the new epoch
             self.epoch = epoch
             return have.weight_bytes()
         stage = Stage(self.model_dir, start, end, dtype=self.dtype, device=self.device,
@@ -287,6 +404,45 @@ class Executor:
                                for k, t in got.export(got.layers).items()}, got.length)
                 got = moved
             cache.adopt(got)
+        self.stage, self.epoch = stage, epoch
+        return stage.weight_bytes()
+
+    def _restore_heads(self, epoch: int, lengths: dict[str, int], shadows: dict[str, KVCache],
+                       heads: tuple[int, int] | None, group: list[str] | None,
+                       member: int) -> int:
+        """``restore`` of a member of a split stage that takes a dead member's KV heads (its
+        neighbours): its own heads' KV is kept, the dead one's comes from the shadows."""
+        have, g = self.stage, self.spec.num_kv_heads
+        old, new = _held(have, g), heads or (0, g)
+        if not (new[0] <= old[0] and old[1] <= new[1]) or (new[0] < old[0]) == (old[1] < new[1]):
+            raise StepError("bad_range", f"KV heads {new} do not extend {old} on one side")
+        got = (new[0], old[0]) if new[0] < old[0] else (old[1], new[1])
+        layers = set(range(have.start, have.end))
+        for sid, length in lengths.items():  # check everything before changing anything
+            cache, shadow = self.caches.get(sid), shadows.get(sid)
+            if cache is None or cache.length < length:
+                raise StepError("bad_kv", f"session {sid}: {length} rows to keep, "
+                                          f"{cache.length if cache else 0} cached")
+            if (shadow is None or shadow.n_kv_heads != got[1] - got[0]
+                    or set(shadow.k) != layers or shadow.length != length):
+                raise StepError("bad_kv", f"session {sid}: no shadow of KV heads "
+                                          f"{got[0]}-{got[1] - 1} up to row {length}")
+        self.known = None
+        self.shadowed.clear()
+        self.free([sid for sid in self.caches if sid not in lengths])
+        for sid, length in lengths.items():
+            self.caches[sid].length = length
+        stage = Stage(self.model_dir, have.start, have.end, dtype=self.dtype,
+                      device=self.device, heads=heads)
+        self._warm(stage)
+        caches = {sid: _merged(stage, new, sid, [(self.caches[sid], old, old[0]),
+                                                 (shadows[sid], got, got[0])])
+                  for sid in lengths}
+        self.free(list(self.caches))
+        self._static(None)
+        self.caches = caches
+        self.pending_group = (list(group), member) if stage.heads is not None else None
+        self._join(stage, epoch)
         self.stage, self.epoch = stage, epoch
         return stage.weight_bytes()
 
@@ -405,9 +561,14 @@ class Executor:
     def _eager(self, ready: list[tuple[int, Row, KVCache]]) -> list:
         """``Stage.forward_batch`` for the rows; on the last stage their ``(token, logprob)``."""
         stage = self.stage
-        outs = stage.forward_batch([(c, r.x, r.pos) for _, r, c in ready],
-                                   greedy=[r.params.greedy for _, r, _ in ready]
-                                   if stage.last else None)
+        if stage.heads is not None:
+            self.group.begin(ready[0][1].sid, ready[0][1].step)
+        try:
+            outs = stage.forward_batch([(c, r.x, r.pos) for _, r, c in ready],
+                                       greedy=[r.params.greedy for _, r, _ in ready]
+                                       if stage.last else None)
+        except GroupError as e:
+            raise StepError(e.code, str(e)) from None
         if stage.last:
             return _sample_all(outs, [(r.params, r.step) for _, r, _ in ready])
         return outs
@@ -542,6 +703,32 @@ class Executor:
         elif x.dim() != 2 or x.shape[1] != self.spec.hidden_size or not x.is_floating_point():
             raise StepError("bad_shape", f"stage takes float hidden states [n, "
                                          f"{self.spec.hidden_size}], got {x.dtype} {list(x.shape)}")
+
+
+def _merged(stage: Stage, new: tuple[int, int], sid: str,
+            parts: list[tuple[KVCache, tuple[int, int], int]]) -> KVCache:
+    """A session's cache of ``stage``'s layers with KV heads ``new`` (model-wide numbering),
+    from ``parts``: (a cache, the heads ``[a, b)`` taken from it, the first head it holds)."""
+    layers = range(stage.start, stage.end)
+    cache = KVCache(layers, new[1] - new[0], stage.spec.head_dim, stage.dtype, stage.device)
+    length = parts[0][0].length
+    for src, (a, b), base in parts:
+        if src.length != length:
+            raise StepError("bad_kv", f"session {sid}: KV of {src.length} and {length} rows")
+        kv = src.export(layers, range(a - base, b - base))
+        cache.import_({k: t.to(stage.device, stage.dtype) for k, t in kv.items()}, length,
+                      heads=range(a - new[0], b - new[0]))
+    return cache
+
+
+def _held(stage: Stage | None, kv_heads: int) -> tuple[int, int]:
+    """The KV heads ``[a, b)`` a stage holds (model-wide numbering)."""
+    return (0, kv_heads) if stage is None or stage.heads is None else stage.heads
+
+
+def _all_is_none(heads: tuple[int, int] | None, kv_heads: int) -> tuple[int, int] | None:
+    """``heads`` as a Stage keeps them: None for all of them."""
+    return None if heads is None or tuple(heads) == (0, kv_heads) else tuple(heads)
 
 
 def _keep_layers(cache: KVCache, keep: set[int]) -> None:

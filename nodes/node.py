@@ -16,6 +16,7 @@ import zmq
 
 from nodes import profile
 from nodes.executor import DTYPES, Executor, StepError
+from nodes.group import Group
 from nodes.peers import Peers
 from nodes.rows import join_rows
 from nodes.shadow import ShadowStore
@@ -69,6 +70,8 @@ class Node:
                                    [cfg.peer_bind] if cfg.peer_bind else [])
         self.watch: asyncio.Task | None = None  # failed handshakes with the broker, logged
         self.peers = Peers(self.ctx, self.queue, self.max_frame, self.keys)  # direct routing
+        # The combine of a stage split by heads: used on the compute thread only.
+        self.executor.group = Group(self.ctx, cfg.group_bind)
         self.shadows = ShadowStore()  # other nodes' KV rows, should they die
         self.restoring: dict[int, dict] = {}  # epoch -> the shadows its restore takes
 
@@ -108,6 +111,7 @@ class Node:
             if peers is not None:
                 peers.cancel()
             self.peers.close()
+            self.executor.group.close()
             if self.sock is not None:
                 self._close()
             self.pool.shutdown(wait=False, cancel_futures=True)
@@ -159,6 +163,7 @@ class Node:
             device=cfg.device, dtype=cfg.dtype, model=str(self.model_dir),
             num_layers=self.executor.spec.num_layers, identity=self.identity, **self.memory(),
             gflops=round(self.gflops, 2), max_batch=cfg.max_batch, **pool,
+            group=self.executor.group.addr,
             **({"peer": self.peers.addr} if self.peers.addr else {})))
         log.info("node %s registering with %s (%s, %s, %.1f GFLOP/s)", cfg.name, cfg.broker,
                  cfg.device, cfg.dtype, self.gflops)
@@ -177,7 +182,8 @@ class Node:
                     mem_held=mem["mem_held"], kv_bytes=self.executor.kv_bytes(),
                     shadow_bytes=self.shadows.nbytes(),
                     sessions=len(self.executor.caches), steps=self.executor.steps,
-                    known_steps=self.executor.known_steps))
+                    known_steps=self.executor.known_steps,
+                    **self._combine_stats()))
                 next_beat = now + self.heartbeat_s
             frames = await self.sock.recv(max(0.001, next_beat - now))
             if frames is None:
@@ -209,6 +215,9 @@ class Node:
                 log.warning("dropped a KV shadow of %s for session %s that did not follow on",
                             owner, msg["sid"])
             return
+        if msg.kind in ("restore", "load"):
+            # a new placement: a combine still waiting on a member (a dead one) gives up now
+            self.executor.group.interrupt()
         if msg.kind == "free":
             self.shadows.free([s for s in msg["sids"] if isinstance(s, str)])
         elif msg.kind == "restore":
@@ -243,7 +252,9 @@ class Node:
             await self._pump()
         first = self._held or await self.queue.get()
         self._held = None
-        if first.kind != "step":
+        if first.kind != "step" or self._split():
+            # every member of a split stage runs the broker's messages as they came: the same
+            # batches, so their combines meet
             return [first]
         batch, sids, rows, tokens = [first], _sids(first), *_size(first)
         while not self.queue.empty():
@@ -317,7 +328,8 @@ class Node:
             return
         args = (rows, self.cfg.max_batch, self.cfg.max_batch_tokens)
         decode = all(r.n == 1 for r in rows)
-        if decode and (self.executor.decoder is not None or self.decode_s < INLINE_S):
+        if decode and not self._split() and (self.executor.decoder is not None
+                                             or self.decode_s < INLINE_S):
             # A short decode batch (a graph replay on a GPU, a small stage on a CPU) runs
             # here: the two thread hand-offs would cost more than the loop's pause.
             outs = self.executor.run_rows(*args)
@@ -332,6 +344,8 @@ class Node:
                                                sid=row.sid, step=row.step, **_epoch(msgs[k])))
             else:
                 done.append((row, out, k))
+        if self.executor.member > 0:
+            return  # another member of a split stage: the first one answers for the stage
         if "route" not in msgs[0].header:  # the star: one answer for the whole batch
             if done:
                 await self._answer(msgs, [(r, o) for r, o, _ in done])
@@ -346,6 +360,16 @@ class Node:
                                    [(r, o) for r, o, _ in part])
         if len(msgs) == 1 and len(done) == len(rows):
             self.executor.expect(msgs[0], rows)
+
+    def _combine_stats(self) -> dict:
+        g = self.executor.group
+        return {"combine_s": round(g.combine_s, 6), "combine_steps": g.steps} if g.steps else {}
+
+    def _split(self) -> bool:
+        """Whether this node holds a share of a stage split by heads (its compute waits on the
+        other members: on the compute thread, never the event loop)."""
+        stage = self.executor.stage
+        return stage is not None and stage.heads is not None
 
     async def _send_shadows(self) -> None:
         """The KV rows due to this node's shadow holder (``Executor.shadow_due``), after the
@@ -368,7 +392,9 @@ class Node:
         if not 0 <= msg["shadow_every"] <= 1 << 20:
             raise StepError("bad_value", f"shadow_every {msg['shadow_every']} out of range")
         t0 = time.perf_counter()
-        nbytes = await self._in_pool(self.executor.restore, start, end, epoch, lengths, shadows)
+        split = _split_args(msg)
+        nbytes = await self._in_pool(lambda: self.executor.restore(start, end, epoch, lengths,
+                                                                   shadows, **split))
         self.executor.shadow_every = msg["shadow_every"]
         dt = time.perf_counter() - t0
         settle_gc()
@@ -470,7 +496,9 @@ class Node:
         ex = self.executor
         if msg.kind == "prepare":
             t0 = time.perf_counter()
-            nbytes = await self._in_pool(ex.prepare, msg["start"], msg["end"], msg["epoch"])
+            split = _split_args(msg)
+            nbytes = await self._in_pool(lambda: ex.prepare(msg["start"], msg["end"],
+                                                            msg["epoch"], **split))
             log.info("prepared layers %d-%d for epoch %d (%.1f MB)", msg["start"],
                      msg["end"] - 1, msg["epoch"], nbytes / 1e6)
             await self.send(protocol.encode("prepared", rid=msg["rid"], epoch=msg["epoch"],
@@ -483,7 +511,8 @@ class Node:
             for sid, rows in zip(sids, since, strict=True):
                 if not isinstance(sid, str):
                     raise StepError("bad_message", "sids must be strings")
-                length, tensors = ex.export_kv(sid, msg["start"], msg["end"], rows)
+                length, tensors = ex.export_kv(sid, msg["start"], msg["end"], rows,
+                                               _heads(msg.get("heads")))
                 await self.send(protocol.encode("kv_data", tensors, rid=msg["rid"], sid=sid,
                                                 length=length, since=rows))
         elif msg.kind == "kv_import":
@@ -495,7 +524,8 @@ class Node:
                                                     tensors)
                 except ValueError as e:
                     raise StepError("bad_kv", str(e)) from None
-            nbytes = await self._in_pool(ex.import_kv, msg["sid"], msg["length"], tensors)
+            nbytes = await self._in_pool(ex.import_kv, msg["sid"], msg["length"], tensors,
+                                         _heads(msg.get("heads")))
             await self.send(protocol.encode("kv_imported", rid=msg["rid"], sid=msg["sid"],
                                             nbytes=sent, shadow_bytes=nbytes - sent))
         elif msg.kind == "commit":
@@ -518,13 +548,41 @@ class Node:
         start, end, epoch = msg["start"], msg["end"], msg["epoch"]
         log.info("loading layers %d-%d (epoch %d) from %s", start, end - 1, epoch, self.model_dir)
         t0 = time.perf_counter()
-        nbytes = await self._in_pool(self.executor.load, start, end, epoch)
+        split = _split_args(msg)
+        if split:
+            log.info("holding KV heads %d-%d as member %d of %d", *split["heads"],
+                     split["member"], len(split["group"]))
+        nbytes = await self._in_pool(lambda: self.executor.load(start, end, epoch, **split))
         self.executor.shadow_every = max(0, msg.get("shadow_every", 0))
         dt = time.perf_counter() - t0
         settle_gc()  # before the broker hears "loaded" and sends steps
         log.info("loaded layers %d-%d: %.1f MB in %.2f s", start, end - 1, nbytes / 1e6, dt)
         await self.send(protocol.encode("loaded", epoch=epoch, start=start, end=end,
                                         weight_bytes=nbytes, load_s=dt))
+
+
+def _heads(value: object) -> tuple[int, int] | None:
+    """A message's KV-head range ``[a, b)``, checked for form (the executor checks bounds)."""
+    if value is None:
+        return None
+    if not (isinstance(value, list) and len(value) == 2
+            and all(isinstance(h, int) and not isinstance(h, bool) for h in value)
+            and value[0] < value[1]):
+        raise StepError("bad_message", f"heads must be [a, b) with a < b, got {value!r:.80}")
+    return value[0], value[1]
+
+
+def _split_args(msg: Message) -> dict:
+    """A load's or prepare's share of a stage split by heads: executor keyword arguments
+    (``heads``, ``group``, ``member``), or none for a whole stage."""
+    heads, group, member = _heads(msg.get("heads")), msg.get("group"), msg.get("member", 0)
+    if heads is None and group is None:
+        return {}
+    if not (heads is not None and isinstance(group, list) and len(group) <= 64
+            and all(protocol.is_peer_address(a) for a in group) and isinstance(member, int)):
+        raise StepError("bad_message", "a split stage needs heads [a, b), group addresses and "
+                                       "member")
+    return {"heads": heads, "group": group, "member": member}
 
 
 def settle_gc() -> None:

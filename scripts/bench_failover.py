@@ -31,8 +31,16 @@ from conftest import start_cluster  # noqa: E402
 from zpipe.cli.admin import AdminClient  # noqa: E402
 from zpipe.models import resolve_model  # noqa: E402
 
+# --heads: configs/heads.yaml's layout (a plain stage, then one split by KV heads over b and
+# c); b, a head-holding member, is the one killed
+HEADS = [{"name": "a", "layers": "0-14"}, {"name": "b", "layers": "15-29", "heads": "0-1"},
+         {"name": "c", "layers": "15-29", "heads": "2"}]
 
-def _cluster(model: Path, tmp: str, every: int):
+
+def _cluster(model: Path, tmp: str, every: int, heads: bool = False):
+    if heads:  # custom stages: without shadows, re-place over the survivors at once
+        return start_cluster(model, Path(tmp), [{**n, "threads": 1} for n in HEADS],
+                             recovery={"shadow_every": every, "wait_s": 0})
     return start_cluster(model, Path(tmp), [{"name": x, "threads": 1} for x in "abc"],
                          recovery={"shadow_every": every})
 
@@ -144,6 +152,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--no-clusters", action="store_true",
                     help="only the in-process node share of the shadow work")
+    ap.add_argument("--heads", action="store_true",
+                    help="configs/heads.yaml's layout: b holds KV heads 0-1 of layers 15-29")
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args()
     if args.no_clusters:
@@ -152,11 +162,11 @@ def main() -> None:
     out: dict = {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "machine": platform.processor()
                  or platform.machine(), "cpus": os.cpu_count(),
                  "loadavg_start": Path("/proc/loadavg").read_text().split()[:3],
-                 "every": args.every, "failover": [], "decode": []}
+                 "every": args.every, "heads": args.heads, "failover": [], "decode": []}
     for context in args.context:
         for every in (0, args.every):
             with tempfile.TemporaryDirectory() as tmp:
-                rc = _cluster(model, tmp, every)
+                rc = _cluster(model, tmp, every, args.heads)
                 try:
                     r = asyncio.run(_kill_run(rc, context, args.generated, args.after))
                 finally:

@@ -36,6 +36,8 @@ def parse_layers(value: object) -> tuple[int, int]:
 
 
 Layers = Annotated[tuple[int, int], BeforeValidator(parse_layers)]
+# KV-head groups of a stage split across nodes by heads: 'A-B' inclusive, like layers.
+Heads = Annotated[tuple[int, int], BeforeValidator(parse_layers)]
 
 
 def _check_address(v: str) -> str:
@@ -62,9 +64,30 @@ class _Strict(BaseModel):
 class StageSpec(_Strict):
     node: str
     layers: Layers
+    heads: Heads | None = None  # a share of a stage split by KV-head groups
 
 
 Strategy = Literal["uniform", "memory", "compute", "mixed", "custom"]
+
+
+def _check_stages(stages: list[tuple[str, tuple[int, int], tuple[int, int] | None]]) -> None:
+    """Layer ranges contiguous from 0; the members of a stage split by heads in a row, with the
+    same layers and KV-head ranges contiguous from 0 (the model's count is checked at
+    placement)."""
+    expect, heads, prev_layers = 0, None, None
+    for name, layers, h in stages:
+        if heads is not None and h is not None and h[0] == heads[1] \
+                and layers == prev_layers:
+            heads = h  # the next member of the split stage before
+            continue
+        if heads is not None and h is not None and layers == prev_layers:
+            raise ValueError(f"node {name!r}: heads must go on from {heads[1]}, got {h[0]}")
+        if layers[0] != expect:
+            raise ValueError(f"stages must cover layers contiguously from 0; node {name!r} "
+                             f"starts at {layers[0]}, expected {expect}")
+        if h is not None and h[0] != 0:
+            raise ValueError(f"node {name!r}: a split stage's heads start at 0, got {h[0]}")
+        expect, heads, prev_layers = layers[1], h, layers
 
 
 def _removed(data: object, keys: dict[str, str]) -> object:
@@ -111,12 +134,7 @@ class PlacementConfig(_Strict):
             names = [s.node for s in self.stages]
             if len(set(names)) != len(names):
                 raise ValueError(f"a node may hold one stage only: {names}")
-            expect = 0
-            for s in self.stages:
-                if s.layers[0] != expect:
-                    raise ValueError(f"stages must cover layers contiguously from 0; node "
-                                     f"{s.node!r} starts at {s.layers[0]}, expected {expect}")
-                expect = s.layers[1]
+            _check_stages([(s.node, s.layers, s.heads) for s in self.stages])
         if isinstance(self.nodes, list) and len(set(self.nodes)) != len(self.nodes):
             raise ValueError(f"duplicate node names in {self.nodes}")
         return self
@@ -270,6 +288,9 @@ class NodeConfig(_Strict):
     # Where other nodes send this node activations when the broker runs ``direct`` (port 0:
     # any free port). Unset: activations come through the broker only.
     peer_bind: Address | None = None
+    # Where the other members of a stage split by heads send this node their partial outputs
+    # (port 0: any free port); told to the broker when the node registers.
+    group_bind: Address = "tcp://127.0.0.1:0"
     cpu: CPU | None = None  # as the broker's
     keys: KeyDir | None = None  # as the broker's: it uses broker.key, nodes/NAME.key_secret
     curve: bool | None = None  # and nodes/*.key (the other nodes' peer sockets)
@@ -285,6 +306,7 @@ class ClusterNode(_Strict):
     dtype: DType = "float32"
     threads: Annotated[int, Field(ge=1, le=1024)] | None = None
     layers: Layers | None = None
+    heads: Heads | None = None  # with layers: this node's KV-head groups of a split stage
     max_batch: int = Field(64, ge=1, le=4096)
     static_kv: StaticKV = StaticKV()
     busy_poll_ms: float = Field(0.0, ge=0, le=1000)
@@ -323,12 +345,10 @@ class ClusterConfig(_Strict):
         names = [n.name for n in self.nodes]
         if len(set(names)) != len(names):
             raise ValueError(f"duplicate node names: {names}")
-        expect = 0
-        for n in self.nodes if all(given) else []:
-            if n.layers[0] != expect:
-                raise ValueError(f"layers must be contiguous from 0; node {n.name!r} "
-                                 f"starts at {n.layers[0]}, expected {expect}")
-            expect = n.layers[1]
+        if any(n.heads is not None and n.layers is None for n in self.nodes):
+            raise ValueError("'heads' needs 'layers'")
+        if all(given):
+            _check_stages([(n.name, n.layers, n.heads) for n in self.nodes])
         return self
 
     def pinned_cpus(self) -> tuple[int | None, list[int | None]]:
@@ -355,7 +375,8 @@ class ClusterConfig(_Strict):
         common = {"context_len": cp.context_len, "sessions": cp.sessions, "weights": cp.weights}
         if self.nodes[0].layers is not None:
             placement = PlacementConfig(strategy="custom", stages=[
-                StageSpec(node=n.name, layers=f"{n.layers[0]}-{n.layers[1] - 1}")
+                StageSpec(node=n.name, layers=f"{n.layers[0]}-{n.layers[1] - 1}",
+                          heads=None if n.heads is None else f"{n.heads[0]}-{n.heads[1] - 1}")
                 for n in self.nodes], **common)
         else:
             placement = PlacementConfig(strategy=cp.strategy, nodes=[n.name for n in self.nodes],
@@ -440,7 +461,7 @@ def dump(cfg: BaseModel, path: Path) -> None:
 def _layers_to_text(obj: object) -> None:
     if isinstance(obj, dict):
         for k, v in obj.items():
-            if k == "layers" and isinstance(v, list) and len(v) == 2:
+            if k in ("layers", "heads") and isinstance(v, list) and len(v) == 2:
                 obj[k] = f"{v[0]}-{v[1] - 1}"
             else:
                 _layers_to_text(v)

@@ -75,9 +75,19 @@ class StageAssignment:
     node: str
     start: int
     end: int  # exclusive
+    # A stage split by KV-head groups: ``(node, first head, end head)`` per member in member
+    # order, ``node`` (the member that answers the broker) first. Empty: ``node`` holds it all.
+    group: tuple[tuple[str, int, int], ...] = ()
+
+    def members(self) -> list[str]:
+        """The nodes holding this stage."""
+        return [m[0] for m in self.group] if self.group else [self.node]
 
     def to_dict(self) -> dict:
-        return {"node": self.node, "start": self.start, "end": self.end}
+        d = {"node": self.node, "start": self.start, "end": self.end}
+        if self.group:
+            d["heads"] = [list(m) for m in self.group]
+        return d
 
 
 @dataclass
@@ -89,7 +99,12 @@ class Placement:
         return [s.to_dict() for s in self.stages]
 
     def nodes(self) -> list[str]:
-        return [s.node for s in self.stages]
+        """Every node of the placement, the members of a split stage in member order."""
+        return [n for s in self.stages for n in s.members()]
+
+    def split(self) -> bool:
+        """Whether a stage is split across nodes by heads."""
+        return any(s.group for s in self.stages)
 
 
 class PlacementError(ValueError):
@@ -557,9 +572,33 @@ def uniform(nodes: list[str], num_layers: int) -> list[StageAssignment]:
     return out
 
 
+def custom_stages(cfg: PlacementConfig, kv_heads: int | None = None) -> list[StageAssignment]:
+    """The configured stages, the nodes given ``heads`` of one layer range joined as one split
+    stage (the config checked their order); with ``kv_heads``, each split must cover them all."""
+    out: list[StageAssignment] = []
+    for s in cfg.stages:
+        prev = out[-1] if out else None
+        if s.heads is not None and prev is not None and prev.group \
+                and (prev.start, prev.end) == s.layers and prev.group[-1][2] == s.heads[0]:
+            out[-1] = StageAssignment(prev.node, prev.start, prev.end,
+                                      (*prev.group, (s.node, *s.heads)))
+        else:
+            group = ((s.node, *s.heads),) if s.heads is not None else ()
+            out.append(StageAssignment(s.node, *s.layers, group))
+    for st in out:
+        if st.group and kv_heads is not None and st.group[-1][2] != kv_heads:
+            raise PlacementError(f"layers {st.start}-{st.end - 1}: heads split among "
+                                 f"{', '.join(st.members())} cover 0-{st.group[-1][2] - 1} "
+                                 f"of the model's {kv_heads} KV heads")
+        if st.group and len(st.group) == 1:
+            raise PlacementError(f"layers {st.start}-{st.end - 1}: node {st.node} holds heads "
+                                 f"of a stage nobody else shares")
+    return out
+
+
 def choose(cfg: PlacementConfig, registered: list[str], num_layers: int, *,
            caps: Mapping[str, NodeCapability] | None = None, cost: ModelCost | None = None,
-           perf_weight: float = 0.0) -> list[StageAssignment]:
+           perf_weight: float = 0.0, kv_heads: int | None = None) -> list[StageAssignment]:
     """The stages for ``cfg`` given the names of the nodes that are registered and alive.
 
     With ``caps`` (by node name) and ``cost``, the memory / compute / mixed strategies plan with
@@ -575,7 +614,7 @@ def choose(cfg: PlacementConfig, registered: list[str], num_layers: int, *,
         if last != num_layers:
             raise PlacementError(f"custom stages cover layers 0-{last - 1} but the model has "
                                  f"{num_layers} layers")
-        stages = [StageAssignment(s.node, *s.layers) for s in cfg.stages]
+        stages = custom_stages(cfg, kv_heads)
         if caps is not None and cost is not None:
             missing = [s.node for s in stages if s.node not in caps]
             if missing:

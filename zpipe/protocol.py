@@ -63,6 +63,8 @@ SCHEMAS: dict[str, dict[str, str]] = {
         # Its static KV pool, if it has one: slots of kv_max_len tokens, for every layer held
         # (plus one scratch slot), allocated whatever the sessions: the planner budgets for it.
         "kv_slots?": _INT, "kv_max_len?": _INT,
+        # Where the other members of a stage split by heads send it partials (group_bind).
+        "group?": _STR,
     },
     "loaded": {"epoch": _INT, "start": _INT, "end": _INT, "weight_bytes": _INT, "load_s": _NUM},
     # A stage's answer to a step, for the rows it ran: "rows" [sid, step, n] in the step's
@@ -73,7 +75,10 @@ SCHEMAS: dict[str, dict[str, str]] = {
                "times?": _LIST},
     # --- broker -> node
     # "shadow_every": send the broker KV shadows every that many new rows (0 or absent: none)
-    "load": {"epoch": _INT, "start": _INT, "end": _INT, "shadow_every?": _INT},
+    # A stage split by KV-head groups: "heads" [a, b) this node holds, "group" every member's
+    # group address in member order, "member" this node's index in it (0 answers the broker).
+    "load": {"epoch": _INT, "start": _INT, "end": _INT, "shadow_every?": _INT,
+             "heads?": _LIST, "group?": _LIST, "member?": _INT},
     # One token step of one or more sessions (a batch travels whole from stage to stage):
     # "rows" [sid, step, pos, n] per session; tensor "x" holds the rows' inputs concatenated,
     # n each: token ids (stage 0) or hidden states. "sampling" (one dict per row) goes to the
@@ -111,7 +116,10 @@ SCHEMAS: dict[str, dict[str, str]] = {
     "welcome": {"heartbeat_s": _NUM, "liveness": _INT},
     "heartbeat": {"rss?": _INT, "mem_free?": _INT, "mem_held?": _INT, "kv_bytes?": _INT,
                   "sessions?": _INT, "steps?": _INT, "known_steps?": _INT,
-                  "shadow_bytes?": _INT},  # host memory of the KV shadows it holds
+                  "shadow_bytes?": _INT,  # host memory of the KV shadows it holds
+                  # a member of a stage split by heads: seconds spent combining partials, and
+                  # the step batches they served (both since it started)
+                  "combine_s?": _NUM, "combine_steps?": _INT},
     "ping": {"rid?": _STR},
     "pong": {"rid?": _STR},
     # --- admin: a client asks the broker (op: status, nodes, sessions, metrics, profile)
@@ -123,16 +131,19 @@ SCHEMAS: dict[str, dict[str, str]] = {
                       "rss": _INT},
     # --- reallocation (brokers/mover.py): prepare -> KV export/import -> commit, or abort.
     # A node given start == end holds nothing after the commit.
-    "prepare": {"rid": _STR, "epoch": _INT, "start": _INT, "end": _INT},
+    "prepare": {"rid": _STR, "epoch": _INT, "start": _INT, "end": _INT,
+                "heads?": _LIST, "group?": _LIST, "member?": _INT},  # as in "load"
     "prepared": {"rid": _STR, "epoch": _INT, "weight_bytes": _INT, "load_s": _NUM},
+    # "heads" [a, b): only those KV heads (model-wide numbering) of a stage split by heads.
     # "since": per sid, the rows the destination already holds in its KV shadow of the
     # sender: only the rows after them are sent.
-    "kv_export": {"rid": _STR, "sids": _LIST, "start": _INT, "end": _INT, "since?": _LIST},
+    "kv_export": {"rid": _STR, "sids": _LIST, "start": _INT, "end": _INT, "heads?": _LIST,
+                  "since?": _LIST},
     # one per session: tensors "k.{layer}", "v.{layer}" [kv_heads, length - since, head_dim]
     "kv_data": {"rid": _STR, "sid": _STR, "length": _INT, "since?": _INT},
     # rows [0, since) come from the receiver's shadow of "owner"
-    "kv_import": {"rid": _STR, "sid": _STR, "length": _INT, "since?": _INT, "owner?": _STR},
-    "kv_imported": {"rid": _STR, "sid": _STR, "nbytes": _INT, "shadow_bytes?": _INT},
+    "kv_import": {"rid": _STR, "sid": _STR, "length": _INT, "heads?": _LIST, "since?": _INT,
+                  "owner?": _STR},
     "commit": {"rid": _STR, "epoch": _INT},
     "committed": {"rid": _STR, "epoch": _INT},
     "abort": {"rid": _STR, "epoch": _INT},
@@ -147,7 +158,8 @@ SCHEMAS: dict[str, dict[str, str]] = {
     # free every other session's; layers new to the node come from the shadows of "owner".
     # Answered by "loaded".
     "restore": {"epoch": _INT, "start": _INT, "end": _INT, "sessions": _LIST,
-                "shadow_every": _INT, "owner?": _STR},
+                "shadow_every": _INT, "owner?": _STR,
+                "heads?": _LIST, "group?": _LIST, "member?": _INT},  # as in "load"
     # --- any direction
     "error": {"code": _STR, "message": _STR, "rid?": _STR, "sid?": _STR, "step?": _INT,
               "epoch?": _INT},

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -79,6 +80,36 @@ class ModelSpec:
             vocab_size=config.vocab_size, eos_token_ids=eos,
             tie_word_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
         )
+
+
+def head_slices(spec: ModelSpec, heads: tuple[int, int]) -> dict[str, tuple[int, int, int]]:
+    """What a node holding KV heads ``[a, b)`` of a layer reads of it: ``part -> (dim, lo, hi)``.
+
+    A KV-head group is one KV head and the query heads that share it, so K/V never split: the
+    node takes those heads' rows of q/k/v and the matching columns of ``o_proj``, and the MLP's
+    intermediate columns in the same proportion (rows of gate/up, columns of down).
+    """
+    a, b = heads
+    g, hd = spec.num_kv_heads, spec.head_dim
+    if not 0 <= a < b <= g:
+        raise ValueError(f"bad KV-head range [{a}, {b}) for {g} KV heads")
+    rep = spec.num_heads // g
+    inter = spec.config.intermediate_size
+    mlp = (inter * a // g, inter * b // g)
+    q = (a * rep * hd, b * rep * hd)
+    kv = (a * hd, b * hd)
+    return {"self_attn.q_proj": (0, *q), "self_attn.k_proj": (0, *kv),
+            "self_attn.v_proj": (0, *kv), "self_attn.o_proj": (1, *q),
+            "mlp.gate_proj": (0, *mlp), "mlp.up_proj": (0, *mlp), "mlp.down_proj": (1, *mlp)}
+
+
+def sum_partials(parts: list[Tensor]) -> Tensor:
+    """The partials of a split stage's members added in member order: every member that adds
+    the same partials gets the same bits, so their residual streams stay identical."""
+    total = parts[0].clone()
+    for p in parts[1:]:
+        total += p
+    return total
 
 
 def _weight_files(model_dir: Path) -> dict[str, Path]:
@@ -168,9 +199,16 @@ class Stage:
 
     def __init__(self, model_dir: Path, start: int, end: int, *,
                  dtype: torch.dtype = torch.float32, device: str = "cpu",
-                 reuse: Stage | None = None):
+                 reuse: Stage | None = None, heads: tuple[int, int] | None = None):
         """``reuse``: a stage of the same model whose tensors this one shares where they
-        overlap, so a node that gains layers reads only those from disk."""
+        overlap, so a node that gains layers reads only those from disk.
+
+        ``heads``: KV heads ``[a, b)`` of a stage split across nodes by heads (``head_slices``
+        says what that holds); None for all of them. A split stage needs ``combine``: a function
+        that takes this member's partial output of a layer's attention or MLP ``[T, hidden]``
+        and returns the sum of every member's (``sum_partials`` of them all); the residual is
+        added to that sum once.
+        """
         from transformers.activations import ACT2FN
         from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
@@ -179,6 +217,11 @@ class Stage:
             raise ValueError(f"bad layer range [{start}, {end}) for {spec.num_layers} layers")
         if dtype not in (torch.float32, torch.bfloat16, torch.float16):
             raise ValueError(f"dtype {dtype} not supported (float32, bfloat16 or float16)")
+        if heads is not None and tuple(heads) == (0, spec.num_kv_heads):
+            heads = None  # all of them: a plain stage
+        self.heads = tuple(heads) if heads is not None else None
+        slices = head_slices(spec, self.heads) if self.heads is not None else {}
+        self.combine: Callable[[Tensor], Tensor] | None = None
         self.start, self.end = start, end
         self.first, self.last = start == 0, end == spec.num_layers
         self.dtype, self.device = dtype, torch.device(device)
@@ -197,9 +240,10 @@ class Stage:
             tied = spec.tie_word_embeddings or "lm_head.weight" not in files
             head_name = "model.embed_tokens.weight" if tied else "lm_head.weight"
             names.append(head_name)
-        have = reuse.weights if reuse is not None and reuse.dtype == dtype else {}
+        have = reuse.weights if reuse is not None and reuse.dtype == dtype \
+            and reuse.heads == self.heads else {}
         w = {n: have[n] for n in names if n in have}
-        w.update(self._read(files, [n for n in names if n not in w]))
+        w.update(self._read(files, [n for n in names if n not in w], slices))
         self.weights = w
         self.embed = w["model.embed_tokens.weight"] if self.first else None
         self.norm = w["model.norm.weight"] if self.last else None
@@ -222,7 +266,9 @@ class Stage:
         # (8 layers; the warm step takes 8-17 ms); padded, a few shapes serve every batch.
         self.pad_rows = self.device.type != "cpu"
 
-    def _read(self, files: dict[str, Path], names: list[str]) -> dict[str, Tensor]:
+    def _read(self, files: dict[str, Path], names: list[str],
+              slices: dict[str, tuple[int, int, int]]) -> dict[str, Tensor]:
+        """The tensors ``names``; a layer part in ``slices`` only its slice (read as such)."""
         if not names:
             return {}
         missing = [n for n in names if n not in files]
@@ -236,11 +282,23 @@ class Stage:
         for path, group in by_file.items():
             with safe_open(path, framework="pt", device=load_dev) as f:
                 for n in group:
-                    out[n] = f.get_tensor(n).to(self.dtype)
+                    cut = slices.get(n.split(".", 3)[-1].removesuffix(".weight")) \
+                        if n.startswith("model.layers.") else None
+                    if cut is None:
+                        t = f.get_tensor(n)
+                    else:
+                        dim, lo, hi = cut
+                        t = f.get_slice(n)[lo:hi] if dim == 0 else f.get_slice(n)[:, lo:hi]
+                    out[n] = t.to(self.dtype).contiguous()
         return out
 
+    @property
+    def kv_heads(self) -> int:
+        """The KV heads this stage holds (its caches' heads)."""
+        return self.spec.num_kv_heads if self.heads is None else self.heads[1] - self.heads[0]
+
     def new_cache(self, chunk: int = 256) -> KVCache:
-        return KVCache(range(self.start, self.end), self.spec.num_kv_heads, self.spec.head_dim,
+        return KVCache(range(self.start, self.end), self.kv_heads, self.spec.head_dim,
                        self.dtype, self.device, chunk=chunk)
 
     @torch.inference_mode()
@@ -302,6 +360,8 @@ class Stage:
         """
         if greedy is not None and len(greedy) != len(items):
             raise ValueError(f"{len(greedy)} greedy flags for {len(items)} items")
+        if self.heads is not None and self.combine is None:
+            raise ValueError("a stage split by heads needs its group's combine")
         for cache, x, pos in items:
             if pos != cache.length:
                 raise ValueError(f"pos {pos} != cache length {cache.length}")
@@ -488,6 +548,8 @@ class Stage:
         if start < t:  # padding rows (``pad_rows``): attend to nothing, stay zero
             outs.append(outs[0].new_zeros(t - start, outs[0].shape[1]))
         a = outs[0] if len(outs) == 1 else torch.cat(outs)
-        h = h + linear(a, wo)
+        o = linear(a, wo)
+        h = h + (o if self.heads is None else self.combine(o))
         x = _rms_norm(h, ln2, self.eps)
-        return h + linear(self.act(linear(x, wg)) * linear(x, wu), wd)
+        m = linear(self.act(linear(x, wg)) * linear(x, wu), wd)
+        return h + (m if self.heads is None else self.combine(m))

@@ -8,6 +8,8 @@
     zpipe admin plan [--strategy S] [--json]       the placement a strategy would choose now,
                                                     with predicted ms/token; nothing applied
     zpipe admin move --layers A-B --to NODE        move layers A..B (inclusive) to NODE
+    zpipe admin move --layers A-B --heads G1-G2 --to NODE
+                                                   move KV heads G1..G2 of stage A..B to NODE
     zpipe admin rebalance [--strategy S]           re-plan and move layers accordingly
     zpipe admin drain NODE                         move every layer off NODE (so it can leave)
     zpipe admin slow NODE --factor F               slow NODE's compute down F times (tests, demos)
@@ -167,8 +169,7 @@ def format_status(d: dict) -> str:
     state = "ready" if d["ready"] else f"not ready: {d['waiting_for']}"
     lines = [f"model {d['model']} ({d['num_layers']} layers), {state}"]
     if p:
-        lines.append(f"placement epoch {p['epoch']}: " + ", ".join(
-            f"{s['node']}[{s['start']}-{s['end'] - 1}]" for s in p["stages"]))
+        lines.append(f"placement epoch {p['epoch']}: " + _stages_text(p["stages"]))
     else:
         lines.append("no placement")
     fin = ", ".join(f"{k} {v}" for k, v in sorted(o["sessions_finished"].items())) or "none"
@@ -187,13 +188,23 @@ def _layers(start: int, end: int) -> str:
     return f"{start}-{end - 1}"
 
 
+def _stage_text(s: dict) -> str:
+    """``a[0-9]``, or for a stage split by heads ``b[10-29 h0-1]+c[10-29 h2]``."""
+    layers = _layers(s["start"], s["end"])
+    heads = s.get("heads")
+    if not isinstance(heads, list) or not heads:
+        return f"{s['node']}[{layers}]"
+    return "+".join(f"{m[0]}[{layers} h{m[1]}" + (f"-{m[2] - 1}]" if m[2] - m[1] > 1 else "]")
+                    for m in heads)
+
+
 def _stages_text(stages: Any) -> str:
     """``a[0-9] b[10-29]`` from a list of stage dicts; anything else as it is."""
     if isinstance(stages, dict) and "stages" in stages:
         stages = stages["stages"]
     if isinstance(stages, list) and all(
             isinstance(s, dict) and {"node", "start", "end"} <= set(s) for s in stages):
-        return " ".join(f"{s['node']}[{_layers(s['start'], s['end'])}]" for s in stages) or "-"
+        return " ".join(_stage_text(s) for s in stages) or "-"
     return "-" if stages is None else str(stages)
 
 
@@ -223,7 +234,8 @@ def _recovery_text(r: dict) -> str:
 
 
 def _plan_table(p: dict) -> str:
-    rows = [[s["node"], _layers(s["start"], s["end"]), s["layers"], ms(s["predicted_s"], 3),
+    rows = [[s["node"] if not s.get("heads") else "+".join(m[0] for m in s["heads"]),
+             _layers(s["start"], s["end"]), s["layers"], ms(s["predicted_s"], 3),
              ms(s.get("measured_s"), 3), mb(s["weight_bytes"]), mb(s["kv_bytes"]),
              mb(s["memory_bytes"]), mb(s["budget_bytes"])] for s in p["stages"]]
     return table(["NODE", "LAYERS", "N", "PRED ms/tok", "MEASURED ms", "WEIGHTS MB", "KV MB",
@@ -466,10 +478,15 @@ def add_parser(subparsers: Any) -> None:
     q = cmd("plan", cmd_plan, "the placement a strategy would choose now (nothing applied)")
     q.add_argument("--strategy", choices=STRATEGIES, default=None,
                    help="default: the broker's placement strategy")
-    q = cmd("move", _act("move", lambda a: {"layers": a.layers, "to": a.to}),
-            "move a layer range (inclusive) to a node")
+    q = cmd("move", _act("move", lambda a: {"layers": a.layers, "to": a.to,
+                                            **({"heads": a.heads} if a.heads else {})}),
+            "move a layer range (inclusive), or KV heads of a stage, to a node")
     q.add_argument("--layers", required=True, type=_layer_range, metavar="A-B",
                    help="layers A to B inclusive, e.g. 10-14")
+    q.add_argument("--heads", type=_layer_range, metavar="G1-G2", default=None,
+                   help="KV heads G1 to G2 inclusive of the stage of exactly those layers, "
+                        "moved with their KV (to a member they adjoin, or a node holding "
+                        "nothing)")
     q.add_argument("--to", required=True, type=_node_name, metavar="NODE", help="target node")
     q = cmd("rebalance", _act("rebalance", lambda a: {"strategy": a.strategy} if a.strategy
                               else {}), "re-plan with a strategy and move layers")
