@@ -23,7 +23,7 @@ from brokers.registry import NodeInfo
 from brokers.sessions import PENALTY_CONTEXT_MAX, Session
 from zpipe import protocol
 from zpipe.placement import Placement
-from zpipe.protocol import Message, ProtocolError
+from zpipe.protocol import MAX_STEP_TOKENS, Message, ProtocolError
 
 log = logging.getLogger("zpipe.broker")
 
@@ -52,17 +52,21 @@ class Cohort:
 
 def cohorts(sessions: list[Session], cap: int) -> list[list[Session]]:
     """``sessions`` in order, cut into cohorts of at most ``cap`` whose penalty contexts
-    together stay within ``PENALTY_CONTEXT_MAX`` ids (they travel in the step's header)."""
+    together stay within ``PENALTY_CONTEXT_MAX`` ids (they travel in the step's header) and
+    whose inputs (prompts, for prefills) within the ``MAX_STEP_TOKENS`` a node takes."""
     out: list[list[Session]] = []
     cur: list[Session] = []
-    ids = 0
+    ids = tokens = 0
     for s in sessions:
         n = s.context_len() if s.penalised else 0
-        if cur and (len(cur) == cap or ids + n > PENALTY_CONTEXT_MAX):
+        t = s.step_input_len()
+        if cur and (len(cur) == cap or ids + n > PENALTY_CONTEXT_MAX
+                    or tokens + t > MAX_STEP_TOKENS):
             out.append(cur)
-            cur, ids = [], 0
+            cur, ids, tokens = [], 0, 0
         cur.append(s)
         ids += n
+        tokens += t
     if cur:
         out.append(cur)
     return out

@@ -59,7 +59,7 @@ class KnownCohort:
 
 
 class Executor:
-    def __init__(self, model_dir: Path, dtype: str, device: str, max_step_tokens: int = 8192,
+    def __init__(self, model_dir: Path, dtype: str, device: str, max_step_tokens: int = protocol.MAX_STEP_TOKENS,
                  static_kv: StaticKV | None = None, max_batch: int = 64):
         self.model_dir = model_dir
         # With a static KV pool, sessions live in slots and decode steps run batched through

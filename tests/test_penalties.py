@@ -22,6 +22,7 @@ from brokers.sessions import (
 from brokers.steps import cohorts
 from zpipe import protocol
 from zpipe.config import Limits
+from zpipe.protocol import MAX_STEP_TOKENS
 from zpipe.sampling import (
     CHAT_DEFAULTS,
     SamplingParams,
@@ -213,3 +214,16 @@ def test_cli_sampling_defaults() -> None:
                                                  "temperature": 0.0}
     with pytest.raises(SystemExit):
         build_parser().parse_args(["chat", "--repetition-penalty", "0"])
+
+
+def test_prefill_cohorts_stay_within_the_tokens_a_step_takes(tiny_model: Path) -> None:
+    """Prefills of long prompts that arrive together go in cohorts whose prompts fit one step
+    message (``MAX_STEP_TOKENS``); decode steps of those sessions go on as one cohort."""
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    long = [_session(tok, [1] * 3000, {}, 0) for _ in range(5)]
+    cut = cohorts(long, cap=64)
+    assert [len(c) for c in cut] == [2, 2, 1]
+    assert all(sum(s.step_input_len() for s in c) <= MAX_STEP_TOKENS for c in cut)
+    for s in long:
+        s.tokens, s.step = [7], 1
+    assert [len(c) for c in cohorts(long, cap=64)] == [5]

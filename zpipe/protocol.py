@@ -31,6 +31,7 @@ MAX_MESSAGE_BYTES = 2 << 30
 MAX_LIST_ITEMS = 1 << 17  # prompt ids, session lists
 MAX_STR = 1 << 20
 MAX_ROWS = 4096  # sessions in one step message
+MAX_STEP_TOKENS = 8192  # input tokens of one step message, all its rows together
 MAX_SID = 128
 
 DTYPES: dict[str, torch.dtype] = {
