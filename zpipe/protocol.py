@@ -145,6 +145,7 @@ SCHEMAS: dict[str, dict[str, str]] = {
     # rows [0, since) come from the receiver's shadow of "owner"
     "kv_import": {"rid": _STR, "sid": _STR, "length": _INT, "heads?": _LIST, "since?": _INT,
                   "owner?": _STR},
+    "kv_imported": {"rid": _STR, "sid": _STR, "nbytes": _INT, "shadow_bytes?": _INT},
     "commit": {"rid": _STR, "epoch": _INT},
     "committed": {"rid": _STR, "epoch": _INT},
     "abort": {"rid": _STR, "epoch": _INT},
