@@ -1,0 +1,225 @@
+"""A zpipe cluster across network namespaces on one machine: real hosts' networking without
+the hosts.
+
+The broker and every node run in a network namespace of their own, each joined by a veth pair
+to one bridge in the root namespace, with real addresses of a free 10.x.y.0/24 (the bridge
+has the last one, so a client in the root namespace reaches the broker as a remote client
+would). Each link can be capped with ``tc ... tbf`` (both directions) and cut with ``ip link
+set ... down``. The processes are the real ``zpipe broker`` / ``zpipe node`` started with
+``ip netns exec``; the broker binds its veth address, the nodes connect to it there, and under
+direct routing each node binds its peer socket to its own address, which is what it
+registers and what the other nodes connect to.
+
+Needs root and iproute2 (``ip``, ``tc``). Every name is unique to the run, and ``stop`` removes
+what ``start`` made by those names (processes by pid), whatever happened in between.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from zpipe.config import BrokerConfig, NodeConfig, dump
+
+PORT = 5555
+COMMAND_S = 10.0  # the most one ip / tc command may take
+
+
+class NetnsError(RuntimeError):
+    pass
+
+
+def unavailable() -> str | None:
+    """Why namespaces cannot be used here (None: they can): root, ``ip`` and ``tc``, and a
+    namespace that can really be made."""
+    if os.geteuid() != 0:
+        return "network namespaces need root"
+    missing = [tool for tool in ("ip", "tc") if shutil.which(tool) is None]
+    if missing:
+        return f"iproute2's {' and '.join(missing)} not found"
+    probe = f"zpipe-probe-{os.getpid()}-{random.randrange(1 << 16):04x}"
+    made = subprocess.run(["ip", "netns", "add", probe], capture_output=True, text=True,
+                          timeout=COMMAND_S)
+    if made.returncode != 0:
+        return f"ip netns add failed: {made.stderr.strip()}"
+    subprocess.run(["ip", "netns", "del", probe], capture_output=True, timeout=COMMAND_S)
+    return None
+
+
+def _ip(*args: str, check: bool = True) -> str:
+    done = subprocess.run(list(args), capture_output=True, text=True, timeout=COMMAND_S)
+    if check and done.returncode != 0:
+        raise NetnsError(f"{' '.join(args)}: {done.stderr.strip()}")
+    return done.stdout
+
+
+def _free_subnet() -> ipaddress.IPv4Network:
+    """A 10.x.y.0/24 that no address or route of the root namespace touches."""
+    used = []
+    for line in (_ip("ip", "-4", "-o", "addr", "show") + _ip("ip", "-4", "route", "show")
+                 ).split():
+        try:
+            used.append(ipaddress.ip_network(line, strict=False))
+        except ValueError:
+            continue
+    for _ in range(200):
+        net = ipaddress.ip_network(f"10.{random.randrange(200, 250)}.{random.randrange(256)}.0/24")
+        if not any(net.overlaps(u) for u in used if u.prefixlen > 0):
+            return net
+    raise NetnsError("no free 10.x.y.0/24 for the namespaces")
+
+
+def _burst(rate: str) -> int:
+    """tbf's bucket: 10 ms of the rate (at least 16 KB), enough for the kernel's timer."""
+    units = {"kbit": 1e3, "mbit": 1e6, "gbit": 1e9, "bit": 1.0}
+    for unit, mult in units.items():
+        if rate.lower().endswith(unit):
+            bits = float(rate[:-len(unit)]) * mult
+            return max(16_000, int(bits / 8 / 100))
+    raise ValueError(f"a rate like 20mbit or 1gbit, got {rate!r}")
+
+
+@dataclass
+class Host:
+    """One namespace: its name, the veth end in the root namespace (on the bridge) and the end
+    inside, and its address."""
+
+    ns: str
+    outside: str
+    inside: str
+    addr: str
+
+
+class NetnsCluster:
+    """A broker and ``nodes`` nodes (named n0, n1, ...), each in a namespace of its own."""
+
+    def __init__(self, model: str | Path, nodes: int, log_dir: Path, rate: str | None = None,
+                 direct: bool = False, threads: int = 1, broker: dict | None = None) -> None:
+        self.model, self.log_dir, self.rate = str(model), log_dir, rate
+        self.direct, self.threads, self.knobs = direct, threads, broker or {}
+        tag = f"{os.getpid() % 1000:03d}{random.randrange(1000):03d}"  # interface names <= 15
+        self.tag = tag
+        self.bridge = f"zpb{tag}"
+        self.net = _free_subnet()
+        addrs = [str(a) for a in self.net.hosts()]
+        self.gateway = addrs[-1]  # the bridge's: the root namespace's way in
+        self.roles = ["broker", *[f"n{i}" for i in range(nodes)]]
+        self.hosts = {role: Host(f"zpipe-{tag}-{role}", f"zph{tag}{i}", f"zpn{tag}{i}", addrs[i])
+                      for i, role in enumerate(self.roles)}
+        self.procs: dict[str, subprocess.Popen] = {}
+        self._namespaces: list[str] = []  # what was made, to remove exactly that
+        self._links: list[str] = []
+
+    @property
+    def address(self) -> str:
+        """The broker's address, as nodes and clients reach it."""
+        return f"tcp://{self.hosts['broker'].addr}:{PORT}"
+
+    def start(self) -> None:
+        """Make the network and start the broker and the nodes (not waiting for them)."""
+        try:
+            self._network()
+            self.log_dir.mkdir(parents=True, exist_ok=True)
+            self._spawn("broker", "broker", BrokerConfig(
+                model=self.model, bind=self.address, direct=self.direct,
+                placement={"strategy": "uniform", "nodes": len(self.roles) - 1}, **self.knobs))
+            for role in self.roles[1:]:
+                host = self.hosts[role]
+                self._spawn(role, "node", NodeConfig(
+                    name=role, broker=self.address, model=self.model, threads=self.threads,
+                    peer_bind=f"tcp://{host.addr}:0" if self.direct else None))
+        except BaseException:
+            self.stop()
+            raise
+
+    def _network(self) -> None:
+        prefix = self.net.prefixlen
+        _ip("ip", "link", "add", self.bridge, "type", "bridge")
+        self._links.append(self.bridge)
+        _ip("ip", "addr", "add", f"{self.gateway}/{prefix}", "dev", self.bridge)
+        _ip("ip", "link", "set", self.bridge, "up")
+        for host in self.hosts.values():
+            _ip("ip", "netns", "add", host.ns)
+            self._namespaces.append(host.ns)
+            _ip("ip", "link", "add", host.outside, "type", "veth", "peer", "name", host.inside)
+            self._links.append(host.outside)
+            _ip("ip", "link", "set", host.inside, "netns", host.ns)
+            _ip("ip", "link", "set", host.outside, "master", self.bridge)
+            _ip("ip", "link", "set", host.outside, "up")
+            _ip("ip", "-n", host.ns, "addr", "add", f"{host.addr}/{prefix}", "dev", host.inside)
+            _ip("ip", "-n", host.ns, "link", "set", host.inside, "up")
+            _ip("ip", "-n", host.ns, "link", "set", "lo", "up")
+        self.cap(self.rate)
+
+    def cap(self, rate: str | None) -> None:
+        """Cap every link at ``rate`` (e.g. "20mbit") in both directions; None: no cap."""
+        self.rate = rate
+        for host in self.hosts.values():
+            for where, dev in (((), host.outside), (("-n", host.ns), host.inside)):
+                if rate is None:
+                    _ip("tc", *where, "qdisc", "del", "dev", dev, "root", check=False)
+                else:
+                    _ip("tc", *where, "qdisc", "replace", "dev", dev, "root", "tbf", "rate",
+                        rate, "burst", str(_burst(rate)), "latency", "100ms")
+
+    def cut(self, role: str) -> None:
+        """Cut ``role``'s link to the bridge (its end in the root namespace goes down)."""
+        _ip("ip", "link", "set", self.hosts[role].outside, "down")
+
+    def restore(self, role: str) -> None:
+        _ip("ip", "link", "set", self.hosts[role].outside, "up")
+
+    def _spawn(self, role: str, command: str, cfg: object) -> None:
+        path = self.log_dir / f"{role}.yaml"
+        dump(cfg, path)
+        with open(self.log_dir / f"{role}.log", "wb") as log:
+            self.procs[role] = subprocess.Popen(
+                ["ip", "netns", "exec", self.hosts[role].ns, sys.executable, "-m",
+                 "zpipe.cli.main", command, "-c", str(path)],
+                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def dead(self) -> list[str]:
+        return [f"{role} (exit {p.returncode})" for role, p in self.procs.items()
+                if p.poll() is not None]
+
+    def tail(self, role: str, lines: int = 20) -> str:
+        try:
+            text = (self.log_dir / f"{role}.log").read_text(errors="replace")
+        except OSError:
+            return ""
+        return "\n".join(text.splitlines()[-lines:])
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop the processes (by pid: SIGTERM, then SIGKILL) and remove the namespaces and
+        links this cluster made. Safe to call twice, and after a partial start."""
+        for p in self.procs.values():
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        for p in self.procs.values():
+            try:
+                p.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+        for ns in self._namespaces:
+            # Whatever still runs inside (started by these processes): by pid, then the name.
+            for pid in _ip("ip", "netns", "pids", ns, check=False).split():
+                try:
+                    os.kill(int(pid), signal.SIGKILL)
+                except (ProcessLookupError, ValueError):
+                    pass
+            _ip("ip", "netns", "del", ns, check=False)
+        for link in self._links:  # a veth goes with its namespace; the bridge stays otherwise
+            if _ip("ip", "link", "show", link, check=False):
+                _ip("ip", "link", "del", link, check=False)
+        self._namespaces.clear()
+        self._links.clear()
