@@ -24,6 +24,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -223,3 +224,145 @@ class NetnsCluster:
                 _ip("ip", "link", "del", link, check=False)
         self._namespaces.clear()
         self._links.clear()
+
+
+# ----------------------------------------------------------------- python -m bench netns
+
+PROMPT = ("The history of the printing press begins in the fifteenth century, when Johannes "
+          "Gutenberg combined movable metal type, oil-based ink and a wooden screw press.")
+
+
+@dataclass
+class NetnsBenchConfig:
+    model: str = "smollm2"
+    nodes: int = 2
+    rates: tuple[str, ...] = ("1gbit", "20mbit")
+    new_tokens: int = 64
+    runs: int = 3
+    threads: int = 1
+    direct: bool = False
+    reference: bool = True  # transformers' greedy tokens in this process, to compare with
+    log_dir: Path | None = None
+
+
+def _reference(model_dir: Path, prompt_ids: list[int], new_tokens: int) -> list[int]:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    ids = torch.tensor([prompt_ids])
+    with torch.inference_mode():
+        out = hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                          max_new_tokens=new_tokens)
+    return out[0, ids.shape[1]:].tolist()
+
+
+def _p50(values: list[float]) -> float | None:
+    values = sorted(values)
+    return values[len(values) // 2] if values else None
+
+
+def _rate_figures(rate: str, gens: list) -> dict:
+    """The generations made under ``rate``: the client's figures and the per-node compute and
+    hop times the broker measured for each token (``Generation.timings``)."""
+    from zpipe.metrics import breakdown
+
+    per_node: dict[str, dict[str, list[float]]] = {}
+    for g in gens:
+        for name, figs in breakdown(g.timings)["nodes"].items():
+            node = per_node.setdefault(name, {"compute": [], "hop": []})
+            node["compute"].append(figs["compute"]["p50"])
+            node["hop"].append(figs["hop"]["p50"])
+    return {
+        "rate": rate,
+        "tokens_per_s": [round(g.tokens_per_s, 3) for g in gens],
+        "ttft_s": [round(g.ttft_s, 4) for g in gens],
+        "new_tokens": [len(g.token_ids) for g in gens],
+        "token_ids": [g.token_ids for g in gens],
+        "nodes": {name: {k: _p50(v) for k, v in figs.items()}
+                  for name, figs in sorted(per_node.items())},
+    }
+
+
+def bench(cfg: NetnsBenchConfig, progress: Callable[[str], None] = lambda m: None) -> dict:
+    """``python -m bench netns``: one cluster; after a warm-up, ``runs`` rounds that each cap
+    the links at every rate in turn and generate once (interleaved, so that the load of a
+    shared machine falls on every rate alike); then whether every generation gave the same
+    tokens, and transformers' too."""
+    import asyncio
+    import tempfile
+
+    from bench.common import machine_info
+    from zpipe.cli.admin import AdminClient
+    from zpipe.client import Client
+    from zpipe.models import resolve_model
+
+    reason = unavailable()
+    if reason:
+        raise NetnsError(f"cannot run: {reason}")
+    model_dir = resolve_model(cfg.model)
+    cfg.model = str(model_dir)
+    base = cfg.log_dir or Path(tempfile.mkdtemp(prefix="zpipe-netns-"))
+    machine = machine_info()
+    cluster = NetnsCluster(cfg.model, cfg.nodes, base, rate=cfg.rates[0], direct=cfg.direct,
+                           threads=cfg.threads)
+    progress(f"namespaces {cluster.tag}: broker at {cluster.address}, nodes at "
+             + ", ".join(cluster.hosts[r].addr for r in cluster.roles[1:]))
+    cluster.start()
+    try:
+        async def run() -> tuple[list, dict]:
+            async with Client(cluster.address, timeout=600) as client:
+                await client.wait_ready(timeout=600)
+                warm = await client.generate(PROMPT, max_new_tokens=cfg.new_tokens)
+                progress("warm-up done")
+                by_rate: dict[str, list] = {r: [] for r in cfg.rates}
+                for i in range(cfg.runs):
+                    for rate in cfg.rates:
+                        cluster.cap(rate)
+                        g = await client.generate(PROMPT, max_new_tokens=cfg.new_tokens)
+                        by_rate[rate].append(g)
+                        progress(f"round {i + 1}/{cfg.runs}, {rate}: {g.tokens_per_s:.1f} tok/s")
+                return [warm], by_rate
+
+        warm, by_rate = asyncio.run(asyncio.wait_for(run(), 3600))
+        with AdminClient(cluster.address, timeout=30) as admin:
+            metrics = admin.request("metrics")
+    finally:
+        cluster.stop()
+    rates = [_rate_figures(rate, gens) for rate, gens in by_rate.items()]
+    ids = [warm[0].token_ids, *(t for r in rates for t in r["token_ids"])]
+    out = {"config": {**cfg.__dict__, "log_dir": str(base)}, "machine": machine,
+           "prompt_ids": warm[0].prompt_token_ids, "rates": rates,
+           "broker_metrics": {"overall": metrics["overall"], "nodes": metrics["nodes"]},
+           "same_tokens_everywhere": all(t == ids[0] for t in ids)}
+    if cfg.reference:
+        progress("transformers' greedy tokens for the same prompt")
+        want = _reference(model_dir, warm[0].prompt_token_ids, cfg.new_tokens)
+        out["matches_transformers"] = all(t == want for t in ids)
+    machine["loadavg_after"] = machine_info()["loadavg"]
+    return out
+
+
+def format_bench(result: dict) -> str:
+    cfg, m = result["config"], result["machine"]
+    lines = [
+        f"model {Path(cfg['model']).name}, {cfg['nodes']} nodes + broker, each in its own "
+        f"network namespace; {'direct routing' if cfg['direct'] else 'via the broker'}; "
+        f"prompt {len(result['prompt_ids'])} tokens, {cfg['new_tokens']} new tokens; "
+        f"{cfg['runs']} rounds over the caps; {cfg['threads']} thread(s) per node",
+        f"machine: {m['cpu']}, {m['cores']} cores; {m['date']}; load average {m['loadavg']} -> "
+        f"{m.get('loadavg_after')}; git {m.get('git_commit', '?')}",
+        "",
+        f"{'cap':<8} {'tok/s p50':>9} {'TTFT ms':>8}  per node, p50 ms per decode token: "
+        "compute / hop (transfer and queues, as the broker measures)",
+    ]
+    for r in result["rates"]:
+        nodes = "  ".join(f"{name} {f['compute'] * 1e3:.2f} / {f['hop'] * 1e3:.2f}"
+                          for name, f in r["nodes"].items())
+        lines.append(f"{r['rate']:<8} {_p50(r['tokens_per_s']):>9.1f} "
+                     f"{_p50(r['ttft_s']) * 1e3:>8.1f}  {nodes}")
+    lines.append("")
+    lines.append(f"same token ids in every generation: {result['same_tokens_everywhere']}"
+                 + (f"; equal to transformers' greedy: {result['matches_transformers']}"
+                    if "matches_transformers" in result else ""))
+    return "\n".join(lines)
