@@ -16,6 +16,7 @@ what ``start`` made by those names (processes by pid), whatever happened in betw
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import os
 import random
@@ -203,13 +204,15 @@ class NetnsCluster:
         links this cluster made. Safe to call twice, and after a partial start."""
         for p in self.procs.values():
             if p.poll() is None:
-                os.killpg(p.pid, signal.SIGTERM)
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(p.pid, signal.SIGTERM)
         deadline = time.monotonic() + timeout
         for p in self.procs.values():
             try:
                 p.wait(max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
-                os.killpg(p.pid, signal.SIGKILL)
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(p.pid, signal.SIGKILL)
                 p.wait()
         for ns in self._namespaces:
             # Whatever still runs inside (started by these processes): by pid, then the name.

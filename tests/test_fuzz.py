@@ -311,6 +311,7 @@ def test_broker_handles_random_messages_and_still_serves(tiny_model: Path, escap
         return gen.token_ids
 
     kinds = sorted(SCHEMAS)
+    sockets: list[zmq.Socket] = []
     try:
         loop.run_until_complete(ready())
         assert loop.run_until_complete(greedy()) == want
@@ -318,6 +319,7 @@ def test_broker_handles_random_messages_and_still_serves(tiny_model: Path, escap
         handled: list = []
         replies: list[Message] = []
         client = zmq.Context.instance().socket(zmq.DEALER)  # the fuzzing client's replies
+        sockets.append(client)
         client.setsockopt(zmq.IDENTITY, b"fuzz-client")
         client.setsockopt(zmq.LINGER, 0)
         client.connect(addr)
@@ -385,12 +387,13 @@ def test_broker_handles_random_messages_and_still_serves(tiny_model: Path, escap
             assert escaped.records == [], escaped.records[0].getMessage()
 
         fuzz()
-        client.close(0)
         kinds = Counter(m["code"] if m.kind == "error" else m.kind for m in replies)
         print(f"broker: {len(handled)} messages handled; replies: {dict(kinds)}")
         loop.run_until_complete(ready())
         assert loop.run_until_complete(greedy()) == want
     finally:
+        for sock in sockets:
+            sock.close(0)
         for t in tasks:
             t.cancel()
         loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))

@@ -59,7 +59,9 @@ def _gone(cluster: NetnsCluster) -> None:
     """Nothing of the cluster is left: no namespace, no link, no process."""
     namespaces = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
     links = subprocess.run(["ip", "-o", "link", "show"], capture_output=True, text=True).stdout
-    assert cluster.tag not in namespaces and cluster.tag not in links
+    for host in cluster.hosts.values():
+        assert host.ns not in namespaces and f"{host.outside}@" not in links
+    assert f"{cluster.bridge}:" not in links
     assert all(p.poll() is not None for p in cluster.procs.values())
 
 
@@ -158,6 +160,8 @@ def test_a_long_link_cut_ends_token_exact_or_with_a_clear_error(tiny_model: Path
         except ZpipeError as e:
             assert e.code in ("node_dead", "node_lost", "no_placement", "timeout"), e
             print(f"long cut: the session failed: {e.code}: {e}")
+        # the cut was long enough to matter: the broker lost the node (and took it back)
+        assert "node n1 is dead" in (tmp_path / "broker.log").read_text()
         with AdminClient(cluster.address, timeout=60) as admin:
             admin.request("slow", {"node": "n1", "factor": 1.0})
 
