@@ -272,10 +272,13 @@ def _rate_figures(rate: str, gens: list) -> dict:
 
     per_node: dict[str, dict[str, list[float]]] = {}
     for g in gens:
-        for name, figs in breakdown(g.timings)["nodes"].items():
-            node = per_node.setdefault(name, {"compute": [], "hop": []})
+        figures = breakdown(g.timings)
+        for name, figs in figures["nodes"].items():
+            node = per_node.setdefault(name, {"compute": [], "hop": [], "prefill_hop": []})
             node["compute"].append(figs["compute"]["p50"])
             node["hop"].append(figs["hop"]["p50"])
+        for name, _, hop in figures["prefill"]["stages"]:  # the prompt's activations: big
+            per_node[name]["prefill_hop"].append(hop)
     return {
         "rate": rate,
         "tokens_per_s": [round(g.tokens_per_s, 3) for g in gens],
@@ -356,12 +359,12 @@ def format_bench(result: dict) -> str:
         f"machine: {m['cpu']}, {m['cores']} cores; {m['date']}; load average {m['loadavg']} -> "
         f"{m.get('loadavg_after')}; git {m.get('git_commit', '?')}",
         "",
-        f"{'cap':<8} {'tok/s p50':>9} {'TTFT ms':>8}  per node, p50 ms per decode token: "
-        "compute / hop (transfer and queues, as the broker measures)",
+        f"{'cap':<8} {'tok/s p50':>9} {'TTFT ms':>8}  per node, p50 ms: decode compute / "
+        "decode hop / prefill hop (hop: transfers and queues, as the broker measures)",
     ]
     for r in result["rates"]:
-        nodes = "  ".join(f"{name} {f['compute'] * 1e3:.2f} / {f['hop'] * 1e3:.2f}"
-                          for name, f in r["nodes"].items())
+        nodes = "  ".join(f"{name} {f['compute'] * 1e3:.1f} / {f['hop'] * 1e3:.1f} / "
+                          f"{f['prefill_hop'] * 1e3:.1f}" for name, f in r["nodes"].items())
         lines.append(f"{r['rate']:<8} {_p50(r['tokens_per_s']):>9.1f} "
                      f"{_p50(r['ttft_s']) * 1e3:>8.1f}  {nodes}")
     lines.append("")
