@@ -100,7 +100,7 @@ def _cmd_netns(args: argparse.Namespace) -> int:
 
     cfg = netns.NetnsBenchConfig(
         model=args.model, nodes=args.nodes, rates=tuple(args.rates), new_tokens=args.new_tokens,
-        runs=args.runs, threads=args.threads, direct=args.direct,
+        runs=args.runs, threads=args.threads, direct=args.direct, delay_ms=args.delay_ms,
         reference=not args.no_reference, log_dir=Path(args.logs) if args.logs else None)
     try:
         result = netns.bench(cfg, progress=_progress)
@@ -172,6 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("--runs", type=_positive_int, default=3, help="generations per cap")
     n.add_argument("--threads", type=_positive_int, default=1, help="torch threads per node")
     n.add_argument("--direct", action="store_true", help="activations go node to node")
+    n.add_argument("--delay-ms", type=float, default=0.0,
+                   help="latency added each way between the nodes and the broker (a TCP proxy)")
     n.add_argument("--no-reference", action="store_true", help="skip transformers' tokens")
     n.add_argument("--logs", help="directory for the processes' logs (default: a temp dir)")
     n.add_argument("--json", metavar="PATH", help="write every figure as JSON")

@@ -16,6 +16,7 @@ what ``start`` made by those names (processes by pid), whatever happened in betw
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import ipaddress
 import os
@@ -24,6 +25,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -89,6 +91,77 @@ def _burst(rate: str) -> int:
     raise ValueError(f"a rate like 20mbit or 1gbit, got {rate!r}")
 
 
+class DelayProxy:
+    """A TCP forwarder that holds every chunk ``delay_s`` in each direction: a link's latency
+    where ``tc netem`` is not available. Runs its own event loop in a thread; ``listen`` and
+    ``target`` are (host, port)."""
+
+    def __init__(self, listen: tuple[str, int], target: tuple[str, int], delay_s: float) -> None:
+        self.listen, self.target, self.delay_s = listen, target, delay_s
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True,
+                                       name="zpipe-delay-proxy")
+        self.server: asyncio.AbstractServer | None = None
+
+    def start(self) -> int:
+        """Listen (port 0: any free one); returns the port."""
+        self.thread.start()
+        self.server = asyncio.run_coroutine_threadsafe(
+            asyncio.start_server(self._connection, *self.listen), self.loop).result(COMMAND_S)
+        return self.server.sockets[0].getsockname()[1]
+
+    async def _connection(self, reader: asyncio.StreamReader,
+                          writer: asyncio.StreamWriter) -> None:
+        try:
+            up_reader, up_writer = await asyncio.open_connection(*self.target)
+        except OSError:
+            writer.close()
+            return
+        await asyncio.gather(self._pipe(reader, up_writer), self._pipe(up_reader, writer))
+
+    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Chunks go out ``delay_s`` after they came in, in order, at the rate they came."""
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[tuple[float, bytes]] = asyncio.Queue()
+
+        async def send() -> None:
+            while True:
+                due, data = await queue.get()
+                if not data:
+                    break
+                await asyncio.sleep(due - loop.time())
+                writer.write(data)
+                await writer.drain()
+
+        sender = asyncio.create_task(send())
+        try:
+            while data := await reader.read(1 << 16):
+                queue.put_nowait((loop.time() + self.delay_s, data))
+        except OSError:
+            pass
+        finally:
+            queue.put_nowait((0.0, b""))
+            with contextlib.suppress(OSError):
+                await sender
+            writer.close()
+
+    def stop(self) -> None:
+        """Close the listener and every connection, then end the thread."""
+        async def close() -> None:
+            if self.server is not None:
+                self.server.close()
+            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+        if self.thread.is_alive():
+            with contextlib.suppress(Exception):
+                asyncio.run_coroutine_threadsafe(close(), self.loop).result(COMMAND_S)
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self.thread.join(COMMAND_S)
+
+
 @dataclass
 class Host:
     """One namespace: its name, the veth end in the root namespace (on the bridge) and the end
@@ -104,8 +177,13 @@ class NetnsCluster:
     """A broker and ``nodes`` nodes (named n0, n1, ...), each in a namespace of its own."""
 
     def __init__(self, model: str | Path, nodes: int, log_dir: Path, rate: str | None = None,
-                 direct: bool = False, threads: int = 1, broker: dict | None = None) -> None:
+                 direct: bool = False, threads: int = 1, broker: dict | None = None,
+                 delay_s: float = 0.0) -> None:
         self.model, self.log_dir, self.rate = str(model), log_dir, rate
+        # > 0: the nodes reach the broker through a DelayProxy in the root namespace, which
+        # holds every chunk this long each way (the clients reach it directly)
+        self.delay_s = delay_s
+        self.proxy: DelayProxy | None = None
         self.direct, self.threads, self.knobs = direct, threads, broker or {}
         tag = f"{os.getpid() % 1000:03d}{random.randrange(1000):03d}"  # interface names <= 15
         self.tag = tag
@@ -130,13 +208,18 @@ class NetnsCluster:
         try:
             self._network()
             self.log_dir.mkdir(parents=True, exist_ok=True)
+            nodes_broker = self.address
+            if self.delay_s > 0:
+                self.proxy = DelayProxy((self.gateway, 0), (self.hosts["broker"].addr, PORT),
+                                        self.delay_s)
+                nodes_broker = f"tcp://{self.gateway}:{self.proxy.start()}"
             self._spawn("broker", "broker", BrokerConfig(
                 model=self.model, bind=self.address, direct=self.direct,
                 placement={"strategy": "uniform", "nodes": len(self.roles) - 1}, **self.knobs))
             for role in self.roles[1:]:
                 host = self.hosts[role]
                 self._spawn(role, "node", NodeConfig(
-                    name=role, broker=self.address, model=self.model, threads=self.threads,
+                    name=role, broker=nodes_broker, model=self.model, threads=self.threads,
                     peer_bind=f"tcp://{host.addr}:0" if self.direct else None))
         except BaseException:
             self.stop()
@@ -214,6 +297,8 @@ class NetnsCluster:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(p.pid, signal.SIGKILL)
                 p.wait()
+        if self.proxy is not None:
+            self.proxy.stop()
         for ns in self._namespaces:
             # Whatever still runs inside (started by these processes): by pid, then the name.
             for pid in _ip("ip", "netns", "pids", ns, check=False).split():
@@ -244,6 +329,7 @@ class NetnsBenchConfig:
     runs: int = 3
     threads: int = 1
     direct: bool = False
+    delay_ms: float = 0.0  # each way between the nodes and the broker (DelayProxy)
     reference: bool = True  # transformers' greedy tokens in this process, to compare with
     log_dir: Path | None = None
 
@@ -311,7 +397,7 @@ def bench(cfg: NetnsBenchConfig, progress: Callable[[str], None] = lambda m: Non
     base = cfg.log_dir or Path(tempfile.mkdtemp(prefix="zpipe-netns-"))
     machine = machine_info()
     cluster = NetnsCluster(cfg.model, cfg.nodes, base, rate=cfg.rates[0], direct=cfg.direct,
-                           threads=cfg.threads)
+                           threads=cfg.threads, delay_s=cfg.delay_ms / 1000)
     progress(f"namespaces {cluster.tag}: broker at {cluster.address}, nodes at "
              + ", ".join(cluster.hosts[r].addr for r in cluster.roles[1:]))
     cluster.start()
@@ -354,6 +440,7 @@ def format_bench(result: dict) -> str:
     lines = [
         f"model {Path(cfg['model']).name}, {cfg['nodes']} nodes + broker, each in its own "
         f"network namespace; {'direct routing' if cfg['direct'] else 'via the broker'}; "
+        f"{cfg['delay_ms']:g} ms added each way between nodes and broker; "
         f"prompt {len(result['prompt_ids'])} tokens, {cfg['new_tokens']} new tokens; "
         f"{cfg['runs']} rounds over the caps; {cfg['threads']} thread(s) per node",
         f"machine: {m['cpu']}, {m['cores']} cores; {m['date']}; load average {m['loadavg']} -> "

@@ -1,6 +1,6 @@
 """A real cluster across network namespaces (bench/netns.py): the broker and each node in a
 namespace of its own, real 10.x addresses over veth pairs and a bridge, links capped with tc
-tbf. Generations give transformers' greedy tokens; a link cut mid-generation and restored
+tbf, delayed by a TCP proxy. Generations give transformers' greedy tokens; a link cut mid-generation and restored
 ends the session token-exact, or (cut past the heartbeat's liveness) token-exact after the
 recovery or with a clear error, never a hang. Skipped without root or iproute2."""
 
@@ -19,6 +19,7 @@ from transformers import LlamaForCausalLM
 from bench.netns import NetnsCluster, unavailable
 from zpipe.cli.admin import AdminClient
 from zpipe.client import Client, ZpipeError
+from zpipe.metrics import breakdown
 
 REASON = unavailable()
 pytestmark = pytest.mark.skipif(REASON is not None, reason=f"no network namespaces: {REASON}")
@@ -105,6 +106,29 @@ def test_direct_routing_across_namespaces_matches_transformers(
         for prompt in PROMPTS:
             assert asyncio.run(asyncio.wait_for(_generate(cluster, prompt), 120)) == \
                 _reference(tiny_model, prompt)
+    finally:
+        cluster.stop()
+    _gone(cluster)
+
+
+def test_delayed_links_give_the_same_tokens_and_show_in_the_hops(tiny_model: Path,
+                                                                  tmp_path: Path) -> None:
+    """The nodes reach the broker through a proxy that holds every chunk 20 ms each way (tc
+    netem is not there): the tokens stay transformers', and every node's hop (there and
+    back) takes at least the 40 ms."""
+    delay = 0.02
+    cluster = _start(tiny_model, tmp_path, delay_s=delay)
+    prompt = PROMPTS[0]
+
+    async def run():
+        async with Client(cluster.address, timeout=60) as client:
+            return await client.generate(prompt_ids=prompt, max_new_tokens=NEW_TOKENS)
+
+    try:
+        gen = asyncio.run(asyncio.wait_for(run(), 150))
+        assert gen.token_ids == _reference(tiny_model, prompt)
+        hops = {name: f["hop"]["p50"] for name, f in breakdown(gen.timings)["nodes"].items()}
+        assert sorted(hops) == ["n0", "n1"] and min(hops.values()) >= 2 * delay, hops
     finally:
         cluster.stop()
     _gone(cluster)
