@@ -8,6 +8,8 @@ http       the same greedy generations through ``zpipe serve`` (HTTP, SSE) and t
            Python client, on one cluster, taking turns: time to first token and tokens/s.
 transport  round trips of tensor frames (decode activations, 4 KiB .. 64 MiB) between a
            broker-like ROUTER and a node-like DEALER process: µs per message and GB/s.
+netns      the broker and each node in a network namespace of their own (veth, bridge, tc tbf
+           caps; needs root): tokens/s, TTFT and per-hop latency at each bandwidth cap.
 
 """
 
@@ -106,13 +108,29 @@ def _cmd_transport(args: argparse.Namespace) -> int:
     return _write_outputs(result, args, transport.plot_transport)
 
 
+def _cmd_netns(args: argparse.Namespace) -> int:
+    from bench import netns
+
+    cfg = netns.NetnsBenchConfig(
+        model=args.model, nodes=args.nodes, rates=tuple(args.rates), new_tokens=args.new_tokens,
+        runs=args.runs, threads=args.threads, direct=args.direct, delay_ms=args.delay_ms,
+        reference=not args.no_reference, log_dir=Path(args.logs) if args.logs else None)
+    try:
+        result = netns.bench(cfg, progress=_progress)
+    except netns.NetnsError as e:
+        print(f"bench: {e}", file=sys.stderr)
+        return 2
+    print(netns.format_bench(result))
+    return _write_outputs(result, args, None)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """``python -m bench`` with its modes ``compare`` and ``transport``."""
     from bench.transport import DEFAULT_SIZES, MODES
 
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    modes = p.add_subparsers(dest="bench_mode", metavar="{compare,http,transport}",
+    modes = p.add_subparsers(dest="bench_mode", metavar="{compare,http,transport,netns}",
                              required=True)
 
     c = modes.add_parser("compare", help="transformers generate vs zpipe with 1..N stages")
@@ -172,6 +190,22 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--json", metavar="PATH", help="write every figure as JSON")
     t.add_argument("--plot", metavar="PATH.png", help="draw a PNG (needs matplotlib)")
     t.set_defaults(func=_cmd_transport)
+
+    n = modes.add_parser("netns", help="a cluster across network namespaces, capped links")
+    n.add_argument("--model", default="smollm2", help="cached model name or HF directory")
+    n.add_argument("--nodes", type=_positive_int, default=2)
+    n.add_argument("--rates", type=lambda s: [x for x in s.split(",") if x],
+                   default=["1gbit", "20mbit"], help="tc tbf caps, e.g. 1gbit,20mbit")
+    n.add_argument("--new-tokens", type=_positive_int, default=64)
+    n.add_argument("--runs", type=_positive_int, default=3, help="generations per cap")
+    n.add_argument("--threads", type=_positive_int, default=1, help="torch threads per node")
+    n.add_argument("--direct", action="store_true", help="activations go node to node")
+    n.add_argument("--delay-ms", type=float, default=0.0,
+                   help="latency added each way between the nodes and the broker (a TCP proxy)")
+    n.add_argument("--no-reference", action="store_true", help="skip transformers' tokens")
+    n.add_argument("--logs", help="directory for the processes' logs (default: a temp dir)")
+    n.add_argument("--json", metavar="PATH", help="write every figure as JSON")
+    n.set_defaults(func=_cmd_netns, plot=None)
     return p
 
 

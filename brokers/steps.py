@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from itertools import repeat
 
@@ -333,9 +334,11 @@ class StepScheduler:
         emitted, nxt = [], []
         for i, s in live:
             entry = tokens[i] if isinstance(tokens, list) and i < len(tokens) else None
+            # A logprob the client's check refuses (NaN, inf) would lose every token of its
+            # message: such an entry fails its session here instead.
             if not (isinstance(entry, list) and len(entry) == 2 and type(entry[0]) is int
                     and 0 <= entry[0] < self.core.spec.vocab_size
-                    and isinstance(entry[1], (int, float))):
+                    and type(entry[1]) in (int, float) and math.isfinite(entry[1])):
                 await self.core.fail(s, "bad_result", f"node {node.name} sent no valid token")
                 continue
             token = entry[0]

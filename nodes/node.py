@@ -190,17 +190,19 @@ class Node:
                 if time.monotonic() - self.last_recv > self.heartbeat_s * self.liveness:
                     return self.heard
                 continue
-            await self._dispatch(frames)
+            await self.dispatch(frames)
 
     async def _pump(self) -> None:
         """Take in every message already on the socket. The receive loop does this too, but
         not while a step runs on the loop thread: then the steps that arrived meanwhile still
         join the next batch."""
         while (frames := self.sock.recv_nowait()) is not None:
-            await self._dispatch(frames)
+            await self.dispatch(frames)
         self.peers.pump()
 
-    async def _dispatch(self, frames: list) -> None:
+    async def dispatch(self, frames: list) -> None:
+        """One message from the broker, as received: handled now, or queued for the compute
+        thread (``QUEUED``); a malformed one is dropped."""
         self.last_recv = time.monotonic()
         self.heard = True
         try:
@@ -272,30 +274,34 @@ class Node:
 
     async def _work(self) -> None:
         while True:
-            batch = await self._next_batch()
-            msg = batch[0]
-            try:
-                if msg.kind == "step":
-                    await self._steps(batch)
-                    if self.executor.shadow_every:
-                        await self._send_shadows()
-                elif msg.kind == "restore":
-                    await self._restore(msg)
-                elif msg.kind == "load":
-                    await self._load(msg)
-                elif msg.kind == "free":
-                    self.executor.free([s for s in msg["sids"] if isinstance(s, str)])
-                elif msg.kind == "profile":
-                    data = await self._in_pool(profile.run, self.executor, msg.get("tokens", 16))
-                    await self.send(protocol.encode("profile_reply", rid=msg["rid"], **data))
-                else:
-                    await self._reallocate(msg)
-            except StepError as e:
-                await self._refuse(msg, e)
-            except Exception as e:  # one bad batch must not take the node down
-                log.exception("%s failed", msg.kind)
-                for m in batch:
-                    await self._refuse(m, StepError("internal", repr(e)))
+            await self.run_batch(await self._next_batch())
+
+    async def run_batch(self, batch: list[Message]) -> None:
+        """Run one batch of queued messages (``_next_batch``): a refusal is answered, and any
+        other failure too, so that one bad batch never takes the node down."""
+        msg = batch[0]
+        try:
+            if msg.kind == "step":
+                await self._steps(batch)
+                if self.executor.shadow_every:
+                    await self._send_shadows()
+            elif msg.kind == "restore":
+                await self._restore(msg)
+            elif msg.kind == "load":
+                await self._load(msg)
+            elif msg.kind == "free":
+                self.executor.free([s for s in msg["sids"] if isinstance(s, str)])
+            elif msg.kind == "profile":
+                data = await self._in_pool(profile.run, self.executor, msg.get("tokens", 16))
+                await self.send(protocol.encode("profile_reply", rid=msg["rid"], **data))
+            else:
+                await self._reallocate(msg)
+        except StepError as e:
+            await self._refuse(msg, e)
+        except Exception as e:
+            log.exception("%s failed", msg.kind)
+            for m in batch:
+                await self._refuse(m, StepError("internal", repr(e)))
 
     async def _steps(self, batch: list[Message]) -> None:
         """Run step messages as one batch and answer with ONE result for all their rows (an

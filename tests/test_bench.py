@@ -89,5 +89,8 @@ def test_cli_parser() -> None:
     assert a.func is bench_cli._cmd_compare
     a = parser.parse_args(["transport", "--sizes", "4K,16M", "--modes", "raw"])
     assert (a.sizes, a.modes) == ([4096, 16 << 20], ["raw"])
+    a = parser.parse_args(["netns", "--rates", "1gbit,20mbit", "--nodes", "3", "--direct"])
+    assert (a.rates, a.nodes, a.direct, a.func) == (["1gbit", "20mbit"], 3, True,
+                                                    bench_cli._cmd_netns)
     with pytest.raises(SystemExit):
         parser.parse_args(["compare", "--stages", "0"])
