@@ -31,7 +31,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from zpipe.client import Client
 from zpipe.config import BrokerConfig, NodeConfig, dump
+from zpipe.keys import make_keys
 
 PORT = 5555
 COMMAND_S = 10.0  # the most one ip / tc command may take
@@ -174,7 +176,10 @@ class Host:
 
 
 class NetnsCluster:
-    """A broker and ``nodes`` nodes (named n0, n1, ...), each in a namespace of its own."""
+    """A broker and ``nodes`` nodes (named n0, n1, ...), each in a namespace of its own. The
+    broker binds a veth address, not loopback, so the cluster runs CurveZMQ: its keys are made
+    in ``log_dir/keys`` (the broker's, each node's, client and admin ``local``), as on real
+    hosts; ``client`` and ``admin`` connect with them."""
 
     def __init__(self, model: str | Path, nodes: int, log_dir: Path, rate: str | None = None,
                  direct: bool = False, threads: int = 1, broker: dict | None = None,
@@ -197,6 +202,17 @@ class NetnsCluster:
         self.procs: dict[str, subprocess.Popen] = {}
         self._namespaces: list[str] = []  # what was made, to remove exactly that
         self._links: list[str] = []
+        self.keys = log_dir / "keys"
+
+    def client(self, **kw: object) -> Client:
+        """A client of this cluster, with the admin key (it may also generate)."""
+        return Client(self.address, key=str(self.keys / "admins" / "local.key_secret"), **kw)
+
+    def admin(self, timeout: float = 30.0):
+        from zpipe.cli.admin import AdminClient
+
+        return AdminClient(self.address, timeout=timeout,
+                           key=str(self.keys / "admins" / "local.key_secret"))
 
     @property
     def address(self) -> str:
@@ -208,18 +224,20 @@ class NetnsCluster:
         try:
             self._network()
             self.log_dir.mkdir(parents=True, exist_ok=True)
+            make_keys(self.keys, self.roles[1:], ["local"], ["local"])
             nodes_broker = self.address
             if self.delay_s > 0:
                 self.proxy = DelayProxy((self.gateway, 0), (self.hosts["broker"].addr, PORT),
                                         self.delay_s)
                 nodes_broker = f"tcp://{self.gateway}:{self.proxy.start()}"
             self._spawn("broker", "broker", BrokerConfig(
-                model=self.model, bind=self.address, direct=self.direct,
+                model=self.model, bind=self.address, direct=self.direct, keys=str(self.keys),
                 placement={"strategy": "uniform", "nodes": len(self.roles) - 1}, **self.knobs))
             for role in self.roles[1:]:
                 host = self.hosts[role]
                 self._spawn(role, "node", NodeConfig(
                     name=role, broker=nodes_broker, model=self.model, threads=self.threads,
+                    keys=str(self.keys),
                     peer_bind=f"tcp://{host.addr}:0" if self.direct else None))
         except BaseException:
             self.stop()
@@ -385,8 +403,6 @@ def bench(cfg: NetnsBenchConfig, progress: Callable[[str], None] = lambda m: Non
     import tempfile
 
     from bench.common import machine_info
-    from zpipe.cli.admin import AdminClient
-    from zpipe.client import Client
     from zpipe.models import resolve_model
 
     reason = unavailable()
@@ -403,7 +419,7 @@ def bench(cfg: NetnsBenchConfig, progress: Callable[[str], None] = lambda m: Non
     cluster.start()
     try:
         async def run() -> tuple[list, dict]:
-            async with Client(cluster.address, timeout=600) as client:
+            async with cluster.client(timeout=600) as client:
                 await client.wait_ready(timeout=600)
                 warm = await client.generate(PROMPT, max_new_tokens=cfg.new_tokens)
                 progress("warm-up done")
@@ -417,7 +433,7 @@ def bench(cfg: NetnsBenchConfig, progress: Callable[[str], None] = lambda m: Non
                 return [warm], by_rate
 
         warm, by_rate = asyncio.run(asyncio.wait_for(run(), 3600))
-        with AdminClient(cluster.address, timeout=30) as admin:
+        with cluster.admin() as admin:
             metrics = admin.request("metrics")
     finally:
         cluster.stop()

@@ -59,6 +59,7 @@ class Node:
         self._held: Message | None = None
         self.decode_s = float("inf")  # the last decode batch's compute: short ones run inline
         self.heard = False  # the broker answered this connection
+        self.welcomed = False  # the broker took our last register
         self.last_recv = 0.0
         spec = self.executor.spec
         # The largest frame a step, KV import or shadow brings: max_batch sessions of the
@@ -155,6 +156,7 @@ class Node:
                 "rss": sysinfo.rss_bytes()}
 
     async def _register(self) -> None:
+        self.welcomed = False
         cfg = self.cfg
         kv = cfg.static_kv
         pool = {"kv_slots": kv.slots, "kv_max_len": kv.max_len} if kv.on(cfg.device) else {}
@@ -235,12 +237,13 @@ class Node:
             self.peers.announce(msg, self.executor.epoch)
         elif msg.kind == "welcome":
             self.heartbeat_s, self.liveness = float(msg["heartbeat_s"]), msg["liveness"]
+            self.welcomed = True
         elif msg.kind == "heartbeat":
             pass
         elif msg.kind == "error":
             log.error("broker says: %s: %s", msg["code"], msg["message"])
-            if msg["code"] == "rejected":
-                raise SystemExit(2)
+            if msg["code"] == "rejected" and not self.welcomed:
+                raise SystemExit(2)  # our model or config is not the broker's: say so, stop
             if msg["code"] == "unknown_peer":
                 # The broker restarted or declared us dead: our sessions are gone.
                 self.executor.free(list(self.executor.caches))

@@ -383,7 +383,7 @@ def test_broker_handles_random_messages_and_still_serves(tiny_model: Path, escap
                     await asyncio.sleep(0)  # tasks the messages started run too
             loop.run_until_complete(asyncio.wait_for(one(), EXAMPLE_S))
             replies.extend(answers())
-            assert not any(t.done() for t in tasks)
+            assert not any(t.done() for t in tasks), [t.exception() for t in tasks if t.done()]
             assert escaped.records == [], escaped.records[0].getMessage()
 
         fuzz()
