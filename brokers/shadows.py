@@ -101,7 +101,9 @@ class Shadows:
     def restore_plan(self, dead: str | None) -> RestorePlan | None:
         """How the placement goes on without node ``dead``: its layers to its holder (alive),
         every session whose shadow reaches past its prompt kept up to the shadow's last row
-        (or its own last, if earlier). None: shadows are off, or the holder is gone."""
+        (or its own last, if earlier). None: shadows are off, the holder is gone, or no
+        session would keep any KV (the configured placement may then come back, as without
+        shadows)."""
         core, placement = self.core, self.core.placement
         if not core.cfg.recovery.shadow_every or placement is None or dead is None:
             return None
@@ -123,6 +125,8 @@ class Shadows:
             at = min(shadowed.get(sid, 0), s.pos)
             if at >= len(s.prompt_ids) and s.tokens:
                 positions[sid] = at
+        if not positions:  # no session keeps any KV: place again as configured instead
+            return None
         return RestorePlan(dead, holder, stages, positions)
 
 
