@@ -66,9 +66,9 @@ class NodeInfo:
             "sessions": self.stats.get("sessions", 0), "peer": self.peer,
             "steps": self.stats.get("steps", 0), "known_steps": self.stats.get("known_steps", 0),
             # a member of a stage split by heads: time in the per-layer combines per step
-            "combine_ms_per_step": round(1000 * self.stats["combine_s"]
+            "combine_ms_per_step": round(1000 * self.stats.get("combine_s", 0.0)
                                          / self.stats["combine_steps"], 3)
-            if self.stats.get("combine_steps") else None,
+            if self.stats.get("combine_steps") else None,  # both optional: one may come alone
             "max_batch": self.max_batch,
         }
 

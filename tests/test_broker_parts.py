@@ -63,3 +63,17 @@ def test_the_reallocation_history_is_bounded() -> None:
     assert history[0]["reason"] == "move 50"
     shown = admin.reallocations(history)  # what admin status shows: the last 20, newest last
     assert [r["reason"] for r in shown] == [f"move {i}" for i in range(130, 150)]
+
+
+def test_a_node_row_takes_any_subset_of_the_optional_heartbeat_figures() -> None:
+    """Heartbeat fields are optional one by one (the fuzzer sent ``combine_steps`` alone)."""
+    from brokers.registry import NodeInfo
+
+    node = NodeInfo(ident=b"a", name="a", pid=1, host="h", device="cpu", dtype="float32",
+                    mem_total=1, mem_free=1, gflops=1.0)
+    for stats in ({}, {"combine_steps": 4}, {"combine_s": 0.5},
+                  {"combine_s": 0.5, "combine_steps": 4}):
+        node.stats = stats
+        row = node.to_dict()
+        assert row["combine_ms_per_step"] == (125.0 if len(stats) == 2 else
+                                              0.0 if "combine_steps" in stats else None)
