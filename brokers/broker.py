@@ -144,10 +144,11 @@ class Broker:
         if client in self.gone_clients:
             return
         sessions = [s for s in self.sessions.values() if s.client == client]
+        if not sessions:  # a reply to a peer gone: nothing of its to end
+            log.debug("cannot send to %r: %s", client, e)
+            return
         log.warning("cannot send to client %r (%s): ending its %d sessions", client, e,
                     len(sessions))
-        if not sessions:
-            return
         self.gone_clients.add(client)
 
         async def end() -> None:
