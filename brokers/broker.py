@@ -390,6 +390,12 @@ class Broker:
                 cost = rebalance.model_cost(self)  # capability-driven strategies need figures
                 caps = rebalance.capabilities(self, cost)
             stages = self.recovery.choose(caps, cost)
+            if self.auth is not None and any(st.group for st in stages):
+                # The members' combine sockets (nodes/group.py) have no CURVE yet: a split
+                # stage would send activations between hosts in the clear.
+                raise PlacementError("a stage split by heads cannot run with CURVE keys yet "
+                                     "(its members' combine is not encrypted): give each "
+                                     "node whole layers, or run this cluster open")
         except PlacementError as e:
             self.waiting_for = str(e) + self.recovery.note()
             log.info("no placement yet: %s", e)

@@ -21,7 +21,7 @@ from nodes.peers import Peers
 from nodes.rows import join_rows
 from nodes.shadow import ShadowStore
 from zpipe import aio, bounds, keys, protocol, sysinfo
-from zpipe.config import NodeConfig
+from zpipe.config import ConfigError, NodeConfig
 from zpipe.identity import model_identity
 from zpipe.models import resolve_model
 from zpipe.protocol import Message, ProtocolError
@@ -69,6 +69,9 @@ class Node:
             int(getattr(spec.config, "max_position_embeddings", 1 << 20)))
         self.keys = keys.node_keys(cfg.name, cfg.keys, cfg.curve,
                                    [cfg.peer_bind] if cfg.peer_bind else [])
+        if self.keys is not None and not keys.is_loopback(cfg.group_bind):
+            raise ConfigError(f"node {cfg.name}: group_bind {cfg.group_bind} is not loopback, "
+                              "and the combine of a stage split by heads has no CURVE yet")
         self.watch: asyncio.Task | None = None  # failed handshakes with the broker, logged
         self.peers = Peers(self.ctx, self.queue, self.max_frame, self.keys)  # direct routing
         # The combine of a stage split by heads: used on the compute thread only.

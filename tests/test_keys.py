@@ -85,3 +85,15 @@ def test_frame_limits() -> None:
     # the defaults reach the protocol's own cap
     assert bounds.largest_frame(576, 64, 8192) == protocol.MAX_TENSOR_BYTES + \
         protocol.MAX_HEADER_BYTES
+
+
+def test_a_keyed_node_keeps_its_heads_combine_on_loopback(tiny_model: Path, tmp_path: Path) -> None:
+    """The combine of a stage split by heads has no CURVE: a node with keys refuses to open it
+    beyond loopback (and the broker places no split stage under CURVE)."""
+    from nodes.node import Node
+
+    keys.make_keys(tmp_path, ["a"])
+    cfg = NodeConfig(name="a", model=str(tiny_model), keys=str(tmp_path),
+                     group_bind="tcp://0.0.0.0:0")
+    with pytest.raises(ConfigError, match="group_bind tcp://0.0.0.0:0 is not loopback"):
+        Node(cfg)
