@@ -365,7 +365,13 @@ def node_gauges(broker: Core) -> list[tuple[str, str, dict, float]]:
              d["mem_total"]),
             ("zpipe_node_layers", "Decoder layers the node holds.", lab, d["num_layers"]),
             ("zpipe_node_sessions", "Sessions with a KV cache on the node.", lab, d["sessions"]),
+            ("zpipe_node_shadow_bytes", "Host memory of the KV shadows the node holds.", lab,
+             d.get("shadow_bytes", 0)),
         ]
+        if d.get("combine_ms_per_step") is not None:  # a member of a stage split by heads
+            out.append(("zpipe_node_combine_seconds_per_step", "Time a member of a stage "
+                        "split by heads spends combining partials, per step it ran.", lab,
+                        d["combine_ms_per_step"] / 1000))
     return out
 
 
