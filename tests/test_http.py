@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -130,6 +131,23 @@ def test_sse_chunks(server: Server) -> None:
     assert [c["choices"][0]["finish_reason"] for c in chunks[:-1]] == [None] * (len(chunks) - 1)
     assert chunks[-1]["choices"][0]["finish_reason"] == "length"
     assert len(chunks) >= 3  # role, some text, the end
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="no curl on this machine")
+def test_curl_gets_sse_chunks(server: Server) -> None:
+    """What the docs show: curl -N streams the completion as server-sent events."""
+    body = {"model": "tiny", "prompt": PROMPT, "max_tokens": NEW, "temperature": 0,
+            "stream": True}
+    out = subprocess.run(
+        ["curl", "-sS", "-N", "--max-time", "120", server.url + "/v1/completions",
+         "-H", "Content-Type: application/json",
+         "-H", f"Authorization: {server.headers['Authorization']}", "-d", json.dumps(body)],
+        capture_output=True, text=True, timeout=150, check=True).stdout
+    lines = [line for line in out.splitlines() if line]
+    assert lines[-1] == "data: [DONE]" and all(line.startswith("data: ") for line in lines)
+    chunks = [json.loads(line[6:]) for line in lines[:-1]]
+    assert {c["object"] for c in chunks} == {"text_completion"}
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length"
 
 
 def test_stop_sequences_cut_the_text(server: Server) -> None:
