@@ -155,3 +155,17 @@ def _mib(b: int | None) -> str:
 
 def _f(x: float | None, fmt: str) -> str:
     return "-" if x is None else format(x, fmt)
+
+
+def greedy_reference(model_dir: str | Path, prompt_ids: list[int], new_tokens: int) -> list[int]:
+    """transformers' greedy new token ids for ``prompt_ids`` (float32, in this process): what
+    a zpipe generation of the same weights must give."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    ids = torch.tensor([prompt_ids])
+    with torch.inference_mode():
+        out = hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                          max_new_tokens=new_tokens)
+    return out[0, ids.shape[1]:].tolist()

@@ -352,17 +352,6 @@ class NetnsBenchConfig:
     log_dir: Path | None = None
 
 
-def _reference(model_dir: Path, prompt_ids: list[int], new_tokens: int) -> list[int]:
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    ids = torch.tensor([prompt_ids])
-    with torch.inference_mode():
-        out = hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                          max_new_tokens=new_tokens)
-    return out[0, ids.shape[1]:].tolist()
-
 
 def _p50(values: list[float]) -> float | None:
     values = sorted(values)
@@ -402,7 +391,7 @@ def bench(cfg: NetnsBenchConfig, progress: Callable[[str], None] = lambda m: Non
     import asyncio
     import tempfile
 
-    from bench.common import machine_info
+    from bench.common import greedy_reference, machine_info
     from zpipe.models import resolve_model
 
     reason = unavailable()
@@ -445,7 +434,7 @@ def bench(cfg: NetnsBenchConfig, progress: Callable[[str], None] = lambda m: Non
            "same_tokens_everywhere": all(t == ids[0] for t in ids)}
     if cfg.reference:
         progress("transformers' greedy tokens for the same prompt")
-        want = _reference(model_dir, warm[0].prompt_token_ids, cfg.new_tokens)
+        want = greedy_reference(model_dir, warm[0].prompt_token_ids, cfg.new_tokens)
         out["matches_transformers"] = all(t == want for t in ids)
     machine["loadavg_after"] = machine_info()["loadavg"]
     return out

@@ -73,19 +73,21 @@ async def _http_run(http: Any, url: str, ids: list[int], new: int) -> Run:
     return Run(first - t0, last - first, n)
 
 
-def _serve(address: str, log: Path) -> tuple[subprocess.Popen, str]:
+def start_server(broker: str, log: Path, *args: str) -> tuple[subprocess.Popen, str]:
+    """``zpipe serve`` for ``broker`` as a child process (its output to ``log``), once its
+    /health answers: (the process, its base URL)."""
     import httpx
 
     port = _free_port()
     with open(log, "wb") as out:
         proc = subprocess.Popen([sys.executable, "-m", "zpipe.cli.main", "serve", "--broker",
-                                 address, "--bind", f"127.0.0.1:{port}"],
+                                 broker, "--bind", f"127.0.0.1:{port}", *args],
                                 stdout=out, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"zpipe serve stopped:\n{log.read_text()}")
+            raise RuntimeError(f"zpipe serve exited:\n{log.read_text()}")
         try:
             if httpx.get(url + "/health", timeout=5).status_code == 200:
                 return proc, url
@@ -143,7 +145,7 @@ def http_bench(cfg: HttpConfig, progress: Progress = lambda m: None) -> dict:
     cluster, address, _ = start_cluster(model_dir, cfg.stages, ccfg, log_root / "cluster")
     proc = None
     try:
-        proc, url = _serve(address, log_root / "serve.log")
+        proc, url = start_server(address, log_root / "serve.log")
         results = asyncio.run(_measure(cfg, address, url, prompts, progress))
     finally:
         if proc is not None:

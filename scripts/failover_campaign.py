@@ -26,13 +26,13 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
-from transformers import AutoTokenizer, LlamaForCausalLM
+from transformers import AutoTokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from conftest import start_cluster  # noqa: E402
 
+from bench.common import greedy_reference  # noqa: E402
 from zpipe.cli.admin import AdminClient  # noqa: E402
 from zpipe.models import resolve_model  # noqa: E402
 
@@ -48,15 +48,8 @@ SIGNALS = {"kill": signal.SIGKILL, "stop": signal.SIGSTOP}
 def references(model: Path, new_tokens: int) -> list[tuple[list[int], list[int]]]:
     """(prompt ids, transformers' greedy new ids) for each prompt, fp32, in this process."""
     tok = AutoTokenizer.from_pretrained(model)
-    hf = LlamaForCausalLM.from_pretrained(model, dtype=torch.float32).eval()
-    out = []
-    with torch.inference_mode():
-        for prompt in PROMPTS:
-            ids = tok(prompt, return_tensors="pt").input_ids
-            gen = hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                              max_new_tokens=new_tokens)
-            out.append((ids[0].tolist(), gen[0, ids.shape[1]:].tolist()))
-    return out
+    return [(ids, greedy_reference(model, ids, new_tokens))
+            for ids in (tok(p).input_ids for p in PROMPTS)]
 
 
 async def _run(rc, refs: list, new_tokens: int, victim: str, how: str, at: int) -> dict:

@@ -13,7 +13,9 @@ from pathlib import Path
 
 import httpx
 import pytest
-from test_http import PROMPT, start_server
+from test_http import PROMPT
+
+from bench.serving import start_server
 
 playwright = pytest.importorskip("playwright.sync_api", reason="the playwright package is not "
                                  "installed (pip install playwright)")

@@ -30,8 +30,8 @@ from conftest import free_port
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from test_broker_cohorts import _close, _frames, _pump, _recv, _serving
-from transformers import LlamaForCausalLM
 
+from bench.common import greedy_reference
 from brokers.broker import Broker
 from nodes.node import Node
 from zpipe import protocol
@@ -257,14 +257,6 @@ def test_decode_returns_a_message_or_raises_protocol_error(frames: list) -> None
 # ------------------------------------------------------------------ broker and node
 
 
-def _reference(model: Path, prompt_ids: list[int]) -> list[int]:
-    hf = LlamaForCausalLM.from_pretrained(model, dtype=torch.float32).eval()
-    ids = torch.tensor([prompt_ids])
-    with torch.inference_mode():
-        out = hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                          max_new_tokens=NEW_TOKENS)
-    return out[0, ids.shape[1]:].tolist()
-
 
 class Escaped(logging.Handler):
     """Log records with a traceback: an exception a handler caught only as a last resort."""
@@ -291,7 +283,7 @@ def test_broker_handles_random_messages_and_still_serves(tiny_model: Path, escap
     """A real broker and a real node (in-process, real sockets): random messages from a
     client and from the node's identity go to ``Broker.handle`` between real generations."""
     prompt = [5, 6, 7, 8]
-    want = _reference(tiny_model, prompt)
+    want = greedy_reference(tiny_model, prompt, NEW_TOKENS)
     addr = f"tcp://127.0.0.1:{free_port()}"
     loop = asyncio.new_event_loop()
     broker = Broker(BrokerConfig(model=str(tiny_model), bind=addr))
@@ -438,7 +430,7 @@ def test_node_handles_random_messages_and_still_serves(tiny_model: Path, escaped
     """A real node (in-process) takes random messages through ``dispatch`` and runs what they
     queue with ``run_batch``, as its worker does; its answers go to a ROUTER socket here."""
     prompt = [5, 6, 7, 8]
-    want = _reference(tiny_model, prompt)
+    want = greedy_reference(tiny_model, prompt, NEW_TOKENS)
     addr = f"tcp://127.0.0.1:{free_port()}"
     ctx = zmq.Context.instance()
     router = ctx.socket(zmq.ROUTER)

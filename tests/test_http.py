@@ -6,7 +6,6 @@ import asyncio
 import json
 import shutil
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,6 +14,8 @@ import httpx
 import openai
 import pytest
 from conftest import RunningCluster, free_port
+
+from bench.serving import start_server
 
 KEY = "test-key"
 PROMPT = "The history of the printing press begins"
@@ -30,27 +31,6 @@ class Server:
     def post(self, path: str, body: object, **kw: object) -> httpx.Response:
         return httpx.post(self.url + path, json=body, headers=self.headers, timeout=120, **kw)
 
-
-def start_server(broker: str, log: Path, *args: str) -> tuple[subprocess.Popen, str]:
-    """``zpipe serve`` as a child process, once its /health answers."""
-    port = free_port()
-    with open(log, "wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "zpipe.cli.main", "serve", "--broker",
-                                 broker, "--bind", f"127.0.0.1:{port}", *args],
-                                stdout=out, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"zpipe serve exited:\n{log.read_text()}")
-        try:
-            if httpx.get(url + "/health", timeout=5).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    proc.kill()
-    raise TimeoutError("zpipe serve did not answer in 120 s")
 
 
 @pytest.fixture(scope="module")

@@ -13,10 +13,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import torch
 from conftest import generating
-from transformers import LlamaForCausalLM
 
+from bench.common import greedy_reference
 from bench.netns import NetnsCluster, unavailable
 from zpipe.client import ZpipeError
 from zpipe.metrics import breakdown
@@ -29,14 +28,6 @@ NEW_TOKENS = 48
 READY_S = 180.0
 SLOW = 40  # the last node's compute stretched: a generation lasts long enough to cut into it
 
-
-def _reference(model: Path, prompt_ids: list[int]) -> list[int]:
-    hf = LlamaForCausalLM.from_pretrained(model, dtype=torch.float32).eval()
-    ids = torch.tensor([prompt_ids])
-    with torch.inference_mode():
-        out = hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                          max_new_tokens=NEW_TOKENS)
-    return out[0, ids.shape[1]:].tolist()
 
 
 def _start(model: Path, log_dir: Path, **kw) -> NetnsCluster:
@@ -87,7 +78,7 @@ def test_generations_across_namespaces_match_transformers(tiny_model: Path,
     assert sorted(n["name"] for n in info["nodes"]) == ["n0", "n1"]
     for prompt in PROMPTS:
         assert asyncio.run(asyncio.wait_for(_generate(star, prompt), 120)) == \
-            _reference(tiny_model, prompt)
+            greedy_reference(tiny_model, prompt, NEW_TOKENS)
 
 
 async def _info(cluster: NetnsCluster) -> dict:
@@ -105,7 +96,7 @@ def test_direct_routing_across_namespaces_matches_transformers(
             assert node["peer"].startswith(f"tcp://{cluster.hosts[node['name']].addr}:"), node
         for prompt in PROMPTS:
             assert asyncio.run(asyncio.wait_for(_generate(cluster, prompt), 120)) == \
-                _reference(tiny_model, prompt)
+                greedy_reference(tiny_model, prompt, NEW_TOKENS)
     finally:
         cluster.stop()
     _gone(cluster)
@@ -126,7 +117,7 @@ def test_delayed_links_give_the_same_tokens_and_show_in_the_hops(tiny_model: Pat
 
     try:
         gen = asyncio.run(asyncio.wait_for(run(), 150))
-        assert gen.token_ids == _reference(tiny_model, prompt)
+        assert gen.token_ids == greedy_reference(tiny_model, prompt, NEW_TOKENS)
         hops = {name: f["hop"]["p50"] for name, f in breakdown(gen.timings)["nodes"].items()}
         assert sorted(hops) == ["n0", "n1"] and min(hops.values()) >= 2 * delay, hops
     finally:
@@ -163,7 +154,7 @@ def test_a_short_link_cut_mid_generation_ends_token_exact(tiny_model: Path,
     """Down for less than the heartbeat's liveness (1 s x 3): TCP carries on where it was."""
     prompt = PROMPTS[0]
     try:
-        assert _cut_during(star, prompt, 1.0) == _reference(tiny_model, prompt)
+        assert _cut_during(star, prompt, 1.0) == greedy_reference(tiny_model, prompt, NEW_TOKENS)
     finally:
         with star.admin(timeout=60) as admin:
             admin.request("slow", {"node": "n1", "factor": 1.0})
@@ -176,7 +167,7 @@ def test_a_long_link_cut_ends_token_exact_or_with_a_clear_error(tiny_model: Path
     broker's error. Either way within the bound, and the cluster serves again after."""
     cluster = _start(tiny_model, tmp_path)
     prompt = PROMPTS[0]
-    want = _reference(tiny_model, prompt)
+    want = greedy_reference(tiny_model, prompt, NEW_TOKENS)
     try:
         try:
             assert _cut_during(cluster, prompt, 5.0) == want
