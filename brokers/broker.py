@@ -20,6 +20,8 @@ import gc
 import logging
 import time
 from collections import defaultdict, deque
+from collections.abc import Coroutine
+from typing import Any
 
 import zmq
 from transformers import AutoTokenizer
@@ -81,7 +83,7 @@ class Broker:
         self.mover = Mover(self, self.steps, history, shadows)
         self.admin = Admin(self, self.mover)
         self.sock: aio.Socket | None = None
-        self.losses: set[asyncio.Task] = set()  # ``node_unreachable``'s and probes, until done
+        self.losses: set[asyncio.Task] = set()  # background work of losses (``_background``)
         self.auth: keys.Authenticator | None = None  # CURVE on: who holds which key
         self.gone_clients: set[bytes] = set()  # clients whose sessions are being dropped
 
@@ -158,9 +160,7 @@ class Broker:
             finally:
                 self.gone_clients.discard(client)
 
-        task = asyncio.get_running_loop().create_task(end())
-        self.losses.add(task)
-        task.add_done_callback(self.losses.discard)
+        self._background(end())
 
     async def handle(self, frames: list) -> None:
         """One message as the ROUTER socket gives it: [sender identity, *message frames]."""
@@ -507,10 +507,7 @@ class Broker:
             return
         node.state = "dead"
         # A task: the caller may be midway through a step's sessions, which the recovery resets.
-        task = asyncio.get_running_loop().create_task(
-            self._lost(node, how, Seen.of(node, seen_by)))
-        self.losses.add(task)
-        task.add_done_callback(self.losses.discard)
+        self._background(self._lost(node, how, Seen.of(node, seen_by)))
 
     async def _lost(self, node: NodeInfo, how: str, seen: Seen) -> None:
         """``node`` (marked dead) was lost: a move it takes part in rolls back; if it served the
@@ -529,7 +526,12 @@ class Broker:
         of a process's death: the kernel closes its sockets). The event names no peer, so
         every node is probed: a send to the one whose connection is gone cannot be routed
         (ROUTER_MANDATORY), which declares it dead."""
-        task = asyncio.get_running_loop().create_task(self._probe_nodes())
+        self._background(self._probe_nodes())
+
+    def _background(self, coro: Coroutine[Any, Any, None]) -> None:
+        """Run ``coro`` as a task the broker keeps (in ``losses``) until it is done: the loop
+        holds tasks only weakly, and tests wait for ``losses`` to empty."""
+        task = asyncio.get_running_loop().create_task(coro)
         self.losses.add(task)
         task.add_done_callback(self.losses.discard)
 

@@ -190,7 +190,8 @@ class Mover:
             record: dict[str, Any] = {
                 "time": time.time(), "reason": reason, "before": old.to_list(),
                 "after": [s.to_dict() for s in stages], "epoch_before": old.epoch,
-                "kv_bytes": 0, "pause_s": 0.0, "ok": False, "error": None,
+                "kv_bytes": 0, "kv_shadow_bytes": 0, "pause_s": 0.0, "ok": False,
+                "error": None,
             }
             epoch = b.next_epoch()
             self._rid = uuid.uuid4().hex
@@ -271,8 +272,7 @@ class Mover:
                 **({"heads": heads} if heads else {})))
             for got in await asyncio.gather(*waits):
                 record["kv_bytes"] += got["nbytes"]
-                record["kv_shadow_bytes"] = record.get("kv_shadow_bytes", 0) + \
-                    got.get("shadow_bytes", 0)
+                record["kv_shadow_bytes"] += got.get("shadow_bytes", 0)
         # 4. commit everywhere (direct routing: each node hears its new peers first)
         t2 = time.perf_counter()
         b.announce_peers(Placement(epoch, stages))

@@ -85,14 +85,11 @@ class Cluster:
         for i, (name, p) in enumerate(self.procs):
             if p.poll() is None or name not in self.commands:
                 continue
-            if killed_only and p.returncode >= 0:
-                left.append(f"{name} (exit {p.returncode})")
-                continue
+            what = f"{name} (exit {p.returncode})"
             times = self.restarted.setdefault(name, deque())
             while times and now - times[0] > 60:
                 times.popleft()
-            what = f"{name} (exit {p.returncode})"
-            if len(times) >= self.restarts_per_minute:
+            if (killed_only and p.returncode >= 0) or len(times) >= self.restarts_per_minute:
                 left.append(what)
                 continue
             times.append(now)
