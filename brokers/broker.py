@@ -98,23 +98,22 @@ class Broker:
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # unroutable sends raise, not vanish
         limit = roles.max_frame(self.cfg, self.spec, self.max_positions)
         self.auth = roles.guard(self.cfg, ctx, sock, limit)
-        sock.bind(self.cfg.bind)
+        tasks = [keys.watch_handshakes(sock, "broker", on_disconnect=self._disconnected)]
         self.sock = aio.Socket(sock, busy_poll_s=self.cfg.busy_poll_ms / 1000)
-        log.info("broker takes frames of up to %.1f MB", limit / 1e6)
-        await self.place()  # sets what it waits for
-        log.info("broker on %s serving %s (%d layers); %s", self.cfg.bind, self.model_dir,
-                 self.spec.num_layers, self.waiting_for)
-        if started:
-            started.set()
-        # The tokenizer and torch are big, long-lived object graphs: keep the collector's full
-        # passes from walking them again and again on the hot path.
-        gc.freeze()
-        tasks = [asyncio.create_task(self._watch_timeouts()),
-                 asyncio.create_task(self._heartbeats()),
-                 asyncio.create_task(AutoRebalancer(self, self.mover, self.rebalancer).run()),
-                 asyncio.create_task(keys.watch_handshakes(
-                     sock, "broker", on_disconnect=self._disconnected))]
         try:
+            sock.bind(self.cfg.bind)
+            log.info("broker takes frames of up to %.1f MB", limit / 1e6)
+            await self.place()  # sets what it waits for
+            log.info("broker on %s serving %s (%d layers); %s", self.cfg.bind, self.model_dir,
+                     self.spec.num_layers, self.waiting_for)
+            if started:
+                started.set()
+            # The tokenizer and torch are big, long-lived object graphs: keep the collector's
+            # full passes from walking them again and again on the hot path.
+            gc.freeze()
+            tasks += [asyncio.create_task(self._watch_timeouts()),
+                      asyncio.create_task(self._heartbeats()),
+                      asyncio.create_task(AutoRebalancer(self, self.mover, self.rebalancer).run())]
             while True:
                 await self.handle(await self.sock.recv())
         finally:

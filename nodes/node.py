@@ -129,8 +129,7 @@ class Node:
         bounds.limit(sock, self.max_frame)
         if self.keys is not None:
             keys.connect_as(sock, self.keys.pair, self.keys.broker)
-        self.watch = asyncio.get_running_loop().create_task(
-            keys.watch_handshakes(sock, f"node {cfg.name} to the broker"))
+        self.watch = keys.watch_handshakes(sock, f"node {cfg.name} to the broker")
         sock.connect(cfg.broker)
         self.sock = aio.Socket(sock, busy_poll_s=cfg.busy_poll_ms / 1000)
         await self._register()

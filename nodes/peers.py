@@ -70,6 +70,7 @@ class Peers:
                                            "peer socket")
             self.auth.start()
             keys.serve(sock, self.keys.pair)
+        self.watch = keys.watch_handshakes(sock, "peer socket")
         sock.bind(bind)
         # The address a ':0' bind got; a wildcard host is reached by this host's name.
         addr = sock.getsockopt_string(zmq.LAST_ENDPOINT)
@@ -78,8 +79,6 @@ class Peers:
             addr = addr.replace(host, socket.gethostname(), 1)
         self.addr = addr
         self.sock = aio.Socket(sock, busy_poll_s=busy_poll_s)
-        self.watch = asyncio.get_running_loop().create_task(
-            keys.watch_handshakes(sock, "peer socket"))
 
     def announce(self, msg: Message, serving: int) -> None:
         """The broker's ``peers`` for a placement; ``serving``: the epoch the node is at.

@@ -80,6 +80,7 @@ class Client:
         self.address = address or default_address()
         self._keys = keys.client_keys(key, broker_key)
         self._refused = ""  # why the broker refused the handshake, once it did
+        self._refusal: asyncio.Event | None = None  # set with _refused: wakes a blocked send
         self._watch: asyncio.Task | None = None
         self.timeout = timeout
         self.heartbeat_s = heartbeat_s
@@ -91,13 +92,14 @@ class Client:
         self._pending: dict[str, asyncio.Queue] = {}
 
     async def __aenter__(self) -> Client:
+        self._refusal = asyncio.Event()
         self._sock = self._ctx.socket(zmq.DEALER)
         self._sock.setsockopt(zmq.LINGER, 0)
         bounds.limit(self._sock, bounds.client_frame())
         if self._keys is not None:
             keys.connect_as(self._sock, *self._keys)
-        self._watch = asyncio.create_task(keys.watch_handshakes(
-            self._sock, f"client of {self.address}", self._on_refused))
+        self._watch = keys.watch_handshakes(self._sock, f"client of {self.address}",
+                                            self._on_refused)
         self._sock.connect(self.address)
         self._reader = asyncio.create_task(self._read())
         return self
@@ -112,6 +114,8 @@ class Client:
                                          "message": self._refused})
         for queue in self._pending.values():
             queue.put_nowait(err)
+        if self._refusal is not None:
+            self._refusal.set()
 
     async def __aexit__(self, *exc: object) -> None:
         if self._watch:
@@ -149,15 +153,37 @@ class Client:
             elif msg.kind == "error":
                 log.warning("broker error: %s: %s", msg["code"], msg["message"])
 
-    async def _request(self, kind: str, rid: str | None = None,
+    async def _request(self, kind: str, timeout: float, rid: str | None = None,
                        **fields: Any) -> tuple[str, asyncio.Queue]:
         if self._refused:
             raise ZpipeError("auth_refused", self._refused)
         rid = rid or uuid.uuid4().hex
         queue: asyncio.Queue = asyncio.Queue()
         self._pending[rid] = queue
-        await self._sock.send_multipart(protocol.encode(kind, rid=rid, **fields))
+        if not await self._send(protocol.encode(kind, rid=rid, **fields), timeout):
+            raise ZpipeError("timeout", f"could not send to the broker at {self.address} in "
+                                        f"{timeout:.0f} s (no connection)")
         return rid, queue
+
+    async def _send(self, frames: list, timeout: float) -> bool:
+        """Send ``frames``; False when they could not go within ``timeout``. A DEALER's send
+        waits while it has no connection (one whose handshake failed is torn down), so it is
+        bounded, and a refused handshake ends it at once with ``auth_refused``."""
+        send = asyncio.ensure_future(self._sock.send_multipart(frames))
+        refused = asyncio.ensure_future(self._refusal.wait())
+        try:
+            await asyncio.wait({send, refused}, timeout=timeout,
+                               return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            refused.cancel()
+            if not send.done():
+                send.cancel()
+        if send.done() and not send.cancelled():
+            send.result()
+            return True
+        if self._refused:
+            raise ZpipeError("auth_refused", self._refused)
+        return False
 
     async def _next(self, queue: asyncio.Queue, timeout: float) -> protocol.Message:
         """The request's next message; pings the broker while waiting, to notice it is gone."""
@@ -185,13 +211,14 @@ class Client:
             if silent > gone_after:
                 raise ZpipeError("broker_gone", f"the broker at {self.address} has not "
                                  f"answered for {silent:.1f} s")
-            await self._sock.send_multipart(protocol.encode("ping"))
+            # A ping that cannot go (no connection) is skipped: the silence above decides.
+            await self._send(protocol.encode("ping"), self.heartbeat_s)
         if msg.kind == "error":
             raise ZpipeError(msg["code"], msg["message"])
         return msg
 
     async def info(self, timeout: float = 5.0) -> dict:
-        rid, queue = await self._request("info")
+        rid, queue = await self._request("info", timeout)
         try:
             return (await self._next(queue, timeout)).header
         finally:
@@ -199,7 +226,7 @@ class Client:
 
     async def admin(self, op: str, args: dict | None = None, timeout: float = 5.0) -> dict:
         """An admin request's answer (``zpipe admin``'s ops: status, sessions, metrics...)."""
-        rid, queue = await self._request("admin", op=op, **({"args": args} if args else {}))
+        rid, queue = await self._request("admin", timeout, op=op, **({"args": args} if args else {}))
         try:
             return (await self._next(queue, timeout))["data"]
         finally:
@@ -302,7 +329,7 @@ class Client:
         try:
             # Inside the try: a cancellation that lands while the request is being sent must
             # still tell the broker (a cancel for a request it never saw is answered and dropped).
-            _, queue = await self._request("generate", rid=rid, **fields)
+            _, queue = await self._request("generate", self.timeout, rid=rid, **fields)
             while True:
                 msg = await self._next(queue, self.timeout)
                 if msg.kind == "token":

@@ -15,6 +15,7 @@ A host needs only its own secret file and the public keys of those it talks to.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import re
@@ -196,15 +197,23 @@ _PROTOCOL_ERRORS = {int(v): k.removeprefix("PROTOCOL_ERROR_") for k, v in vars(z
                     if k.startswith("PROTOCOL_ERROR_") and isinstance(v, int)}
 
 
-async def watch_handshakes(sock: zmq.Socket, what: str,
-                           on_fail: Callable[[str, str], None] | None = None,
-                           on_disconnect: Callable[[], None] | None = None) -> None:
-    """Log every failed handshake on ``sock`` (a peer without a key, with another mechanism,
-    or refused by ZAP) until cancelled; ``on_fail(kind, detail)`` hears of each too, and
-    ``on_disconnect()`` of every connection that closes (a socket has one monitor: it serves
-    both)."""
+def watch_handshakes(sock: zmq.Socket, what: str,
+                     on_fail: Callable[[str, str], None] | None = None,
+                     on_disconnect: Callable[[], None] | None = None) -> asyncio.Task:
+    """A task that logs every failed handshake on ``sock`` (a peer without a key, with another
+    mechanism, or refused by ZAP) until cancelled; ``on_fail(kind, detail)`` hears of each
+    too, and ``on_disconnect()`` of every connection that closes (a socket has one monitor: it
+    serves both). Call it before ``sock`` connects: the monitor is attached here, at once,
+    and a connection that fails its handshake is not retried, so a monitor attached later
+    would never hear of it."""
     mask = HANDSHAKE_FAILED | (zmq.EVENT_DISCONNECTED if on_disconnect else 0)
     mon = aio.Socket(sock.get_monitor_socket(mask))
+    return asyncio.get_running_loop().create_task(
+        _watch(mon, what, on_fail, on_disconnect))
+
+
+async def _watch(mon: aio.Socket, what: str, on_fail: Callable[[str, str], None] | None,
+                 on_disconnect: Callable[[], None] | None) -> None:
     last, quiet = -LOG_EVERY_S, 0  # libzmq retries every 100 ms: log one failure in so many
     try:
         while True:
