@@ -367,6 +367,8 @@ def node_gauges(broker: Core) -> list[tuple[str, str, dict, float]]:
             ("zpipe_node_sessions", "Sessions with a KV cache on the node.", lab, d["sessions"]),
             ("zpipe_node_shadow_bytes", "Host memory of the KV shadows the node holds.", lab,
              d.get("shadow_bytes", 0)),
+            ("zpipe_node_output_log_bytes", "Host memory of the hidden states the node sent "
+             "on, kept to rebuild the next stage's KV.", lab, d.get("output_log_bytes", 0)),
         ]
         if d.get("combine_ms_per_step") is not None:  # a member of a stage split by heads
             out.append(("zpipe_node_combine_seconds_per_step", "Time a member of a stage "

@@ -248,6 +248,8 @@ class Broker:
         if self.placement is None or msg["epoch"] != self.placement.epoch:
             return  # an answer to a placement that has since been replaced
         node.state, node.epoch, node.weight_bytes = "ready", msg["epoch"], msg["weight_bytes"]
+        if self.recovery.restoring == msg["epoch"]:
+            self.recovery.on_loaded(msg)
         log.info("node %s loaded layers %d-%d in %.2f s", node.name, msg["start"],
                  msg["end"] - 1, msg["load_s"])
         if all(self.registry.by_name[n].state == "ready" for n in self.placement.nodes()):

@@ -20,10 +20,12 @@ import time
 from collections import deque
 from dataclasses import dataclass
 
+import torch
+
 from brokers.core import Core
 from brokers.registry import NodeInfo
 from brokers.sessions import Session
-from brokers.shadows import RestorePlan, Shadows, replay_steps
+from brokers.shadows import RestorePlan, Shadows, rebuild_plan, replay_steps
 from brokers.steps import StepScheduler
 from zpipe import protocol
 from zpipe.placement import Placement, PlacementError, StageAssignment, choose
@@ -82,7 +84,8 @@ class Recovery:
         prompt (``Session.replay``). Recovery off, or once ``recovery.timeout_s`` passed, they
         end with ``code``."""
         core = self.core
-        plan = self.shadows.restore_plan(dead) if core.cfg.recovery.enabled else None
+        plan = (self.shadows.restore_plan(dead) or rebuild_plan(core, dead)
+                if core.cfg.recovery.enabled else None)
         old = core.drop_placement(reason)
         if plan is None and old is not None and core.sessions:
             # the survivors' KV is of no use now: free it
@@ -104,8 +107,10 @@ class Recovery:
         parked = self.steps.restart_all(plan.positions if plan else None)
         if parked:
             # what this attempt restores (a second loss before the first was mended: the last)
-            how = {"restored": "shadow" if plan else "replay",
-                   "shadow_sessions": len(plan.positions) if plan else 0,
+            how = {"restored": "replay" if plan is None else
+                   "rebuild" if plan.rebuild else "shadow",
+                   "shadow_sessions": len(plan.positions) if plan and not plan.rebuild else 0,
+                   "rebuild_sessions": len(plan.positions) if plan and plan.rebuild else 0,
                    "replay_tokens": sum(replay_steps(s) for s in parked)}
             if self.recovering is None:
                 self.recovering = Recovering(reason, code, time.monotonic(), {
@@ -125,26 +130,61 @@ class Recovery:
                     core.cfg.recovery.timeout_s)
 
     async def restore(self, plan: RestorePlan) -> None:
-        """The dead node's layers to its shadow holder, the other stages as they were: each
-        node keeps the KV of the sessions restored (up to their row), takes the shadows of
-        the layers new to it, and frees the rest's; they answer ``loaded``."""
+        """The dead node's layers to ``plan.holder``, the other stages as they were: each
+        node keeps the KV of the sessions restored (up to their row) and frees the rest's;
+        the holder takes the KV of the layers new to it from their shadows, or rebuilds it
+        (``plan.rebuild``). They answer ``loaded`` (``on_loaded``)."""
         core = self.core
         placement = core.restore_placement(plan.stages)
         self.restoring = placement.epoch
         sessions = [[sid, at] for sid, at in plan.positions.items()]
         every = core.cfg.recovery.shadow_every
-        log.warning("restoring from KV shadows: node %s's layers to node %s; %d of %d sessions "
-                    "keep their KV", plan.dead, plan.holder, len(sessions), len(core.sessions))
+        log.warning("restoring from %s: node %s's layers to node %s; %d of %d sessions keep "
+                    "their KV", "its neighbour's inputs" if plan.rebuild else "KV shadows",
+                    plan.dead, plan.holder, len(sessions), len(core.sessions))
         for st in placement.stages:
             group = [core.registry.by_name[m[0]].group for m in st.group]
             for i, name in enumerate(st.members()):
                 node = core.registry.by_name[name]
-                owner = {"owner": plan.dead} if name == plan.holder else {}
-                split = {"heads": list(st.group[i][1:]), "group": group, "member": i} \
-                    if st.group else {}
+                tensors, extra = {}, {}
+                if name == plan.holder and plan.rebuild:
+                    tensors, extra = self._rebuild_fields(plan)
+                elif name == plan.holder:
+                    extra = {"owner": plan.dead}
+                if st.group:
+                    extra.update(heads=list(st.group[i][1:]), group=group, member=i)
                 await core.send(node.ident, protocol.encode(
-                    "restore", epoch=placement.epoch, start=st.start, end=st.end,
-                    sessions=sessions, shadow_every=every, **owner, **split))
+                    "restore", tensors or None, epoch=placement.epoch, start=st.start,
+                    end=st.end, sessions=sessions, shadow_every=every, **extra))
+
+    def _rebuild_fields(self, plan: RestorePlan) -> tuple[dict, dict]:
+        """The holder's part of a rebuild: the layers, the prompts' lengths and, for layer 0,
+        the tokens (the stage before those layers is the broker itself)."""
+        sessions = [self.core.sessions[sid] for sid in plan.positions]
+        fields = {"rebuild": list(plan.rebuild), "prompts": [len(s.prompt_ids) for s in sessions]}
+        if plan.rebuild[0] > 0:
+            return {}, fields
+        ids = [(s.prompt_ids + s.tokens)[:plan.positions[s.sid]] for s in sessions]
+        return {"ids": torch.tensor([t for one in ids for t in one], dtype=torch.int64)}, fields
+
+    def on_loaded(self, msg: Message) -> None:
+        """A node's answer to its restore: what it restored goes in the record; the sessions
+        it could not rebuild replay from their prompts (their step at row 0 starts every
+        node's KV of them again)."""
+        if self.recovering is not None:
+            rec = self.recovering.record
+            rec["kv_bytes"] += msg.get("restored_bytes", 0)
+            if "rebuilt_rows" in msg.header:
+                rec["rebuilt_rows"] = msg["rebuilt_rows"]
+                rec["rebuild_s"] = msg.get("rebuild_s", 0.0)
+        missing = msg.get("missing") or []
+        for s in self.steps.parked:
+            if s.sid in missing:
+                s.replay()
+        if missing and self.recovering is not None:
+            rec = self.recovering.record
+            rec["rebuild_sessions"] -= len(missing)
+            rec["replay_tokens"] = sum(replay_steps(s) for s in self.steps.parked)
 
     def note(self) -> str:
         """What the sessions are waiting for, to add to ``waiting_for`` ("" if none wait)."""

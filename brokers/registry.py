@@ -62,6 +62,7 @@ class NodeInfo:
             "heartbeat_age_s": round(time.monotonic() - self.last_seen, 3),
             "rss": self.stats.get("rss", 0), "kv_bytes": self.stats.get("kv_bytes", 0),
             "shadow_bytes": self.stats.get("shadow_bytes", 0),
+            "output_log_bytes": self.stats.get("output_log_bytes", 0),
             "heads": list(self.heads) if self.heads and self.state != "registered" else None,
             "sessions": self.stats.get("sessions", 0), "peer": self.peer,
             "steps": self.stats.get("steps", 0), "known_steps": self.stats.get("known_steps", 0),

@@ -24,12 +24,44 @@ from zpipe.protocol import Message
 
 @dataclass
 class RestorePlan:
-    """A death that shadows can mend: the dead node's layers go to its holder."""
+    """A death the survivors can mend: the dead node's layers go to ``holder``, with their
+    KV from its shadows or, with ``rebuild`` (those layers), rebuilt by the holder."""
 
     dead: str
     holder: str
     stages: list[StageAssignment]
     positions: dict[str, int]  # sid -> the row the session goes on from (all KV kept before it)
+    rebuild: tuple[int, int] | None = None
+
+
+def rebuild_plan(core: Core, dead: str | None) -> RestorePlan | None:
+    """How the placement goes on without node ``dead`` when no shadow serves: its layers to
+    the node of the stage before it (the first stage's: the one after), which rebuilds their
+    KV from what it sent on (nodes/outlog.py) or, for the first stage, from the tokens; every
+    other node keeps its KV. Sessions past their prompt go on from their last row (those the
+    holder turns out to have no inputs for, from their prompt). None: a stage is split by
+    heads, no neighbour is alive, or no session would keep any KV."""
+    placement = core.placement
+    if placement is None or dead is None or len(placement.stages) < 2 or any(
+            st.group for st in placement.stages):
+        return None
+    names = [st.node for st in placement.stages]
+    if dead not in names:
+        return None
+    i = names.index(dead)
+    holder = names[i - 1] if i > 0 else names[1]
+    node = core.registry.by_name.get(holder)
+    if node is None or node.state == "dead":
+        return None
+    lost = placement.stages[i]
+    stages = [st if st.node != holder else StageAssignment(
+        holder, min(st.start, lost.start), max(st.end, lost.end))
+        for st in placement.stages if st.node != dead]
+    positions = {sid: s.pos for sid, s in core.sessions.items()
+                 if s.pos >= len(s.prompt_ids) and s.tokens}
+    if not positions:
+        return None
+    return RestorePlan(dead, holder, stages, positions, (lost.start, lost.end))
 
 
 def holder_in(placement: Placement, name: str) -> str | None:

@@ -352,14 +352,20 @@ class Executor:
 
     def restore(self, start: int, end: int, epoch: int, lengths: dict[str, int],
                 shadows: dict[str, KVCache], heads: tuple[int, int] | None = None,
-                group: list[str] | None = None, member: int = 0) -> int:
+                group: list[str] | None = None, member: int = 0,
+                rebuild: Rebuild | None = None) -> int:
         """After a node of the placement died: hold layers ``[start, end)`` at ``epoch``,
         keeping the KV of the sessions in ``lengths`` cut to their length (the rows after it
         are computed again) and freeing every other session's. Layers new to this node take
-        their KV from ``shadows`` (the dead owner's, cut to the same lengths). Of a stage split
+        their KV from ``shadows`` (the dead owner's, cut to the same lengths), or with
+        ``rebuild`` compute it from the inputs those layers had (``Rebuild``: the sessions it
+        has no input for are freed too, and listed in its ``missing``). Of a stage split
         by heads: KV heads ``heads`` as member ``member`` of ``group``; heads new to this node
         (a dead member's) take their KV from ``shadows`` the same way. Returns the weight bytes
         now held."""
+        if rebuild is not None:
+            rebuild.missing = sorted(set(lengths) - set(rebuild.inputs))
+            lengths = {sid: n for sid, n in lengths.items() if sid in rebuild.inputs}
         have = self.stage
         want = _all_is_none(heads, self.spec.num_kv_heads)
         if have is not None and (have.start, have.end) == (start, end) and have.heads != want:
@@ -373,11 +379,19 @@ class Executor:
         have = self.stage
         held = set(range(have.start, have.end)) if have is not None else set()
         new = set(range(start, end)) - held
+        if rebuild is not None and (not new or new != set(range(rebuild.start, rebuild.end))):
+            raise StepError("bad_range", f"layers {rebuild.start}-{rebuild.end - 1} to rebuild "
+                                         f"are not the ones new here ({sorted(new)})")
         for sid, length in lengths.items():  # check everything before changing anything
             cache = self.caches.get(sid)
             if cache is None or cache.length < length:
                 raise StepError("bad_kv", f"session {sid}: {length} rows to keep, "
                                           f"{cache.length if cache else 0} cached")
+            if rebuild is not None:
+                if rebuild.inputs[sid].shape[0] != length:
+                    raise StepError("bad_kv", f"session {sid}: {length} rows to keep, "
+                                              f"{rebuild.inputs[sid].shape[0]} to rebuild from")
+                continue
             got = shadows.get(sid)
             if new and (got is None or set(got.k) != new or got.length != length):
                 raise StepError("bad_kv", f"session {sid}: no shadow of layers {sorted(new)} "
@@ -390,6 +404,8 @@ class Executor:
             return have.weight_bytes()
         stage = Stage(self.model_dir, start, end, dtype=self.dtype, device=self.device,
                       reuse=have)
+        if rebuild is not None:
+            shadows = self._rebuild(stage, rebuild)
         self._warm(stage)
         self._static(stage)
         keep = set(range(start, end))
@@ -406,6 +422,43 @@ class Executor:
             cache.adopt(got)
         self.stage, self.epoch = stage, epoch
         return stage.weight_bytes()
+
+    @torch.inference_mode()
+    def _rebuild(self, stage: Stage, rb: Rebuild) -> dict[str, KVCache]:
+        """The KV of layers ``[rb.start, rb.end)`` (held by ``stage``) for each session of
+        ``rb``: those layers run over the session's inputs, every session's chunk of a round
+        in one batch. A session's prompt goes as it went the first time (one prefill, cut at
+        ``max_step_tokens``), so its rows are as they were; the tokens after it go as longer
+        chunks than their one-token steps did, so their rows match those to within rounding.
+        ``rb.outputs`` gets the hidden states after the layers (none from the last stage)."""
+        t0 = time.perf_counter()
+        part = Stage(self.model_dir, rb.start, rb.end, dtype=stage.dtype,
+                     device=str(stage.device), reuse=stage)
+        caches = {sid: part.new_cache() for sid in rb.inputs}
+        chunks = {sid: _chunks(x.shape[0], rb.prompts.get(sid, 0), self.max_step_tokens)
+                  for sid, x in rb.inputs.items()}
+        outs: dict[str, list[torch.Tensor]] = {sid: [] for sid in rb.inputs}
+        for r in range(max((len(c) for c in chunks.values()), default=0)):
+            batch = [(sid, c[r]) for sid, c in chunks.items() if r < len(c)]
+            while batch:
+                take, tokens = 0, 0  # a round's chunks in batches of max_step_tokens at most
+                while take < len(batch) and (take == 0 or tokens + batch[take][1][1]
+                                             - batch[take][1][0] <= self.max_step_tokens):
+                    tokens += batch[take][1][1] - batch[take][1][0]
+                    take += 1
+                part_batch, batch = batch[:take], batch[take:]
+                got = part.forward_batch([(caches[sid], rb.inputs[sid][a:b], a)
+                                          for sid, (a, b) in part_batch])
+                if not part.last:
+                    for (sid, _), h in zip(part_batch, got, strict=True):
+                        outs[sid].append(h)
+        if not part.last:
+            rb.outputs = {sid: torch.cat(h) if len(h) > 1 else h[0] for sid, h in outs.items()
+                          if h}
+        rb.rows = sum(x.shape[0] for x in rb.inputs.values())
+        rb.nbytes = sum(c.nbytes() for c in caches.values())
+        rb.seconds = time.perf_counter() - t0
+        return caches
 
     def _restore_heads(self, epoch: int, lengths: dict[str, int], shadows: dict[str, KVCache],
                        heads: tuple[int, int] | None, group: list[str] | None,
@@ -703,6 +756,35 @@ class Executor:
         elif x.dim() != 2 or x.shape[1] != self.spec.hidden_size or not x.is_floating_point():
             raise StepError("bad_shape", f"stage takes float hidden states [n, "
                                          f"{self.spec.hidden_size}], got {x.dtype} {list(x.shape)}")
+
+
+def _chunks(length: int, prompt: int, most: int) -> list[tuple[int, int]]:
+    """Rows ``[0, length)`` as the rebuild runs them: the prompt's (as its prefill went),
+    then the rest, each cut at ``most`` tokens."""
+    bounds, a = [], 0
+    for end in (min(prompt, length), length):
+        while a < end:
+            bounds.append((a, min(a + most, end)))
+            a = bounds[-1][1]
+    return bounds
+
+
+@dataclass
+class Rebuild:
+    """A restore's rebuild of the layers ``[start, end)`` new to this node (a dead node's)
+    without a shadow: per session its inputs to those layers, rows ``[0, length)`` (hidden
+    states the stage before sent on, or on the first stage token ids), and its prompt's
+    length. The restore fills in the rest."""
+
+    start: int
+    end: int
+    inputs: dict[str, torch.Tensor]
+    prompts: dict[str, int]
+    missing: list[str] = field(default_factory=list)  # sessions with no inputs: freed
+    outputs: dict[str, torch.Tensor] = field(default_factory=dict)  # hidden after ``end``
+    rows: int = 0
+    nbytes: int = 0  # of the KV rebuilt
+    seconds: float = 0.0
 
 
 def _merged(stage: Stage, new: tuple[int, int], sid: str,

@@ -15,8 +15,9 @@ import torch
 import zmq
 
 from nodes import profile
-from nodes.executor import DTYPES, Executor, StepError
+from nodes.executor import DTYPES, Executor, Rebuild, StepError
 from nodes.group import Group
+from nodes.outlog import OutputLog
 from nodes.peers import Peers
 from nodes.rows import join_rows
 from nodes.shadow import ShadowStore
@@ -78,6 +79,8 @@ class Node:
         self.executor.group = Group(self.ctx, cfg.group_bind)
         self.shadows = ShadowStore()  # other nodes' KV rows, should they die
         self.restoring: dict[int, dict] = {}  # epoch -> the shadows its restore takes
+        # The hidden states sent on: the KV of the next stage's layers, should it die unshadowed.
+        self.outlog = OutputLog(int(cfg.output_log_mb * 2**20))
 
     async def send(self, frames: list) -> None:
         try:
@@ -184,7 +187,7 @@ class Node:
                 await self.send(protocol.encode(
                     "heartbeat", rss=mem["rss"], mem_free=mem["mem_free"],
                     mem_held=mem["mem_held"], kv_bytes=self.executor.kv_bytes(),
-                    shadow_bytes=self.shadows.nbytes(),
+                    shadow_bytes=self.shadows.nbytes(), output_log_bytes=self.outlog.nbytes(),
                     sessions=len(self.executor.caches), steps=self.executor.steps,
                     known_steps=self.executor.known_steps,
                     **self._combine_stats()))
@@ -225,7 +228,9 @@ class Node:
             # a new placement: a combine still waiting on a member (a dead one) gives up now
             self.executor.group.interrupt()
         if msg.kind == "free":
-            self.shadows.free([s for s in msg["sids"] if isinstance(s, str)])
+            sids = [s for s in msg["sids"] if isinstance(s, str)]
+            self.shadows.free(sids)
+            self.outlog.free(sids)
         elif msg.kind == "restore":
             # The shadows it needs, as they stand now: later ones belong to the new placement.
             try:
@@ -318,6 +323,7 @@ class Node:
         if len(batch) == 1 and (known := self.executor.step_known(batch[0])) is not None:
             cohort, out = known
             self.decode_s = self.executor.last_compute_s
+            self._log_output([(r[0], r[2], r[3]) for r in batch[0]["rows"]], out)
             if "route" in batch[0].header and not self.executor.stage.last:
                 # direct routing: the message's rows and sampling go on as they came
                 await self._pass_on(batch, batch[0]["rows"], batch[0].get("sampling"), out)
@@ -404,15 +410,40 @@ class Node:
             raise StepError("bad_value", f"shadow_every {msg['shadow_every']} out of range")
         t0 = time.perf_counter()
         split = _split_args(msg)
-        nbytes = await self._in_pool(lambda: self.executor.restore(start, end, epoch, lengths,
-                                                                   shadows, **split))
+        rebuild = self._rebuild_of(msg, lengths) if "rebuild" in msg.header else None
+        restored = sum(c.nbytes() for c in shadows.values())
+        nbytes = await self._in_pool(lambda: self.executor.restore(
+            start, end, epoch, lengths, shadows, rebuild=rebuild, **split))
         self.executor.shadow_every = msg["shadow_every"]
         dt = time.perf_counter() - t0
         settle_gc()
+        extra = {"restored_bytes": restored}
+        if rebuild is not None:
+            if rebuild.end == end:  # the rebuilt layers end this stage: their output is ours
+                self.outlog.replace(None if self.executor.stage.last else end, rebuild.outputs)
+            extra = {"missing": rebuild.missing, "rebuilt_rows": rebuild.rows,
+                     "rebuild_s": round(rebuild.seconds, 6), "restored_bytes": rebuild.nbytes}
+            log.info("rebuilt the KV of layers %d-%d: %d sessions, %d rows, in %.2f s; %d "
+                     "sessions without inputs", rebuild.start, rebuild.end - 1,
+                     len(rebuild.inputs), rebuild.rows, rebuild.seconds, len(rebuild.missing))
         log.info("restored layers %d-%d (epoch %d): %d sessions kept, %d from shadows, "
                  "in %.2f s", start, end - 1, epoch, len(lengths), len(shadows), dt)
         await self.send(protocol.encode("loaded", epoch=epoch, start=start, end=end,
-                                        weight_bytes=nbytes, load_s=dt))
+                                        weight_bytes=nbytes, load_s=dt, **extra))
+
+    def _rebuild_of(self, msg: Message, lengths: dict[str, int]) -> Rebuild:
+        """A restore's rebuild: the inputs of the layers to rebuild, from the message (token
+        ids, for layer 0) or from what this node sent on (the sessions it holds them all of)."""
+        spec = self.executor.spec
+        try:
+            a, b, prompts, ids = protocol.rebuild_request(msg, lengths, spec.num_layers,
+                                                          spec.vocab_size)
+        except ProtocolError as e:
+            raise StepError(e.code, str(e)) from None
+        if ids is None:
+            ids = {sid: x for sid, n in lengths.items()
+                   if (x := self.outlog.take(a, sid, n)) is not None}
+        return Rebuild(a, b, ids, prompts)
 
     async def _answer(self, msgs: list[Message], done: list) -> None:
         """Send the rows' outputs on: tokens or hidden states to the broker, or (direct
@@ -422,10 +453,17 @@ class Node:
             await self._result(msgs, rows, [[t, lp] for _, (t, lp) in done])
             return
         hidden = join_rows([h for _, h in done])
+        self._log_output([(r.sid, r.pos, r.n) for r, _ in done], hidden)
         if "route" in msgs[0].header:
             await self._forward(msgs, done, hidden)
         else:
             await self._result(msgs, rows, hidden)
+
+    def _log_output(self, rows: list[tuple[str, int, int]], hidden) -> None:
+        """Keep what this stage sends on (``OutputLog``); not of a last or split stage."""
+        stage = self.executor.stage
+        if not stage.last and stage.heads is None:
+            self.outlog.record(stage.end, rows, hidden)
 
     async def _result(self, msgs: list[Message], rows: list, out) -> None:
         """The result for ``rows`` to the broker: the last stage's ``[token, logprob]`` per

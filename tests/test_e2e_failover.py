@@ -35,7 +35,8 @@ def _gone(sock: zmq.Socket, monitor: zmq.Socket) -> None:
 
 def test_a_step_that_cannot_be_sent_to_a_dead_node_is_replayed(tiny_model: Path) -> None:
     """Node b's connection is gone when stage 0's answer is to be forwarded to it: b is dead
-    at once, a takes every layer, and the session replays its token and goes on."""
+    at once, a takes every layer and rebuilds b's KV from what it sent on, and the session
+    replays only its step in flight and goes on."""
     async def run() -> None:
         broker, (a, b), client = await _serving_stages(
             tiny_model, {"a": (0, 3), "b": (3, 6)}, recovery={"wait_s": 0.1})
@@ -60,22 +61,24 @@ def test_a_step_that_cannot_be_sent_to_a_dead_node_is_replayed(tiny_model: Path)
                 _gone(b, monitor)  # b dies while step 1 is at a
             await _pump(broker, lambda: broker.steps.parked == [s])  # waits, not ended
             assert broker.registry.by_name["b"].state == "dead" and not s.in_flight
-            await _pump(broker, lambda: broker.placement is not None)  # after recovery.wait_s
-            load = await _next(a, "load")
-            assert (load["start"], load["end"]) == (0, 6)
-            a.send_multipart(protocol.encode("loaded", epoch=load["epoch"], start=0, end=6,
-                                             weight_bytes=1, load_s=0.1))
+            restore = await _next(a, "restore")  # b's layers to a, rebuilt there
+            assert (restore["start"], restore["end"], restore["rebuild"]) == (0, 6, [3, 6])
+            assert restore["sessions"] == [[s.sid, 3]] and restore["prompts"] == [3]
+            a.send_multipart(protocol.encode(
+                "loaded", epoch=restore["epoch"], start=0, end=6, weight_bytes=1, load_s=0.1,
+                missing=[], rebuilt_rows=3, rebuild_s=0.01, restored_bytes=100))
             await _pump(broker, lambda: broker.ready)
             sent = []
-            for token in (42, 43, 44):  # the prefill again (its token known), then on
+            for token in (43, 44):  # from the step in flight on (the KV before it kept)
                 step = await _next(a, "step")
                 sent.append(step.tensors["x"].tolist())
                 a.send_multipart(protocol.encode(
                     "result", epoch=step["epoch"], stage=0, compute_s=0.001,
                     rows=[[sid, st, n] for sid, st, _, n in step["rows"]],
                     tokens=[[token, -0.1]]))
-                await _pump(broker, lambda: s.step >= len(sent) or s.sid not in broker.sessions)
-            assert sent == [[5, 6, 7], [42], [43]]
+                await _pump(broker, lambda: s.step >= len(sent) + 1
+                            or s.sid not in broker.sessions)
+            assert sent == [[42], [43]]
             items = []
             while len(items) < 3:
                 items += (await _next(client, "tokens"))["items"]
@@ -84,6 +87,8 @@ def test_a_step_that_cannot_be_sent_to_a_dead_node_is_replayed(tiny_model: Path)
             (record,) = broker.mover.history
             assert record["ok"] and record["reason"] == \
                 "recovery: node b is dead (a send to it failed)"
+            assert (record["restored"], record["rebuild_sessions"], record["rebuilt_rows"],
+                    record["kv_bytes"], record["replay_tokens"]) == ("rebuild", 1, 3, 100, 0)
         finally:
             broker.sock.sock.disable_monitor()
             monitor.close(0)

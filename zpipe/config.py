@@ -285,6 +285,9 @@ class NodeConfig(_Strict):
     max_batch_tokens: int = Field(8192, ge=1)
     static_kv: StaticKV = StaticKV()
     busy_poll_ms: float = Field(0.0, ge=0, le=1000)  # as the broker's
+    # Host memory for the hidden states this node sent on (nodes/outlog.py): if the next
+    # stage's node dies without a KV shadow, this node rebuilds its layers' KV from them.
+    output_log_mb: float = Field(512.0, ge=0)
     # Where other nodes send this node activations when the broker runs ``direct`` (port 0:
     # any free port). Unset: activations come through the broker only.
     peer_bind: Address | None = None
@@ -310,6 +313,7 @@ class ClusterNode(_Strict):
     max_batch: int = Field(64, ge=1, le=4096)
     static_kv: StaticKV = StaticKV()
     busy_poll_ms: float = Field(0.0, ge=0, le=1000)
+    output_log_mb: float = Field(512.0, ge=0)
     cpu: CPU | None = None
 
 
@@ -395,7 +399,8 @@ class ClusterConfig(_Strict):
                            model=self.model, device=n.device, dtype=n.dtype,
                            threads=n.threads or (share if n.device == "cpu" else None),
                            max_batch=n.max_batch, static_kv=n.static_kv,
-                           busy_poll_ms=n.busy_poll_ms, cpu=cpu,
+                           busy_poll_ms=n.busy_poll_ms, output_log_mb=n.output_log_mb,
+                           cpu=cpu,
                            peer_bind="tcp://127.0.0.1:0" if self.broker.direct else None,
                            keys=self.broker.keys, curve=self.broker.curve)
                 for n, cpu in zip(self.nodes, cpus, strict=True)]

@@ -67,7 +67,10 @@ SCHEMAS: dict[str, dict[str, str]] = {
         # Where the other members of a stage split by heads send it partials (group_bind).
         "group?": _STR,
     },
-    "loaded": {"epoch": _INT, "start": _INT, "end": _INT, "weight_bytes": _INT, "load_s": _NUM},
+    "loaded": {"epoch": _INT, "start": _INT, "end": _INT, "weight_bytes": _INT, "load_s": _NUM,
+               # a restore's rebuild: the sessions it had no inputs for (freed), rows rebuilt
+               "missing?": _LIST, "rebuilt_rows?": _INT, "rebuild_s?": _NUM,
+               "restored_bytes?": _INT},  # KV a restore took from shadows or rebuilt
     # A stage's answer to a step, for the rows it ran: "rows" [sid, step, n] in the step's
     # order; inner stages send tensor "hidden" (the rows' states concatenated, n each), the last
     # stage "tokens" [token_id, logprob] per row. Refused rows come back as "error" messages.
@@ -118,6 +121,7 @@ SCHEMAS: dict[str, dict[str, str]] = {
     "heartbeat": {"rss?": _INT, "mem_free?": _INT, "mem_held?": _INT, "kv_bytes?": _INT,
                   "sessions?": _INT, "steps?": _INT, "known_steps?": _INT,
                   "shadow_bytes?": _INT,  # host memory of the KV shadows it holds
+                  "output_log_bytes?": _INT,  # and of the hidden states it sent on
                   # a member of a stage split by heads: seconds spent combining partials, and
                   # the step batches they served (both since it started)
                   "combine_s?": _NUM, "combine_steps?": _INT},
@@ -157,10 +161,13 @@ SCHEMAS: dict[str, dict[str, str]] = {
     "shadow": {"epoch": _INT, "sid": _STR, "start": _INT, "length": _INT, "owner?": _STR},
     # After a node of the placement died: hold layers [start, end) at "epoch", keep the KV of
     # the sessions in "sessions" ([sid, length] each: rows past length are computed again),
-    # free every other session's; layers new to the node come from the shadows of "owner".
+    # free every other session's; layers new to the node come from the shadows of "owner",
+    # or with "rebuild" [a, b] are computed from those layers' inputs: the hidden states the
+    # node sent on (its output log) or, for layer 0, tensor "ids" (int64, every session's
+    # first length tokens in "sessions" order); "prompts" the sessions' prompt lengths.
     # Answered by "loaded".
     "restore": {"epoch": _INT, "start": _INT, "end": _INT, "sessions": _LIST,
-                "shadow_every": _INT, "owner?": _STR,
+                "shadow_every": _INT, "owner?": _STR, "rebuild?": _LIST, "prompts?": _LIST,
                 "heads?": _LIST, "group?": _LIST, "member?": _INT},  # as in "load"
     # --- any direction
     "error": {"code": _STR, "message": _STR, "rid?": _STR, "sid?": _STR, "step?": _INT,
@@ -409,6 +416,33 @@ def restore_lengths(sessions: list) -> dict[str, int]:
             raise ProtocolError(f"restore: session {row[0]!r} twice")
         out[row[0]] = row[1]
     return out
+
+
+def rebuild_request(msg: Message, lengths: dict[str, int], num_layers: int, vocab: int
+                    ) -> tuple[int, int, dict[str, int], dict[str, Any] | None]:
+    """Check a restore's rebuild (untrusted; ``lengths`` from ``restore_lengths``): returns
+    the layers ``(a, b)``, each session's prompt length, and for a rebuild from layer 0 each
+    session's token ids (a view of tensor "ids")."""
+    span, prompts = msg["rebuild"], msg.get("prompts")
+    if not (len(span) == 2 and all(type(v) is int for v in span)
+            and 0 <= span[0] < span[1] <= num_layers):
+        raise ProtocolError(f"restore: rebuild must be [a, b] within {num_layers} layers, "
+                            f"got {span!r:.80}", "bad_value")
+    if not (type(prompts) is list and len(prompts) == len(lengths)
+            and all(type(p) is int and p >= 0 for p in prompts)):
+        raise ProtocolError("restore: prompts must be one length >= 0 per session",
+                            "bad_value")
+    ids = None
+    if span[0] == 0:
+        t = msg.tensors.get("ids")
+        total = sum(lengths.values())
+        if t is None or t.dtype != torch.int64 or t.dim() != 1 or t.shape[0] != total:
+            raise ProtocolError(f"restore: a rebuild from layer 0 needs tensor 'ids', int64 "
+                                f"[{total}]", "bad_value")
+        if total and not (0 <= int(t.min()) and int(t.max()) < vocab):
+            raise ProtocolError("restore: token ids outside the vocabulary", "bad_value")
+        ids = dict(zip(lengths, t.split(list(lengths.values())), strict=True))
+    return span[0], span[1], dict(zip(lengths, prompts, strict=True)), ids
 
 
 def result_rows(rows: list) -> list[tuple[str, int, int]]:

@@ -146,10 +146,10 @@ def format_nodes(nodes: list[dict]) -> str:
         heads = f"{n['heads']} ({n['kv_heads']} kv)" if n.get("heads") else None
         rows.append([n["name"], n["host"], n["pid"], n["state"], f"{n['heartbeat_age_s']:.1f}",
                      n["device"], mb(n["mem_used"]), mb(n["mem_free"]), mb(n["kv_bytes"]),
-                     mb(n.get("shadow_bytes")), layers, heads, n["tokens"], ms(_q(n["compute"], "p50")),
+                     mb(n.get("shadow_bytes")), mb(n.get("output_log_bytes")), layers, heads, n["tokens"], ms(_q(n["compute"], "p50")),
                      ms(_q(n["compute"], "p99")), ms(_q(n["hop"], "p50"))])
     return table(["NODE", "HOST", "PID", "STATE", "HB AGE s", "DEVICE", "USED MB", "FREE MB",
-                  "KV MB", "SHADOW MB", "LAYERS", "HEADS", "TOKENS", "COMPUTE p50 ms", "p99 ms",
+                  "KV MB", "SHADOW MB", "LOG MB", "LAYERS", "HEADS", "TOKENS", "COMPUTE p50 ms", "p99 ms",
                   "HOP p50 ms"], rows)
 
 
