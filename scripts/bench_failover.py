@@ -1,15 +1,19 @@
-"""Benchmark: the client's pause when a node dies, with and without KV shadows, and what
-shadows cost in decode speed.
+"""Benchmark: the client's pause when a node dies, restored from KV shadows, rebuilt from
+its neighbour's output log, or replayed from the prompt; and what shadows and the log cost in
+decode speed.
 
-    .venv/bin/python scripts/bench_failover.py --context 200 2000 --json out.json
+    .venv/bin/python scripts/bench_failover.py --context 50 200 1000 2000 --json out.json
 
-For each context and mode (shadows off: every session replays from its prompt; on: the dead
-node's holder takes its layers and KV from the shadow), a fresh local 3-node cluster (SmolLM2
-by default, fp32, one thread a node, recovery on) serves one greedy session whose prompt fills
-the context but ``--generated`` tokens; node b is SIGKILLed as the last of those reaches the
-client. Reports the longest gap between two tokens the client saw, the recovery record
-(tokens replayed, how restored) and whether the tokens equal those of an uninterrupted run on
-the same cluster. Then decode tokens/s with shadows off and on, at each of ``--sessions``.
+For each context and mode, a fresh local 3-node cluster (SmolLM2 by default, fp32, one thread
+a node, recovery on) serves one greedy session whose prompt fills the context but the tokens
+generated before the kill (``--generated``, at most the context less 10); node b is SIGKILLed
+as the last of those reaches the client. Modes: ``shadow`` (the defaults: shadows every
+``--every`` rows; b's holder c takes its layers and their KV from the shadow), ``rebuild`` (no
+shadows: a rebuilds b's layers' KV from the hidden states it sent b) and ``replay`` (no
+shadows, no output log: the session replays from its prompt). Reports the longest gap between
+two tokens the client saw, the recovery record (how restored, tokens replayed) and whether the
+tokens equal those of an uninterrupted run on the same cluster. Then decode tokens/s with
+both aids off and with the defaults, at each of ``--sessions``.
 """
 
 from __future__ import annotations
@@ -37,11 +41,17 @@ HEADS = [{"name": "a", "layers": "0-14"}, {"name": "b", "layers": "15-29", "head
          {"name": "c", "layers": "15-29", "heads": "2"}]
 
 
-def _cluster(model: Path, tmp: str, every: int, heads: bool = False):
+MODES = ("shadow", "rebuild", "replay")
+
+
+def _cluster(model: Path, tmp: str, mode: str, every: int, heads: bool = False):
+    """A cluster whose recovery restores from shadows, rebuilds, or replays (``MODES``)."""
+    every = every if mode == "shadow" else 0
+    log = {"output_log_mb": 0} if mode == "replay" else {}
     if heads:  # custom stages: without shadows, re-place over the survivors at once
-        return start_cluster(model, Path(tmp), [{**n, "threads": 1} for n in HEADS],
+        return start_cluster(model, Path(tmp), [{**n, "threads": 1, **log} for n in HEADS],
                              recovery={"shadow_every": every, "wait_s": 0})
-    return start_cluster(model, Path(tmp), [{"name": x, "threads": 1} for x in "abc"],
+    return start_cluster(model, Path(tmp), [{"name": x, "threads": 1, **log} for x in "abc"],
                          recovery={"shadow_every": every})
 
 
@@ -81,7 +91,10 @@ async def _kill_run(rc, context: int, generated: int, after: int) -> dict:
             "usual_gap_s": round(usual[len(usual) // 2], 4),
             "exact": got.token_ids == reference.token_ids,
             "restored": record.get("restored", "replay"),
-            "replay_tokens": record["replay_tokens"]}
+            "replay_tokens": record["replay_tokens"],
+            "rebuilt_rows": record.get("rebuilt_rows", 0),
+            "rebuild_s": record.get("rebuild_s", 0.0),
+            "restored_kv_bytes": record.get("kv_bytes", 0)}
 
 
 async def _decode_rate(rc, sessions: int, tokens: int) -> float:
@@ -109,6 +122,8 @@ def _node_cost(model: Path, sessions: int, every: int, tokens: int = 64) -> dict
     import zmq
 
     from nodes.executor import Executor
+    from nodes.outlog import OutputLog
+    from nodes.rows import join_rows
     from zpipe import protocol
 
     torch.set_num_threads(1)
@@ -121,28 +136,36 @@ def _node_cost(model: Path, sessions: int, every: int, tokens: int = 64) -> dict
         return ex.run_rows(ex.rows_of(protocol.decode([zmq.Frame(bytes(f)) for f in frames])),
                            64, 8192)
 
+    outlog = OutputLog(512 << 20)
     for s in range(sessions):
-        step([[f"s{s}", 0, 0, 16]], _prompt(16, s))
-    compute = shadow = 0.0
+        outlog.record(10, [(f"s{s}", 0, 16)], join_rows(step([[f"s{s}", 0, 0, 16]],
+                                                            _prompt(16, s))))
+    compute = shadow = logged = 0.0
     sent = 0
     for k in range(1, tokens + 1):
         t0 = time.perf_counter()
-        step([[f"s{s}", k, 15 + k, 1] for s in range(sessions)], [100 + s for s in range(sessions)])
+        outs = step([[f"s{s}", k, 15 + k, 1] for s in range(sessions)],
+                    [100 + s for s in range(sessions)])
         t1 = time.perf_counter()
         for sid, start, length, rows in ex.shadow_due():
             sent += sum(len(bytes(f)) for f in protocol.encode(
                 "shadow", rows, epoch=1, sid=sid, start=start, length=length)[2:])
         t2 = time.perf_counter()
-        compute, shadow = compute + t1 - t0, shadow + t2 - t1
+        outlog.record(10, [(f"s{s}", 15 + k, 1) for s in range(sessions)], join_rows(outs))
+        t3 = time.perf_counter()
+        compute, shadow, logged = compute + t1 - t0, shadow + t2 - t1, logged + t3 - t2
     return {"sessions": sessions, "every": every, "steps": tokens,
             "decode_compute_s": round(compute, 4), "shadow_work_s": round(shadow, 4),
-            "shadow_share": round(shadow / compute, 4), "shadow_bytes_sent": sent}
+            "shadow_share": round(shadow / compute, 4), "shadow_bytes_sent": sent,
+            "output_log_s": round(logged, 4), "output_log_share": round(logged / compute, 4),
+            "output_log_bytes": outlog.nbytes()}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="smollm2")
-    ap.add_argument("--context", type=int, nargs="*", default=[200, 2000])
+    ap.add_argument("--context", type=int, nargs="*", default=[50, 200, 1000, 2000])
+    ap.add_argument("--modes", nargs="*", choices=MODES, default=list(MODES))
     ap.add_argument("--generated", type=int, default=192,
                     help="tokens generated before the kill (the rest of the context: prompt)")
     ap.add_argument("--after", type=int, default=16, help="tokens generated after the kill")
@@ -164,28 +187,30 @@ def main() -> None:
                  "loadavg_start": Path("/proc/loadavg").read_text().split()[:3],
                  "every": args.every, "heads": args.heads, "failover": [], "decode": []}
     for context in args.context:
-        for every in (0, args.every):
+        for mode in args.modes:
             with tempfile.TemporaryDirectory() as tmp:
-                rc = _cluster(model, tmp, every, args.heads)
+                rc = _cluster(model, tmp, mode, args.every, args.heads)
                 try:
-                    r = asyncio.run(_kill_run(rc, context, args.generated, args.after))
+                    r = asyncio.run(_kill_run(rc, context, min(args.generated, context - 10),
+                                              args.after))
                 finally:
                     rc.cluster.stop()
-            r["shadows"] = "on" if every else "off"
+            r["mode"] = mode
             out["failover"].append(r)
-            print(f"context {context} shadows {r['shadows']:>3}: client pause "
+            print(f"context {context} {mode:>7}: client pause "
                   f"{r['client_pause_s']:.2f} s (detect {r['detect_s']:.2f}, placement "
                   f"{r['placement_s']:.2f}, replay and step {r['replay_and_step_s']:.2f}; usual "
                   f"gap {r['usual_gap_s'] * 1000:.0f} ms), replayed {r['replay_tokens']} tokens "
                   f"({r['restored']}), exact {r['exact']}", flush=True)
     if args.sessions and not args.no_clusters:
         # Both clusters up, measured in turn (the other idle), so a change of the machine's
-        # load meanwhile falls on both: the median of --repeats runs each.
+        # load meanwhile falls on both: the median of --repeats runs each. "off": no shadows
+        # and no output log; "on": the defaults (shadows every --every rows, the log).
         with tempfile.TemporaryDirectory() as t0, tempfile.TemporaryDirectory() as t1:
             clusters = {}
             try:
-                for every, tmp in ((0, t0), (args.every, t1)):
-                    clusters["on" if every else "off"] = _cluster(model, tmp, every)
+                for mode, key, tmp in (("replay", "off", t0), ("shadow", "on", t1)):
+                    clusters[key] = _cluster(model, tmp, mode, args.every)
                 rates: dict[tuple[str, int], list[float]] = {}
                 for _ in range(args.repeats):
                     for n in args.sessions:
@@ -197,17 +222,18 @@ def main() -> None:
                     rc.cluster.stop()
         for (mode, n), got in rates.items():
             median = sorted(got)[len(got) // 2]
-            out["decode"].append({"shadows": mode, "sessions": n,
+            out["decode"].append({"shadows_and_log": mode, "sessions": n,
                                   "tokens_per_s": round(median, 2),
                                   "runs": [round(r, 2) for r in got]})
-            print(f"decode, shadows {mode:>3}, {n:>2} sessions: {median:.1f} tokens/s "
+            print(f"decode, shadows and log {mode:>3}, {n:>2} sessions: {median:.1f} tokens/s "
                   f"(median of {len(got)})", flush=True)
     for n in args.sessions:
         r = _node_cost(model, n, args.every)
         out.setdefault("node_cost", []).append(r)
         print(f"node share, {n:>2} sessions: decode {r['decode_compute_s']:.3f} s, shadow work "
               f"{r['shadow_work_s']:.4f} s ({r['shadow_share']:.1%}), "
-              f"{r['shadow_bytes_sent'] / 1e6:.1f} MB", flush=True)
+              f"{r['shadow_bytes_sent'] / 1e6:.1f} MB; output log {r['output_log_s']:.4f} s "
+              f"({r['output_log_share']:.1%}), {r['output_log_bytes'] / 1e6:.1f} MB", flush=True)
     out["loadavg_end"] = Path("/proc/loadavg").read_text().split()[:3]
     print(json.dumps(out, indent=2))
     if args.json:
