@@ -79,7 +79,7 @@ async def _run(rc, refs: list, new_tokens: int, victim: str, how: str, at: int) 
             "client_pause_s": round(max(gaps), 4) if gaps else None,
             "usual_gap_s": round(sorted(gaps)[len(gaps) // 2], 4) if gaps else None,
             **{k: record.get(k) for k in ("reason", "seen_by", "silent_s", "restored",
-                                          "replay_tokens", "pause_s", "ok")}}
+                                          "replay_tokens", "rebuilt_rows", "pause_s", "ok")}}
 
 
 def main() -> None:
@@ -90,15 +90,21 @@ def main() -> None:
     ap.add_argument("--signals", nargs="*", default=["kill", "stop"], choices=list(SIGNALS))
     ap.add_argument("--new-tokens", type=int, default=48)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--shadow-every", type=int, default=None,
+                    help="recovery.shadow_every (default: the broker's; 0: no shadows, so a "
+                         "death is rebuilt by the dead node's neighbour)")
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args()
     model = resolve_model(args.model)
     refs = references(model, args.new_tokens)
     rng = random.Random(args.seed)
+    recovery = ({"recovery": {"shadow_every": args.shadow_every}}
+                if args.shadow_every is not None else {})
     out: dict = {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
                  "machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
                  "loadavg_start": Path("/proc/loadavg").read_text().split()[:3],
                  "model": str(model), "sessions": len(refs), "new_tokens": args.new_tokens,
+                 "shadow_every": args.shadow_every,
                  "runs": []}
     for how in args.signals:
         for victim in args.victims:
@@ -106,7 +112,7 @@ def main() -> None:
                 at = rng.randrange(1, args.new_tokens - 1)
                 with tempfile.TemporaryDirectory() as tmp:
                     rc = start_cluster(model, Path(tmp), [{"name": n, "threads": 1}
-                                                          for n in "abc"])
+                                                          for n in "abc"], **recovery)
                     try:
                         r = asyncio.run(_run(rc, refs, args.new_tokens, victim, how, at))
                     finally:
