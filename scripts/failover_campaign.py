@@ -93,18 +93,23 @@ def main() -> None:
     ap.add_argument("--shadow-every", type=int, default=None,
                     help="recovery.shadow_every (default: the broker's; 0: no shadows, so a "
                          "death is rebuilt by the dead node's neighbour)")
+    ap.add_argument("--heartbeat", type=float, nargs=2, metavar=("INTERVAL_S", "LIVENESS"),
+                    help="heartbeat.interval_s and .liveness (default: the broker's, 1 s x 3)")
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args()
     model = resolve_model(args.model)
     refs = references(model, args.new_tokens)
     rng = random.Random(args.seed)
-    recovery = ({"recovery": {"shadow_every": args.shadow_every}}
-                if args.shadow_every is not None else {})
+    broker: dict = {}
+    if args.shadow_every is not None:
+        broker["recovery"] = {"shadow_every": args.shadow_every}
+    if args.heartbeat:
+        broker["heartbeat"] = {"interval_s": args.heartbeat[0], "liveness": int(args.heartbeat[1])}
     out: dict = {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
                  "machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
                  "loadavg_start": Path("/proc/loadavg").read_text().split()[:3],
                  "model": str(model), "sessions": len(refs), "new_tokens": args.new_tokens,
-                 "shadow_every": args.shadow_every,
+                 "shadow_every": args.shadow_every, "heartbeat": args.heartbeat,
                  "runs": []}
     for how in args.signals:
         for victim in args.victims:
@@ -112,7 +117,7 @@ def main() -> None:
                 at = rng.randrange(1, args.new_tokens - 1)
                 with tempfile.TemporaryDirectory() as tmp:
                     rc = start_cluster(model, Path(tmp), [{"name": n, "threads": 1}
-                                                          for n in "abc"], **recovery)
+                                                          for n in "abc"], **broker)
                     try:
                         r = asyncio.run(_run(rc, refs, args.new_tokens, victim, how, at))
                     finally:
