@@ -185,6 +185,8 @@ class Recovery:
             rec = self.recovering.record
             rec["rebuild_sessions"] -= len(missing)
             rec["replay_tokens"] = sum(replay_steps(s) for s in self.steps.parked)
+            if not rec["rebuild_sessions"]:  # the layers moved, but every session replays
+                rec["restored"] = "replay"
 
     def note(self) -> str:
         """What the sessions are waiting for, to add to ``waiting_for`` ("" if none wait)."""

@@ -78,7 +78,7 @@ def test_a_session_the_neighbour_has_no_inputs_for_replays_from_its_prompt(
                        heartbeat=SLOW_HEARTBEAT, recovery={"wait_s": 30, "shadow_every": 0})
     try:
         _, record = _run(rc, "b")
-        assert record["ok"] and record["restored"] == "rebuild"
+        assert record["ok"] and record["restored"] == "replay"
         assert record["rebuild_sessions"] == 0 and record["replay_tokens"] >= K
     finally:
         rc.cluster.stop()
