@@ -456,7 +456,7 @@ class Executor:
             rb.outputs = {sid: torch.cat(h) if len(h) > 1 else h[0] for sid, h in outs.items()
                           if h}
         rb.rows = sum(x.shape[0] for x in rb.inputs.values())
-        rb.nbytes = sum(c.nbytes() for c in caches.values())
+        rb.nbytes = sum(c.used_bytes() for c in caches.values())
         rb.seconds = time.perf_counter() - t0
         return caches
 

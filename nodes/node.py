@@ -411,7 +411,7 @@ class Node:
         t0 = time.perf_counter()
         split = _split_args(msg)
         rebuild = self._rebuild_of(msg, lengths) if "rebuild" in msg.header else None
-        restored = sum(c.nbytes() for c in shadows.values())
+        restored = sum(c.used_bytes() for c in shadows.values())
         nbytes = await self._in_pool(lambda: self.executor.restore(
             start, end, epoch, lengths, shadows, rebuild=rebuild, **split))
         self.executor.shadow_every = msg["shadow_every"]

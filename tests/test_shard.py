@@ -355,3 +355,12 @@ def test_fp16_runs(models):
     stages = _stages(models["plain"], 2, torch.float16)
     tokens, logits = run_chain(stages, PROMPTS[1], n_new=4)
     assert all(torch.isfinite(lg).all() for lg in logits)
+
+
+def test_a_cache_counts_the_bytes_of_its_rows_apart_from_its_capacity() -> None:
+    cache = KVCache(range(2, 4), 3, 8, torch.float32, "cpu", chunk=16)
+    for layer in (2, 3):
+        cache.append(layer, torch.zeros(3, 5, 8), torch.zeros(3, 5, 8))
+    cache.advance(5)
+    assert cache.used_bytes() == 2 * 2 * 3 * 5 * 8 * 4  # K and V, 2 layers, 5 rows
+    assert cache.nbytes() == 2 * 2 * 3 * 16 * 8 * 4  # a chunk of 16 rows allocated

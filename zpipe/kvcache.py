@@ -59,6 +59,11 @@ class KVCache:
         """Bytes allocated (capacity, not just ``length``) for all layers, K and V."""
         return sum(t.numel() * t.element_size() for s in (self.k, self.v) for t in s.values())
 
+    def used_bytes(self) -> int:
+        """Bytes of the ``length`` rows held, all layers, K and V."""
+        item = torch.empty(0, dtype=self.dtype).element_size()
+        return 2 * len(self.k) * self.n_kv_heads * self.length * self.head_dim * item
+
     # -- step API ------------------------------------------------------------------------------
     def append(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Write ``k, v [n_kv, n_new, head_dim]`` at ``self.length``; return views of all tokens."""
