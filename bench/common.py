@@ -163,7 +163,10 @@ def greedy_reference(model_dir: str | Path, prompt_ids: list[int], new_tokens: i
     import torch
     from transformers import AutoModelForCausalLM
 
-    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    from zpipe import synth
+
+    hf = (synth.hf_model(Path(model_dir), torch.float32) if synth.seeded(Path(model_dir))
+          else AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval())
     ids = torch.tensor([prompt_ids])
     with torch.inference_mode():
         out = hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,

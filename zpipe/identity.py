@@ -18,6 +18,7 @@ import struct
 from pathlib import Path
 from typing import Any
 
+from zpipe import synth
 from zpipe.shard import ModelSpec
 
 SAMPLES = 64
@@ -46,8 +47,13 @@ def model_identity(spec: ModelSpec) -> dict[str, Any]:
 
 
 def weights_hash(model_dir: Path) -> str:
-    """16 hex digits over each safetensors file's name, header and a sample of its data."""
+    """16 hex digits over each safetensors file's name, header and a sample of its data (of a
+    seeded synth: over its recipe, which makes every tensor)."""
     h = hashlib.sha256()
+    recipe = synth.seeded(Path(model_dir))
+    if recipe is not None:
+        h.update(json.dumps({k: recipe[k] for k in ("preset", "dtype", "seed")}).encode())
+        return h.hexdigest()[:16]
     for path in _weight_files(Path(model_dir)):
         size = path.stat().st_size
         with path.open("rb") as f:

@@ -114,8 +114,16 @@ def write_marker(path: Path, name: str, source: str, **extra: Any) -> None:
     os.replace(tmp, Path(path) / MARKER)
 
 
+SEEDED = "synth:"
+
+
 def resolve_model(name_or_path: str) -> Path:
-    """Map a model dir path or a cached model name to an absolute model directory."""
+    """Map a model dir path or a cached model name to an absolute model directory.
+    ``synth:PRESET`` (``zpipe.synth.PRESETS``) is a seeded random-weight model of that shape,
+    bfloat16 values, seed 0: its config and tokenizer are made in the cache on first use, its
+    weights by whoever loads them."""
+    if name_or_path.startswith(SEEDED):
+        return _seeded(name_or_path.removeprefix(SEEDED))
     p = Path(name_or_path).expanduser()
     if p.is_dir() and (p / "config.json").is_file():
         return p.resolve()
@@ -161,6 +169,19 @@ def list_models() -> list[dict[str, Any]]:
             "created": meta.get("created"),
         })
     return out
+
+
+def _seeded(preset: str) -> Path:
+    from zpipe.synth import PRESETS
+    from zpipe.synth import synth as _synth
+
+    if preset not in PRESETS:
+        raise ModelNotFound(f"no synth preset {preset!r}; known: {', '.join(PRESETS)}")
+    out = models_dir() / f"synth-{preset}"
+    if not is_complete(out):
+        with _locked(models_dir() / f".synth-{preset}.lock"):  # nodes of one host start together
+            _synth(preset, out, dtype="bfloat16", seed=0, progress=lambda _: None, weights=False)
+    return out.resolve()
 
 
 @contextlib.contextmanager
@@ -340,8 +361,8 @@ def _verify(model: Any, tok: Any, out: Path) -> None:
 
 
 def synth(preset: str, out: Path, dtype: str = "float32", seed: int = 0,
-          progress: Progress = print) -> Path:
+          progress: Progress = print, weights: bool = True) -> Path:
     """Write a random-weight Llama model dir; see :func:`zpipe.synth.synth`."""
     from zpipe.synth import synth as _synth
 
-    return _synth(preset, out, dtype=dtype, seed=seed, progress=progress)
+    return _synth(preset, out, dtype=dtype, seed=seed, progress=progress, weights=weights)

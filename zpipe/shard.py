@@ -20,6 +20,7 @@ from safetensors import safe_open
 from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from zpipe import synth
 from zpipe.kvcache import KVCache
 from zpipe.slots import SlotKV
 
@@ -112,8 +113,10 @@ def sum_partials(parts: list[Tensor]) -> Tensor:
     return total
 
 
-def _weight_files(model_dir: Path) -> dict[str, Path]:
-    """Tensor name -> safetensors file holding it."""
+def _weight_files(model_dir: Path) -> dict[str, Path | None]:
+    """Tensor name -> safetensors file holding it (None: a seeded synth makes it)."""
+    if synth.seeded(model_dir) is not None:
+        return dict.fromkeys(synth.tensor_shapes(model_dir))
     index = model_dir / "model.safetensors.index.json"
     if index.exists():
         weight_map = json.loads(index.read_text())["weight_map"]
@@ -279,6 +282,17 @@ class Stage:
             by_file.setdefault(files[n], []).append(n)
         load_dev = str(self.device) if self.device.type != "cpu" else "cpu"
         out = {}
+        made = by_file.pop(None, [])
+        if made:  # a seeded synth: each tensor from its seed, cut like a read
+            recipe, shapes = synth.seeded(self.spec.model_dir), synth.tensor_shapes(self.spec.model_dir)
+            for n in made:
+                t = synth.tensor(n, shapes[n], recipe["dtype"], recipe["seed"])
+                cut = slices.get(n.split(".", 3)[-1].removesuffix(".weight")) \
+                    if n.startswith("model.layers.") else None
+                if cut is not None:
+                    dim, lo, hi = cut
+                    t = t[lo:hi] if dim == 0 else t[:, lo:hi]
+                out[n] = t.to(device=self.device, dtype=self.dtype).contiguous()
         for path, group in by_file.items():
             with safe_open(path, framework="pt", device=load_dev) as f:
                 for n in group:

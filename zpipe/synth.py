@@ -1,4 +1,10 @@
-"""Random-weight Llama model dirs with real shapes, for tests and speed work without downloads."""
+"""Random-weight Llama model dirs with real shapes, for tests and speed work without downloads.
+
+A synth either writes its weights (safetensors, like any model dir) or is *seeded*: the dir
+holds the config and tokenizer only, and whoever loads a tensor makes it from the seed and its
+name (``tensor``), the same values a written synth holds. A node of a 70B-shaped model then
+builds just its own layers, with nothing on disk (``zpipe.models.resolve_model("synth:NAME")``).
+"""
 
 from __future__ import annotations
 
@@ -12,7 +18,8 @@ from typing import Any
 
 from zpipe.models import Progress, is_complete, read_marker, write_marker
 
-__all__ = ["PRESETS", "DTYPES", "synth", "build_tokenizer"]
+__all__ = ["PRESETS", "DTYPES", "synth", "build_tokenizer", "seeded", "tensor", "tensor_shapes",
+           "hf_model"]
 
 BOS, EOS = "<|begin_of_text|>", "<|end_of_text|>"
 SHARD_BYTES = 2 * 1024**3  # max bytes per safetensors shard (bounds RAM while writing)
@@ -43,6 +50,12 @@ PRESETS: dict[str, dict[str, Any]] = {
     "llama-3-8b": dict(
         num_hidden_layers=32, hidden_size=4096, num_attention_heads=32, num_key_value_heads=8,
         head_dim=128, intermediate_size=14336, vocab_size=128256, max_position_embeddings=8192,
+        rope_parameters={"rope_type": "default", "rope_theta": 500000.0},
+        tie_word_embeddings=False, rms_norm_eps=1e-5,
+    ),
+    "llama-3-70b": dict(
+        num_hidden_layers=80, hidden_size=8192, num_attention_heads=64, num_key_value_heads=8,
+        head_dim=128, intermediate_size=28672, vocab_size=128256, max_position_embeddings=8192,
         rope_parameters={"rope_type": "default", "rope_theta": 500000.0},
         tie_word_embeddings=False, rms_norm_eps=1e-5,
     ),
@@ -106,6 +119,61 @@ def _tensor_plan(c: Any) -> list[tuple[str, tuple[int, ...]]]:
     return plan
 
 
+def tensor(name: str, shape: tuple[int, ...], dtype: str, seed: int) -> Any:
+    """Synth tensor ``name``: norms are ones, the rest N(0, 0.02) seeded by ``seed`` and the
+    name alone (so it does not depend on sharding or on who makes it), rounded to ``dtype``."""
+    import torch
+
+    tdtype = getattr(torch, dtype)
+    if name.endswith("norm.weight"):
+        return torch.ones(shape, dtype=tdtype)
+    g = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+    return torch.empty(shape, dtype=torch.float32).normal_(0.0, 0.02, generator=g).to(tdtype)
+
+
+def seeded(model_dir: Path) -> dict[str, Any] | None:
+    """The recipe (``preset``, ``dtype``, ``seed``) of a seeded synth dir; None for any other."""
+    if not is_complete(model_dir):
+        return None
+    marker = read_marker(model_dir)
+    return marker if marker.get("weights") == "seeded" else None
+
+
+def tensor_shapes(model_dir: Path) -> dict[str, tuple[int, ...]]:
+    """Every weight of the Llama model in ``model_dir`` and its shape, from its config."""
+    from transformers import AutoConfig
+
+    return dict(_tensor_plan(AutoConfig.from_pretrained(model_dir)))
+
+
+def hf_model(model_dir: Path, dtype: Any, device: str = "cpu") -> Any:
+    """transformers' ``LlamaForCausalLM`` of a synth dir, written or seeded (its tensors made
+    here, one at a time, on the CPU and then moved to ``device``), in eval mode."""
+    import torch
+    from transformers import AutoConfig, LlamaForCausalLM
+
+    recipe = seeded(model_dir)
+    if recipe is None:
+        return LlamaForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
+    config = AutoConfig.from_pretrained(model_dir)
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config)
+    shapes = tensor_shapes(model_dir)
+    state = {}
+    for name in model.state_dict():
+        if name in shapes:
+            state[name] = tensor(name, shapes[name], recipe["dtype"], recipe["seed"]).to(
+                device=device, dtype=dtype)
+    if config.tie_word_embeddings:
+        state["lm_head.weight"] = state["model.embed_tokens.weight"]
+    model.load_state_dict(state, assign=True, strict=False)
+    model.tie_weights()
+    # buffers made on the meta device (rotary inv_freq) are made again on the real one
+    with torch.device(device):
+        model.model.rotary_emb = type(model.model.rotary_emb)(config)
+    return model.to(dtype).eval()
+
+
 def _write_weights(config: Any, out: Path, dtype: str, seed: int, progress: Progress) -> None:
     """Generate tensors one at a time into shards of <= SHARD_BYTES, so RAM stays bounded."""
     import math
@@ -132,14 +200,7 @@ def _write_weights(config: Any, out: Path, dtype: str, seed: int, progress: Prog
         progress(f"writing {fname} ({len(shard)} tensors)")
         tensors = {}
         for name, shape in shard:
-            if name.endswith("norm.weight"):
-                t = torch.ones(shape, dtype=tdtype)
-            else:
-                # Seeded per tensor name, so a tensor's values don't depend on the sharding.
-                g = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
-                t = torch.empty(shape, dtype=torch.float32).normal_(0.0, 0.02, generator=g)
-                t = t.to(tdtype)
-            tensors[name] = t
+            tensors[name] = t = tensor(name, shape, dtype, seed)
             weight_map[name] = fname
             total += t.numel() * esize
         save_file(tensors, str(out / fname), metadata={"format": "pt"})
@@ -151,12 +212,14 @@ def _write_weights(config: Any, out: Path, dtype: str, seed: int, progress: Prog
 
 
 def synth(preset: str, out: Path, dtype: str = "float32", seed: int = 0,
-          progress: Progress = print) -> Path:
+          progress: Progress = print, weights: bool = True) -> Path:
     """Write a random-weight Llama HF dir for ``preset`` to ``out`` (atomically); return it.
+    ``weights=False``: a seeded synth, without weight files (see the module docstring).
 
     Refuses a non-empty ``out`` unless it is an earlier synth of the same preset; an
-    identical earlier synth (same dtype and seed) is reused as is.
+    identical earlier synth (same dtype, seed and kind) is reused as is.
     """
+    kind = "written" if weights else "seeded"
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; known: {', '.join(PRESETS)}")
     if dtype not in DTYPES:
@@ -171,7 +234,8 @@ def synth(preset: str, out: Path, dtype: str = "float32", seed: int = 0,
             if prev.get("source") != source:
                 raise FileExistsError(f"{out} is not empty and not a synth of preset {preset!r};"
                                       " refusing to overwrite it")
-            if prev.get("dtype") == dtype and prev.get("seed") == seed:
+            if prev.get("dtype") == dtype and prev.get("seed") == seed and \
+                    prev.get("weights", "written") == kind:
                 progress(f"{out} already holds this synth ({preset}, {dtype}, seed {seed})")
                 return out
     from transformers import GenerationConfig, LlamaConfig
@@ -188,8 +252,9 @@ def synth(preset: str, out: Path, dtype: str = "float32", seed: int = 0,
         tok = build_tokenizer(config.vocab_size, config.max_position_embeddings)
         assert (tok.bos_token_id, tok.eos_token_id) == (256, 257)
         tok.save_pretrained(tmp)
-        _write_weights(config, tmp, dtype, seed, progress)
-        write_marker(tmp, out.name, source, preset=preset, dtype=dtype, seed=seed)
+        if weights:
+            _write_weights(config, tmp, dtype, seed, progress)
+        write_marker(tmp, out.name, source, preset=preset, dtype=dtype, seed=seed, weights=kind)
         if out.exists() and any(out.iterdir()):
             # Replacing an older synth of this preset: move it aside, swap, then delete.
             old = Path(tempfile.mkdtemp(prefix=f".tmp-{out.name}-old-", dir=out.parent))

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from zpipe import models
 
-PRESET_NAMES = ("tiny", "llama-3.2-1b", "llama-3-8b")  # mirrors zpipe.synth.PRESETS (lazy import)
+PRESET_NAMES = ("tiny", "llama-3.2-1b", "llama-3-8b", "llama-3-70b")  # mirrors zpipe.synth.PRESETS (lazy import)
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
 
 
@@ -79,7 +79,7 @@ def cmd_list(args: argparse.Namespace) -> int:
 @_guarded
 def cmd_synth(args: argparse.Namespace) -> int:
     path = models.synth(args.preset, args.out, dtype=args.dtype, seed=args.seed,
-                        progress=_progress)
+                        progress=_progress, weights=not args.seeded)
     print(path)
     return 0
 
@@ -114,4 +114,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     f.add_argument("--out", required=True, type=Path, help="output directory")
     f.add_argument("--dtype", default="float32", choices=DTYPE_NAMES)
     f.add_argument("--seed", type=int, default=0)
+    f.add_argument("--seeded", action="store_true",
+                   help="write no weights: whoever loads a tensor makes it from the seed "
+                        "(the model name synth:PRESET is such a model, seed 0, bfloat16)")
     f.set_defaults(func=cmd_synth)
