@@ -1,14 +1,20 @@
 """GPU benchmark: transformers vs zpipe on random-weight Llama shapes, side by side in one run.
 
     python scripts/bench_gpu.py --model /tmp/llama-1b --layouts 1x0 2x0 2x01 --out result.json
+    python scripts/bench_gpu.py --model synth:llama-3-8b --hf-device-map auto \
+        --layouts 2x01 2x01:heads 2x01:kill --out result.json
 
 Measures, on the same model directory, dtype (bf16) and machine:
 - the bound: weight bytes / measured device copy bandwidth (read + write counted), i.e. the
   fastest batch-1 decode that reads every weight once per token;
 - transformers ``generate``: eager at batch 1, and a static cache + ``torch.compile`` at batch
   ``--concurrency``;
+- transformers with ``--hf-device-map auto``: the layers spread over every GPU, one at a time
+  (what ``from_pretrained(device_map="auto")`` does), at batch 1 and ``--concurrency``;
 - zpipe: each layout's cluster (``2x01``: 2 nodes on cuda:0 and cuda:1; ``2x0``: 2 nodes both on
-  cuda:0) at batch 1 (sequential) and with ``--concurrency`` sessions at once. Mode ``mps`` runs
+  cuda:0) at batch 1 (sequential) and with ``--concurrency`` sessions at once. Mode ``heads``
+  gives every node all the layers and a share of the KV heads (one stage split by heads); mode
+  ``kill`` SIGKILLs the last node while 4 sessions run and reports the pause. Mode ``mps`` runs
   that layout's nodes under CUDA MPS (started for it, stopped after; needs
   ``nvidia-cuda-mps-control`` and the right to start it), so nodes sharing a GPU share one
   context instead of time-slicing.
@@ -19,6 +25,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import re
 import subprocess
 import sys
@@ -36,6 +43,9 @@ from conftest import start_cluster  # noqa: E402
 
 from bench.compare import decode_breakdown  # noqa: E402
 from nodes.node import settle_gc  # noqa: E402
+from zpipe import synth  # noqa: E402
+from zpipe.models import resolve_model  # noqa: E402
+from zpipe.shard import ModelSpec  # noqa: E402
 
 # Layout modes (NxG:MODE+MODE): node settings to compare against the defaults.
 MODES = {"eager": {"enabled": False}, "nocompile": {"compile": False},
@@ -57,10 +67,8 @@ def copy_bandwidth(device: str = "cuda:0", nbytes: int = 2 << 30) -> float:
 
 
 def hf_runs(model_dir: Path, prompt: list[int], new_tokens: int, batch: int,
-            rounds: int = 1) -> dict:
-    from transformers import LlamaForCausalLM
-
-    model = LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).to("cuda:0").eval()
+            rounds: int = 1, device_map: str | None = None) -> dict:
+    model = synth.hf_model(model_dir, torch.bfloat16, "cuda:0", device_map=device_map)
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     ids = torch.tensor([prompt], device="cuda:0")
     kw = {"do_sample": False, "max_new_tokens": new_tokens, "min_new_tokens": new_tokens}
@@ -156,6 +164,48 @@ async def _zpipe(rc, prompt: list[int], new_tokens: int, concurrency: int,
     }
 
 
+def _split_by_heads(model: Path, nodes: list[dict]) -> list[dict]:
+    """Every node all the layers and an equal share of the KV heads: one stage split by heads."""
+    spec = ModelSpec.load(model)
+    share = spec.num_kv_heads // len(nodes)
+    return [{**n, "layers": f"0-{spec.num_layers - 1}",
+             "heads": f"{i * share}-{(i + 1) * share - 1}"} for i, n in enumerate(nodes)]
+
+
+async def _kill(rc, prompt: list[int], new_tokens: int, sessions: int = 4) -> dict:
+    """``sessions`` greedy sessions; the last node SIGKILLed as session 0's token
+    ``new_tokens // 2`` arrives. The sessions' tokens against a run that lost nothing, the
+    longest gap session 0 saw, and the broker's recovery record."""
+    from zpipe.cli.admin import AdminClient
+
+    victim = rc.cluster.procs[-1][1]
+    arrivals: list[float] = []
+
+    def on_token(chunk) -> None:
+        arrivals.append(time.perf_counter())
+        if chunk.index == new_tokens // 2:
+            victim.kill()
+
+    kw = {"max_new_tokens": new_tokens, "ignore_eos": True}
+    prompts = [[*prompt, 300 + i] for i in range(sessions)]
+    async with rc.client() as client:
+        want = [(await client.generate(prompt_ids=p, **kw)).token_ids for p in prompts]
+        got = await asyncio.gather(*[client.generate(
+            prompt_ids=p, on_token=on_token if i == 0 else None, **kw)
+            for i, p in enumerate(prompts)], return_exceptions=True)
+    with AdminClient(rc.address, timeout=30) as admin:
+        records = admin.request("status")["reallocations"]
+    gaps = sorted(b - a for a, b in zip(arrivals, arrivals[1:], strict=False))
+    return {"sessions": sessions, "killed": rc.cluster.procs[-1][0],
+            "finished": sum(not isinstance(g, BaseException) for g in got),
+            "exact": sum(not isinstance(g, BaseException) and g.token_ids == w
+                         for g, w in zip(got, want, strict=True)),
+            "errors": [repr(g)[:200] for g in got if isinstance(g, BaseException)],
+            "pause_s": gaps[-1] if gaps else None,
+            "usual_gap_s": gaps[len(gaps) // 2] if gaps else None,
+            "record": records[-1] if records else None}
+
+
 LOADED = re.compile(r"loaded layers \S+: [\d.]+ MB in ([\d.]+) s")
 CAPTURED = re.compile(r"captured the (decode|prefill) graph for batch \d+, length \d+ in ([\d.]+) s")
 
@@ -190,20 +240,28 @@ def main() -> None:
                     help="measurements of each figure (batch 1 and the burst in turns); the "
                          "medians are reported, every round's figure beside them")
     ap.add_argument("--skip-hf", action="store_true")
+    ap.add_argument("--hf-device-map", choices=["auto"],
+                    help="transformers over every GPU (device_map=auto), not on cuda:0 alone")
     ap.add_argument("--out")
     args = ap.parse_args()
-    model = Path(args.model)
+    model = resolve_model(args.model)
     prompt = [(i * 997) % 30000 + 200 for i in range(args.prompt_len)]
     result: dict = {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
                     "gpu": torch.cuda.get_device_name(0), "gpus": torch.cuda.device_count(),
                     "torch": torch.__version__, "args": vars(args)}
     result["copy_bandwidth_GB_s"] = copy_bandwidth() / 1e9
     if not args.skip_hf:
-        result.update(hf_runs(model, prompt, args.new_tokens, args.concurrency, args.rounds))
-        result["bound_b1_tok_s"] = result["copy_bandwidth_GB_s"] * 1e9 / result["weight_bytes"]
-        # A bound that counts a copy's bytes once (half of the above; ~600 tokens/s for
-        # Llama-3.2-1B on an H100) is also common: both are reported.
-        result["bound_b1_tok_s_bytes_once"] = result["bound_b1_tok_s"] / 2
+        try:
+            result.update(hf_runs(model, prompt, args.new_tokens, args.concurrency,
+                                  args.rounds, args.hf_device_map))
+        except Exception as e:  # report, and still measure zpipe
+            result["hf_error"] = repr(e)[:500]
+    # bf16 weights: 2 bytes each (from the config's shapes, whether or not transformers ran)
+    result["weight_bytes"] = 2 * sum(math.prod(s) for s in synth.tensor_shapes(model).values())
+    result["bound_b1_tok_s"] = result["copy_bandwidth_GB_s"] * 1e9 / result["weight_bytes"]
+    # A bound that counts a copy's bytes once (half of the above; ~600 tokens/s for
+    # Llama-3.2-1B on an H100) is also common: both are reported.
+    result["bound_b1_tok_s_bytes_once"] = result["bound_b1_tok_s"] / 2
     # torch.compile left ~300k objects here; a full collection over them would stall the
     # client that times zpipe below by 100-200 ms (as nodes do after a load).
     settle_gc()
@@ -217,10 +275,14 @@ def main() -> None:
         devices = [f"cuda:{gpus[i % len(gpus)]}" for i in range(int(n))]
         node: dict = {"dtype": "bfloat16", "static_kv": {}}
         broker: dict = {}
-        mps = pinned = False
+        mps = pinned = heads = kill = False
         for m in filter(None, mode.split("+")):
             if m == "mps":
                 mps = True
+            elif m == "heads":
+                heads = True
+            elif m == "kill":
+                kill = True
             elif m.startswith("mb"):
                 node["max_batch"] = int(m[2:])
             elif m == "pin":  # broker on CPU 2, node i on CPU 4 + 2i (the cluster's pin_cpus)
@@ -235,13 +297,18 @@ def main() -> None:
             if mps:  # the daemon serves the processes started from now on: the nodes
                 subprocess.run(["nvidia-cuda-mps-control", "-d"], check=True)
             with tempfile.TemporaryDirectory() as tmp:
-                rc = start_cluster(model, Path(tmp), [
-                    {"name": f"n{i}", "device": d, **node} for i, d in enumerate(devices)],
-                    timeout=600, pin_cpus=pinned, **broker)
+                nodes = [{"name": f"n{i}", "device": d, **node} for i, d in enumerate(devices)]
+                if heads:
+                    nodes = _split_by_heads(model, nodes)
+                rc = start_cluster(model, Path(tmp), nodes, timeout=600, pin_cpus=pinned,
+                                   **broker)
                 try:
                     load = load_times(Path(tmp))
-                    result[key] = asyncio.run(
-                        _zpipe(rc, prompt, args.new_tokens, args.concurrency, args.rounds))
+                    if kill:
+                        result[key] = asyncio.run(_kill(rc, prompt, args.new_tokens))
+                    else:
+                        result[key] = asyncio.run(
+                            _zpipe(rc, prompt, args.new_tokens, args.concurrency, args.rounds))
                     result[key]["load"] = load
                 finally:
                     rc.cluster.stop()

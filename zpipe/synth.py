@@ -146,32 +146,59 @@ def tensor_shapes(model_dir: Path) -> dict[str, tuple[int, ...]]:
     return dict(_tensor_plan(AutoConfig.from_pretrained(model_dir)))
 
 
-def hf_model(model_dir: Path, dtype: Any, device: str = "cpu") -> Any:
+def hf_model(model_dir: Path, dtype: Any, device: str = "cpu",
+             device_map: str | None = None) -> Any:
     """transformers' ``LlamaForCausalLM`` of a synth dir, written or seeded (its tensors made
-    here, one at a time, on the CPU and then moved to ``device``), in eval mode."""
+    here, one at a time, on the CPU and then moved to ``device``), in eval mode.
+    ``device_map="auto"``: layers spread over the GPUs, as ``from_pretrained`` does it
+    (accelerate's device map and hooks)."""
     import torch
     from transformers import AutoConfig, LlamaForCausalLM
 
     recipe = seeded(model_dir)
     if recipe is None:
+        if device_map is not None:
+            return LlamaForCausalLM.from_pretrained(model_dir, dtype=dtype,
+                                                    device_map=device_map).eval()
         return LlamaForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
     config = AutoConfig.from_pretrained(model_dir)
     with torch.device("meta"):
         model = LlamaForCausalLM(config)
+    placed: dict[str, Any] = {}
+    if device_map is not None:
+        from accelerate import infer_auto_device_map
+
+        placed = infer_auto_device_map(model, no_split_module_classes=["LlamaDecoderLayer"],
+                                       dtype=dtype)
+
+    def device_of(name: str) -> Any:
+        if device_map is None:
+            return device
+        parts = name.split(".")
+        for i in range(len(parts), -1, -1):
+            where = placed.get(".".join(parts[:i]))
+            if where is not None:
+                return f"cuda:{where}" if isinstance(where, int) else where
+        return "cpu"
+
     shapes = tensor_shapes(model_dir)
     state = {}
     for name in model.state_dict():
         if name in shapes:
             state[name] = tensor(name, shapes[name], recipe["dtype"], recipe["seed"]).to(
-                device=device, dtype=dtype)
+                device=device_of(name), dtype=dtype)
     if config.tie_word_embeddings:
         state["lm_head.weight"] = state["model.embed_tokens.weight"]
     model.load_state_dict(state, assign=True, strict=False)
     model.tie_weights()
     # buffers made on the meta device (rotary inv_freq) are made again on the real one
-    with torch.device(device):
+    with torch.device(device_of("model.rotary_emb")):
         model.model.rotary_emb = type(model.model.rotary_emb)(config)
-    return model.to(dtype).eval()
+    if device_map is None:
+        return model.to(dtype).eval()
+    from accelerate import dispatch_model
+
+    return dispatch_model(model, device_map=placed).eval()
 
 
 def _write_weights(config: Any, out: Path, dtype: str, seed: int, progress: Progress) -> None:
