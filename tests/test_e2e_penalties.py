@@ -1,6 +1,7 @@
 """Penalties through real clusters: the tokens are those of transformers (repetition_penalty)
 and of the OpenAI formula applied to transformers' logits (frequency and presence), alone and
-batched, broker-routed and direct; replays after a failure penalise as the first run did."""
+batched, broker-routed and direct; replays after a failure penalise as the first run did, and a node killed mid-generation
+(rebuilt, or restored from a shadow) changes no penalised token."""
 
 from __future__ import annotations
 
@@ -10,6 +11,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import start_cluster
+from test_e2e_failover import SLOW_HEARTBEAT
+from test_e2e_liveness import _status
 from test_penalties import openai_reference
 from transformers import AutoTokenizer, LlamaForCausalLM
 
@@ -99,3 +103,35 @@ def test_replayed_steps_carry_the_first_runs_context(tiny_model: Path) -> None:
         assert context == ([5, 6, 7, 9, 9] if "repetition_penalty" in sampling else [9, 9])
         s.replay_from(len(s.prompt_ids) + 1)  # a restore from KV shadows
         assert s.step_sampling() == first[s.step]
+
+
+@pytest.mark.parametrize("shadow_every", [0, 4], ids=["rebuilt", "shadow"])
+def test_a_node_killed_mid_generation_leaves_penalised_tokens_unchanged(
+        tiny_model: Path, tmp_path: Path, shadow_every: int) -> None:
+    """Real processes, 3 nodes: node b is SIGKILLed while a penalised session generates; its
+    layers come back (rebuilt by a, or from c's shadow), and the tokens are transformers'
+    with the penalties, as without the kill."""
+    repetition, frequency, presence = 1.0, 0.8, 0.5
+    ids, want = reference(str(tiny_model), PROMPTS[0], repetition, frequency, presence)
+    rc = start_cluster(tiny_model, tmp_path, [{"name": n, "threads": 1} for n in "abc"],
+                       heartbeat=SLOW_HEARTBEAT,
+                       recovery={"wait_s": 30, "shadow_every": shadow_every})
+    try:
+        victim = dict(rc.cluster.procs)["node-b"]
+
+        def on_token(chunk) -> None:
+            if chunk.index == NEW // 2:
+                victim.kill()
+
+        async def run() -> list[int]:
+            async with rc.client() as client:
+                got = await asyncio.wait_for(client.generate(
+                    prompt_ids=ids, frequency_penalty=frequency, presence_penalty=presence,
+                    max_new_tokens=NEW, ignore_eos=True, on_token=on_token), 90)
+            return got.token_ids
+
+        assert asyncio.run(run()) == want
+        record = _status(rc)["reallocations"][-1]
+        assert record["ok"] and record["restored"] == ("shadow" if shadow_every else "rebuild")
+    finally:
+        rc.cluster.stop()
