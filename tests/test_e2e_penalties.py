@@ -1,7 +1,7 @@
 """Penalties through real clusters: the tokens are those of transformers (repetition_penalty)
 and of the OpenAI formula applied to transformers' logits (frequency and presence), alone and
-batched, broker-routed and direct; replays after a failure penalise as the first run did, and a node killed mid-generation
-(rebuilt, or restored from a shadow) changes no penalised token."""
+batched, broker-routed and direct; replays after a failure penalise as the first run did, and
+a node killed mid-generation (rebuilt, or restored from a shadow) changes no penalised token."""
 
 from __future__ import annotations
 
