@@ -171,19 +171,19 @@ class Recovery:
         """A node's answer to its restore: what it restored goes in the record; the sessions
         it could not rebuild replay from their prompts (their step at row 0 starts every
         node's KV of them again)."""
-        if self.recovering is not None:
-            rec = self.recovering.record
-            rec["kv_bytes"] += msg.get("restored_bytes", 0)
-            if "rebuilt_rows" in msg.header:
-                rec["rebuilt_rows"] = msg["rebuilt_rows"]
-                rec["rebuild_s"] = msg.get("rebuild_s", 0.0)
         missing = msg.get("missing") or []
-        for s in self.steps.parked:
-            if s.sid in missing:
-                s.replay()
-        if missing and self.recovering is not None:
-            rec = self.recovering.record
-            rec["rebuild_sessions"] -= len(missing)
+        replayed = [s for s in self.steps.parked if s.sid in missing]
+        for s in replayed:
+            s.replay()
+        if self.recovering is None:
+            return
+        rec = self.recovering.record
+        rec["kv_bytes"] += msg.get("restored_bytes", 0)
+        if "rebuilt_rows" in msg.header:
+            rec["rebuilt_rows"] = msg["rebuilt_rows"]
+            rec["rebuild_s"] = msg.get("rebuild_s", 0.0)
+        if replayed:
+            rec["rebuild_sessions"] -= len(replayed)
             rec["replay_tokens"] = sum(replay_steps(s) for s in self.steps.parked)
             if not rec["rebuild_sessions"]:  # the layers moved, but every session replays
                 rec["restored"] = "replay"

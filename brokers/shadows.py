@@ -54,9 +54,7 @@ def rebuild_plan(core: Core, dead: str | None) -> RestorePlan | None:
     if node is None or node.state == "dead":
         return None
     lost = placement.stages[i]
-    stages = [st if st.node != holder else StageAssignment(
-        holder, min(st.start, lost.start), max(st.end, lost.end))
-        for st in placement.stages if st.node != dead]
+    stages = _joined(placement, lost, holder)
     positions = {sid: s.pos for sid, s in core.sessions.items()
                  if s.pos >= len(s.prompt_ids) and s.tokens}
     if not positions:
@@ -148,9 +146,7 @@ class Shadows:
             stages = [st if st is not lost else _without(st, dead, holder)
                       for st in placement.stages]
         else:
-            stages = [st if st.node != holder else StageAssignment(
-                holder, min(st.start, lost.start), max(st.end, lost.end))
-                for st in placement.stages if st.node != dead]
+            stages = _joined(placement, lost, holder)
         shadowed = self._current(placement).get(dead, {})
         positions = {}
         for sid, s in core.sessions.items():
@@ -160,6 +156,14 @@ class Shadows:
         if not positions:  # no session keeps any KV: place again as configured instead
             return None
         return RestorePlan(dead, holder, stages, positions)
+
+
+def _joined(placement: Placement, lost: StageAssignment, holder: str) -> list[StageAssignment]:
+    """The stages of ``placement`` without whole stage ``lost``, whose layers join those of
+    ``holder``'s (a neighbour: the stages stay contiguous)."""
+    return [st if st.node != holder else StageAssignment(
+        holder, min(st.start, lost.start), max(st.end, lost.end))
+        for st in placement.stages if st is not lost]
 
 
 def _without(st: StageAssignment, dead: str, holder: str) -> StageAssignment:

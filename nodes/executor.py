@@ -439,18 +439,13 @@ class Executor:
                   for sid, x in rb.inputs.items()}
         outs: dict[str, list[torch.Tensor]] = {sid: [] for sid in rb.inputs}
         for r in range(max((len(c) for c in chunks.values()), default=0)):
-            batch = [(sid, c[r]) for sid, c in chunks.items() if r < len(c)]
-            while batch:
-                take, tokens = 0, 0  # a round's chunks in batches of max_step_tokens at most
-                while take < len(batch) and (take == 0 or tokens + batch[take][1][1]
-                                             - batch[take][1][0] <= self.max_step_tokens):
-                    tokens += batch[take][1][1] - batch[take][1][0]
-                    take += 1
-                part_batch, batch = batch[:take], batch[take:]
+            rnd = [(sid, c[r]) for sid, c in chunks.items() if r < len(c)]
+            # a round's chunks in batches of max_step_tokens at most
+            for i, j in _batches([b - a for _, (a, b) in rnd], len(rnd), self.max_step_tokens):
                 got = part.forward_batch([(caches[sid], rb.inputs[sid][a:b], a)
-                                          for sid, (a, b) in part_batch])
+                                          for sid, (a, b) in rnd[i:j]])
                 if not part.last:
-                    for (sid, _), h in zip(part_batch, got, strict=True):
+                    for (sid, _), h in zip(rnd[i:j], got, strict=True):
                         outs[sid].append(h)
         if not part.last:
             rb.outputs = {sid: torch.cat(h) if len(h) > 1 else h[0] for sid, h in outs.items()
@@ -543,14 +538,9 @@ class Executor:
         ``last_compute_s`` becomes the sum over the batches."""
         outs: list = []
         total = 0.0
-        start, tokens = 0, 0
-        for i, row in enumerate(rows + [None]):
-            n = 0 if row is None else row.n
-            if i > start and (row is None or i - start >= max_rows or tokens + n > max_tokens):
-                outs += self.step_batch(rows[start:i])
-                total += self.last_compute_s
-                start, tokens = i, 0
-            tokens += n
+        for a, b in _batches([r.n for r in rows], max_rows, max_tokens):
+            outs += self.step_batch(rows[a:b])
+            total += self.last_compute_s
         self.last_compute_s = total
         return outs
 
@@ -756,6 +746,20 @@ class Executor:
         elif x.dim() != 2 or x.shape[1] != self.spec.hidden_size or not x.is_floating_point():
             raise StepError("bad_shape", f"stage takes float hidden states [n, "
                                          f"{self.spec.hidden_size}], got {x.dtype} {list(x.shape)}")
+
+
+def _batches(sizes: list[int], max_items: int, max_total: int) -> list[tuple[int, int]]:
+    """Index ranges ``[i, j)`` of consecutive items, each of at most ``max_items`` items whose
+    sizes add up to at most ``max_total`` (an item larger than that goes alone), in order."""
+    out, start, total = [], 0, 0
+    for i, n in enumerate(sizes):
+        if i > start and (i - start >= max_items or total + n > max_total):
+            out.append((start, i))
+            start, total = i, 0
+        total += n
+    if start < len(sizes):
+        out.append((start, len(sizes)))
+    return out
 
 
 def _chunks(length: int, prompt: int, most: int) -> list[tuple[int, int]]:

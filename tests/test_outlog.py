@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from nodes.executor import _chunks
+from nodes.executor import _batches, _chunks
 from nodes.outlog import OutputLog
 from zpipe import protocol
 from zpipe.protocol import ProtocolError
@@ -62,6 +62,12 @@ def test_rebuild_chunks_follow_the_prompt() -> None:
     assert _chunks(10, 4, 8192) == [(0, 4), (4, 10)]
     assert _chunks(10, 10, 4) == [(0, 4), (4, 8), (8, 10)]
     assert _chunks(5, 0, 3) == [(0, 3), (3, 5)]
+
+
+def test_batches_keep_order_and_bounds() -> None:
+    assert _batches([1, 1, 1, 1, 1], 2, 100) == [(0, 2), (2, 4), (4, 5)]
+    assert _batches([3, 3, 9, 1], 10, 6) == [(0, 2), (2, 3), (3, 4)]  # 9 goes alone
+    assert _batches([], 4, 4) == []
 
 
 def _restore(tensors: dict | None = None, **fields) -> protocol.Message:

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -111,6 +112,21 @@ def sum_partials(parts: list[Tensor]) -> Tensor:
     for p in parts[1:]:
         total += p
     return total
+
+
+def _slice_of(name: str, slices: dict[str, tuple[int, int, int]]) -> tuple[int, int, int] | None:
+    """The ``(dim, lo, hi)`` cut of weight ``name`` a stage split by heads holds (None: whole)."""
+    if not name.startswith("model.layers."):
+        return None
+    return slices.get(name.split(".", 3)[-1].removesuffix(".weight"))
+
+
+def _cut(source: Any, cut: tuple[int, int, int] | None) -> Any:
+    """Rows (dim 0) or columns (dim 1) ``[lo, hi)`` of a tensor or a safetensors slice."""
+    if cut is None:
+        return source
+    dim, lo, hi = cut
+    return source[lo:hi] if dim == 0 else source[:, lo:hi]
 
 
 def _weight_files(model_dir: Path) -> dict[str, Path | None]:
@@ -284,25 +300,17 @@ class Stage:
         out = {}
         made = by_file.pop(None, [])
         if made:  # a seeded synth: each tensor from its seed, cut like a read
-            recipe, shapes = synth.seeded(self.spec.model_dir), synth.tensor_shapes(self.spec.model_dir)
+            recipe = synth.seeded(self.spec.model_dir)
+            shapes = synth.tensor_shapes(self.spec.model_dir)
             for n in made:
                 t = synth.tensor(n, shapes[n], recipe["dtype"], recipe["seed"])
-                cut = slices.get(n.split(".", 3)[-1].removesuffix(".weight")) \
-                    if n.startswith("model.layers.") else None
-                if cut is not None:
-                    dim, lo, hi = cut
-                    t = t[lo:hi] if dim == 0 else t[:, lo:hi]
+                t = _cut(t, _slice_of(n, slices))
                 out[n] = t.to(device=self.device, dtype=self.dtype).contiguous()
         for path, group in by_file.items():
             with safe_open(path, framework="pt", device=load_dev) as f:
                 for n in group:
-                    cut = slices.get(n.split(".", 3)[-1].removesuffix(".weight")) \
-                        if n.startswith("model.layers.") else None
-                    if cut is None:
-                        t = f.get_tensor(n)
-                    else:
-                        dim, lo, hi = cut
-                        t = f.get_slice(n)[lo:hi] if dim == 0 else f.get_slice(n)[:, lo:hi]
+                    cut = _slice_of(n, slices)
+                    t = f.get_tensor(n) if cut is None else _cut(f.get_slice(n), cut)
                     out[n] = t.to(self.dtype).contiguous()
         return out
 

@@ -193,24 +193,23 @@ class Server:
                              "waiting_for": info["waiting_for"], "sessions": info["sessions"]},
                             200 if ok else 503)
 
-    async def metrics(self, request: HTTPRequest) -> PlainTextResponse:
+    async def _admin(self, request: HTTPRequest, op: str) -> dict:
+        """The broker's answer to admin op ``op``, for an authorised request."""
         self._auth(request)
         try:
-            data = await self.client.admin("metrics")
+            return await self.client.admin(op)
         except ZpipeError as e:
             raise api.from_broker(e.code, e.message) from None
+
+    async def metrics(self, request: HTTPRequest) -> PlainTextResponse:
+        data = await self._admin(request, "metrics")
         return PlainTextResponse(data["text"], media_type="text/plain; version=0.0.4")
 
     async def dashboard(self, request: HTTPRequest) -> HTMLResponse:
         return HTMLResponse(DASHBOARD_HTML.read_text())
 
     async def dashboard_json(self, request: HTTPRequest) -> JSONResponse:
-        self._auth(request)
-        try:
-            status = await self.client.admin("status")
-        except ZpipeError as e:
-            raise api.from_broker(e.code, e.message) from None
-        return JSONResponse(dashboard_state(status))
+        return JSONResponse(dashboard_state(await self._admin(request, "status")))
 
 
 async def _error(request: HTTPRequest, exc: Exception) -> JSONResponse:
